@@ -1,0 +1,48 @@
+"""User-facing errors: each says what went wrong, where, and what to do about it.
+
+The CLI prints an ``MmoptError`` without a traceback and exits with its ``exit_code``.
+Anything else that escapes is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class MmoptError(Exception):
+    """Base class of every error a user can fix."""
+
+    exit_code = 1
+
+
+class ConfigError(MmoptError):
+    """mmopt.toml is missing, malformed, or names something that does not exist."""
+
+
+class CheckpointError(MmoptError):
+    """The checkpoint cannot be read safely or does not fit the model."""
+
+
+class CaptureError(MmoptError):
+    """The model's forward could not be observed or split into components."""
+
+
+class ExportError(MmoptError):
+    """A component could not be exported to ONNX."""
+
+
+class ParityError(MmoptError):
+    """An artifact does not match the eager model within tolerance."""
+
+
+class BundleError(MmoptError):
+    """A bundle on disk is missing, incomplete or tampered with."""
+
+
+class UsageError(MmoptError):
+    """The command line asks for something impossible here (exit code 2)."""
+
+    exit_code = 2
+
+
+class BackendUnavailable(MmoptError):
+    """A requested backend (TensorRT, CUDA, ...) is not installed or has no device here."""
+
+    exit_code = 2
