@@ -1,0 +1,359 @@
+"""``mmopt.toml`` parsed into a ``ModelSpec``, and the captured tensor / component specs.
+
+One declaration drives everything downstream: the inputs and symbolic dims here become the capture
+sizes, the ONNX dynamic axes, the TensorRT profiles, the calibration shapes and the parity inputs.
+Every field is checked on load; an unknown key is an error (a typo must not silently do nothing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmopt.errors import ConfigError
+
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+SIZES = ("min", "opt", "max")
+
+# Parity defaults per precision: what a converted graph must meet against eager fp32.
+DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"max_abs": 1e-3, "max_rel": 1e-2, "min_cosine": 0.99999, "min_argmax": 1.0},
+    "fp16": {"max_abs": 5e-2, "max_rel": 5e-1, "min_cosine": 0.999, "min_argmax": 0.98},
+    "int8": {"max_abs": float("inf"), "max_rel": float("inf"), "min_cosine": 0.98, "min_argmax": 0.9},
+    "int8-dynamic": {"max_abs": float("inf"), "max_rel": float("inf"), "min_cosine": 0.98, "min_argmax": 0.9},
+}
+
+
+@dataclass(frozen=True)
+class Dim:
+    min: int
+    opt: int
+    max: int
+
+    def at(self, size: str) -> int:
+        return getattr(self, size)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One argument of the full model's forward, as declared in the config."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+    range: tuple[float, float] | None = None
+
+    def concrete(self, dims: dict[str, Dim], size: str) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims[d].at(size) for d in self.shape)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of an exported component, as captured from the eager model.
+
+    ``shape`` holds ints for static axes and axis names for dynamic ones; ``shapes`` holds the
+    concrete min / opt / max shapes seen in the three captures.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    shapes: dict[str, tuple[int, ...]]
+    range: tuple[float, float] | None = None
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+               "shapes": {k: list(v) for k, v in self.shapes.items()}}
+        if self.range is not None:
+            out["range"] = list(self.range)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]),
+                   {k: tuple(v) for k, v in d["shapes"].items()},
+                   tuple(d["range"]) if d.get("range") is not None else None)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One exported graph: an encoder, or the fusion remainder / head.
+
+    ``sources`` maps each input name to where its value comes from in the pipeline:
+    ``"input:<model input>"`` or ``"<component>:<output name>"``.
+    """
+
+    name: str
+    kind: str  # "encoder" | "fusion"
+    module: str  # dotted submodule path; "" for the remainder fusion
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    sources: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "module": self.module,
+                "inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs],
+                "sources": dict(self.sources)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ComponentSpec":
+        return cls(d["name"], d["kind"], d["module"],
+                   tuple(TensorSpec.from_json(t) for t in d["inputs"]),
+                   tuple(TensorSpec.from_json(t) for t in d["outputs"]),
+                   dict(d["sources"]))
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    source: str
+    samples: int = 512
+    method: str = "entropy"
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """A callable yielding ``(inputs, labels)``; the score is argmax accuracy of ``output``."""
+
+    source: str
+    output: str
+    samples: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: Path
+    factory: str
+    checkpoint: Path | None
+    state_dict_key: str | None
+    kwargs: dict[str, Any]
+    inputs: dict[str, InputSpec]
+    dims: dict[str, Dim]
+    components: dict[str, str]
+    fusion: str | None
+    tolerances: dict[str, dict[str, float]]
+    max_accuracy_drop: float | None = None
+    precision: dict[str, str] = field(default_factory=dict)
+    exclude: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    calibration: CalibrationSpec | None = None
+    evaluation: EvaluationSpec | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def input_shape(self, name: str, size: str) -> tuple[int, ...]:
+        return self.inputs[name].concrete(self.dims, size)
+
+    def component_names(self) -> list[str]:
+        return [*self.components, "fusion"]
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing. Every check names the file and the field, and says what to write instead.
+
+class _Fields:
+    """Reads one TOML table, remembering which keys were used so leftovers can be reported."""
+
+    def __init__(self, path: Path, table: Any, where: str):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{where}] must be a table, got {type(table).__name__}.")
+        self.path, self.table, self.where, self.used = path, table, where, set()
+
+    def err(self, key: str, msg: str) -> ConfigError:
+        dotted = f"{self.where}.{key}" if self.where else key
+        return ConfigError(f"{self.path}: field '{dotted}': {msg}")
+
+    def get(self, key: str, types: type | tuple[type, ...], default: Any = ..., what: str = "") -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if default is ...:
+                raise self.err(key, f"is required{what and ': ' + what}.")
+            return default
+        value = self.table[key]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            ok = False
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            raise self.err(key, f"must be {names}, got {value!r}{what and ' (' + what + ')'}.")
+        return value
+
+    def finish(self, allowed_extra: bool = False) -> None:
+        if allowed_extra:
+            return
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.err(unknown[0], f"unknown key. Known keys here: {', '.join(sorted(self.used))}.")
+
+
+def _callable_ref(f: _Fields, key: str, default: Any = ...) -> Any:
+    value = f.get(key, str, default, what='"module:attr", e.g. "my_project.model:build_model"')
+    if value is not default and (value.count(":") != 1 or not all(value.split(":"))):
+        raise f.err(key, f'must look like "module:attr" (e.g. "my_project.model:build_model"), got {value!r}.')
+    return value
+
+
+def _parse_dims(path: Path, raw: Any) -> dict[str, Dim]:
+    f = _Fields(path, raw, "dims")
+    dims = {}
+    for name in raw:
+        spec = f.get(name, (dict, int), what="{ min = 2, opt = 8, max = 32 } or a fixed int")
+        if isinstance(spec, int):
+            spec = {"min": spec, "opt": spec, "max": spec}
+        g = _Fields(path, spec, f"dims.{name}")
+        lo, opt, hi = (g.get(k, int) for k in SIZES)
+        g.finish()
+        if not 1 <= lo <= opt <= hi:
+            raise f.err(name, f"needs 1 <= min <= opt <= max, got min={lo} opt={opt} max={hi}.")
+        dims[name] = Dim(lo, opt, hi)
+    return dims
+
+
+def _parse_inputs(path: Path, raw: Any, dims: dict[str, Dim]) -> dict[str, InputSpec]:
+    f = _Fields(path, raw, "inputs")
+    if not raw:
+        raise ConfigError(f"{path}: [inputs] is empty: declare each argument of the model's forward, "
+                          'e.g. [inputs.pixel_values] shape = ["batch", 3, 224, 224], dtype = "float32".')
+    out = {}
+    for name in raw:
+        g = _Fields(path, f.get(name, dict), f"inputs.{name}")
+        shape = g.get("shape", list, what='e.g. ["batch", 3, 224, 224]')
+        for d in shape:
+            if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and d < 1):
+                raise g.err("shape", f"entries must be positive ints or names from [dims], got {d!r}.")
+            if isinstance(d, str) and d not in dims:
+                raise g.err("shape", f"uses dim '{d}' which [dims] does not define. "
+                            f"Add e.g. {d} = {{ min = 2, opt = 8, max = 32 }} under [dims].")
+        dtype = g.get("dtype", str, "float32")
+        if dtype not in DTYPES:
+            raise g.err("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+        rng = g.get("range", list, None, what="[low, high]")
+        if rng is not None:
+            if len(rng) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng) \
+                    or rng[0] > rng[1]:
+                raise g.err("range", f"must be [low, high] with low <= high, got {rng!r}.")
+            rng = (rng[0], rng[1])
+        elif dtype in ("int64", "int32"):
+            raise g.err("range", "is required for integer inputs (token ids must fit the vocabulary), "
+                        "e.g. range = [0, 30521].")
+        g.finish()
+        out[name] = InputSpec(name, tuple(shape), dtype, rng)
+    return out
+
+
+def _parse_tolerance(path: Path, raw: Any) -> tuple[dict[str, dict[str, float]], float | None]:
+    tol = {k: dict(v) for k, v in DEFAULT_TOLERANCES.items()}
+    f = _Fields(path, raw, "tolerance")
+    drop = f.get("max_accuracy_drop", (int, float), None)
+    for prec in PRECISIONS:
+        if prec in raw:
+            g = _Fields(path, f.get(prec, dict), f"tolerance.{prec}")
+            for key in DEFAULT_TOLERANCES["fp32"]:
+                value = g.get(key, (int, float), None)
+                if value is not None:
+                    tol[prec][key] = float(value)
+            g.finish()
+    f.finish()
+    return tol, (float(drop) if drop is not None else None)
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Parse and check ``mmopt.toml``. Relative paths resolve against the file's folder."""
+    path = Path(path).resolve()
+    if path.is_dir():
+        path = path / "mmopt.toml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file. Write an mmopt.toml (see docs/config.md) "
+                          "or pass the path to an existing one.")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}. Fix the syntax at that line.") from None
+    top = _Fields(path, raw, "")
+
+    m = _Fields(path, top.get("model", dict, what="a [model] table with factory = \"module:attr\""), "model")
+    factory = _callable_ref(m, "factory")
+    ckpt = m.get("checkpoint", str, None)
+    ckpt_path = (path.parent / ckpt).resolve() if ckpt else None
+    key = m.get("state_dict_key", str, None)
+    kwargs = m.get("kwargs", dict, {})
+    m.finish()
+
+    dims = _parse_dims(path, top.get("dims", dict, {}))
+    inputs = _parse_inputs(path, top.get("inputs", dict, what="one [inputs.<name>] table per forward argument"),
+                           dims)
+    unused = set(dims) - {d for i in inputs.values() for d in i.shape if isinstance(d, str)}
+    if unused:
+        raise ConfigError(f"{path}: field 'dims.{sorted(unused)[0]}': no input uses this dim. "
+                          "Remove it or use it in an [inputs.*] shape.")
+
+    c = _Fields(path, top.get("components", dict, what='e.g. [components] image = "vision_encoder"'),
+                "components")
+    components: dict[str, str] = {}
+    fusion = None
+    for name in c.table:
+        value = c.get(name, str, what="a dotted submodule path such as \"vision_model\"")
+        if name == "fusion":
+            fusion = value
+        else:
+            if not name.isidentifier():
+                raise c.err(name, "component names must be identifiers (letters, digits, _).")
+            components[name] = value
+    if not components:
+        raise ConfigError(f"{path}: [components] names no encoder. Add e.g. image = \"vision_encoder\".")
+
+    p = _Fields(path, top.get("precision", dict, {}), "precision")
+    precision, exclude = {}, {}
+    for name in p.table:
+        if name == "exclude":
+            ex = _Fields(path, p.get(name, dict), "precision.exclude")
+            for comp in ex.table:
+                nodes = ex.get(comp, list)
+                if comp not in [*components, "fusion"] or not all(isinstance(n, str) for n in nodes):
+                    raise ex.err(comp, "must be a component name with a list of ONNX node names.")
+                exclude[comp] = tuple(nodes)
+            continue
+        value = p.get(name, str)
+        if name not in [*components, "fusion"]:
+            raise p.err(name, f"is not a component. Components: {', '.join([*components, 'fusion'])}.")
+        if value not in PRECISIONS:
+            raise p.err(name, f"must be one of {', '.join(PRECISIONS)}, got {value!r}.")
+        precision[name] = value
+
+    calibration = None
+    if "calibration" in raw:
+        k = _Fields(path, top.get("calibration", dict), "calibration")
+        calibration = CalibrationSpec(_callable_ref(k, "source"), k.get("samples", int, 512),
+                                      k.get("method", str, "entropy"))
+        if calibration.method not in CALIBRATION_METHODS:
+            raise k.err("method", f"must be one of {', '.join(CALIBRATION_METHODS)}, got {calibration.method!r}.")
+        if calibration.samples < 1:
+            raise k.err("samples", f"must be positive, got {calibration.samples}.")
+        k.finish()
+
+    evaluation = None
+    if "evaluation" in raw:
+        e = _Fields(path, top.get("evaluation", dict), "evaluation")
+        evaluation = EvaluationSpec(_callable_ref(e, "source"), e.get("output", str),
+                                    e.get("samples", int, None))
+        e.finish()
+
+    tolerances, drop = _parse_tolerance(path, top.get("tolerance", dict, {}))
+    top.finish()
+    return ModelSpec(path=path, factory=factory, checkpoint=ckpt_path, state_dict_key=key, kwargs=kwargs,
+                     inputs=inputs, dims=dims, components=components, fusion=fusion,
+                     tolerances=tolerances, max_accuracy_drop=drop, precision=precision, exclude=exclude,
+                     calibration=calibration, evaluation=evaluation)
