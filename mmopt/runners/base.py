@@ -1,0 +1,84 @@
+"""The one interface every backend implements: a context manager with ``infer(feeds) -> outputs``.
+
+The base class checks every feed against the component's captured spec (names, dtypes, static axes,
+profile range of dynamic axes) before a backend sees it, so each backend reports bad input the same
+way. Timing lives in ``mmopt.bench``, never in runners.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mmopt.errors import UsageError
+from mmopt.spec import TensorSpec
+
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+             "bool": np.bool_, "bfloat16": np.float32}  # bfloat16 feeds travel as float32 in numpy
+
+
+class Runner:
+    """Runs one graph. Subclasses implement ``_load``, ``_infer`` and optionally ``_close``."""
+
+    backend = "base"
+
+    def __init__(self, name: str, inputs: list[TensorSpec] | tuple[TensorSpec, ...],
+                 outputs: list[TensorSpec] | tuple[TensorSpec, ...]):
+        self.name = name
+        self.inputs = {t.name: t for t in inputs}
+        self.outputs = [t.name for t in outputs]
+        self._active = False
+
+    def __enter__(self) -> "Runner":
+        self._load()
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._active = False
+        self._close()
+
+    def infer(self, feeds: dict[str, np.ndarray], check: bool = True) -> dict[str, np.ndarray]:
+        if not self._active:
+            raise RuntimeError(f"{type(self).__name__} '{self.name}' used outside its `with` block")
+        if check:
+            self.check_feeds(feeds)
+        return self._infer(feeds)
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        problems = []
+        missing = sorted(set(self.inputs) - set(feeds))
+        extra = sorted(set(feeds) - set(self.inputs))
+        if missing:
+            problems.append(f"missing inputs: {', '.join(missing)}")
+        if extra:
+            problems.append(f"unexpected inputs: {', '.join(extra)}")
+        for name, spec in self.inputs.items():
+            if name not in feeds:
+                continue
+            arr = feeds[name]
+            want = NP_DTYPES[spec.dtype]
+            if arr.dtype != want:
+                problems.append(f"{name}: dtype {arr.dtype}, expected {np.dtype(want).name}")
+            if arr.ndim != len(spec.shape):
+                problems.append(f"{name}: rank {arr.ndim}, expected {len(spec.shape)} {list(spec.shape)}")
+                continue
+            lo, hi = spec.shapes["min"], spec.shapes["max"]
+            for axis, (size, decl) in enumerate(zip(arr.shape, spec.shape)):
+                if isinstance(decl, int) and size != decl:
+                    problems.append(f"{name}: axis {axis} is {size}, expected {decl}")
+                elif isinstance(decl, str) and not lo[axis] <= size <= hi[axis]:
+                    problems.append(f"{name}: axis {axis} ('{decl}') is {size}, outside the exported "
+                                    f"range [{lo[axis]}, {hi[axis]}]")
+        if problems:
+            raise UsageError(f"{self.backend} runner '{self.name}': bad feeds:\n  " + "\n  ".join(problems))
+
+    # ---- backend hooks --------------------------------------------------------------------
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
