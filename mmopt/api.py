@@ -1,0 +1,140 @@
+"""What the CLI calls: export, inspect and verify a bundle. The API never imports the CLI."""
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from mmopt import __version__
+from mmopt.bench.compare import Check, raise_on_failures
+from mmopt.capture import Split, split as capture_split
+from mmopt.checkpoint import build_model
+from mmopt.errors import ExportError
+from mmopt.manifest import Manifest, sha256_file, staged_bundle
+from mmopt.progress import Progress
+from mmopt.runners.onnxrt import OnnxRuntimeRunner
+from mmopt.spec import ModelSpec, load_spec
+from mmopt.stages.export import export_component, simplify
+from mmopt.verify import summarise, verify
+
+
+def tool_versions() -> dict[str, str]:
+    import numpy
+    import onnxruntime
+    import torch
+
+    out = {"mmopt": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
+    try:
+        import onnxsim
+        out["onnxsim"] = onnxsim.__version__
+    except Exception:  # onnxsim is optional at run time: export falls back to the unsimplified graph
+        pass
+    return out
+
+
+@dataclass
+class ExportResult:
+    bundle: Path
+    manifest: Manifest
+    checks: list[Check]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _check_graph(path: Path, comp: str) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        raise ExportError(f"component '{comp}': the exported graph {path.name} fails onnx.checker: {e}") from e
+
+
+def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = False,
+           progress: Progress | None = None) -> ExportResult:
+    """mmopt.toml -> a verified bundle of one ONNX graph per component, written atomically."""
+    progress = progress or Progress()
+    t0 = time.perf_counter()
+    spec = load_spec(config)
+    model = build_model(spec, trust_checkpoint)
+    progress.log(f"loaded {spec.factory} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    split = capture_split(model, spec)
+    seconds: dict[str, float] = {"load_and_capture": time.perf_counter() - t0}
+    comps = list(split.components)
+    with staged_bundle(out_dir) as tmp, tempfile.TemporaryDirectory(dir=tmp) as scratch:
+        raw, notes = {}, {}
+        with progress.task("export + simplify", len(comps)) as advance:
+            for comp in comps:
+                t = time.perf_counter()
+                raw[comp] = export_component(model, split, comp, Path(scratch) / f"{comp}.onnx")
+                _check_graph(raw[comp], comp)
+                ok, notes[comp] = simplify(raw[comp], tmp / f"{comp}.onnx")
+                if not ok:
+                    shutil.copy(raw[comp], tmp / f"{comp}.onnx")
+                seconds[comp] = time.perf_counter() - t
+                advance(1)
+        with progress.task("verify vs eager (min/opt/max)", 1) as advance:
+            checks = _verify_files(model, spec, split, {c: tmp / f"{c}.onnx" for c in comps})
+            # A simplification that broke parity is undone: the raw export is the fallback.
+            broken = {c.where.split("@")[0] for c in checks if c.failed} & set(comps)
+            for comp in broken:
+                if notes[comp].endswith("nodes"):
+                    shutil.copy(raw[comp], tmp / f"{comp}.onnx")
+                    notes[comp] = "simplified graph failed parity; kept the unsimplified export"
+            if broken:
+                checks = _verify_files(model, spec, split, {c: tmp / f"{c}.onnx" for c in comps})
+            advance(1)
+        raise_on_failures(checks, f"export of {spec.path}",
+                          "The bundle was not written. Loosen [tolerance.fp32] only if these errors are "
+                          "acceptable for your task; otherwise report the component and op.")
+        manifest = new_manifest(spec, split)
+        for comp in comps:
+            manifest.add(tmp, comp, "export", "fp32", f"{comp}.onnx",
+                         config={"exporter": "torch.onnx.export(dynamo=True)", "simplify": notes[comp]},
+                         export_seconds=round(seconds[comp], 3))
+        seconds["total"] = time.perf_counter() - t0
+        manifest.results["parity"] = {"fp32": summarise(checks)}
+        manifest.results["export_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        manifest.write(tmp)
+    bundle = Path(out_dir).resolve()
+    return ExportResult(bundle, manifest, checks, seconds)
+
+
+def _verify_files(model: Any, spec: ModelSpec, split: Split, files: dict[str, Path],
+                  precision: dict[str, str] | None = None) -> list[Check]:
+    precision = precision or {}
+    runners = {c: OnnxRuntimeRunner(p, split.components[c].inputs, split.components[c].outputs, name=c)
+               for c, p in files.items()}
+    for r in runners.values():
+        r.__enter__()
+    try:
+        worst = max(precision.values(), key=["fp32", "fp16", "int8-dynamic", "int8"].index, default="fp32")
+        return verify(model, spec, split, runners,
+                      lambda comp: spec.tolerances[precision.get(comp, worst if comp == "pipeline" else "fp32")])
+    finally:
+        for r in runners.values():
+            r.__exit__(None, None, None)
+
+
+def new_manifest(spec: ModelSpec, split: Split) -> Manifest:
+    model = {"config": str(spec.path), "config_sha256": sha256_file(spec.path), "factory": spec.factory,
+             "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
+             "checkpoint_sha256": sha256_file(spec.checkpoint) if spec.checkpoint else None,
+             "fusion": spec.fusion or "remainder", "output_sources": split.output_sources,
+             "dims": {k: vars(v) for k, v in spec.dims.items()}}
+    return Manifest(model=model, model_inputs=split.model_inputs, model_outputs=split.model_outputs,
+                    components=split.components, tools=tool_versions())
+
+
+def inspect_bundle(bundle: str | Path) -> Manifest:
+    return Manifest.read(bundle)
+
+
+def verify_bundle(bundle: str | Path) -> tuple[Manifest, list[tuple[str, str]]]:
+    """Re-check every artifact's sha256; returns the manifest and [(file, problem)]."""
+    manifest = Manifest.read(bundle)
+    return manifest, manifest.check_files(Path(bundle))

@@ -1,0 +1,120 @@
+"""Parity metrics between a reference output and a candidate, and the gate that judges them.
+
+Pure functions over arrays. Every output is measured and every failure collected; callers raise
+once with the whole table (``ParityError``), never at the first bad output.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from mmopt.errors import ParityError
+
+
+@dataclass
+class Metrics:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float  # max |a - b| / max |ref|: error relative to the output's own scale
+    cos_min: float  # cosine per sample (first axis), worst and mean
+    cos_mean: float
+    argmax: float | None  # fraction of rows whose argmax agrees (score outputs only)
+    nan: int  # NaN / Inf in the candidate that the reference does not have
+    inf: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    r = ref.reshape(ref.shape[0], -1) if ref.ndim > 1 else ref.reshape(1, -1)
+    o = out.reshape(r.shape)
+    num = (r * o).sum(1)
+    den = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
+    both_zero = (np.linalg.norm(r, axis=1) == 0) & (np.linalg.norm(o, axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+    return np.where(both_zero, 1.0, cos)
+
+
+def measure(name: str, ref: np.ndarray, out: np.ndarray) -> Metrics:
+    ref = np.asarray(ref)
+    out = np.asarray(out)
+    if ref.shape != out.shape:
+        return Metrics(name, tuple(out.shape), float("inf"), float("inf"), -1.0, -1.0, 0.0 if ref.ndim else None,
+                       0, 0)
+    if ref.dtype == np.bool_ or np.issubdtype(ref.dtype, np.integer):
+        same = float((ref == out).mean()) if ref.size else 1.0
+        diff = float(np.abs(ref.astype(np.int64) - out.astype(np.int64)).max()) if ref.size else 0.0
+        return Metrics(name, tuple(ref.shape), diff, diff, same, same, None, 0, 0)
+    r = ref.astype(np.float64)
+    o = out.astype(np.float64)
+    bad_nan = int((np.isnan(o) & ~np.isnan(r)).sum())
+    bad_inf = int((np.isinf(o) & ~np.isinf(r)).sum())
+    finite = np.isfinite(r) & np.isfinite(o)
+    diff = np.abs(r - o)[finite]
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(r[np.isfinite(r)]).max()) if np.isfinite(r).any() else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    cos = _cosines(np.where(finite, r, 0), np.where(finite, o, 0)) if r.size else np.ones(1)
+    argmax = None
+    if r.ndim >= 2 and r.shape[-1] > 1:
+        argmax = float((r.argmax(-1) == o.argmax(-1)).mean())
+    if bad_nan or bad_inf:
+        cos = np.minimum(cos, -1.0)
+    return Metrics(name, tuple(r.shape), max_abs, max_rel, float(cos.min()), float(cos.mean()), argmax,
+                   bad_nan, bad_inf)
+
+
+def failures(m: Metrics, tol: dict[str, float]) -> list[str]:
+    """Which gates ``m`` breaks. Error passes when small in absolute *or* in relative terms."""
+    why = []
+    if m.nan or m.inf:
+        why.append(f"{m.nan} NaN / {m.inf} Inf")
+    if m.max_abs > tol["max_abs"] and m.max_rel > tol["max_rel"]:
+        why.append(f"max_abs {m.max_abs:.3g} > {tol['max_abs']:.3g} and max_rel {m.max_rel:.3g} > {tol['max_rel']:.3g}")
+    if m.cos_min < tol["min_cosine"]:
+        why.append(f"cosine {m.cos_min:.6f} < {tol['min_cosine']}")
+    if m.argmax is not None and m.argmax < tol["min_argmax"]:
+        why.append(f"argmax agreement {m.argmax:.3f} < {tol['min_argmax']}")
+    return why
+
+
+@dataclass
+class Check:
+    """One measured output in one context (component, size, precision)."""
+
+    where: str
+    metrics: Metrics
+    failed: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"where": self.where, **self.metrics.to_json(), "failed": self.failed}
+
+
+def check_all(where: str, refs: dict[str, np.ndarray], outs: dict[str, np.ndarray],
+              tol: dict[str, float]) -> list[Check]:
+    checks = []
+    for name, ref in refs.items():
+        if name not in outs:
+            checks.append(Check(where, measure(name, ref, np.full_like(ref, np.nan)), ["output missing"]))
+            continue
+        m = measure(name, ref, outs[name])
+        why = failures(m, tol)
+        if m.shape != tuple(np.shape(ref)):
+            why = [f"shape {m.shape} != reference {tuple(np.shape(ref))}"]
+        checks.append(Check(where, m, why))
+    return checks
+
+
+def raise_on_failures(checks: list[Check], what: str, hint: str) -> None:
+    bad = [c for c in checks if c.failed]
+    if not bad:
+        return
+    rows = [f"  {c.where:<28} {c.metrics.name:<28} cos {c.metrics.cos_min:>9.6f}  max_abs {c.metrics.max_abs:>9.3g}  "
+            f"-> {'; '.join(c.failed)}" for c in bad]
+    raise ParityError(f"{what}: {len(bad)} of {len(checks)} checked outputs fail parity:\n" + "\n".join(rows)
+                      + f"\n{hint}")

@@ -1,0 +1,403 @@
+"""Observe the eager model and split it into components: specs, dynamic axes and wiring.
+
+The full model runs at the min / opt / max sizes of every dim with hooks on each component. Hooks
+see the exact tensor objects, so wiring is found by identity: an encoder input that *is* a model
+input, a fusion input that *is* an encoder output. Nested inputs and outputs (tuples, dicts, Hugging
+Face ModelOutput) are flattened with ``torch.utils._pytree`` under stable dotted names. An axis is
+dynamic when its size differs between captures, and is named after the dim whose sizes it follows.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from mmopt.errors import CaptureError
+from mmopt.spec import SIZES, ComponentSpec, Dim, ModelSpec, TensorSpec
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+def capture_dims(dims: dict[str, Dim]) -> dict[str, dict[str, int]]:
+    """Sizes the model is *run* at. A dynamic dim whose min is 1 is captured at 2: torch.export
+    specialises size-1 axes, and a capture at 1 could not tell a dynamic axis from a static one."""
+    out = {}
+    for name, d in dims.items():
+        lo = d.min if d.min == d.max or d.min > 1 else min(2, d.opt)
+        out[name] = {"min": lo, "opt": d.opt, "max": d.max}
+    return out
+
+
+def random_inputs(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    """Fresh random full-model inputs: floats in their range, ints in their range, valid masks."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, inp in spec.inputs.items():
+        shape = shapes[name]
+        if inp.dtype == "bool":
+            # A valid padding mask: each row keeps a prefix of at least half its length.
+            length = shape[-1]
+            keep = torch.randint((length + 1) // 2, length + 1, shape[:-1] + (1,), generator=g)
+            out[name] = torch.arange(length).expand(shape) < keep
+        elif inp.dtype in ("int64", "int32"):
+            lo, hi = inp.range  # type: ignore[misc]
+            out[name] = torch.randint(int(lo), int(hi) + 1, shape, generator=g, dtype=TORCH_DTYPES[inp.dtype])
+        else:
+            if inp.range is not None:
+                lo, hi = inp.range
+                x = torch.rand(shape, generator=g) * (hi - lo) + lo
+            else:
+                x = torch.randn(shape, generator=g)
+            out[name] = x.to(TORCH_DTYPES[inp.dtype])
+    return out
+
+
+def spec_shapes(spec: ModelSpec, sizes: dict[str, dict[str, int]], size: str) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(d if isinstance(d, int) else sizes[d][size] for d in i.shape) for n, i in spec.inputs.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Flattening with names
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def flatten_named(obj: Any, prefix: str) -> tuple[list[tuple[str, Any]], pytree.TreeSpec]:
+    leaves, treespec = pytree.tree_flatten_with_path(obj)
+    named = [(".".join([prefix, *(_key_name(k) for k in path)]) if prefix else
+              ".".join(_key_name(k) for k in path) or "output", leaf) for path, leaf in leaves]
+    return named, treespec
+
+
+def flatten_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[list[tuple[str, Any]], pytree.TreeSpec]:
+    """Flatten a call's (args, kwargs) naming each leaf after the forward's parameter names."""
+    params = list(inspect.signature(module.forward).parameters)
+    leaves, treespec = pytree.tree_flatten_with_path((args, kwargs))
+    named = []
+    for path, leaf in leaves:
+        where, first, *rest = path
+        if _key_name(where) == "0":
+            idx = int(_key_name(first))
+            base = params[idx] if idx < len(params) and params[idx] not in ("args", "kwargs") else f"arg{idx}"
+        else:
+            base = _key_name(first)
+        named.append((".".join([base, *(_key_name(k) for k in rest)]), leaf))
+    return named, treespec
+
+
+# ---------------------------------------------------------------------------------------------
+# Observation: one run of the full model with hooks
+
+@dataclass
+class Call:
+    """What one component saw in one run: named input leaves (with the call's tree), named outputs."""
+
+    inputs: list[tuple[str, Any]]
+    in_tree: pytree.TreeSpec
+    outputs: list[tuple[str, Any]]
+    out_tree: pytree.TreeSpec
+
+
+def get_submodule(model: torch.nn.Module, path: str, field_name: str, config: Any) -> torch.nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n and n.count(".") < 2][:40]
+        raise CaptureError(f"{config}: field '{field_name}': the model has no submodule '{path}'. "
+                           f"Submodules include: {', '.join(names)}.") from None
+
+
+@contextlib.contextmanager
+def hooked(model: torch.nn.Module, modules: dict[str, str], config: Any) -> Iterator[dict[str, list[Call]]]:
+    calls: dict[str, list[Call]] = {name: [] for name in modules}
+    handles = []
+    pending: dict[str, tuple] = {}
+    for name, path in modules.items():
+        field_name = "components.fusion" if name == "fusion" else f"components.{name}"
+        mod = get_submodule(model, path, field_name, config)
+
+        def pre(m, args, kwargs, name=name):
+            pending[name] = flatten_call(m, args, kwargs)
+
+        def post(m, args, kwargs, out, name=name):
+            named_in, in_tree = pending.pop(name)
+            named_out, out_tree = flatten_named(out, "")
+            calls[name].append(Call(named_in, in_tree, named_out, out_tree))
+
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(mod.register_forward_hook(post, with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Producers(TorchFunctionMode):
+    """Records which torch function produced each tensor (by id), and which tensors were read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.producer: dict[int, str] = {}
+        self.read: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor):
+                self.read.add(id(leaf))
+        out = func(*args, **kwargs)
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.producer.setdefault(id(leaf), getattr(func, "__qualname__", getattr(func, "__name__", str(func))))
+        return out
+
+
+@dataclass
+class Run:
+    size: str
+    inputs: dict[str, torch.Tensor]
+    outputs: list[tuple[str, Any]]
+    calls: dict[str, Call]
+    producers: dict[int, str] = field(default_factory=dict)
+
+
+def observe(model: torch.nn.Module, spec: ModelSpec, inputs: dict[str, torch.Tensor], size: str,
+            modules: dict[str, str]) -> Run:
+    with torch.no_grad(), hooked(model, modules, spec.path) as calls, _Producers() as prod:
+        try:
+            out = model(**inputs)
+        except Exception as e:
+            shapes = {k: tuple(v.shape) for k, v in inputs.items()}
+            raise CaptureError(f"{spec.path}: the model's forward failed at the {size} size with inputs "
+                               f"{shapes}: {type(e).__name__}: {e}. Check [inputs] and [dims] against what "
+                               "the model accepts.") from e
+    single = {}
+    for name, got in calls.items():
+        if len(got) != 1:
+            raise CaptureError(f"{spec.path}: component '{name}' ({modules[name]}) was called {len(got)} times "
+                               "in one forward; mmopt exports exactly one call per component. Pick a submodule "
+                               "that runs once.")
+        single[name] = got[0]
+    outputs, _ = flatten_named(out, "")
+    return Run(size, inputs, outputs, single, prod.producer)
+
+
+# ---------------------------------------------------------------------------------------------
+# From three runs to specs
+
+def _dtype(t: torch.Tensor, where: str) -> str:
+    if t.dtype not in DTYPE_NAMES:
+        raise CaptureError(f"{where} has dtype {t.dtype}, which mmopt cannot export. Supported: "
+                           f"{', '.join(TORCH_DTYPES)}.")
+    return DTYPE_NAMES[t.dtype]
+
+
+def tensor_spec(name: str, per_size: dict[str, torch.Tensor], dims: dict[str, Dim],
+                sizes: dict[str, dict[str, int]], where: str, rng: tuple | None = None) -> TensorSpec:
+    shapes = {s: tuple(per_size[s].shape) for s in SIZES}
+    if len({len(v) for v in shapes.values()}) != 1:
+        raise CaptureError(f"{where}: rank changes between sizes ({shapes}); mmopt needs a fixed rank.")
+    shape: list[int | str] = []
+    true_shapes = {s: list(shapes[s]) for s in SIZES}
+    for axis in range(len(shapes["min"])):
+        triple = tuple(shapes[s][axis] for s in SIZES)
+        if len(set(triple)) == 1:
+            shape.append(triple[0])
+            continue
+        dim = next((d for d in dims if tuple(sizes[d][s] for s in SIZES) == triple), None)
+        if dim is None:
+            shape.append(f"{name.replace('.', '_')}_dim{axis}")
+        else:
+            shape.append(dim)
+            for s in SIZES:  # the profile uses the declared size (e.g. batch 1), not the capture size
+                true_shapes[s][axis] = dims[dim].at(s)
+    return TensorSpec(name, _dtype(per_size["opt"], where), tuple(shape),
+                      {s: tuple(v) for s, v in true_shapes.items()}, rng)
+
+
+@dataclass
+class Split:
+    """Everything export and verification need: specs, wiring, and how to rebuild each call."""
+
+    components: dict[str, ComponentSpec]
+    model_inputs: list[TensorSpec]
+    model_outputs: list[TensorSpec]
+    output_sources: dict[str, str]
+    runs: dict[str, Run]
+    fusion_module: str | None
+
+
+def _ident(run: Run) -> dict[int, str]:
+    """id(tensor) -> source name, for model inputs and every encoder output of one run."""
+    ids = {id(t): f"input:{n}" for n, t in run.inputs.items()}
+    for comp, call in run.calls.items():
+        if comp == "fusion":
+            continue
+        for name, leaf in call.outputs:
+            if isinstance(leaf, torch.Tensor):
+                ids.setdefault(id(leaf), f"{comp}:{name}")
+    return ids
+
+
+def split(model: torch.nn.Module, spec: ModelSpec, seed: int = 0) -> Split:
+    sizes = capture_dims(spec.dims)
+    modules = dict(spec.components)
+    if spec.fusion:
+        modules["fusion"] = spec.fusion
+    runs = {s: observe(model, spec, random_inputs(spec, spec_shapes(spec, sizes, s), seed + i), s, modules)
+            for i, s in enumerate(SIZES)}
+    opt = runs["opt"]
+    ids = _ident(opt)
+
+    model_inputs = [tensor_spec(n, {s: runs[s].inputs[n] for s in SIZES}, spec.dims, sizes,
+                                f"{spec.path}: input '{n}'", spec.inputs[n].range) for n in spec.inputs]
+    components: dict[str, ComponentSpec] = {}
+    for comp, path in spec.components.items():
+        components[comp] = _component(comp, "encoder", path, runs, spec, sizes, ids, spec.path)
+    out_names = [n for n, leaf in opt.outputs if isinstance(leaf, torch.Tensor)]
+
+    if spec.fusion:
+        fusion = _component("fusion", "fusion", spec.fusion, runs, spec, sizes, ids, spec.path)
+        fused = {id(leaf): f"fusion:{n}" for n, leaf in opt.calls["fusion"].outputs if isinstance(leaf, torch.Tensor)}
+        sources = {}
+        for n, leaf in opt.outputs:
+            if isinstance(leaf, torch.Tensor):
+                src = fused.get(id(leaf)) or ids.get(id(leaf))
+                if src is None:
+                    raise CaptureError(f"{spec.path}: field 'components.fusion': model output '{n}' is computed "
+                                       f"after '{spec.fusion}' (by {opt.producers.get(id(leaf), 'an operation')} "
+                                       "in the model's forward). Remove `fusion = ...` so mmopt exports the rest "
+                                       "of the forward as the fusion graph.")
+                sources[n] = src
+    else:
+        fusion, sources = remainder_fusion(model, spec, runs, sizes, ids)
+    components["fusion"] = fusion
+    model_outputs = [tensor_spec(n, {s: dict(runs[s].outputs)[n] for s in SIZES}, spec.dims, sizes,
+                                 f"model output '{n}'") for n in out_names]
+    return Split(components, model_inputs, model_outputs, sources, runs, spec.fusion)
+
+
+def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: ModelSpec,
+               sizes: dict[str, dict[str, int]], ids: dict[int, str], config: Any) -> ComponentSpec:
+    opt = runs["opt"].calls[comp]
+    inputs, sources = [], {}
+    for i, (name, leaf) in enumerate(opt.inputs):
+        others = [runs[s].calls[comp].inputs[i][1] for s in SIZES]
+        if not isinstance(leaf, torch.Tensor):
+            if any(o != leaf for o in others if not isinstance(o, torch.Tensor)):
+                raise CaptureError(f"{config}: component '{comp}' argument '{name}' is a non-tensor value that "
+                                   "changes with the input size; mmopt can only bake in constants.")
+            continue
+        src = ids.get(id(leaf))
+        if src is None or src == f"{comp}:" or src.startswith(f"{comp}:"):
+            what = runs["opt"].producers.get(id(leaf), "an operation")
+            field_name = "components.fusion" if kind == "fusion" else f"components.{comp}"
+            fix = ("Remove `fusion = ...` so mmopt exports the rest of the forward as the fusion graph."
+                   if kind == "fusion" else
+                   "Pass model inputs to the encoder unchanged, or move that computation into the encoder.")
+            raise CaptureError(f"{config}: field '{field_name}': input '{name}' of '{path}' is computed in the "
+                               f"model's forward (by {what}) between the model inputs / encoders and this "
+                               f"module. {fix}")
+        rng = spec.inputs[src[6:]].range if src.startswith("input:") else None
+        inputs.append(tensor_spec(name, {s: runs[s].calls[comp].inputs[i][1] for s in SIZES}, spec.dims,
+                                  sizes, f"component '{comp}' input '{name}'", rng))
+        sources[name] = src
+    outputs = [tensor_spec(name, {s: runs[s].calls[comp].outputs[i][1] for s in SIZES}, spec.dims, sizes,
+                           f"component '{comp}' output '{name}'")
+               for i, (name, leaf) in enumerate(opt.outputs) if isinstance(leaf, torch.Tensor)]
+    if not outputs:
+        raise CaptureError(f"{config}: component '{comp}' ({path}) returns no tensor.")
+    return ComponentSpec(comp, kind, path, tuple(inputs), tuple(outputs), sources)
+
+
+# ---------------------------------------------------------------------------------------------
+# Remainder fusion: the parent's forward with the encoders replaced by their outputs
+
+class EncoderStub(torch.nn.Module):
+    """Stands in for an encoder: ignores its arguments, returns the outputs it is given."""
+
+    def __init__(self, slot: dict[str, Any], name: str):
+        super().__init__()
+        self._slot, self._name = slot, name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._slot[self._name]
+
+
+@contextlib.contextmanager
+def stubbed(model: torch.nn.Module, paths: dict[str, str], slot: dict[str, Any]) -> Iterator[None]:
+    """Temporarily replace each encoder submodule by an ``EncoderStub`` reading from ``slot``."""
+    originals = {}
+    for comp, path in paths.items():
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        originals[comp] = (parent, attr, getattr(parent, attr))
+        setattr(parent, attr, EncoderStub(slot, comp))
+    try:
+        yield
+    finally:
+        for parent, attr, mod in originals.values():
+            setattr(parent, attr, mod)
+
+
+def remainder_fusion(model: torch.nn.Module, spec: ModelSpec, runs: dict[str, Run],
+                     sizes: dict[str, dict[str, int]], ids: dict[int, str]) -> tuple[ComponentSpec, dict[str, str]]:
+    opt = runs["opt"]
+    slot = {c: pytree.tree_unflatten([leaf for _, leaf in opt.calls[c].outputs], opt.calls[c].out_tree)
+            for c in spec.components}
+    with torch.no_grad(), stubbed(model, spec.components, slot), _Producers() as prod:
+        out = model(**opt.inputs)
+    leaves, _ = flatten_named(out, "")
+    sources, fusion_outputs = {}, []
+    for name, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        if id(leaf) in ids:
+            sources[name] = ids[id(leaf)]
+        else:
+            sources[name] = f"fusion:{name}"
+            fusion_outputs.append(name)
+    if not fusion_outputs:
+        raise CaptureError(f"{spec.path}: the model's forward returns the encoders' outputs unchanged; "
+                           "there is no fusion computation to export.")
+    # Fusion inputs: every encoder output and model input the remainder actually reads.
+    used = [src for i, src in ids.items() if i in prod.read]
+    order = [f"input:{n}" for n in spec.inputs] + [f"{c}:{n}" for c in spec.components
+                                                   for n, leaf in opt.calls[c].outputs if isinstance(leaf, torch.Tensor)]
+    inputs, fsources = [], {}
+    for src in [s for s in order if s in used]:
+        comp, _, name = src.partition(":")
+        if comp == "input":
+            per = {s: runs[s].inputs[name] for s in SIZES}
+            rng, in_name = spec.inputs[name].range, name
+        else:
+            per = {s: dict(runs[s].calls[comp].outputs)[name] for s in SIZES}
+            rng, in_name = None, f"{comp}.{name}"
+        inputs.append(tensor_spec(in_name, per, spec.dims, sizes, f"fusion input '{in_name}'", rng))
+        fsources[in_name] = src
+    out_per = {n: {s: dict(runs[s].outputs)[n] for s in SIZES} for n in fusion_outputs}
+    outputs = [tensor_spec(n, out_per[n], spec.dims, sizes, f"fusion output '{n}'") for n in fusion_outputs]
+    return ComponentSpec("fusion", "fusion", "", tuple(inputs), tuple(outputs), fsources), sources
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy()

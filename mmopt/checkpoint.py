@@ -1,0 +1,136 @@
+"""Build the user's model through their factory and load a checkpoint into it, safely.
+
+Safetensors and ``torch.load(weights_only=True)`` never execute code from the file. A checkpoint
+that needs pickled code is refused unless the user passes ``--trust-checkpoint``. Every mismatch
+between the checkpoint and the model (missing, unexpected, wrong shape) is listed in one error.
+"""
+from __future__ import annotations
+
+import importlib
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mmopt.errors import CheckpointError, ConfigError
+from mmopt.spec import ModelSpec
+
+
+def import_ref(ref: str, root: Path, field: str, config: Path) -> Callable[..., Any]:
+    """Resolve ``"module:attr.sub"``, with the config's folder importable."""
+    module_name, _, attr_path = ref.partition(":")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise ConfigError(f"{config}: field '{field}': cannot import module '{module_name}' "
+                              f"(looked in {root} and on sys.path). Check the spelling, or put "
+                              f"{module_name.replace('.', '/')}.py beside the config.") from None
+        raise ConfigError(f"{config}: field '{field}': importing '{module_name}' failed because it imports "
+                          f"'{e.name}', which is not installed. Install it (pip install {e.name}).") from None
+    except Exception as e:  # the user's module raised while importing
+        raise ConfigError(f"{config}: field '{field}': importing '{module_name}' raised "
+                          f"{type(e).__name__}: {e}. Fix that module.") from e
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            have = ", ".join(n for n in dir(obj) if not n.startswith("_"))[:300]
+            raise ConfigError(f"{config}: field '{field}': '{module_name}' has no attribute '{attr_path}' "
+                              f"(missing '{part}'). Available: {have}.")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{config}: field '{field}': '{ref}' is not callable.")
+    return obj
+
+
+def build_model(spec: ModelSpec, trust_checkpoint: bool = False) -> torch.nn.Module:
+    """Factory -> module -> checkpoint loaded strictly -> eval mode."""
+    factory = import_ref(spec.factory, spec.root, "model.factory", spec.path)
+    try:
+        model = factory(**spec.kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{spec.path}: field 'model.kwargs': calling {spec.factory} failed: {e}. "
+                          "Make [model.kwargs] match the factory's parameters.") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{spec.path}: field 'model.factory': {spec.factory} returned "
+                          f"{type(model).__name__}, not a torch.nn.Module.")
+    if spec.checkpoint is not None:
+        state = read_state_dict(spec.checkpoint, spec.state_dict_key, trust_checkpoint, spec.path)
+        load_strict(model, state, spec.checkpoint)
+    return model.eval()
+
+
+def read_state_dict(path: Path, key: str | None, trust: bool, config: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{config}: field 'model.checkpoint': {path} does not exist. "
+                              "Fix the path (relative paths resolve against the config's folder).")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            obj: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}). "
+                                  "The file is corrupt or truncated: re-save it with safetensors.torch.save_file.")
+    elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        obj = _torch_load(path, trust)
+    else:
+        raise CheckpointError(f"{config}: field 'model.checkpoint': unsupported file type '{suffix}'. "
+                              "Use .safetensors, or .pt/.pth/.bin holding a state_dict.")
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            have = ", ".join(map(str, obj.keys())) if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(f"{path}: has no key '{key}' (field 'model.state_dict_key' in {config}). "
+                                  f"Top-level keys: {have}.")
+        obj = obj[key]
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = [k for k, v in obj.items() if isinstance(v, dict)] if isinstance(obj, dict) else []
+        hint = f" It looks like a training checkpoint: set state_dict_key = \"{keys[0]}\"." if keys else ""
+        raise CheckpointError(f"{path}: does not hold a state_dict (name -> tensor).{hint}")
+    return obj
+
+
+def _torch_load(path: Path, trust: bool) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if not trust and "weights_only" in str(e):
+            raise CheckpointError(
+                f"{path}: needs pickled Python code to load, which could run arbitrary code. "
+                "Re-save it as safetensors or a plain state_dict, or, if you trust its origin, "
+                "pass --trust-checkpoint.") from None
+        raise CheckpointError(f"{path}: corrupt checkpoint ({e}). Re-save it.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e}). "
+                              "Re-save it with torch.save(model.state_dict(), ...).") from None
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load ``state``; list every missing / unexpected / mis-shaped key in one error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        lines = [f"{path}: does not fit the model built by the factory:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}"
+                         f"{' ...' if len(unexpected) > 10 else ''}")
+        for k in shapes[:10]:
+            lines.append(f"  shape mismatch for {k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}")
+        prefixes = {k.split('.')[0] for k in unexpected}
+        if unexpected and len(prefixes) == 1 and missing:
+            lines.append(f"  (every unexpected key starts with '{prefixes.pop()}.': strip that prefix when saving)")
+        lines.append("Fix: make [model.kwargs] build the architecture the checkpoint was trained with, "
+                     "or point model.checkpoint at the right file.")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True)

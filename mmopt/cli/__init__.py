@@ -1,0 +1,53 @@
+"""The ``mmopt`` command: a thin Typer layer over ``mmopt.api``.
+
+User errors (``MmoptError``) print as one red message without a traceback and exit with the
+error's code (1, or 2 for usage errors). Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from mmopt.errors import MmoptError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="mmopt",
+    help="Take a trained multimodal PyTorch model to fast, verified deployment artifacts.\n\n"
+         "Typical flow: `mmopt export mmopt.toml -o build/` (one ONNX graph per encoder + fusion, proven "
+         "to match the eager model), `mmopt inspect build/`, `mmopt verify build/`. "
+         "`mmopt demo` runs it all on the embedded VQA model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    from mmopt.cli import bundle, export
+
+    export.register(app)
+    bundle.register(app)
+    for optional in ("build", "quantize", "bench"):
+        try:
+            module = __import__(f"mmopt.cli.{optional}", fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != f"mmopt.cli.{optional}":
+                raise
+            continue
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app()
+    except MmoptError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)

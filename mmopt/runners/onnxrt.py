@@ -1,0 +1,54 @@
+"""ONNX Runtime runner (CPU, or CUDA where onnxruntime-gpu and a GPU exist)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mmopt.errors import BackendUnavailable
+from mmopt.runners.base import Runner
+from mmopt.spec import TensorSpec
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def available_devices() -> list[str]:
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return [d for d, p in PROVIDERS.items() if p in have]
+
+
+class OnnxRuntimeRunner(Runner):
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, inputs: list[TensorSpec] | tuple[TensorSpec, ...],
+                 outputs: list[TensorSpec] | tuple[TensorSpec, ...], device: str = "cpu",
+                 threads: int | None = None, name: str | None = None):
+        super().__init__(name or Path(path).stem, inputs, outputs)
+        self.path, self.device, self.threads = Path(path), device, threads
+        if device not in PROVIDERS:
+            raise BackendUnavailable(f"unknown onnxruntime device '{device}'; use one of {', '.join(PROVIDERS)}.")
+        self.session = None
+
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        if self.device not in available_devices():
+            raise BackendUnavailable(
+                f"onnxruntime here has no {PROVIDERS[self.device]} (available: {', '.join(available_devices())}). "
+                "Install onnxruntime-gpu on a machine with an NVIDIA GPU for --device cuda.")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.path), so, providers=[PROVIDERS[self.device]])
+        self._out_names = [o.name for o in self.session.get_outputs()]
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._out_names, self.session.run(self._out_names, feeds)))
+
+    def _close(self) -> None:
+        self.session = None

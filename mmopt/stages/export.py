@@ -1,0 +1,198 @@
+"""Export one component to ONNX with the dynamo exporter, dynamic axes from the capture.
+
+Each component is exported from a fresh deep copy of the model (an export can mutate modules), as a
+wrapper whose positional inputs and outputs are exactly the component's flattened tensor leaves.
+The remainder fusion is the parent's forward with every encoder replaced by a stub returning the
+given outputs, so the parent's own glue is traced as it is.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch.utils import _pytree as pytree
+
+from mmopt.capture import Run, Split, stubbed
+from mmopt.errors import ExportError
+from mmopt.spec import SIZES, ComponentSpec
+
+TWO_GB = 2 * 1024**3
+
+
+class CallWrapper(torch.nn.Module):
+    """Calls ``module`` with its captured (args, kwargs), tensor leaves replaced by the inputs."""
+
+    def __init__(self, module: torch.nn.Module, run: Run, comp: str):
+        super().__init__()
+        call = run.calls[comp]
+        self.module = module
+        self.leaves = [leaf for _, leaf in call.inputs]
+        self.tree = call.in_tree
+        self.tensor_pos = [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
+        self.out_pos = [i for i, (_, leaf) in enumerate(call.outputs) if isinstance(leaf, torch.Tensor)]
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        leaves = list(self.leaves)
+        for pos, t in zip(self.tensor_pos, tensors):
+            leaves[pos] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self.tree)
+        flat = pytree.tree_leaves(self.module(*args, **kwargs))
+        return tuple(flat[i] for i in self.out_pos)
+
+
+class RemainderWrapper(torch.nn.Module):
+    """The parent's forward with encoders stubbed: inputs are encoder outputs (+ model inputs it reads)."""
+
+    def __init__(self, model: torch.nn.Module, split: Split, encoders: dict[str, str], run: Run):
+        super().__init__()
+        self.model = model
+        self.encoders = encoders
+        self.fusion = split.components["fusion"]
+        self.run_inputs = run.inputs  # model inputs the remainder does not read: constants, dead code
+        self.out_calls = {c: run.calls[c] for c in encoders}
+        self.out_names = [t.name for t in self.fusion.outputs]
+        names, _ = zip(*_named_outputs(run, split))
+        self.out_index = [names.index(n) for n in self.out_names]
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        given = dict(zip((t.name for t in self.fusion.inputs), tensors))
+        by_source = {self.fusion.sources[n]: t for n, t in given.items()}
+        slot = {}
+        for comp, call in self.out_calls.items():
+            leaves = [by_source.get(f"{comp}:{name}", leaf) for name, leaf in call.outputs]
+            slot[comp] = pytree.tree_unflatten(leaves, call.out_tree)
+        kwargs = {n: by_source.get(f"input:{n}", t) for n, t in self.run_inputs.items()}
+        with stubbed(self.model, self.encoders, slot):
+            flat = pytree.tree_leaves(self.model(**kwargs))
+        return tuple(flat[i] for i in self.out_index)
+
+
+def _named_outputs(run: Run, split: Split) -> list[tuple[str, Any]]:
+    return run.outputs
+
+
+def _example_size(comp: ComponentSpec) -> str:
+    """A capture where every dynamic axis has a size distinct from the others (no accidental
+    equalities for the exporter to assume) and no dynamic axis is 1."""
+    for size in ("max", "opt", "min"):
+        seen: dict[int, str] = {}
+        ok = True
+        for t in comp.inputs:
+            for axis, name in t.dynamic_axes.items():
+                v = t.shapes[size][axis]
+                if v == 1 or seen.setdefault(v, name) != name:
+                    ok = False
+        if ok:
+            return size
+    return "max"
+
+
+def component_module(model: torch.nn.Module, split: Split, comp: str, size: str) -> torch.nn.Module:
+    """A fresh wrapper for ``comp`` built on a deep copy of ``model``."""
+    fresh = copy.deepcopy(model).eval()
+    run = split.runs[size]
+    spec = split.components[comp]
+    if spec.kind == "encoder" or split.fusion_module:
+        return CallWrapper(fresh.get_submodule(spec.module), run, comp)
+    encoders = {c: s.module for c, s in split.components.items() if s.kind == "encoder"}
+    return RemainderWrapper(fresh, split, encoders, run)
+
+
+def example_inputs(split: Split, comp: str, size: str) -> tuple[torch.Tensor, ...]:
+    spec = split.components[comp]
+    run = split.runs[size]
+    out = []
+    for t in spec.inputs:
+        src_comp, _, name = spec.sources[t.name].partition(":")
+        if src_comp == "input":
+            out.append(run.inputs[name])
+        else:
+            out.append(dict(run.calls[src_comp].outputs)[name])
+    return tuple(out)
+
+
+def export_component(model: torch.nn.Module, split: Split, comp: str, path: Path) -> Path:
+    """Export ``comp`` to ``path`` (single file below 2 GB, external data above). Returns the path."""
+    spec = split.components[comp]
+    size = _example_size(spec)
+    module = component_module(model, split, comp, size)
+    args = example_inputs(split, comp, size)
+    dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in t.dynamic_axes} or None for t in spec.inputs)
+    nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch").setLevel(logging.ERROR)
+            program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=(dynamic,),
+                                        input_names=[t.name for t in spec.inputs],
+                                        output_names=[t.name for t in spec.outputs],
+                                        optimize=True, verbose=False)
+    except Exception as e:
+        raise ExportError(f"component '{comp}' ({spec.module or 'remainder of forward'}): the ONNX export "
+                          f"failed: {_summary(e)}. "
+                          "If the message names a data-dependent shape or an unsupported op, simplify that "
+                          "part of the model or export a different submodule.") from e
+    proto = program.model_proto
+    name_dims(proto, spec)
+    save(proto, path, large=nbytes > TWO_GB)
+    return path
+
+
+def _summary(e: Exception) -> str:
+    """The exporter's own one-line cause, without its boilerplate."""
+    text = str(e)
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:400]
+
+
+def name_dims(proto: onnx.ModelProto, spec: ComponentSpec) -> None:
+    """Give graph inputs / outputs the captured axis names (the exporter invents s0, s1, ...)."""
+    for values, specs in ((proto.graph.input, spec.inputs), (proto.graph.output, spec.outputs)):
+        by_name = {t.name: t for t in specs}
+        for v in values:
+            t = by_name.get(v.name)
+            if t is None:
+                continue
+            dims = v.type.tensor_type.shape.dim
+            for axis, d in enumerate(dims):
+                if axis < len(t.shape) and isinstance(t.shape[axis], str):
+                    d.Clear()
+                    d.dim_param = t.shape[axis]
+                elif axis < len(t.shape):
+                    d.Clear()
+                    d.dim_value = t.shape[axis]
+
+
+def save(proto: onnx.ModelProto, path: Path, large: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if large or proto.ByteSize() > TWO_GB:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data")
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def simplify(src: Path, dst: Path) -> tuple[bool, str]:
+    """onnxsim on ``src`` into ``dst``. Returns (ok, note); on failure ``dst`` is not written."""
+    import onnxsim
+
+    try:
+        model = onnx.load(str(src))
+        with redirect_stdout(io.StringIO()):
+            simplified, ok = onnxsim.simplify(model, check_n=0)
+        onnx.checker.check_model(simplified, full_check=True)
+    except Exception as e:  # onnxsim raises plain RuntimeErrors from C++
+        return False, f"onnxsim failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    if not ok:
+        return False, "onnxsim's own check failed"
+    save(simplified, dst)
+    return True, f"{len(model.graph.node)} -> {len(simplified.graph.node)} nodes"
