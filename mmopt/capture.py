@@ -40,16 +40,17 @@ def capture_dims(dims: dict[str, Dim]) -> dict[str, dict[str, int]]:
 
 
 def random_inputs(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
-    """Fresh random full-model inputs: floats in their range, ints in their range, valid masks."""
+    """Fresh random full-model inputs: floats and ints in their range. Bool inputs, and integer inputs
+    with range [0, 1], are padding masks: each row keeps a prefix of at least half its length."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, inp in spec.inputs.items():
         shape = shapes[name]
-        if inp.dtype == "bool":
+        if inp.dtype == "bool" or (inp.range is not None and tuple(inp.range) == (0, 1)):
             # A valid padding mask: each row keeps a prefix of at least half its length.
             length = shape[-1]
             keep = torch.randint((length + 1) // 2, length + 1, shape[:-1] + (1,), generator=g)
-            out[name] = torch.arange(length).expand(shape) < keep
+            out[name] = (torch.arange(length).expand(shape) < keep).to(TORCH_DTYPES[inp.dtype])
         elif inp.dtype in ("int64", "int32"):
             lo, hi = inp.range  # type: ignore[misc]
             out[name] = torch.randint(int(lo), int(hi) + 1, shape, generator=g, dtype=TORCH_DTYPES[inp.dtype])

@@ -7,6 +7,7 @@ Every field is checked on load; an unknown key is an error (a typo must not sile
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 SIZES = ("min", "opt", "max")
+TOP_LEVEL = ("model", "inputs", "dims", "components", "precision", "calibration", "evaluation", "tolerance")
 
 # Parity defaults per precision: what a converted graph must meet against eager fp32.
 DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
@@ -196,7 +198,13 @@ class _Fields:
             return
         unknown = sorted(set(self.table) - self.used)
         if unknown:
-            raise self.err(unknown[0], f"unknown key. Known keys here: {', '.join(sorted(self.used))}.")
+            raise unknown_key(self, unknown[0], sorted(self.used))
+
+
+def unknown_key(f: "_Fields", key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f.err(key, f"unknown key; {hint}Known keys here: {', '.join(known)}.")
 
 
 def _callable_ref(f: _Fields, key: str, default: Any = ...) -> Any:
@@ -283,6 +291,9 @@ def load_spec(path: str | Path) -> ModelSpec:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}. Fix the syntax at that line.") from None
     top = _Fields(path, raw, "")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise unknown_key(top, key, list(TOP_LEVEL))
 
     m = _Fields(path, top.get("model", dict, what="a [model] table with factory = \"module:attr\""), "model")
     factory = _callable_ref(m, "factory")

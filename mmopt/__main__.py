@@ -1,0 +1,3 @@
+from mmopt.cli import main
+
+main()
