@@ -165,7 +165,8 @@ class _Producers(TorchFunctionMode):
         out = func(*args, **kwargs)
         for leaf in pytree.tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
-                self.producer.setdefault(id(leaf), getattr(func, "__qualname__", getattr(func, "__name__", str(func))))
+                # ids of freed temporaries get reused: the latest producer of a live tensor is its own
+                self.producer[id(leaf)] = getattr(func, "__qualname__", getattr(func, "__name__", str(func)))
         return out
 
 
