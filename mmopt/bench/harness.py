@@ -25,7 +25,7 @@ import torch
 from mmopt.bench import latency
 from mmopt.bench.backends import Opened, Variant, open_variant, resolve, variants
 from mmopt.bench.compare import Check, check_all, failures, merge
-from mmopt.bench.inputs import InputMaker, batch_dim, batch_sizes, evaluation_chunks
+from mmopt.bench.inputs import SOURCES, InputMaker, batch_dim, batch_sizes, evaluation_chunks
 from mmopt.capture import split as capture_split
 from mmopt.checkpoint import build_model
 from mmopt.errors import BundleError
@@ -71,15 +71,16 @@ def machine() -> dict[str, Any]:
             else os.cpu_count(), "gpu": gpu, "hostname": platform.node()}
 
 
-def load_reference(bundle: Path, config: str | Path | None) -> tuple[Manifest, ModelSpec, torch.nn.Module, Any,
-                                                                     list[str]]:
-    """Verified manifest, spec, eager model and its split; notes on anything that drifted."""
-    manifest = Manifest.read(bundle).verified(bundle)
+def load_spec_of(bundle: Path, manifest: Manifest, config: str | Path | None) -> ModelSpec:
     path = Path(config or manifest.model["config"])
     if not path.exists():
         raise BundleError(f"{bundle}: the model config it was exported from, {path}, does not exist here. "
                           "bench rebuilds the eager model as the reference: pass --config path/to/mmopt.toml.")
-    spec = load_spec(path)
+    return load_spec(path)
+
+
+def load_reference(bundle: Path, manifest: Manifest, spec: ModelSpec) -> tuple[torch.nn.Module, Any, list[str]]:
+    """Eager model and its split, checked against the bundle; notes on anything that drifted."""
     notes = []
     if manifest.model.get("config_sha256") and sha256_file(spec.path) != manifest.model["config_sha256"]:
         notes.append(f"{spec.path} changed since the bundle was exported")
@@ -91,7 +92,7 @@ def load_reference(bundle: Path, config: str | Path | None) -> tuple[Manifest, M
         differ = sorted(c for c in set(ours) | set(theirs) if ours.get(c) != theirs.get(c))
         raise BundleError(f"{bundle}: the model built from {spec.path} no longer matches the bundle (components "
                           f"{', '.join(differ)} differ). Re-export the bundle, or pass the --config it was made from.")
-    return manifest, spec, model, split, notes
+    return model, split, notes
 
 
 def _tolerance(spec: ModelSpec, v: Variant):
@@ -199,9 +200,15 @@ def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int
         raise UsageError(f"--repeats must be >= 1 and warm-up >= 0 (got {repeats}, {warmup}).")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1 (got {threads}).")
-    manifest, spec, model, split, notes = load_reference(bundle, config)
-    chosen, skipped = resolve(backends, manifest)
+    manifest = Manifest.read(bundle).verified(bundle)
+    spec = load_spec_of(bundle, manifest, config)
+    chosen, skipped = resolve(backends, manifest)  # usage errors first, before the model is built
     sizes = batch_sizes(spec, batches)
+    if inputs not in SOURCES or (inputs != "random" and getattr(spec, inputs) is None):
+        raise UsageError(f"--inputs {inputs}: choose random" + "".join(f", {k}" for k in SOURCES[1:]
+                                                                      if getattr(spec, k) is not None)
+                         + f" ({spec.path} configures {', '.join(k for k in SOURCES[1:] if getattr(spec, k)) or 'no data callables'}).")
+    model, split, notes = load_reference(bundle, manifest, spec)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     maker = InputMaker(model, spec, split, inputs)
