@@ -60,8 +60,8 @@ def _logger(trt: Any) -> Any:
     logger per build would silently receive nothing: this is created once and drained per call.
     """
     if "logger" not in _state:
-        severity = trt.ILogger.Severity
-        errors, warning = (severity.INTERNAL_ERROR, severity.ERROR), severity.WARNING
+        errors = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR)
+        warning = trt.ILogger.Severity.WARNING
 
         class CollectingLogger(trt.ILogger):
             def __init__(self) -> None:
@@ -107,18 +107,17 @@ def _network_flags(trt: Any) -> int:
 
 
 def _hardware_level(trt: Any, level: str) -> Any:
-    levels = trt.HardwareCompatibilityLevel
     if level == "none":
-        return levels.NONE
+        return trt.HardwareCompatibilityLevel.NONE
     if level == "ampere+":
-        return levels.AMPERE_PLUS
+        return trt.HardwareCompatibilityLevel.AMPERE_PLUS
     since = SINCE["HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY"]
     if not _at_least(trt, since):
         raise TensorRTFeatureUnavailable(
             f"--hardware-compat same_compute_capability needs TensorRT >= {since[0]}.{since[1]}; this is TensorRT "
             f"{trt.__version__} (JetPack 6 ships 10.3). Use the default (none: this GPU's compute capability "
             "with a warning on other models) or ampere+.")
-    return levels.SAME_COMPUTE_CAPABILITY
+    return trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
 
 
 def _parser_errors(parser: Any) -> list[dict[str, Any]]:
