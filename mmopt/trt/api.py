@@ -120,17 +120,22 @@ def _hardware_level(trt: Any, level: str) -> Any:
     return trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
 
 
+def _name(member: Any) -> str:
+    """An enum member's name. Not ``.name``: that is a method on 10.x's parser ``ErrorCode``."""
+    return str(member).rsplit(".", 1)[-1]
+
+
 def _parser_errors(parser: Any) -> list[dict[str, Any]]:
     out = []
     for i in range(parser.num_errors):
         e = parser.get_error(i)
-        out.append({"code": e.code().name, "desc": e.desc(), "node": e.node(), "node_name": e.node_name(),
+        out.append({"code": _name(e.code()), "desc": e.desc(), "node": e.node(), "node_name": e.node_name(),
                     "op": e.node_operator()})
     return out
 
 
 def _tensors(count: int, get: Any) -> dict[str, str]:
-    return {t.name: t.dtype.name for t in (get(i) for i in range(count))}
+    return {t.name: _name(t.dtype) for t in (get(i) for i in range(count))}
 
 
 def _attach_timing_cache(config: Any, blob: bytes) -> str:
@@ -234,7 +239,7 @@ class EngineSession:
         engine_ = self._engine
         self.io: list[IOTensor] = []
         for tname in (engine_.get_tensor_name(i) for i in range(engine_.num_io_tensors)):
-            dtype = engine_.get_tensor_dtype(tname).name
+            dtype = _name(engine_.get_tensor_dtype(tname))
             if dtype not in DTYPES:
                 raise EngineLoadError(f"{name}: I/O tensor '{tname}' has TensorRT type {dtype}, which mmopt "
                                       f"cannot feed from numpy ({', '.join(DTYPES)}).")

@@ -183,7 +183,7 @@ def _torch_cuda() -> bool:
 
 def make_memory(kind: str | DeviceMemory = "auto", index: int = 0) -> DeviceMemory:
     """``"torch"``, ``"cuda-python"``, ``"auto"`` (torch when it sees a GPU, else cuda-python), or an instance."""
-    if isinstance(kind, DeviceMemory):
+    if not isinstance(kind, str):  # any object with DeviceMemory's methods
         return kind
     if kind == "auto":
         kind = "torch" if _torch_cuda() else "cuda-python"
