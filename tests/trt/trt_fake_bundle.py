@@ -13,6 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mmopt.manifest import Manifest
 from mmopt.spec import ComponentSpec, TensorSpec
+from mmopt.trt import api, device
+from mmopt.trt.build import BuildEnvironment
 
 IMAGE = ComponentSpec(
     "image", "encoder", "image_encoder",
@@ -89,3 +91,26 @@ def add_int8_dynamic_text(folder: Path) -> None:
     m = Manifest.read(folder)
     m.add(folder, "text", "precision", "int8-dynamic", "text.int8-dynamic.onnx", parent="text/export/fp32")
     m.write(folder)
+
+
+# ---- a fake engine writer: TensorRT cannot exist on development / CI machines -------------------
+
+FAKE_ENV = BuildEnvironment("10.3.0.30", device.GpuInfo("FAKE Orin", "8.7", 0, True, "fake"), "linux-aarch64",
+                            "R36.3.0")
+
+
+class FakeEngineWriter:
+    """Stands in for api.build_engine (TensorRT cannot exist here): records calls, returns fake bytes."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.calls: list[tuple[str, list[str], bytes | None]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, onnx_path, profiles, options, timing_cache):
+        name = Path(onnx_path).name
+        self.calls.append((name, [p.name for p in profiles], timing_cache))
+        if name == self.fail_on:
+            raise RuntimeError(f"fake build failure on {name}")
+        cache = None if timing_cache is None else timing_cache + f"[{name}]".encode()
+        return api.BuiltEngine(f"FAKE ENGINE from {name}".encode(), cache, "new" if not timing_cache else "reused",
+                               {"in": "FLOAT"}, {"out": "FLOAT"}, ["a TensorRT warning"])
