@@ -113,7 +113,8 @@ class CudaPythonMemory(DeviceMemory):
     def _call(self, result: tuple, what: str) -> Any:
         err, *rest = result
         if err != self.rt.cudaError_t.cudaSuccess:
-            raise RuntimeError(f"{what} failed: {self.rt.cudaGetErrorString(err)[1]!r}")
+            text = self.rt.cudaGetErrorString(err)[1]
+            raise RuntimeError(f"{what} failed: {text.decode() if isinstance(text, bytes) else text}")
         return rest[0] if len(rest) == 1 else (tuple(rest) or None)
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: str) -> int:
@@ -197,4 +198,6 @@ def make_memory(kind: str | DeviceMemory = "auto", index: int = 0) -> DeviceMemo
         except ImportError:
             raise TensorRTUnavailable("the TensorRT runner needs torch with CUDA or cuda-python for device memory: "
                                       "pip install 'mmopt[edge]' (cuda-python) on the device.") from None
+        except RuntimeError as e:  # no driver, no device
+            raise TensorRTUnavailable(f"cuda-python cannot use GPU {index} here: {e}") from None
     raise ValueError(f"unknown memory kind {kind!r}; use 'auto', 'torch' or 'cuda-python'")
