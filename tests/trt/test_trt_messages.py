@@ -80,9 +80,11 @@ def test_memory_needs_torch_cuda_or_cuda_python():
 
 
 def test_import_mmopt_trt_imports_neither_tensorrt_nor_torch():
-    code = ("import sys, mmopt.trt, mmopt.trt.build, mmopt.runners.tensorrt, mmopt.cli.build; "
+    code = ("import sys; before = set(sys.modules); "  # a .pth file may import e.g. cuda at start-up
+            "import mmopt.trt, mmopt.trt.build, mmopt.runners.tensorrt, mmopt.cli.build; "
             "from mmopt.trt import BuildOptions, build_engines; "
-            "print(sorted(m for m in ('tensorrt', 'torch', 'cuda') if m in sys.modules))")
+            "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+            "print(sorted(new & {'tensorrt', 'torch', 'cuda'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
