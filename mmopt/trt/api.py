@@ -265,7 +265,12 @@ class EngineSession:
         unresolved = self._context.infer_shapes()
         if unresolved:
             raise EngineLoadError(f"{self.name}: output shapes not computable; missing shapes for {unresolved}.")
-        return {t.name: tuple(self._context.get_tensor_shape(t.name)) for t in self.io if not t.is_input}
+        out = {t.name: tuple(self._context.get_tensor_shape(t.name)) for t in self.io if not t.is_input}
+        unknown = sorted(n for n, shape in out.items() if any(d < 0 for d in shape))
+        if unknown:
+            raise EngineLoadError(f"{self.name}: outputs {unknown} have data-dependent shapes (e.g. after NonZero); "
+                                  "mmopt's runner needs output shapes that follow from the input shapes.")
+        return out
 
     def bind(self, tname: str, address: int) -> None:
         if not self._context.set_tensor_address(tname, address):

@@ -119,7 +119,8 @@ class CudaPythonMemory(DeviceMemory):
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: str) -> int:
         if dtype == "bfloat16":
-            raise TensorRTUnavailable("bfloat16 engine I/O needs torch (numpy has no bfloat16): run with memory='torch'.")
+            raise TensorRTUnavailable("bfloat16 engine I/O needs torch (numpy has no bfloat16): "
+                                      "run with memory='torch'.")
         np_dtype = np.dtype(dtype)
         nbytes = max(1, math.prod(shape) * np_dtype.itemsize)
         ptr, cap, _, _ = self.buffers.get(name, (0, 0, (), np_dtype))

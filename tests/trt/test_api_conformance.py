@@ -88,7 +88,8 @@ def test_build_and_run_scenarios_behave(version):
                 "build_fails_build": "EngineBuildError", "run_fails_deserialize": "EngineLoadError",
                 "run_fails_context": "EngineLoadError", "run_fails_dtype": "EngineLoadError",
                 "run_fails_set_profile": "EngineLoadError", "run_fails_set_shape": "EngineLoadError",
-                "run_fails_infer_shapes": "EngineLoadError", "run_fails_address": "EngineLoadError",
+                "run_fails_infer_shapes": "EngineLoadError", "run_fails_dynamic_output": "EngineLoadError",
+                "run_fails_address": "EngineLoadError",
                 "run_fails_execute": "RuntimeError", "load_without_tensorrt": "TensorRTUnavailable"}
     assert {k: s[k].get("error") for k in expected} == expected
     image = s["run_image_two_profiles"]["detail"]

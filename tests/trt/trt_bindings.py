@@ -75,8 +75,8 @@ def bindings(version: str) -> Path:
     wheels = cache_dir() / "wheels"
     found = [w for w in wheels.glob(f"tensorrt_cu12_bindings-{version}-{tag}-*.whl")] if wheels.is_dir() else []
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "-d", str(wheels), f"tensorrt-cu12-bindings=={version}"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-d", str(wheels), f"tensorrt-cu12-bindings=={version}"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         log = out.stdout + out.stderr
         if out.returncode != 0:

@@ -86,6 +86,8 @@ class World:
         for t in fake_bundle.COMPONENTS[self.component].inputs:
             for d, s in zip(t.shape, self.input_shapes[t.name]):
                 sizes[d] = s
+        if "dynamic_output" in self.fail:
+            return self.real.Dims([-1 for _ in self._spec(name).shape])
         return self.real.Dims([sizes.get(d, d) for d in self._spec(name).shape])
 
     def _parse(self, parser: Any, path: str) -> bool:
@@ -221,8 +223,8 @@ def run_all(checker: Checker) -> dict[str, Any]:
     out["run_image_two_profiles"] = _outcome(lambda: run("image", [{"pixel_values": (4, 3, 8, 8)},
                                                                    {"pixel_values": (1, 3, 8, 8)}]))
     out["run_text_cuda_graph"] = _outcome(lambda: run("text", [{"input_ids": (2, 5)}] * 3, cuda_graph=True))
-    for flag in ("deserialize", "context", "dtype", "set_profile", "set_shape", "infer_shapes", "address",
-                 "execute"):
+    for flag in ("deserialize", "context", "dtype", "set_profile", "set_shape", "infer_shapes", "dynamic_output",
+                 "address", "execute"):
         out[f"run_fails_{flag}"] = _outcome(failing(flag, lambda: run("image", [{"pixel_values": (4, 3, 8, 8)},
                                                                                {"pixel_values": (1, 3, 8, 8)}])))
 
@@ -256,7 +258,8 @@ def _check_logger_overrides(checker: Checker, cls: type, base: type) -> None:
             continue
         real = getattr(base, name, None)
         if real is None:
-            checker.violate(f"ILogger.{name} (overridden by mmopt's logger) does not exist in TensorRT {checker.version}")
+            checker.violate(f"ILogger.{name} (overridden by mmopt's logger) does not exist in "
+                            f"TensorRT {checker.version}")
             continue
         sigs = parse_signatures(real.__doc__)
         if sigs and all(len(s.params) != fn.__code__.co_argcount for s in sigs):
