@@ -56,7 +56,9 @@ class Checker:
         return "?"
 
     def violate(self, what: str) -> "Poison":
-        self.violations.append({"where": self._where(), "what": what, "tensorrt": self.version})
+        found = {"where": self._where(), "what": what, "tensorrt": self.version}
+        if found not in self.violations:  # a scenario may pass the same line many times
+            self.violations.append(found)
         return Poison(self)
 
     # ---- types ----------------------------------------------------------------------------
@@ -77,6 +79,8 @@ class Checker:
 
     def accepts(self, type_str: str, value: Any) -> bool:
         value = _unwrap(value)
+        if isinstance(value, Poison):
+            return True  # the violation that made it is already reported
         t = type_str.strip()
         if t.startswith(("typing.Optional[", "Optional[")) and t.endswith("]"):
             return value is None or self.accepts(t[t.index("[") + 1:-1], value)
@@ -111,6 +115,8 @@ class Checker:
         if cls is None:
             self.unchecked.add(t)
             return True
+        if value is None:  # pybind11 passes None as nullptr to pointer parameters; value types refuse it
+            return not issubclass(cls, self.real.Dims)
         if isinstance(value, InstanceProxy):
             return issubclass(value._cls, cls)
         if isinstance(value, cls):
