@@ -153,15 +153,18 @@ FP16_FLAG = ("    config.hardware_compatibility_level = level\n",
 
 def test_catches_a_removed_builder_precision_flag_in_the_real_build_path():
     new = mutated(NEWEST, *FP16_FLAG)
-    assert f"BuilderFlag.FP16 does not exist in TensorRT {NEWEST}" in whats(new)
-    assert all(v["where"].startswith("mutated_api.py:") for v in new["violations"])
+    assert whats(new) == [f"BuilderFlag.FP16 does not exist in TensorRT {NEWEST}"]
+    inserted = line_of("config.hardware_compatibility_level = level") + 1
+    assert new["violations"][0]["where"] == f"mutated_api.py:{inserted}"
     assert mutated(OLDEST, *FP16_FLAG)["violations"] == []  # still there in 10.3: the check is per version
 
 
 def test_catches_a_removed_calibrator_attribute():
-    rep = mutated(NEWEST, "    config.hardware_compatibility_level = level\n",
+    calibrator = ("    config.hardware_compatibility_level = level\n",
                   "    config.hardware_compatibility_level = level\n    config.int8_calibrator = None\n")
-    assert any(w.startswith("IBuilderConfig.int8_calibrator does not exist in TensorRT 11") for w in whats(rep))
+    assert whats(mutated(NEWEST, *calibrator)) == [
+        f"IBuilderConfig.int8_calibrator does not exist in TensorRT {NEWEST} (assigned None)"]
+    assert mutated(OLDEST, *calibrator)["violations"] == []  # valid on 10.3 (None clears the calibrator)
 
 
 def test_catches_an_enum_name_that_is_a_method_in_10_3():
