@@ -35,13 +35,18 @@ def bench(
 
     Example: mmopt bench build/ --baseline main-report.json --batch 1,8
     """
+    run_and_print(bundle, out, baseline=baseline, max_latency_regression=parse_fraction(max_latency_regression),
+                  backends=backend, batches=parse_batches(batch), threads=threads, repeats=repeats, warmup=warmup,
+                  inputs=inputs, config=config)
+
+
+def run_and_print(bundle: Path, out: Path, **options: Any) -> None:
+    """Bench, print the table and where the reports are, then exit 1 if a gate failed (also for `mmopt demo`)."""
     from mmopt import api
     from mmopt.cli import console
     from mmopt.progress import RichProgress
 
-    result = api.bench(bundle, out, baseline, parse_fraction(max_latency_regression), backend,
-                       parse_batches(batch), threads, repeats, warmup, inputs, config, check=False,
-                       progress=RichProgress(console))
+    result = api.bench(bundle, out, check=False, progress=RichProgress(console), **options)
     print_result(result.report, result.files)
     result.raise_for_gates()
 
