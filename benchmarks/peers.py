@@ -126,7 +126,7 @@ def bench_model(name: str, config: Path, args: argparse.Namespace) -> dict[str, 
     spec = load_spec(config)
     model = build_model(spec)
     split = capture_split(model, spec)
-    result: dict[str, Any] = {"config": str(config.relative_to(ROOT)), "paths": {}, "skipped": {}, "batches": {}}
+    result: dict[str, Any] = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config), "paths": {}, "skipped": {}, "batches": {}}
     t = time.perf_counter()
     bundle = api.export(config, work / "bundle").bundle
     result["export_seconds"] = round(time.perf_counter() - t, 1)

@@ -174,3 +174,55 @@ def test_bad_options_exit_2(toy_bundle, tmp_path, args, message):
     assert isinstance(result.exception, MmoptError) and result.exception.exit_code == 2
     assert message in str(result.exception)
     assert not (tmp_path / "rep").exists()
+
+
+DATA = '''
+import numpy as np
+import torch
+
+
+def _inputs(rng, n, seq):
+    mask = np.arange(seq)[None] < rng.integers(seq // 2 + 1, seq + 1, (n, 1))
+    return {"pixel_values": rng.standard_normal((n, 3, 16, 16)).astype(np.float32),
+            "input_ids": rng.integers(0, 50, (n, seq)), "attention_mask": mask}
+
+
+def evaluation():
+    """Labels are the eager model's own answers, so eager scores 1.0 and artifacts score their agreement."""
+    from toy import build
+
+    model, rng = build(), np.random.default_rng(0)
+    for seq in (6, 9):
+        x = _inputs(rng, 40, seq)
+        with torch.no_grad():
+            labels = model(**{k: torch.from_numpy(v) for k, v in x.items()}).argmax(-1).numpy()
+        yield x, labels
+
+
+def calibration():
+    rng = np.random.default_rng(1)
+    for _ in range(2):
+        yield _inputs(rng, 16, 8)
+'''
+
+
+def test_task_score_and_user_data(toy_dir, tmp_path):
+    """[evaluation] data: every variant gets a task score and parity on that data; --inputs evaluation
+    times on the same data (re-cut to the exported batch range: 40-row batches become 32 + 8)."""
+    (toy_dir.dir / "toydata.py").write_text(DATA)
+    cfg = toy_dir(extra='[evaluation]\nsource = "toydata:evaluation"\noutput = "output"\n'
+                        '[calibration]\nsource = "toydata:calibration"\n')
+    from mmopt.api import export
+
+    export(cfg, tmp_path / "bundle")
+    r = bench(tmp_path / "bundle", tmp_path / "rep", inputs="evaluation", batches=[4], repeats=2, warmup=0).report
+    eager, ort = r["variants"][0], r["variants"][1]
+    assert eager["task"] == {"metric": "accuracy", "output": "output", "samples": 80, "score": 1.0}
+    assert ort["task"]["score"] == 1.0 and ort["parity"]["pipeline"]["failed"] == 0
+    data = [c for c in ort["checks"] if c["where"] == "pipeline@data"]
+    assert [c["shape"] for c in data] == [[80, 5]]
+    assert r["settings"]["inputs"] == "evaluation"
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "### Task score (accuracy of `output`, 80 samples)" in md
+    r2 = bench(tmp_path / "bundle", None, inputs="calibration", batches=[32], repeats=1, warmup=0).report
+    assert {x["batch"] for x in r2["latency"]} == {32}  # 16-row calibration batch tiled to 32

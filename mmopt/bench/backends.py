@@ -53,10 +53,13 @@ def unavailable(backend: str, manifest: Manifest) -> str | None:
             import mmopt.runners.tensorrt  # noqa: F401
         except ModuleNotFoundError as e:
             return f"the TensorRT runner cannot be imported ({e.name} is not installed)"
+        from mmopt.trt import api as trt_api
+        from mmopt.trt.errors import TensorRTUnavailable
+
         try:
-            import tensorrt  # noqa: F401
-        except Exception as e:
-            return f"the TensorRT libraries are not installed ({type(e).__name__})"
+            trt_api.load()
+        except TensorRTUnavailable as e:
+            return getattr(e, "reason", None) or str(e).splitlines()[0]
         if not gpu_present():
             return "no NVIDIA GPU is visible"
         if not any(a.stage == "engine" for a in manifest.artifacts):
