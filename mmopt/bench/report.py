@@ -151,7 +151,7 @@ def png_bytes(report: dict[str, Any]) -> bytes:
 
 def plot(report: dict[str, Any]) -> Canvas:
     """Left: pipeline latency vs accuracy (or parity error) per variant. Right: latency by batch size."""
-    c = Canvas(1500, 640)
+    c = Canvas(1500, 650)
     ids = [v["id"] for v in report["variants"]]
     color = {vid: PALETTE[i % len(PALETTE)] for i, vid in enumerate(ids)}
     gates = report.get("gates", {}).get("passed")
@@ -160,13 +160,13 @@ def plot(report: dict[str, Any]) -> Canvas:
            anchor="center", scale=3)
     _scatter(c, report, color, (130, 110, 680, 500))
     _by_batch(c, report, color, (890, 110, 1440, 500))
-    x = 130  # legend
+    x, y = 130, 588  # legend, wrapping onto a second line when needed
     for vid in ids:
         w = text_width(vid) + 50
         if x + w > 1480:
-            break
-        c.disc(x + 8, 600, 7, color[vid])
-        c.text(x + 22, 593, vid)
+            x, y = 130, y + 26
+        c.disc(x + 8, y + 7, 7, color[vid])
+        c.text(x + 22, y, vid)
         x += w
     return c
 
@@ -192,10 +192,17 @@ def _scatter(c: Canvas, report: dict[str, Any], color: dict[str, tuple], box: tu
     yt = log_ticks(*ylim) if ylog else nice_ticks(*ylim)
     ax.frame(f"pipeline latency vs {'accuracy' if tasks else 'parity'}, batch {b}", "p50 latency (ms)", ylabel,
              nice_ticks(*xlim), [t for t in yt if ylim[0] <= t <= ylim[1]])
-    for x, y, k in pts:
+    placed: list[tuple[float, float]] = []
+    for x, y, k in sorted(pts, key=lambda p: (p[0], p[1])):
         px, py = ax.xy(x, y)
         c.disc(px, py, 8, color[k])
-        c.text(px + 12, py - 18, k + (" (reference)" if k == "eager" else ""), color[k])
+        label = k + (" (reference)" if k == "eager" else "")
+        ly = py - 18
+        while any(abs(ly - qy) < 18 and abs(px - qx) < text_width(label) for qx, qy in placed):
+            ly += 18  # stack labels of nearby points instead of overprinting them
+        placed.append((px, ly))
+        lx = px + 12 if px + 12 + text_width(label) < box[2] + 60 else px - 12 - text_width(label)
+        c.text(lx, ly, label, color[k])
 
 
 def _by_batch(c: Canvas, report: dict[str, Any], color: dict[str, tuple], box: tuple[int, int, int, int]) -> None:
@@ -208,7 +215,7 @@ def _by_batch(c: Canvas, report: dict[str, Any], color: dict[str, tuple], box: t
     ylim = span(vals, ylog) if ylog else (0.0, span(vals, False)[1])
     xlog = len(batches) > 1 and batches[-1] / max(batches[0], 1) > 4
     xlim = span([max(b, 1) for b in batches], xlog, pad=0.06)
-    ax = Axes(c, box, xlim, ylim, xlog=xlog)
+    ax = Axes(c, box, xlim, ylim, xlog=xlog, ylog=ylog)
     yt = log_ticks(*ylim) if ylog else nice_ticks(*ylim)
     ax.frame("pipeline p50 latency by batch size", "batch size", "p50 latency (ms" + (", log)" if ylog else ")"),
              [max(b, 1) for b in batches], [t for t in yt if ylim[0] <= t <= ylim[1]],
