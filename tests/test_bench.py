@@ -116,6 +116,7 @@ def test_same_baseline_passes_side_by_side(toy_report):
     report = copy.deepcopy(toy_report.report)
     report["baseline"] = gates.compare(report, toy_report.report, "same.json", 0.10)
     assert all(r["change"] == 0 and not r["regressed"] for r in report["baseline"]["rows"])
+    assert report["baseline"]["unmatched"] == {"only_in_baseline": 0, "only_in_this_run": 0}
     assert gates.evaluate(report, None)["passed"]
 
 

@@ -162,7 +162,11 @@ def open_variant(v: Variant, bundle: Path, model: torch.nn.Module, split: Split,
             if v.backend == "onnxruntime":
                 from mmopt.runners.onnxrt import OnnxRuntimeRunner
 
-                r: Runner = OnnxRuntimeRunner(bundle / a.file, cs.inputs, cs.outputs, v.device, threads, name=c)
+                # Idle ORT pool threads spin by default; interleaved with PyTorch (and with the other
+                # components' pools) that steals the cores the next runner needs, so bench turns it off.
+                spin = {"session.intra_op.allow_spinning": "0"} if (threads or 0) > 1 else {}
+                r: Runner = OnnxRuntimeRunner(bundle / a.file, cs.inputs, cs.outputs, v.device, threads, name=c,
+                                              config=spin)
             else:
                 from mmopt.runners.tensorrt import TensorRTRunner
 

@@ -63,6 +63,8 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], path: str | Path, 
                      "baseline_ratio_vs_eager": b.get("ratio_vs_eager"), "ratio_vs_eager": r.get("ratio_vs_eager"),
                      "gated": r["graph"] == "pipeline",
                      "regressed": r["graph"] == "pipeline" and change > max_regression})
+    now = {_key(r) for r in report["latency"]}
+    unmatched = {"only_in_baseline": len(set(old) - now), "only_in_this_run": len(now - set(old))}
     old_tasks = {v["id"]: v.get("task") for v in baseline.get("variants", [])}
     tasks = [{"variant": v["id"], "baseline_score": (old_tasks.get(v["id"]) or {}).get("score"),
               "score": v["task"]["score"]} for v in report["variants"] if v.get("task")]
@@ -70,7 +72,7 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], path: str | Path, 
                    {k: report["machine"].get(k) for k in ("cpus", "gpu", "processor", "platform")}
     return {"path": str(path), "created": baseline.get("created"), "max_latency_regression": max_regression,
             "same_machine": same_machine, "same_artifacts": baseline["bundle"].get("artifacts") ==
-            report["bundle"]["artifacts"], "rows": rows, "tasks": tasks,
+            report["bundle"]["artifacts"], "unmatched": unmatched, "rows": rows, "tasks": tasks,
             "baseline_threads": baseline.get("settings", {}).get("threads")}
 
 

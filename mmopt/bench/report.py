@@ -122,6 +122,10 @@ def markdown(report: dict[str, Any], png_name: str | None = "report.png") -> str
                    f"+{base['max_latency_regression']:.0%})\n")
         if not base["same_machine"]:
             out.append("- note: the baseline was recorded on a different machine; absolute times may not compare.")
+        if any(base.get("unmatched", {}).values()):
+            u = base["unmatched"]
+            out.append(f"- note: {u['only_in_baseline']} baseline row(s) have no counterpart here and "
+                       f"{u['only_in_this_run']} row(s) here are new (other variants or batch sizes): not compared.")
         if base.get("baseline_threads") not in (None, s["threads"]):
             out.append(f"- note: the baseline ran with {base['baseline_threads']} thread(s), this run with "
                        f"{s['threads']}.")

@@ -90,18 +90,20 @@ def print_result(report: dict[str, Any], files: dict[str, Path]) -> None:
 
 
 def bench_table(report: dict[str, Any]) -> Table:
+    from rich import box
+
     t = Table(title=f"bench: pipeline latency (ms, {report['settings']['threads']} thread(s)) and parity vs eager",
-              title_justify="left")
-    for col in ("variant", "batch", "p50", "p90", "p99", "samples/s", "vs eager", "parity", "score"):
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("variant", "batch", "p50", "p90", "samp/s", "×eager", "parity", "score"):
         t.add_column(col, justify="left" if col in ("variant", "parity") else "right", no_wrap=col == "variant")
     by_id = {v["id"]: v for v in report["variants"]}
     for r in report["latency"]:
         if r["graph"] != "pipeline":
             continue
         v = by_id[r["variant"]]
-        parity = "reference" if v["backend"] == "eager" and v["device"] == "cpu" else \
+        parity = "ref" if v["backend"] == "eager" and v["device"] == "cpu" else \
             ("[green]pass[/]" if not v["failed"] else f"[red]{v['failed']} failed[/]")
         score = f"{v['task']['score']:.4f}" if v.get("task") and v["task"]["score"] is not None else "-"
-        t.add_row(r["variant"], str(r["batch"]), f"{r['p50']:.3f}", f"{r['p90']:.3f}", f"{r['p99']:.3f}",
+        t.add_row(r["variant"], str(r["batch"]), f"{r['p50']:.3f}", f"{r['p90']:.3f}",
                   f"{r['throughput']:.0f}", f"{r['ratio_vs_eager']:.2f}x", parity, score)
     return t

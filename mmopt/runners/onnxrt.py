@@ -24,9 +24,10 @@ class OnnxRuntimeRunner(Runner):
 
     def __init__(self, path: str | Path, inputs: list[TensorSpec] | tuple[TensorSpec, ...],
                  outputs: list[TensorSpec] | tuple[TensorSpec, ...], device: str = "cpu",
-                 threads: int | None = None, name: str | None = None):
+                 threads: int | None = None, name: str | None = None, config: dict[str, str] | None = None):
         super().__init__(name or Path(path).stem, inputs, outputs)
         self.path, self.device, self.threads = Path(path), device, threads
+        self.config = dict(config or {})  # session config entries, e.g. {"session.intra_op.allow_spinning": "0"}
         if device not in PROVIDERS:
             raise BackendUnavailable(f"unknown onnxruntime device '{device}'; use one of {', '.join(PROVIDERS)}.")
         self.session = None
@@ -44,6 +45,8 @@ class OnnxRuntimeRunner(Runner):
         if self.threads:
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
+        for key, value in self.config.items():
+            so.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(self.path), so, providers=[PROVIDERS[self.device]])
         self._out_names = [o.name for o in self.session.get_outputs()]
         # InferenceSession.run re-validates input names in Python on every call; the base class has
