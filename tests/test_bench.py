@@ -227,3 +227,31 @@ def test_task_score_and_user_data(toy_dir, tmp_path):
     assert "### Task score (accuracy of `output`, 80 samples)" in md
     r2 = bench(tmp_path / "bundle", None, inputs="calibration", batches=[32], repeats=1, warmup=0).report
     assert {x["batch"] for x in r2["latency"]} == {32}  # 16-row calibration batch tiled to 32
+
+
+def test_every_precision_in_the_bundle_is_benched(toy_bundle, tmp_path):
+    """fp16 / int8-dynamic artifacts beside the fp32 ones (as the precision stage writes them) each become
+    a variant judged by its own precision's tolerance; a component without one keeps its fp32 graph."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    b = tmp_path / "bundle"
+    shutil.copytree(toy_bundle.bundle, b)
+    m = Manifest.read(b)
+    for comp in m.components:
+        src = onnx.load(str(b / f"{comp}.onnx"))
+        onnx.save(convert_float_to_float16(src, keep_io_types=True), str(b / f"{comp}.fp16.onnx"))
+        m.add(b, comp, "precision", "fp16", f"{comp}.fp16.onnx", parent=f"{comp}/export/fp32")
+    quantize_dynamic(str(b / "text.onnx"), str(b / "text.int8-dynamic.onnx"), weight_type=QuantType.QInt8)
+    m.add(b, "text", "precision", "int8-dynamic", "text.int8-dynamic.onnx", parent="text/export/fp32")
+    m.write(b)
+    r = bench(b, None, batches=[8], repeats=2, warmup=0).report
+    by_id = {v["id"]: v for v in r["variants"]}
+    assert list(by_id) == ["eager", "onnxruntime/fp32", "onnxruntime/fp16", "onnxruntime/int8-dynamic"]
+    assert by_id["onnxruntime/fp16"]["artifacts"] == {c: f"{c}/precision/fp16" for c in m.components}
+    assert by_id["onnxruntime/int8-dynamic"]["artifacts"] == {"image": "image/export/fp32",
+                                                              "text": "text/precision/int8-dynamic",
+                                                              "fusion": "fusion/export/fp32"}
+    fp16 = by_id["onnxruntime/fp16"]
+    assert fp16["failed"] == 0 and fp16["parity"]["pipeline"]["max_abs"] > 1e-6  # really ran in fp16
+    assert {x["variant"] for x in r["latency"]} == set(by_id)
