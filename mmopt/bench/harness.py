@@ -142,15 +142,35 @@ def task_scores(opened: list[Opened], spec: ModelSpec, max_batch: int, samples: 
 
 
 def _sync(device: str):
-    return torch.cuda.synchronize if device == "cuda" else None
+    # Runners that hand back numpy arrays have already waited for the device; the explicit sync guards
+    # the clock against queued work where torch can see the GPU (a CPU-only torch cannot, and need not).
+    return torch.cuda.synchronize if device == "cuda" and torch.cuda.is_available() else None
+
+
+def _eager_device_ms(o: Opened, feeds: dict[str, np.ndarray], maker: InputMaker, repeats: int) -> float:
+    """GPU time of eager's forward alone (CUDA events, inputs already on the device): the pipeline figure
+    minus copies and host overhead."""
+    from mmopt.runners.eager import to_torch
+
+    runner = o.whole_runner
+    tensors = to_torch(feeds, {t.name: t for t in maker.split.model_inputs}, "cuda")
+
+    def forward() -> None:
+        with torch.inference_mode():
+            runner.forward(tensors)  # type: ignore[union-attr]
+    return float(np.median(latency.cuda_event_ms(forward, repeats)))
 
 
 def sweep(opened: list[Opened], maker: InputMaker, batches: list[int], comps: list[str], repeats: int,
           warmup: int, budget_s: float | None, progress: Progress) -> list[dict[str, Any]]:
     """Latency rows: every batch size x (each component, pipeline) x variant, interleaved per device group."""
     rows: list[dict[str, Any]] = []
-    groups = [[o for o in opened if o.variant.device == dev] for dev in ("cpu", "cuda")]
-    groups = [g for g in groups if g]
+    # Each device group is timed interleaved against its own eager reference; without eager-cuda the GPU
+    # variants join the CPU group, so their ratio is against eager on the CPU (named in each row).
+    if any(o.variant.id == "eager-cuda" for o in opened):
+        groups = [[o for o in opened if o.variant.device == dev] for dev in ("cpu", "cuda")]
+    else:
+        groups = [list(opened)]
     with progress.task("latency sweep", len(batches) * (len(comps) + 1) * len(groups)) as advance:
         for b in batches:
             feeds = maker.feeds(b)
@@ -166,8 +186,8 @@ def sweep(opened: list[Opened], maker: InputMaker, batches: list[int], comps: li
                             r, f = o.components[graph], feeds.components[graph]
                             timed[o.variant.id] = latency.Timed(lambda r=r, f=f: r.infer(f, check=False), n,
                                                                 _sync(o.variant.device))
-                    device = group[0].variant.device
-                    if device == "cuda" and graph == "pipeline":
+                    if any(o.variant.device == "cuda" for o in group) and graph == "pipeline" \
+                            and torch.cuda.is_available():
                         from mmopt.runners.eager import to_torch
 
                         specs = {t.name: t for t in maker.split.model_inputs}
@@ -176,11 +196,14 @@ def sweep(opened: list[Opened], maker: InputMaker, batches: list[int], comps: li
                     ref = group[0].variant.id
                     for o in group:
                         vid = o.variant.id
-                        row = {"variant": vid, "graph": graph, "batch": n, "device": device,
+                        row = {"variant": vid, "graph": graph, "batch": n, "device": o.variant.device,
                                **latency.stats(samples[vid], n).to_json(),
-                               "ratio_vs_eager": round(latency.paired_ratio(samples[vid], samples[ref]), 4)}
-                        if "h2d" in samples:
+                               "ratio_vs_eager": round(latency.paired_ratio(samples[vid], samples[ref]), 4),
+                               "ratio_reference": ref}
+                        if "h2d" in samples and o.variant.device == "cuda":
                             row["h2d_ms"] = round(latency.stats(samples["h2d"], n).p50, 6)
+                        if graph == "pipeline" and vid == "eager-cuda":
+                            row["device_p50_ms"] = round(_eager_device_ms(o, feeds.model, maker, repeats), 6)
                         rows.append(row)
                     advance(1)
     return rows

@@ -18,6 +18,7 @@ def test_eager_cuda_group_reports_copies_and_device_memory(toy_bundle, tmp_path)
     r = result.report
     cuda = [x for x in r["latency"] if x["device"] == "cuda" and x["graph"] == "pipeline"]
     assert cuda and all("h2d_ms" in x and x["h2d_ms"] > 0 for x in cuda)
+    assert all(0 < x["device_p50_ms"] for x in cuda)  # CUDA-event time of the forward alone
     assert {x["variant"] for x in cuda} == {"eager-cuda"} and all(x["ratio_vs_eager"] == 1.0 for x in cuda)
     v = next(v for v in r["variants"] if v["id"] == "eager-cuda")
     assert v["failed"] == 0 and "gpu_used_delta_mb" in v["memory"]
