@@ -256,6 +256,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/mmopt-peers")
     p.add_argument("--optimum-python", default="/tmp/optimum-venv/bin/python")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers.json"))
+    p.add_argument("--merge", action="store_true", help="keep the other models already in --out")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     configs = dict(MODELS, **dict(c.split("=", 1) for c in args.config))
@@ -265,9 +266,12 @@ def main() -> None:
                                                                          "warmup": args.warmup,
                                                                          "batches": args.batches},
                               "models": {}}
+    if args.merge and Path(args.out).exists():
+        report["models"] = json.loads(Path(args.out).read_text())["models"]
     for name in args.models.split(","):
         print(f"== {name}", flush=True)
         report["models"][name] = bench_model(name, Path(configs[name]).resolve(), args)
+        report["models"][name].update(measured=report["created"], settings=dict(report["settings"]))
         for b, rows in report["models"][name]["batches"].items():
             for k, r in rows.items():
                 if "p50_ms" in r:
