@@ -62,4 +62,4 @@ def demo(
 
     Needs no input: the model code, its trained checkpoint and mmopt.toml ship inside mmopt.
     """
-    export(DEMO_CONFIG, out, trust_checkpoint=False)
+    export(DEMO_CONFIG, out, trust_checkpoint=False, engine=False)
