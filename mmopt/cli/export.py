@@ -63,7 +63,7 @@ def demo(
     Needs no input: the model code, its trained checkpoint and mmopt.toml ship inside mmopt.
     Ends with `mmopt bench` on the bundle (reports beside it in OUT-bench/).
     """
-    export(DEMO_CONFIG, out, trust_checkpoint=False)
+    export(DEMO_CONFIG, out, trust_checkpoint=False, engine=False)
     from mmopt.cli.bench import run_and_print
 
     run_and_print(out, out.with_name(out.name + "-bench"), batches=[1, 8], repeats=20)
