@@ -220,6 +220,7 @@ def test_task_score_and_user_data(toy_dir, tmp_path):
     eager, ort = r["variants"][0], r["variants"][1]
     assert eager["task"] == {"metric": "accuracy", "output": "output", "samples": 80, "score": 1.0}
     assert ort["task"]["score"] == 1.0 and ort["parity"]["pipeline"]["failed"] == 0
+    assert ort["parity"]["pipeline"]["outputs"] == 3 and ort["parity"]["pipeline on data"]["outputs"] == 1
     data = [c for c in ort["checks"] if c["where"] == "pipeline@data"]
     assert [c["shape"] for c in data] == [[80, 5]]
     assert r["settings"]["inputs"] == "evaluation"

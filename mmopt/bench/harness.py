@@ -275,7 +275,8 @@ def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int
                 entry["task"] = scores[entry["id"]]
                 extra = data_checks.get(entry["id"], [])
                 entry["checks"] += [c.to_json() for c in extra]
-                entry["parity"].update(summarise(extra))
+                if extra:  # its own row: the shapes of real data, beside the random min / opt / max checks
+                    entry["parity"]["pipeline on data"] = summarise(extra)["pipeline"]
                 entry["failed"] += sum(bool(c.failed) for c in extra)
         report["latency"] = sweep(opened, maker, sizes, list(split.components), repeats, warmup, budget_s, progress)
     report["memory"]["rss_peak_mb"] = round(peak_rss_mb(), 1)

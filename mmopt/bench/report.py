@@ -159,9 +159,9 @@ def plot(report: dict[str, Any]) -> Canvas:
     ids = [v["id"] for v in report["variants"]]
     color = {vid: PALETTE[i % len(PALETTE)] for i, vid in enumerate(ids)}
     gates = report.get("gates", {}).get("passed")
-    c.text(750, 12, f"mmopt bench: {report['bundle']['factory']}  ({report['settings']['threads']} thread(s); "
-           f"gates {'passed' if gates else 'FAILED' if gates is False else 'not evaluated'})",
-           anchor="center", scale=3)
+    title = (f"mmopt bench: {report['bundle']['factory']}  ({report['settings']['threads']} thread(s); "
+             f"gates {'passed' if gates else 'FAILED' if gates is False else 'not evaluated'})")
+    c.text(750, 12, title, anchor="center", scale=3 if text_width(title, 3) < 1480 else 2)
     _scatter(c, report, color, (130, 110, 680, 500))
     _by_batch(c, report, color, (890, 110, 1440, 500))
     x, y = 130, 588  # legend, wrapping onto a second line when needed
@@ -192,20 +192,24 @@ def _scatter(c: Canvas, report: dict[str, Any], color: dict[str, tuple], box: tu
     xlim = span([0.0] + [p[0] for p in pts], False)
     xlim = (0.0, xlim[1])
     ylim = span([p[1] for p in pts], ylog, pad=0.15)
+    if tasks:  # an accuracy axis stops at 1 and shows at least a few points of range
+        lo = min(ylim[0], min(p[1] for p in pts) - 0.02)
+        ylim = (max(lo, 0.0), min(max(ylim[1], max(p[1] for p in pts) + 0.005), 1.0))
     ax = Axes(c, box, xlim, ylim, ylog=ylog)
     yt = log_ticks(*ylim) if ylog else nice_ticks(*ylim)
     ax.frame(f"pipeline latency vs {'accuracy' if tasks else 'parity'}, batch {b}", "p50 latency (ms)", ylabel,
              nice_ticks(*xlim), [t for t in yt if ylim[0] <= t <= ylim[1]])
-    placed: list[tuple[float, float]] = []
+    placed: list[tuple[float, float, int]] = []
     for x, y, k in sorted(pts, key=lambda p: (p[0], p[1])):
         px, py = ax.xy(x, y)
         c.disc(px, py, 8, color[k])
         label = k + (" (reference)" if k == "eager" else "")
+        w = text_width(label)
+        lx = px + 12 if px + 12 + w < box[2] + 60 else px - 12 - w
         ly = py - 18
-        while any(abs(ly - qy) < 18 and abs(px - qx) < text_width(label) for qx, qy in placed):
+        while any(abs(ly - qy) < 18 and lx < qx + qw and qx < lx + w for qx, qy, qw in placed):
             ly += 18  # stack labels of nearby points instead of overprinting them
-        placed.append((px, ly))
-        lx = px + 12 if px + 12 + text_width(label) < box[2] + 60 else px - 12 - text_width(label)
+        placed.append((lx, ly, w))
         c.text(lx, ly, label, color[k])
 
 
