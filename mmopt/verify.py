@@ -25,8 +25,14 @@ def eager_io(model: torch.nn.Module, spec: ModelSpec, split: Split, size: str, s
              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[dict, dict]]]:
     """Model inputs, model outputs and each component's (inputs, outputs) at the declared ``size``."""
     shapes = {n: spec.input_shape(n, size) for n in spec.inputs}
+    return observed_io(model, spec, split, random_inputs(spec, shapes, seed), size)
+
+
+def observed_io(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: dict[str, torch.Tensor],
+                label: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[dict, dict]]]:
+    """Like ``eager_io`` for given full-model ``inputs`` (e.g. real calibration data)."""
     modules = {c: s.module for c, s in split.components.items() if s.module}
-    run = observe(model, spec, random_inputs(spec, shapes, seed), size, modules)
+    run = observe(model, spec, inputs, label, modules)
     values: dict[str, Any] = {f"input:{n}": t for n, t in run.inputs.items()}
     for comp, call in run.calls.items():
         values.update({f"{comp}:{n}": leaf for n, leaf in call.outputs})
