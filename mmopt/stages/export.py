@@ -58,7 +58,7 @@ class RemainderWrapper(torch.nn.Module):
         self.run_inputs = run.inputs  # model inputs the remainder does not read: constants, dead code
         self.out_calls = {c: run.calls[c] for c in encoders}
         self.out_names = [t.name for t in self.fusion.outputs]
-        names, _ = zip(*_named_outputs(run, split))
+        names = [n for n, _ in run.outputs]
         self.out_index = [names.index(n) for n in self.out_names]
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -72,10 +72,6 @@ class RemainderWrapper(torch.nn.Module):
         with stubbed(self.model, self.encoders, slot):
             flat = pytree.tree_leaves(self.model(**kwargs))
         return tuple(flat[i] for i in self.out_index)
-
-
-def _named_outputs(run: Run, split: Split) -> list[tuple[str, Any]]:
-    return run.outputs
 
 
 def _example_size(comp: ComponentSpec) -> str:
