@@ -229,9 +229,8 @@ def quantize(bundle: str | Path, spec: ModelSpec, model: Any, split: Any,
                               "Nothing was written. Exclude the worst nodes ([precision.exclude], see the "
                               "sensitivity report of a passing run), keep a component at higher precision, or "
                               "loosen the gate under [tolerance.<precision>].")
-            rows = summarise(result.checks)
-            for where, row in rows.items():
-                row["precision"] = policy.get(where, label)
+            rows = {where: {**row, "precision": policy.get(where, label)}
+                    for where, row in summarise(result.checks).items() if policy.get(where) != "fp32"}
             manifest.results.setdefault("parity", {})[parity_key(policy)] = rows
             if spec.evaluation is not None:
                 result.accuracy = _score(spec, model, split, tmp, manifest, pipe, label, Path(scratch))
