@@ -74,6 +74,20 @@ def plan_islands(proto: onnx.ModelProto, floats: dict[str, str], top: dict[str, 
     return islands
 
 
+def legalise(proto: onnx.ModelProto, islands: dict[str, str]) -> dict[str, str]:
+    """Islands plus the fp16 Transposes feeding an fp32 MatMul / Gemm: onnxruntime 1.32's CPU optimiser
+    (MatmulTransposeFusion + NchwcTransformer) crashes on Transpose(fp16) -> Cast -> MatMul(fp32)."""
+    made = graph.producers(proto.graph)
+    out = dict(islands)
+    for node in proto.graph.node:
+        if node.name in out and node.op_type in ("MatMul", "Gemm"):
+            for name in node.input:
+                src = made.get(name)
+                if src is not None and src.op_type == "Transpose" and src.name not in out:
+                    out[src.name] = f"joins the fp32 {node.op_type} it feeds (onnxruntime CPU crash on the mixed pattern)"
+    return out
+
+
 def convert(proto: onnx.ModelProto, block: dict[str, str] | set[str]) -> onnx.ModelProto:
     """onnxruntime's fp16 converter (fp32 graph inputs / outputs kept), then islands joined."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -152,9 +166,6 @@ def emulate(proto: onnx.ModelProto) -> onnx.ModelProto:
 def check(proto: onnx.ModelProto, cases: list[tuple[dict, dict]], tolerance: dict[str, float],
           where: str) -> list[Check]:
     """Parity of the (emulated) fp16 graph against the references of each (feeds, refs) case."""
-    import onnxruntime as ort
-
-    ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])  # the artifact loads
     sess = ranges.session(emulate(proto), [])
     checks = []
     for i, (feeds, refs) in enumerate(cases):
@@ -179,8 +190,13 @@ def added_error(proto: onnx.ModelProto, fp16: onnx.ModelProto, floats: dict[str,
     of its inputs, both against the fp32 graph on ``feeds``."""
     names = [t for t in floats if floats[t]]
     ref = ranges.run_all(ranges.session(proto, names), feeds)
-    got = ranges.run_all(ranges.session(emulate(fp16), names), feeds)
-    err = {t: _rel(got[t], ref[t]) for t in names if t in got}
+    have = set(graph.producers(fp16.graph))
+    # A blocked node's fp32 output is renamed '<name>_cast_to_fp16' by the converter; its fp16 copy
+    # under the old name is gone when only fp32 nodes read it.
+    alias = {t: t if t in have else f"{t}_cast_to_fp16" for t in names}
+    alias = {t: a for t, a in alias.items() if a in have}
+    got = ranges.run_all(ranges.session(emulate(fp16), list(alias.values())), feeds)
+    err = {t: _rel(got[a], ref[t]) for t, a in alias.items()}
     out = []
     by_name = {n.name: n for n in proto.graph.node}
     for name in candidates:
@@ -204,11 +220,13 @@ def to_fp16(proto: onnx.ModelProto, stats_feeds: list[dict[str, np.ndarray]], ca
     computing = [n.name for n in proto.graph.node if any(floats.get(o) for o in n.output)]
     rounds, step = [], 1
     while True:
+        islands = legalise(proto, islands)
         fp16 = convert(proto, islands)
         checks = check(fp16, cases, tolerance, component)
         failed = [c for c in checks if c.failed]
         rounds.append({"fp32_nodes": len(islands), "failed_outputs": len(failed)})
         if not failed or not widen:
+            loads_in_onnxruntime(fp16, component)
             return Fp16Result(fp16, islands, checks, rounds)
         left = [n for n in computing if n not in islands]
         if not left:
@@ -226,3 +244,22 @@ def to_fp16(proto: onnx.ModelProto, stats_feeds: list[dict[str, np.ndarray]], ca
             islands[name] = (f"widened in parity round {len(rounds)}: adds relative error "
                              f"{e:.2g}" if e is not None else f"widened in parity round {len(rounds)}")
         step *= 2
+
+
+def loads_in_onnxruntime(proto: onnx.ModelProto, component: str) -> None:
+    """Create a default (ENABLE_ALL) CPU session on the artifact in a child process: some mixed-precision
+    patterns crash onnxruntime's optimiser outright, which must be an error here, not a user's segfault."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mmopt-fp16-") as tmp:
+        path = f"{tmp}/graph.onnx"
+        onnx.save(proto, path)
+        code = ("import onnxruntime as o, sys; o.InferenceSession(sys.argv[1], "
+                "providers=['CPUExecutionProvider'])")
+        r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1][:300]
+        raise PrecisionError(f"component '{component}': onnxruntime cannot load the fp16 graph ({tail}). "
+                             f"Set {component} = \"fp32\" under [precision] and report the graph.")

@@ -104,7 +104,8 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
                             nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
                             calibration_cache_path=str(cache),
                             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                           "QuantizeBias": False})
+                                           "QuantizeBias": False, "DedicatedQDQPair": True,
+                                           "OpTypesToExcludeOutputQuantization": list(COMPUTE_OPS)})
         out = onnx.load(str(dst))
     used = check_scales(out, th)
     quantized = [n.name for n in out.graph.node if n.op_type in COMPUTE_OPS and _reads_dq(out, n)]

@@ -26,6 +26,7 @@ PERCENTILE = 99.99
 # Entropy and percentile need a populated histogram; a tensor seen in fewer values (pooled features
 # of a small calibration set) gets its absolute maximum instead, and the config says so.
 MIN_VALUES = 8 * BINS
+STRIDE = 4  # entropy tries every 4th bin as the threshold: at most 0.2% of the range off, 4x faster
 
 
 def float_tensors(proto: onnx.ModelProto) -> dict[str, str]:
@@ -109,33 +110,41 @@ def threshold(counts: np.ndarray, edges: np.ndarray, method: str, percentile: fl
 
 
 def _kl_bins(counts: np.ndarray) -> int:
-    """TensorRT's entropy calibration: the number of histogram bins ``i`` (threshold = edges[i]) whose
-    clipped distribution P (outliers folded into bin i-1) is best approximated, in KL divergence, by
-    its quantisation Q into ``LEVELS`` levels (mass spread evenly over each level's non-empty bins)."""
+    """TensorRT's entropy calibration (as published, and as MXNet implements it): the number of
+    histogram bins ``i`` (threshold = edges[i]) whose clipped distribution P (outliers folded into bin
+    i-1) is best approximated, in KL divergence, by its quantisation Q into ``LEVELS`` levels (each
+    level's mass spread evenly over its bins that are non-empty in P; zeros smoothed)."""
     hist = counts.astype(np.float64).copy()
-    hist[0] = hist[1] if len(hist) > 1 else hist[0]  # zeros (ReLU, padding) would dominate bin 0
+    hist[0] = hist[1]  # exact zeros (ReLU, padding) would dominate bin 0 and drag the threshold down
     n = len(hist)
     if n <= LEVELS:
         return n
     suffix = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # suffix[i] = sum(hist[i:])
     best, best_i = np.inf, n
-    for i in range(LEVELS, n + 1):
+    for i in [*range(LEVELS, n, STRIDE), n]:
         p = hist[:i].copy()
         p[-1] += suffix[i]
+        nonzero = p > 0
         group = (np.arange(i) * LEVELS) // i
-        nonzero = hist[:i] > 0
         mass = np.bincount(group, weights=hist[:i], minlength=LEVELS)
         count = np.bincount(group, weights=nonzero.astype(np.float64), minlength=LEVELS)
         q = np.where(nonzero, mass[group] / np.maximum(count[group], 1), 0.0)
-        ps, qs = p.sum(), q.sum()
-        if ps == 0 or qs == 0:
+        if not q.any():
             continue
-        p /= ps
-        q /= qs
-        m = p > 0
-        if np.any(q[m] == 0):
-            continue
-        kl = float(np.sum(p[m] * np.log(p[m] / q[m])))
-        if kl <= best:  # ties go to the larger threshold, as TensorRT does
+        kl = _kl(_smooth(p), _smooth(q))
+        if kl <= best:  # ties go to the larger threshold
             best, best_i = kl, i
     return best_i
+
+
+def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """Move a little mass onto the empty bins so that KL stays finite."""
+    zeros = p == 0
+    nz = p.size - int(zeros.sum())
+    return p + eps * zeros - (eps * zeros.sum() / nz) * ~zeros
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    p, q = p / p.sum(), q / q.sum()
+    m = p > 0
+    return float(np.sum(p[m] * np.log(p[m] / q[m])))
