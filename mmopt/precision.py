@@ -68,9 +68,9 @@ def resolve_policy(spec: ModelSpec, manifest: Manifest, override: dict[str, str]
     if unknown:
         raise ConfigError(f"{spec.path}: [precision] names {', '.join(unknown)}, which the bundle does not have. "
                           f"Components: {', '.join(comps)}.")
-    bad = [f"{c} = {p!r}" for c, p in asked.items() if p not in ORDER]
+    bad = [f"{c} = {p!r}" for c, p in asked.items() if p not in (*ORDER, "auto")]
     if bad:
-        raise ConfigError(f"{spec.path}: [precision] {', '.join(bad)}: use one of {', '.join(ORDER)}.")
+        raise ConfigError(f"{spec.path}: [precision] {', '.join(bad)}: use one of {', '.join(ORDER)} or auto.")
     policy = {c: asked.get(c, "fp32") for c in comps}
     if all(p == "fp32" for p in policy.values()):
         raise ConfigError(f"{spec.path}: [precision] converts nothing (every component is fp32). Add e.g.\n"
@@ -202,20 +202,36 @@ def quantize(bundle: str | Path, spec: ModelSpec, model: Any, split: Any,
     manifest = Manifest.read(bundle).verified(bundle)
     policy = resolve_policy(spec, manifest, precision)
     check_bundle_matches(manifest, spec, split, bundle)
-    converted = [c for c, p in policy.items() if p != "fp32"]
-    needs_cal = any(policy[c] in ("int8", "fp16") for c in converted)
+    needs_cal = any(p in ("int8", "fp16", "auto") for p in policy.values())
     cal = calibration.load(model, spec, split) if needs_cal and spec.calibration else None
-    if any(policy[c] == "int8" for c in converted) and cal is None:
+    if any(p in ("int8", "auto") for p in policy.values()) and cal is None:
         calibration.load(model, spec, split)  # raises the "add a [calibration] table" error
-    label = policy_label(policy)
-    result = QuantizeResult(bundle, manifest, policy, label, [])
+    cache: dict[tuple[str, str], tuple] = {}
+    result = QuantizeResult(bundle, manifest, policy, policy_label(policy), [])
     with staged_bundle(bundle, keep_existing=True) as tmp, tempfile.TemporaryDirectory() as scratch:
         files = {c: tmp / manifest.artifact(c, "fp32", stage="export").file for c in policy}
-        with progress.task("convert precision", len(converted)) as advance:
-            for comp in converted:
+
+        def converted(comp: str, prec: str) -> tuple:
+            if (comp, prec) not in cache:
+                parent = tmp / manifest.artifact(comp, "fp32", stage="export").file
+                cache[(comp, prec)] = convert_component(comp, prec, onnx.load(str(parent)), model, spec, split, cal)
+            return cache[(comp, prec)]
+
+        if "auto" in policy.values():
+            from mmopt import policy as search_policy
+
+            with progress.task("search precision policy", 1) as advance:
+                policy, table = search_policy.search(spec, model, split, policy, files, Path(scratch), cal,
+                                                     converted, judge, open_pipeline)
+                manifest.results["policy_search"] = table
+                advance(1)
+            result.policy, result.label = policy, policy_label(policy)
+        label = result.label
+        converted_comps = [c for c, p in policy.items() if p != "fp32"]
+        with progress.task("convert precision", len(converted_comps)) as advance:
+            for comp in converted_comps:
                 parent = manifest.artifact(comp, "fp32", stage="export")
-                proto, config, islands = convert_component(comp, policy[comp], onnx.load(str(tmp / parent.file)),
-                                                           model, spec, split, cal)
+                proto, config, islands = converted(comp, policy[comp])
                 files[comp] = tmp / artifact_file(comp, policy[comp])
                 _write(proto, files[comp])
                 manifest.add(tmp, comp, policy[comp], policy[comp], files[comp].name, parent=parent.id,
@@ -234,7 +250,7 @@ def quantize(bundle: str | Path, spec: ModelSpec, model: Any, split: Any,
             manifest.results.setdefault("parity", {})[parity_key(policy)] = rows
             if spec.evaluation is not None:
                 result.accuracy = _score(spec, model, split, tmp, manifest, pipe, label, Path(scratch))
-        if sensitivity and cal is not None and any(policy[c] == "int8" for c in converted):
+        if sensitivity and cal is not None and "int8" in policy.values():
             result.sensitivity = _sensitivity(split, tmp, manifest, policy, cal)
             manifest.results.setdefault("sensitivity", {}).update(result.sensitivity)
         result.seconds = time.perf_counter() - t0

@@ -46,6 +46,10 @@ def demo(
 ) -> None:
     """Run the whole flow on the embedded easy-VQA model (image CNN + text transformer + fusion).
 
-    Needs no input: the model code, its trained checkpoint and mmopt.toml ship inside mmopt.
+    Needs no input: the model code, its trained checkpoint and mmopt.toml ship inside mmopt. After the
+    fp32 export it converts the bundle to fp16 and to int8 and prints them side by side.
     """
+    from mmopt.cli import demo_precision
+
     export(DEMO_CONFIG, out, trust_checkpoint=False)
+    demo_precision.run(out)
