@@ -66,9 +66,10 @@ class Manifest:
 
     # ---- lookup by name -------------------------------------------------------------------
     def artifact(self, component: str, precision: str = "fp32", stage: str | None = None) -> Artifact:
-        """The newest artifact of ``component`` at ``precision`` (optionally of one stage)."""
+        """The newest ONNX artifact of ``component`` at ``precision``; ``stage="engine"`` (or another
+        stage name) selects that stage instead. Engines are never returned for a plain ONNX lookup."""
         found = [a for a in self.artifacts if a.component == component and a.precision == precision
-                 and (stage is None or a.stage == stage)]
+                 and (a.stage == stage if stage is not None else a.stage != "engine")]
         if not found:
             have = sorted({f"{a.component}/{a.precision}" for a in self.artifacts})
             raise BundleError(f"bundle has no {precision} artifact for component '{component}'"

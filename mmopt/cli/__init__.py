@@ -49,5 +49,8 @@ def main() -> None:
     try:
         app()
     except MmoptError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.text import Text
+
+        # The message is plain text: brackets such as mmopt[tensorrt] must not be read as markup.
+        err_console.print(Text("error: ", style="bold red") + Text(str(e)), highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

@@ -21,6 +21,10 @@ def export(
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="Allow a .pt checkpoint that needs pickled code. Only for files "
                                                "you trust: unpickling can run arbitrary code."),
+    engine: bool = typer.Option(False, "--engine",
+                                help="Also build TensorRT engines for every graph in the bundle (same as "
+                                     "`mmopt build OUT` afterwards). Needs TensorRT and an NVIDIA GPU: checked "
+                                     "before anything is exported."),
 ) -> None:
     """Export every encoder and the fusion head to ONNX, simplified and proven to match the eager model.
 
@@ -35,10 +39,20 @@ def export(
     from mmopt.cli import console
     from mmopt.progress import RichProgress
 
+    if engine:
+        from mmopt.trt import preflight
+
+        preflight()  # fail before a long export, not after it
     result = api.export(config, out, trust_checkpoint, progress=RichProgress(console))
     console.print(summary_table(result.manifest))
     console.print(parity_table(result.manifest.results["parity"]))
     console.print(f"[green]bundle written:[/] {result.bundle}  ({result.seconds['total']:.1f} s)")
+    if engine:
+        from mmopt.cli.build import build
+
+        build(result.bundle, precision=None, workspace_mib=None, profile=[], timing_cache=None,
+              no_timing_cache=False, sparse=False, hardware_compat="none", version_compatible=False,
+              opt_level=None)
 
 
 def demo(

@@ -1,0 +1,196 @@
+"""mmopt's TensorRT code against NVIDIA's real Python bindings of the oldest and newest supported versions.
+
+No TensorRT library or GPU exists in CI, but the ``tensorrt-cu12-bindings`` wheels do: with stand-in
+libnvinfer libraries they import with the real API surface (see trt_bindings.py). trt_conformance_driver.py then
+runs mmopt's real build and runtime code paths against a checking proxy of that module
+(trt_checking_proxy.py): every attribute, enum member and method mmopt touches must exist in that version,
+and every call must fit one of its pybind11 signatures. Tested versions: 10.3.0 (JetPack 6, the oldest
+supported) and 11.4.0.106 (the newest 11.x on PyPI when pinned; see bindings.NEWEST).
+"""
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+
+import pytest
+
+import trt_bindings as bindings
+from trt_bindings import NEWEST, OLDEST, VERSIONS
+
+API_SOURCE = (bindings.REPO / "mmopt" / "trt" / "api.py").read_text()
+
+
+@lru_cache(maxsize=None)
+def report(version: str, *args: str) -> dict:
+    out = bindings.run_driver(version, *args)
+    assert out.returncode == 0, f"driver failed on TensorRT {version}:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def mutated(version: str, old: str, new: str) -> dict:
+    return report(version, "--mode", "mutate", "--old", old, "--new", new)
+
+
+def snippet(version: str, code: str) -> dict:
+    return report(version, "--mode", "snippet", "--code", code)
+
+
+def line_of(text: str) -> int:
+    lines = [i for i, line in enumerate(API_SOURCE.splitlines(), 1) if text in line]
+    assert len(lines) == 1, f"{text!r} found on lines {lines} of api.py"
+    return lines[0]
+
+
+def whats(rep: dict) -> list[str]:
+    return [v["what"] for v in rep["violations"]]
+
+
+# ---- the real module, made importable ----------------------------------------------------------
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_stand_ins_cover_every_tensorrt_library_the_bindings_need(version):
+    major = version.split(".")[0]
+    needed = bindings.needed_libraries(version)
+    trt_libs = {n for n in needed if n.startswith("libnv")}
+    assert trt_libs == {f"{lib}.so.{major}" for lib in bindings.LIBS}, needed
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_driver_reads_the_real_bindings_of_that_version(version):
+    rep = report(version)
+    assert rep["version"] == version
+    assert rep["module_file"].startswith(str(bindings.bindings(version)))
+
+
+# ---- mmopt's code conforms ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_tensorrt_name_and_call_in_mmopt_exists_in_that_version(version):
+    rep = report(version)
+    assert rep["violations"] == [], json.dumps(rep["violations"], indent=1)
+    assert rep["unchecked"] == [], "types the checker could not resolve (extend trt_checking_proxy.Checker.accepts)"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_build_and_run_scenarios_behave(version):
+    s = report(version)["scenarios"]
+    for name in ("build_fp16_all_options", "build_all_precisions_cache_reused", "timing_cache_mismatch",
+                 "build_fp16_for_runtime", "run_image_two_profiles", "run_text_cuda_graph", "logger_sorts_messages"):
+        assert s[name]["ok"], f"{name}: {s[name]}"
+    assert s["build_all_precisions_cache_reused"]["detail"] == [
+        "image.fp32.engine", "image.fp16.engine", "text.fp32.engine", "text.fp16.engine"]
+    parse = s["build_fails_parse"]
+    assert parse["error"] == "OnnxParseError"
+    assert "node '/text/MatMulInteger_3' (MatMulInteger): UNSUPPORTED_NODE" in parse["message"]
+    assert "does not support op(s) MatMulInteger" in parse["message"]
+    expected = {"build_fails_inputs": "EngineBuildError", "build_fails_profile": "EngineBuildError",
+                "build_fails_build": "EngineBuildError", "run_fails_deserialize": "EngineLoadError",
+                "run_fails_context": "EngineLoadError", "run_fails_dtype": "EngineLoadError",
+                "run_fails_set_profile": "EngineLoadError", "run_fails_set_shape": "EngineLoadError",
+                "run_fails_infer_shapes": "EngineLoadError", "run_fails_dynamic_output": "EngineLoadError",
+                "run_fails_address": "EngineLoadError",
+                "run_fails_execute": "RuntimeError", "load_without_tensorrt": "TensorRTUnavailable"}
+    assert {k: s[k].get("error") for k in expected} == expected
+    image = s["run_image_two_profiles"]["detail"]
+    assert image["outputs"] == [{"image_emb": [4, 4]}, {"image_emb": [1, 4]}]
+    text = s["run_text_cuda_graph"]["detail"]
+    assert (text["captures"], text["replays"]) == (1, 3)
+    assert s["logger_sorts_messages"]["detail"] == {"errors": ["a ERROR message", "a INTERNAL_ERROR message"],
+                                                  "warnings": ["a WARNING message"]}
+
+
+def test_every_line_of_the_tensorrt_module_ran_against_real_bindings():
+    executed = set(report(OLDEST)["coverage"]["executed"]) | set(report(NEWEST)["coverage"]["executed"])
+    missed = [n for n in report(OLDEST)["coverage"]["executable"] if n not in executed]
+    lines = API_SOURCE.splitlines()
+    assert not missed, "api.py lines no scenario ran:\n" + "\n".join(f"{n}: {lines[n - 1]}" for n in missed)
+
+
+# ---- explicit version branches, each exercised on its own version ------------------------------
+
+def _calls(version: str, name: str) -> list:
+    return [c for c in report(version)["calls"] if c[0] == name]
+
+
+def test_network_creation_branch_strongly_typed_flag_on_10_no_flags_on_11():
+    old = _calls(OLDEST, "Builder.create_network")
+    new = _calls(NEWEST, "Builder.create_network")
+    assert old and {tuple(c[1]) for c in old} == {("2",)}  # 1 << STRONGLY_TYPED (= 1 in 10.x)
+    assert new and {tuple(c[1]) for c in new} == {("0",)}  # flag deprecated and ignored in 11
+    on_10, on_11 = line_of("return 1 << int(trt.NetworkDefinitionCreationFlag"), line_of("return 0  # always")
+    assert on_10 in report(OLDEST)["coverage"]["executed"] and on_10 not in report(NEWEST)["coverage"]["executed"]
+    assert on_11 in report(NEWEST)["coverage"]["executed"] and on_11 not in report(OLDEST)["coverage"]["executed"]
+
+
+def test_same_compute_capability_branch_refused_on_10_3_used_on_11():
+    old, new = report(OLDEST)["scenarios"], report(NEWEST)["scenarios"]
+    assert old["build_same_compute_capability"]["error"] == "TensorRTFeatureUnavailable"
+    assert "needs TensorRT >= 10.9" in old["build_same_compute_capability"]["message"]
+    assert new["build_same_compute_capability"]["ok"]
+    levels = {v for c in _calls(NEWEST, "IBuilderConfig.hardware_compatibility_level=") for v in c[1]}
+    assert any("SAME_COMPUTE_CAPABILITY" in v for v in levels) and any("AMPERE_PLUS" in v for v in levels)
+    used = line_of("return trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY")
+    assert used in report(NEWEST)["coverage"]["executed"] and used not in report(OLDEST)["coverage"]["executed"]
+
+
+def test_version_specific_names_are_declared_and_nothing_else_is_missing():
+    from mmopt.trt.api import SINCE
+
+    for version in VERSIONS:
+        static = report(version)["static"]
+        assert set(SINCE) <= set(static["chains"]), "SINCE lists names api.py does not use"
+        vt = tuple(int(p) for p in version.split(".")[:2])
+        allowed = {name for name, since in SINCE.items() if vt < since}
+        assert set(static["missing"]) == allowed, (version, static["missing"])
+
+
+# ---- the check can fail ------------------------------------------------------------------------
+
+FP16_FLAG = ("    config.hardware_compatibility_level = level\n",
+             "    config.hardware_compatibility_level = level\n    config.set_flag(trt.BuilderFlag.FP16)\n")
+
+
+def test_catches_a_removed_builder_precision_flag_in_the_real_build_path():
+    new = mutated(NEWEST, *FP16_FLAG)
+    assert whats(new) == [f"BuilderFlag.FP16 does not exist in TensorRT {NEWEST}"]
+    inserted = line_of("config.hardware_compatibility_level = level") + 1
+    assert new["violations"][0]["where"] == f"mutated_api.py:{inserted}"
+    assert mutated(OLDEST, *FP16_FLAG)["violations"] == []  # still there in 10.3: the check is per version
+
+
+def test_catches_a_removed_calibrator_attribute():
+    calibrator = ("    config.hardware_compatibility_level = level\n",
+                  "    config.hardware_compatibility_level = level\n    config.int8_calibrator = None\n")
+    assert whats(mutated(NEWEST, *calibrator)) == [
+        f"IBuilderConfig.int8_calibrator does not exist in TensorRT {NEWEST} (assigned None)"]
+    assert mutated(OLDEST, *calibrator)["violations"] == []  # valid on 10.3 (None clears the calibrator)
+
+
+def test_catches_an_enum_name_that_is_a_method_in_10_3():
+    old, new = ('"code": _name(e.code())', '"code": e.code().name')
+    assert any("ErrorCode.name is a method in TensorRT 10.3.0" in w for w in whats(mutated(OLDEST, old, new)))
+    assert mutated(NEWEST, old, new)["violations"] == []
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_catches_calls_that_fit_no_signature(version):
+    rep = snippet(version, "\n".join([
+        "config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE)",  # missing pool_size
+        "builder.create_network('strongly typed')",  # str for int
+        "context.execute_async_v3(stream=0)",  # keyword is stream_handle
+        "engine.num_io_tensors = 3",  # read-only property
+        "trt.Builder(logger=trt.Logger(), verbose=True)",  # unknown keyword
+    ]))
+    found = whats(rep)
+    assert len(found) == 5, found
+    assert re.search(r"set_memory_pool_limit.*missing argument 'pool_size'", found[0])
+    assert "'flags' expects" in found[1] and "no keyword argument 'stream'" in found[2]
+    assert "num_io_tensors is read-only" in found[3] and "no keyword argument 'verbose'" in found[4]
+
+
+def test_catches_apis_removed_in_11_that_10_3_still_has():
+    code = "\n".join(["trt.BuilderFlag.INT8", "builder.platform_has_fast_fp16",
+                      "trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH", "engine.device_memory_size"])
+    assert snippet(OLDEST, code)["violations"] == []
+    assert len(whats(snippet(NEWEST, code))) == 4

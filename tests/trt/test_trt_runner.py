@@ -1,0 +1,148 @@
+"""TensorRTRunner logic around TensorRT: checks before loading, profile choice, buffers, CUDA graphs.
+
+TensorRT and a GPU cannot exist here, so ``FakeSession`` stands in for ``api.EngineSession`` (the part
+that calls TensorRT, checked against the real bindings by test_api_conformance.py) and
+``FakeDeviceMemory`` for torch / cuda-python memory.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mmopt.errors import BundleError, UsageError
+from mmopt.runners import tensorrt as trt_runner
+from mmopt.trt import api, build
+from mmopt.trt.build import build_engines
+from mmopt.trt.compat import Environment
+from mmopt.trt.errors import EngineIncompatible, EngineLoadError
+from mmopt.trt.options import BuildOptions
+from trt_fake_bundle import COMPONENTS, FAKE_ENV, FakeEngineWriter, make_bundle
+from trt_scenarios import FakeDeviceMemory
+
+HERE = Environment(FAKE_ENV.tensorrt, FAKE_ENV.gpu.name, FAKE_ENV.gpu.compute_capability, FAKE_ENV.platform)
+
+
+class FakeSession:
+    """Stands in for api.EngineSession: I/O and profiles from the fake bundle's spec, records every call."""
+
+    instances: list["FakeSession"] = []
+
+    def __init__(self, engine: bytes, allow_host_code: bool = False, name: str = "engine"):
+        comp = COMPONENTS[name.split(".")[0]]
+        self.engine, self.allow_host_code, self.calls = engine, allow_host_code, []
+        self.io = [api.IOTensor(t.name, t.dtype, tuple(-1 if isinstance(d, str) else d for d in t.shape), True)
+                   for t in comp.inputs] + \
+                  [api.IOTensor(t.name, t.dtype, tuple(-1 if isinstance(d, str) else d for d in t.shape), False)
+                   for t in comp.outputs]
+        side = json.loads(FakeSession.bundle.joinpath(f"{name}.json").read_text())
+        self.profiles = [{n: (tuple(s["min"]), tuple(s["opt"]), tuple(s["max"])) for n, s in p["shapes"].items()}
+                         for p in side["profiles"]]
+        self.comp, self.active_profile = comp, 0
+        FakeSession.instances.append(self)
+
+    def set_profile(self, index: int, stream: int) -> None:
+        self.calls.append(("set_profile", index))
+        self.active_profile = index
+
+    def set_input_shapes(self, shapes):
+        self.calls.append(("shapes", dict(shapes)))
+        sizes = {d: s for t in self.comp.inputs for d, s in zip(t.shape, shapes[t.name])}
+        return {t.name: tuple(sizes.get(d, d) for d in t.shape) for t in self.comp.outputs}
+
+    def bind(self, name: str, address: int) -> None:
+        self.calls.append(("bind", name, address))
+
+    def enqueue(self, stream: int) -> None:
+        self.calls.append(("enqueue", stream))
+
+    def close(self) -> None:
+        self.calls.append(("close",))
+
+
+@pytest.fixture
+def bundle(tmp_path, monkeypatch):
+    b = make_bundle(tmp_path / "bundle")
+    monkeypatch.setattr(build, "preflight", lambda: FAKE_ENV)
+    monkeypatch.setattr(api, "build_engine", FakeEngineWriter())
+    build_engines(b, "fp16", BuildOptions(timing_cache=None, profiles=({"batch": 1},)))
+    FakeSession.bundle, FakeSession.instances = b, []
+    monkeypatch.setattr(api, "EngineSession", FakeSession)
+    monkeypatch.setattr(trt_runner, "running_environment", lambda index=0: HERE)
+    return b
+
+
+def runner(bundle, component="image", **kw):
+    return trt_runner.TensorRTRunner.from_bundle(bundle, component, "fp16", memory=FakeDeviceMemory(), **kw)
+
+
+def test_runs_with_the_narrowest_profile_and_binds_every_tensor(bundle):
+    with runner(bundle) as r:
+        out = r.infer({"pixel_values": np.zeros((4, 3, 8, 8), np.float32)})
+        assert out["image_emb"].shape == (4, 4)
+        r.infer({"pixel_values": np.zeros((1, 3, 8, 8), np.float32)})
+    s = FakeSession.instances[-1]
+    assert ("set_profile", 1) in s.calls  # batch=1 profile chosen for a batch of one
+    assert [c[1] for c in s.calls if c[0] == "bind"] == ["pixel_values", "image_emb"] * 2
+    assert s.calls[-1] == ("close",) and s.allow_host_code is False
+
+
+def test_cuda_graph_is_captured_once_per_shape_and_replayed(bundle):
+    mem = FakeDeviceMemory()
+    r = trt_runner.TensorRTRunner.from_bundle(bundle, "text", "fp16", memory=mem, cuda_graph=True)
+    with r:
+        for shape in [(2, 5), (2, 5), (2, 5), (3, 7)]:
+            assert r.infer({"input_ids": np.zeros(shape, np.int64)})["text_hidden"].shape == (*shape, 4)
+    assert (mem.captures, mem.replays) == (2, 4)
+
+
+def test_feeds_are_checked_against_the_spec_first(bundle):
+    with runner(bundle) as r, pytest.raises(UsageError, match="outside the exported range"):
+        r.infer({"pixel_values": np.zeros((9, 3, 8, 8), np.float32)})
+
+
+def test_incompatible_engine_is_refused_before_tensorrt_sees_it(bundle, monkeypatch):
+    monkeypatch.setattr(trt_runner, "running_environment",
+                        lambda index=0: Environment("10.3.0.30", "NVIDIA A100", "8.0", "linux-x86_64"))
+    with pytest.raises(EngineIncompatible, match="built on linux-aarch64, this is linux-x86_64"):
+        runner(bundle).__enter__()
+    assert FakeSession.instances == []
+
+
+def test_tampered_engine_is_refused(bundle):
+    (bundle / "image.fp16.engine").write_bytes(b"something else")
+    with pytest.raises(EngineLoadError, match="sha256 differs from its sidecar"):
+        runner(bundle).__enter__()
+
+
+def test_sidecar_file_is_used_without_a_manifest_entry(bundle):
+    spec = COMPONENTS["image"]
+    with trt_runner.TensorRTRunner(bundle / "image.fp16.engine", spec.inputs, spec.outputs,
+                                   memory=FakeDeviceMemory()) as r:
+        assert r.name == "image"
+    (bundle / "image.fp16.engine.json").unlink()
+    with pytest.raises(EngineLoadError, match="no sidecar image.fp16.engine.json"):
+        trt_runner.TensorRTRunner(bundle / "image.fp16.engine", spec.inputs, spec.outputs,
+                                  memory=FakeDeviceMemory()).__enter__()
+
+
+def test_missing_engine_names_the_build_command(bundle):
+    with pytest.raises(BundleError, match="mmopt build .* --precision fp32"):
+        trt_runner.TensorRTRunner.from_bundle(bundle, "image", "fp32")
+
+
+def test_engine_io_must_match_the_component(bundle, monkeypatch):
+    spec = COMPONENTS["text"]  # text's spec against the image engine
+    with pytest.raises(EngineLoadError, match="does not match component 'text'"):
+        trt_runner.TensorRTRunner(bundle / "image.fp16.engine", spec.inputs, spec.outputs, name="text",
+                                  memory=FakeDeviceMemory()).__enter__()
+
+
+def test_no_gpu_at_run_time_is_a_clear_error(monkeypatch):
+    from mmopt.trt import device
+
+    monkeypatch.setattr(api, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(device, "current_gpu", lambda index=0: None)
+    with pytest.raises(trt_runner.TensorRTUnavailable, match="ONNX Runtime instead"):
+        trt_runner.running_environment()

@@ -1,0 +1,134 @@
+"""Run mmopt's real TensorRT code paths against a checking proxy of NVIDIA's real bindings.
+
+Started by test_api_conformance.py in a fresh interpreter whose LD_LIBRARY_PATH holds the stand-in
+libnvinfer libraries and whose PYTHONPATH starts with the extracted ``tensorrt-cu12-bindings`` wheel.
+``tensorrt`` is replaced by the checking proxy; ``mmopt.trt.device.current_gpu`` by a FAKE GPU (there is
+none here). Prints one JSON report on the last line of stdout:
+  violations   every TensorRT name / signature mmopt used that this version does not have
+  scenarios    outcome of each build / run / error scenario
+  calls        the TensorRT calls made (to show which version branch ran)
+  coverage     lines of mmopt/trt/api.py executed, and all executable ones
+  static       ``trt.X.Y`` chains written in api.py and those this version lacks
+Modes: ``api`` (all scenarios), ``snippet --code`` (code with ``trt`` and sample objects bound),
+``mutate --old --new`` (api scenarios with a text substitution applied to api.py first).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+API = REPO / "mmopt" / "trt" / "api.py"
+
+
+def executable_lines(source: str, filename: str) -> list[int]:
+    lines, todo = set(), [compile(source, filename, "exec")]
+    while todo:
+        code = todo.pop()
+        lines.update(ln for _, _, ln in code.co_lines() if ln is not None)
+        todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return sorted(lines)
+
+
+def static_chains(source: str, real: object) -> tuple[list[str], list[str]]:
+    """Every ``trt.A.B...`` attribute chain in the source, and those missing from the real module."""
+    chains = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute):
+            parts, cur = [], node
+            while isinstance(cur, ast.Attribute):
+                parts.append(cur.attr)
+                cur = cur.value
+            if isinstance(cur, ast.Name) and cur.id == "trt":
+                chains.add(".".join(reversed(parts)))
+    # keep maximal chains only (trt.A.B implies trt.A)
+    chains = {c for c in chains if not any(o.startswith(c + ".") for o in chains)}
+    missing = []
+    for chain in sorted(chains):
+        obj = real
+        for part in chain.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                missing.append(chain)
+                break
+    return sorted(chains), missing
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--expect-version", required=True)
+    ap.add_argument("--mode", choices=("api", "snippet", "mutate"), default="api")
+    ap.add_argument("--code", default="")
+    ap.add_argument("--old", default="")
+    ap.add_argument("--new", default="")
+    args = ap.parse_args()
+
+    import tensorrt_bindings as real  # the real NVIDIA module, on stand-in libraries
+
+    if real.__version__ != args.expect_version:
+        raise SystemExit(f"imported tensorrt_bindings {real.__version__} from {real.__file__}, "
+                         f"expected {args.expect_version}")
+    from trt_checking_proxy import Checker, run_snippet
+
+    api_path, source = API, API.read_text()
+    if args.mode == "mutate":
+        if source.count(args.old) != 1:
+            raise SystemExit(f"mutation anchor found {source.count(args.old)} times in api.py: {args.old!r}")
+        source = source.replace(args.old, args.new)
+        api_path = Path(tempfile.mkdtemp()) / "mutated_api.py"
+        api_path.write_text(source)
+
+    checker = Checker(real, code_roots=(str(REPO / "mmopt"), str(api_path)))
+    sys.modules["tensorrt"] = checker.module()  # what `import tensorrt` in mmopt now gets
+    report: dict = {"version": real.__version__, "module_file": real.__file__}
+
+    if args.mode == "snippet":
+        import trt_scenarios as scenarios
+
+        run_snippet(checker, args.code, scenarios.sample_objects(checker))
+    else:
+        executed: set[int] = set()
+        target = str(api_path)
+
+        def tracer(frame, event, arg):  # line coverage of api.py only
+            if frame.f_code.co_filename != target:
+                return None
+
+            def local(frame, event, arg):
+                if event == "line":
+                    executed.add(frame.f_lineno)
+                return local
+            executed.add(frame.f_lineno)
+            return local
+
+        sys.settrace(tracer)
+        if args.mode == "mutate":
+            import mmopt.trt
+
+            spec = importlib.util.spec_from_file_location("mmopt.trt.api", api_path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["mmopt.trt.api"] = module
+            spec.loader.exec_module(module)
+            mmopt.trt.api = module
+        import trt_scenarios as scenarios
+
+        report["scenarios"] = scenarios.run_all(checker)
+        sys.settrace(None)
+        report["coverage"] = {"executed": sorted(executed), "executable": executable_lines(source, target)}
+        report["static"] = dict(zip(("chains", "missing"), static_chains(source, real)))
+
+    report["violations"] = checker.violations
+    report["unchecked"] = sorted(checker.unchecked)
+    report["calls"] = [[q, [repr(a) for a in a_], {k: repr(v) for k, v in kw.items()}]
+                       for q, a_, kw in checker.calls]
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

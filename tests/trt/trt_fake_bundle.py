@@ -1,0 +1,116 @@
+"""A tiny two-component bundle (image + text encoders) with fp32 and fp16 ONNX graphs, for TensorRT tests.
+
+The graphs are real, valid ONNX (ONNX Runtime runs them) so graph inspection and manifests behave as
+with an exported model; no TensorRT is needed to make them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from mmopt.manifest import Manifest
+from mmopt.spec import ComponentSpec, TensorSpec
+from mmopt.trt import api, device
+from mmopt.trt.build import BuildEnvironment
+
+IMAGE = ComponentSpec(
+    "image", "encoder", "image_encoder",
+    (TensorSpec("pixel_values", "float32", ("batch", 3, 8, 8),
+                {"min": (1, 3, 8, 8), "opt": (4, 3, 8, 8), "max": (8, 3, 8, 8)}),),
+    (TensorSpec("image_emb", "float32", ("batch", 4), {"min": (1, 4), "opt": (4, 4), "max": (8, 4)}),),
+    {"pixel_values": "input:pixel_values"})
+TEXT = ComponentSpec(
+    "text", "encoder", "text_encoder",
+    (TensorSpec("input_ids", "int64", ("batch", "seq"), {"min": (1, 2), "opt": (4, 6), "max": (8, 12)}, (0, 9)),),
+    (TensorSpec("text_hidden", "float32", ("batch", "seq", 4),
+                {"min": (1, 2, 4), "opt": (4, 6, 4), "max": (8, 12, 4)}),),
+    {"input_ids": "input:input_ids"})
+COMPONENTS = {"image": IMAGE, "text": TEXT}
+
+
+def _image_graph(fp16: bool) -> onnx.ModelProto:
+    wt = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float16 if fp16 else np.float32)
+    nodes = [helper.make_node("Cast", ["pixel_values"], ["x"], name="cast_in", to=TensorProto.FLOAT16)] if fp16 \
+        else [helper.make_node("Identity", ["pixel_values"], ["x"], name="id_in")]
+    nodes += [helper.make_node("ReduceMean", ["x", "axes"], ["pooled"], name="pool", keepdims=0),
+              helper.make_node("MatMul", ["pooled", "w"], ["y"], name="proj")]
+    nodes += [helper.make_node("Cast", ["y"], ["image_emb"], name="cast_out", to=TensorProto.FLOAT)] if fp16 \
+        else [helper.make_node("Identity", ["y"], ["image_emb"], name="id_out")]
+    graph = helper.make_graph(
+        nodes, "image",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("image_emb", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(wt, "w"), numpy_helper.from_array(np.array([2, 3], np.int64), "axes")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _text_graph(fp16: bool, extra_nodes: list | None = None) -> onnx.ModelProto:
+    table = np.random.default_rng(1).standard_normal((10, 4)).astype(np.float16 if fp16 else np.float32)
+    out = "h16" if fp16 else "text_hidden"
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], [out], name="embed")]
+    if fp16:
+        nodes.append(helper.make_node("Cast", ["h16"], ["text_hidden"], name="cast_out", to=TensorProto.FLOAT))
+    graph = helper.make_graph(
+        nodes + (extra_nodes or []), "text",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("text_hidden", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [numpy_helper.from_array(table, "table")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def make_bundle(folder: str | Path, precisions: tuple[str, ...] = ("fp32", "fp16")) -> Path:
+    """Write the bundle into ``folder`` (created) and return it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(model={"factory": "fake:model", "output_sources": {"image_emb": "image:image_emb",
+                                                                          "text_hidden": "text:text_hidden"}},
+                        model_inputs=[IMAGE.inputs[0], TEXT.inputs[0]],
+                        model_outputs=[IMAGE.outputs[0], TEXT.outputs[0]], components=dict(COMPONENTS))
+    for prec in precisions:
+        fp16 = prec == "fp16"
+        for name, graph in (("image", _image_graph(fp16)), ("text", _text_graph(fp16))):
+            file = f"{name}.onnx" if prec == "fp32" else f"{name}.{prec}.onnx"
+            onnx.save(graph, str(folder / file))
+            stage = "export" if prec == "fp32" else "precision"
+            parent = None if prec == "fp32" else f"{name}/export/fp32"
+            manifest.add(folder, name, stage, prec, file, parent=parent)
+    manifest.write(folder)
+    return folder
+
+
+def add_int8_dynamic_text(folder: Path) -> None:
+    """An ``int8-dynamic`` text graph holding a MatMulInteger node (an op TensorRT cannot import)."""
+    extra = [helper.make_node("MatMulInteger", ["a", "b"], ["c"], name="/text/MatMulInteger_3")]
+    g = _text_graph(False, extra)
+    g.graph.input.extend([helper.make_tensor_value_info("a", TensorProto.UINT8, [2, 2]),
+                          helper.make_tensor_value_info("b", TensorProto.UINT8, [2, 2])])
+    onnx.save(g, str(folder / "text.int8-dynamic.onnx"))
+    m = Manifest.read(folder)
+    m.add(folder, "text", "precision", "int8-dynamic", "text.int8-dynamic.onnx", parent="text/export/fp32")
+    m.write(folder)
+
+
+# ---- a fake engine writer: TensorRT cannot exist on development / CI machines -------------------
+
+FAKE_ENV = BuildEnvironment("10.3.0.30", device.GpuInfo("FAKE Orin", "8.7", 0, True, "fake"), "linux-aarch64",
+                            "R36.3.0")
+
+
+class FakeEngineWriter:
+    """Stands in for api.build_engine (TensorRT cannot exist here): records calls, returns fake bytes."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.calls: list[tuple[str, list[str], bytes | None]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, onnx_path, profiles, options, timing_cache):
+        name = Path(onnx_path).name
+        self.calls.append((name, [p.name for p in profiles], timing_cache))
+        if name == self.fail_on:
+            raise RuntimeError(f"fake build failure on {name}")
+        cache = None if timing_cache is None else timing_cache + f"[{name}]".encode()
+        return api.BuiltEngine(f"FAKE ENGINE from {name}".encode(), cache, "new" if not timing_cache else "reused",
+                               {"in": "FLOAT"}, {"out": "FLOAT"}, ["a TensorRT warning"])

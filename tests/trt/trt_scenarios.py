@@ -1,0 +1,267 @@
+"""The build and run scenarios the conformance driver plays through mmopt's real code.
+
+Runs inside the driver's interpreter, where ``tensorrt`` is the checking proxy. A ``World`` answers
+the values a real TensorRT would compute (the parsed graph's tensors, engine I/O, output shapes) from
+the fake bundle, and can be told to fail one call (``world.fail``) to walk mmopt's error paths.
+Nothing here pretends to build or run an engine: the engine bytes are the proxy's placeholder.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+import trt_fake_bundle as fake_bundle
+from trt_checking_proxy import Checker, parse_signatures
+
+FAKE_GPU_NAME = "FAKE GPU (conformance test: no GPU exists here)"
+ONNX_TO_TRT = {onnx.TensorProto.FLOAT: "FLOAT", onnx.TensorProto.FLOAT16: "HALF", onnx.TensorProto.INT64: "INT64",
+               onnx.TensorProto.INT32: "INT32", onnx.TensorProto.BOOL: "BOOL"}
+
+
+class FakeDeviceMemory:
+    """Stands in for torch / cuda-python device memory: numbered fake addresses, zero outputs."""
+
+    kind = "fake"
+    stream = 0x5EED
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, tuple[tuple[int, ...], str]] = {}
+        self.addresses: dict[str, int] = {}
+        self.captures = self.replays = 0
+
+    def put(self, name: str, array: np.ndarray, dtype: str) -> int:
+        return self.empty(name, tuple(array.shape), dtype)
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: str) -> int:
+        self.buffers[name] = (tuple(shape), dtype)
+        return self.addresses.setdefault(name, 0x1000 * (len(self.addresses) + 1))
+
+    def get(self, name: str) -> np.ndarray:
+        shape, dtype = self.buffers[name]
+        return np.zeros(shape, dtype)
+
+    def capture(self, fn: Callable[[], None]) -> str:
+        fn()
+        self.captures += 1
+        return "fake-graph"
+
+    def replay(self, graph: Any) -> None:
+        self.replays += 1
+
+    def close(self) -> None:
+        pass
+
+
+class World:
+    def __init__(self, checker: Checker, real: Any):
+        self.c, self.real = checker, real
+        self.fail: set[str] = set()
+        self.graph: onnx.GraphProto | None = None
+        self.component = "image"
+        self.input_shapes: dict[str, tuple[int, ...]] = {}
+
+    def _dtype(self, elem: int) -> Any:
+        return getattr(self.real.DataType, ONNX_TO_TRT[elem])
+
+    def _tensor(self, value: onnx.ValueInfoProto) -> Any:
+        name = "renamed_by_tensorrt" if "inputs" in self.fail else value.name
+        return self.c.instance("ITensor", name=name, dtype=self._dtype(value.type.tensor_type.elem_type))
+
+    def _io(self) -> list[tuple[Any, bool]]:
+        comp = fake_bundle.COMPONENTS[self.component]
+        return [(t, True) for t in comp.inputs] + [(t, False) for t in comp.outputs]
+
+    def _spec(self, name: str) -> Any:
+        return next(t for t, _ in self._io() if t.name == name)
+
+    def _output_shape(self, name: str) -> Any:
+        sizes = {}
+        for t in fake_bundle.COMPONENTS[self.component].inputs:
+            for d, s in zip(t.shape, self.input_shapes[t.name]):
+                sizes[d] = s
+        if "dynamic_output" in self.fail:
+            return self.real.Dims([-1 for _ in self._spec(name).shape])
+        return self.real.Dims([sizes.get(d, d) for d in self._spec(name).shape])
+
+    def _parse(self, parser: Any, path: str) -> bool:
+        self.graph = onnx.load(path, load_external_data=False).graph
+        return "parse" not in self.fail
+
+    def _set_cache(self, config: Any, cache: Any, ignore_mismatch: bool) -> bool:
+        if "cache" in self.fail:  # reject the stored cache once, as TensorRT does one from another GPU
+            self.fail.discard("cache")
+            return False
+        return True
+
+    def _set_shape(self, ctx: Any, name: str, shape: tuple) -> bool:
+        self.input_shapes[name] = tuple(shape)
+        return "set_shape" not in self.fail
+
+    def overrides(self) -> dict[str, Any]:
+        r, c, f = self.real, self.c, self.fail
+        io = self._io
+        return {
+            "OnnxParser.parse_from_file": self._parse,
+            "OnnxParser.num_errors": lambda p: 2 if "parse" in f else 0,
+            "OnnxParser.get_error": lambda p, i: c.instance("ParserError"),
+            "ParserError.code": lambda e: r.ErrorCode.UNSUPPORTED_NODE,
+            "ParserError.desc": "No importer registered for op: MatMulInteger",
+            "ParserError.node": 3,
+            "ParserError.node_name": "/text/MatMulInteger_3",
+            "ParserError.node_operator": "MatMulInteger",
+            "INetworkDefinition.num_inputs": lambda n: len(self.graph.input),
+            "INetworkDefinition.num_outputs": lambda n: len(self.graph.output),
+            "INetworkDefinition.get_input": lambda n, i: self._tensor(self.graph.input[i]),
+            "INetworkDefinition.get_output": lambda n, i: self._tensor(self.graph.output[i]),
+            "IBuilderConfig.add_optimization_profile": lambda cfg, p: -1 if "profile" in f else 0,
+            "IBuilderConfig.set_timing_cache": self._set_cache,
+            "Builder.build_serialized_network": lambda b, *a: None if "build" in f else c.instance("IHostMemory"),
+            "Runtime.deserialize_cuda_engine": lambda rt, data: None if "deserialize" in f
+            else c.instance("ICudaEngine"),
+            "ICudaEngine.create_execution_context": lambda e, *a: None if "context" in f
+            else c.instance("IExecutionContext"),
+            "ICudaEngine.num_io_tensors": lambda e: len(io()),
+            "ICudaEngine.get_tensor_name": lambda e, i: io()[i][0].name,
+            "ICudaEngine.get_tensor_mode": lambda e, n: r.TensorIOMode.INPUT if any(
+                t.name == n and is_in for t, is_in in io()) else r.TensorIOMode.OUTPUT,
+            "ICudaEngine.get_tensor_dtype": lambda e, n: r.DataType.FP8 if "dtype" in f else getattr(
+                r.DataType, {"float32": "FLOAT", "int64": "INT64"}[self._spec(n).dtype]),
+            "ICudaEngine.get_tensor_shape": lambda e, n: r.Dims([-1 if isinstance(d, str) else d
+                                                                 for d in self._spec(n).shape]),
+            "ICudaEngine.num_optimization_profiles": lambda e: len(self.profiles()),
+            "ICudaEngine.get_tensor_profile_shape": lambda e, n, p: [
+                r.Dims(list(self.profiles()[p]["shapes"][n][s])) for s in ("min", "opt", "max")],
+            "ICudaEngine.device_memory_size_v2": 1 << 20,
+            "IExecutionContext.set_optimization_profile_async": lambda ctx, i, s: "set_profile" not in f,
+            "IExecutionContext.set_input_shape": self._set_shape,
+            "IExecutionContext.infer_shapes": lambda ctx: ["text_hidden"] if "infer_shapes" in f else [],
+            "IExecutionContext.get_tensor_shape": lambda ctx, n: self._output_shape(n),
+            "IExecutionContext.set_tensor_address": lambda ctx, n, a: "address" not in f,
+            "IExecutionContext.execute_async_v3": lambda ctx, s: "execute" not in f,
+        }
+
+    def profiles(self) -> list[dict]:
+        return json.loads((self.bundle / f"{self.component}.fp16.engine.json").read_text())["profiles"]
+
+
+def sample_objects(checker: Checker) -> dict[str, Any]:
+    """Objects a snippet can use: one proxy per main TensorRT class."""
+    names = {"builder": "Builder", "network": "INetworkDefinition", "config": "IBuilderConfig",
+             "parser": "OnnxParser", "runtime": "Runtime", "engine": "ICudaEngine", "context": "IExecutionContext"}
+    return {k: checker.instance(v) for k, v in names.items()}
+
+
+def _outcome(fn: Callable[[], Any]) -> dict[str, Any]:
+    try:
+        detail = fn()
+        return {"ok": True, "detail": detail}
+    except Exception as e:  # recorded; the test decides which outcomes are expected
+        return {"ok": False, "error": type(e).__name__, "message": str(e)[:1500],
+                "trace": traceback.format_exc(limit=-3)[-1500:]}
+
+
+def run_all(checker: Checker) -> dict[str, Any]:
+    import tensorrt as trt_proxy
+
+    from mmopt.runners.tensorrt import TensorRTRunner
+    from mmopt.trt import api, device
+    from mmopt.trt.build import build_engines
+    from mmopt.trt.options import BuildOptions
+
+    real = checker.real
+    world = World(checker, real)
+    checker.overrides.update(world.overrides())
+    device.current_gpu = lambda index=0: device.GpuInfo(FAKE_GPU_NAME, "8.7", index, True, "fake")
+    tmp = Path(tempfile.mkdtemp(prefix="mmopt-trt-conformance-"))
+    bundle = world.bundle = fake_bundle.make_bundle(tmp / "bundle")
+    cache = tmp / "cache" / "trt-timing.cache"
+    out: dict[str, Any] = {}
+
+    def build(precision: str | None, **kw: Any) -> list[str]:
+        return [a.file for a in build_engines(bundle, precision, BuildOptions(**kw))]
+
+    def failing(flag: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            world.fail.add(flag)
+            try:
+                return fn()
+            finally:
+                world.fail.clear()
+        return run
+
+    out["build_fp16_all_options"] = _outcome(lambda: build(
+        "fp16", workspace_mib=256, optimization_level=2, sparse_weights=True, version_compatible=True,
+        hardware_compatibility="ampere+", profiles=({"batch": 1},), timing_cache=cache))
+    out["build_all_precisions_cache_reused"] = _outcome(lambda: build(None, timing_cache=cache))
+    out["build_same_compute_capability"] = _outcome(lambda: build(
+        "fp32", hardware_compatibility="same_compute_capability", timing_cache=None))
+    out["timing_cache_mismatch"] = _outcome(failing("cache", lambda: build("fp32", timing_cache=cache)))
+    for flag in ("parse", "inputs", "profile", "build"):
+        out[f"build_fails_{flag}"] = _outcome(failing(flag, lambda: build("fp32", timing_cache=None)))
+    out["build_fp16_for_runtime"] = _outcome(lambda: build(
+        "fp16", version_compatible=True, profiles=({"batch": 1},), timing_cache=None))
+
+    def run(component: str, shapes: list[dict[str, tuple[int, ...]]], cuda_graph: bool = False) -> dict:
+        world.component = component
+        mem = FakeDeviceMemory()
+        runner = TensorRTRunner.from_bundle(bundle, component, "fp16", memory=mem, cuda_graph=cuda_graph)
+        results = []
+        with runner:
+            for feed_shapes in shapes:
+                feeds = {n: np.zeros(s, np.float32 if component == "image" else np.int64)
+                         for n, s in feed_shapes.items()}
+                results.append({k: list(v.shape) for k, v in runner.infer(feeds).items()})
+        return {"outputs": results, "captures": mem.captures, "replays": mem.replays, "warnings": runner.warnings}
+
+    out["run_image_two_profiles"] = _outcome(lambda: run("image", [{"pixel_values": (4, 3, 8, 8)},
+                                                                   {"pixel_values": (1, 3, 8, 8)}]))
+    out["run_text_cuda_graph"] = _outcome(lambda: run("text", [{"input_ids": (2, 5)}] * 3, cuda_graph=True))
+    for flag in ("deserialize", "context", "dtype", "set_profile", "set_shape", "infer_shapes", "dynamic_output",
+                 "address", "execute"):
+        out[f"run_fails_{flag}"] = _outcome(failing(flag, lambda: run("image", [{"pixel_values": (4, 3, 8, 8)},
+                                                                               {"pixel_values": (1, 3, 8, 8)}])))
+
+    def logger() -> dict:
+        lg = api._logger(trt_proxy)
+        lg.drain()
+        for sev in ("ERROR", "INTERNAL_ERROR", "WARNING", "INFO", "VERBOSE"):
+            lg.log(getattr(real.ILogger.Severity, sev), f"a {sev} message")
+        errors, warnings = lg.drain()
+        return {"errors": errors, "warnings": warnings}
+
+    out["logger_sorts_messages"] = _outcome(logger)
+    _check_logger_overrides(checker, type(api._state["logger"]), real.ILogger)
+
+    def no_tensorrt() -> None:
+        saved = sys.modules["tensorrt"]
+        sys.modules["tensorrt"] = None  # makes `import tensorrt` raise ImportError
+        try:
+            api.load()
+        finally:
+            sys.modules["tensorrt"] = saved
+
+    out["load_without_tensorrt"] = _outcome(no_tensorrt)
+    return out
+
+
+def _check_logger_overrides(checker: Checker, cls: type, base: type) -> None:
+    """mmopt's Python ILogger subclass: what it overrides must exist on the real ILogger, same arity."""
+    for name, fn in vars(cls).items():
+        if name.startswith("_") or not callable(fn) or name == "drain":  # drain is mmopt's own
+            continue
+        real = getattr(base, name, None)
+        if real is None:
+            checker.violate(f"ILogger.{name} (overridden by mmopt's logger) does not exist in "
+                            f"TensorRT {checker.version}")
+            continue
+        sigs = parse_signatures(real.__doc__)
+        if sigs and all(len(s.params) != fn.__code__.co_argcount for s in sigs):
+            checker.violate(f"mmopt's logger overrides ILogger.{name} with {fn.__code__.co_argcount} parameters; "
+                            f"TensorRT {checker.version} calls {sigs[0].text}")
