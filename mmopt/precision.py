@@ -92,6 +92,20 @@ def check_bundle_matches(manifest: Manifest, spec: ModelSpec, split: Any, bundle
                           "differ). Re-run `mmopt export` with this config before converting precision.")
 
 
+def forget_stale(manifest: Manifest, rewritten: set[tuple[str, str]]) -> None:
+    """Drop parity and accuracy results of earlier policies that used an artifact this run replaces."""
+    def uses(label: str) -> bool:
+        return bool({tuple(part.split("=", 1)) for part in label.split()} & rewritten)
+
+    parity = manifest.results.get("parity", {})
+    for key in [k for k in parity if k != "fp32"]:
+        if any((comp, row.get("precision")) in rewritten for comp, row in parity[key].items()):
+            del parity[key]
+    acc = manifest.results.get("accuracy")
+    if acc:
+        acc["scores"] = {k: v for k, v in acc["scores"].items() if not uses(k)}
+
+
 def _write(proto: onnx.ModelProto, path: Path) -> None:
     # The staged bundle hard-links the old files: replace the link, never write through it.
     path.unlink(missing_ok=True)
@@ -239,12 +253,16 @@ def quantize(bundle: str | Path, spec: ModelSpec, model: Any, split: Any,
                 if islands:
                     result.islands[comp] = islands
                 advance(1)
+        forget_stale(manifest, {(c, policy[c]) for c in converted_comps})
         with open_pipeline(split.components, split.output_sources, files, policy, Path(scratch)) as (pipe, runners):
             result.checks = judge(model, spec, split, runners, policy, cal)
+            method = spec.calibration.method if spec.calibration else None
             raise_on_failures(result.checks, f"{label} pipeline vs eager PyTorch",
                               "Nothing was written. Exclude the worst nodes ([precision.exclude], see the "
-                              "sensitivity report of a passing run), keep a component at higher precision, or "
-                              "loosen the gate under [tolerance.<precision>].")
+                              "sensitivity report of a passing run), keep a component at higher precision, "
+                              + (f"try another [calibration].method (this run used {method}; \"auto\" picks the "
+                                 "best per component), " if "int8" in policy.values() and method != "auto" else "")
+                              + "or loosen the gate under [tolerance.<precision>].")
             rows = {where: {**row, "precision": policy.get(where, label)}
                     for where, row in summarise(result.checks).items() if policy.get(where) != "fp32"}
             manifest.results.setdefault("parity", {})[parity_key(policy)] = rows

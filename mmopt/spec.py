@@ -17,7 +17,7 @@ from mmopt.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "auto")
 SIZES = ("min", "opt", "max")
 TOP_LEVEL = ("model", "inputs", "dims", "components", "precision", "calibration", "evaluation", "tolerance")
 

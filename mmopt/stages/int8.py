@@ -52,10 +52,9 @@ def check_exclude(proto: onnx.ModelProto, exclude: tuple[str, ...], component: s
 
 
 def calibrated_tensors(proto: onnx.ModelProto) -> list[str]:
-    """Float activations read or written by the compute ops (what the quantizer needs ranges for)."""
+    """Float activations read by the compute ops: what gets a Q/DQ pair (outputs are not quantized)."""
     floats = ranges.float_tensors(proto)
-    return sorted({t for n in proto.graph.node if n.op_type in COMPUTE_OPS
-                   for t in [*n.input, *n.output] if t in floats})
+    return sorted({t for n in proto.graph.node if n.op_type in COMPUTE_OPS for t in n.input if t in floats})
 
 
 def thresholds(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], method: str,
@@ -64,10 +63,11 @@ def thresholds(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], metho
 
 
 def thresholds_and_fallbacks(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], method: str,
-                             percentile: float = ranges.PERCENTILE) -> tuple[dict[str, float], list[str]]:
+                             percentile: float = ranges.PERCENTILE, hists: dict | None = None
+                             ) -> tuple[dict[str, float], list[str]]:
     """Thresholds per calibrated tensor, and the tensors too sparsely seen for ``method`` (given minmax)."""
     names = calibrated_tensors(proto)
-    hists = ranges.histograms(proto, names, feeds)
+    hists = hists if hists is not None else ranges.histograms(proto, names, feeds)
     sparse = [n for n in names if method != "minmax" and hists[n][0].sum() < ranges.MIN_VALUES]
     return {n: ranges.threshold(*hists[n], method, percentile) for n in names}, sparse
 
@@ -83,14 +83,11 @@ def _quiet():
         logging.getLogger().setLevel(level)
 
 
-def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], method: str,
-                        exclude: tuple[str, ...] = (), samples: int = 0) -> Int8Result:
-    """Symmetric per-channel Q/DQ on Conv / MatMul / Gemm with ``method`` ranges from ``feeds``."""
+def qdq(proto: onnx.ModelProto, th: dict[str, float], exclude: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """onnxruntime's QDQ quantizer with the given activation thresholds as its calibration cache."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-    proto = graph.named(proto)
-    th, sparse = thresholds_and_fallbacks(proto, feeds, method)
     data = TensorsData(CalibrationMethod.MinMax, {n: TensorData(lowest=np.float32(-t), highest=np.float32(t))
                                                  for n, t in th.items()})
     with tempfile.TemporaryDirectory(prefix="mmopt-int8-") as tmp:
@@ -106,17 +103,60 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
                             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                            "QuantizeBias": False, "DedicatedQDQPair": True,
                                            "OpTypesToExcludeOutputQuantization": list(COMPUTE_OPS)})
-        out = onnx.load(str(dst))
+        return onnx.load(str(dst))
+
+
+def output_error(fp32: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> float:
+    """Worst relative RMS error of ``candidate``'s outputs against ``fp32``'s on ``feeds``."""
+    a, b = ranges.session(fp32, []), ranges.session(candidate, [])
+    worst = 0.0
+    for f in feeds:
+        ref, got = ranges.run_all(a, f), ranges.run_all(b, f)
+        for name, r in ref.items():
+            if np.issubdtype(r.dtype, np.floating):
+                d = got[name].astype(np.float64) - r
+                worst = max(worst, float(np.sqrt(np.mean(d ** 2)) / (np.sqrt(np.mean(r.astype(np.float64) ** 2))
+                                                                     + 1e-12)))
+    return worst
+
+
+def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], method: str,
+                        exclude: tuple[str, ...] = (), samples: int = 0) -> Int8Result:
+    """Symmetric per-channel Q/DQ on Conv / MatMul / Gemm with ``method`` ranges from ``feeds``.
+
+    ``method = "auto"`` quantizes with each of minmax, percentile and entropy (one set of histograms)
+    and keeps the one whose outputs are closest to fp32 on the last quarter of the feeds (held out
+    from the ranges)."""
+    proto = graph.named(proto)
+    config: dict[str, Any] = {}
+    if method == "auto":
+        held = max(1, len(feeds) // 4) if len(feeds) > 1 else 0
+        fit, check = (feeds[:-held], feeds[-held:]) if held else (feeds, feeds)
+        hists = ranges.histograms(proto, calibrated_tensors(proto), fit)
+        tried = {}
+        for m in ("minmax", "percentile", "entropy"):
+            th, sparse = thresholds_and_fallbacks(proto, fit, m, hists=hists)
+            q = qdq(proto, th, exclude)
+            tried[m] = (output_error(proto, q, check), q, th, sparse)
+        chosen = min(tried, key=lambda m: tried[m][0])
+        _, out, th, sparse = tried[chosen]
+        config["method_search"] = {"held_out_batches": len(check), "chosen": chosen,
+                                   "relative_error": {m: round(v[0], 6) for m, v in tried.items()}}
+        method_used = chosen
+    else:
+        th, sparse = thresholds_and_fallbacks(proto, feeds, method)
+        out = qdq(proto, th, exclude)
+        method_used = method
     used = check_scales(out, th)
     quantized = [n.name for n in out.graph.node if n.op_type in COMPUTE_OPS and _reads_dq(out, n)]
-    config = {"format": "QDQ (symmetric int8, per-channel weights, float bias)", "method": method,
+    config = {"format": "QDQ (symmetric int8, per-channel weights, float bias)", "method": method_used,
               "samples": samples, "op_types": list(COMPUTE_OPS), "quantized_nodes": len(quantized),
-              "activation_ranges": used, "excluded_nodes": list(exclude)}
-    if method == "percentile":
+              "activation_ranges": used, "excluded_nodes": list(exclude), **config}
+    if method_used == "percentile":
         config["percentile"] = ranges.PERCENTILE
     if sparse:
         config["minmax_fallback"] = {"tensors": sparse, "why": f"seen in fewer than {ranges.MIN_VALUES} "
-                                     f"calibration values: too few for a {method} histogram"}
+                                     f"calibration values: too few for a {method_used} histogram"}
     return Int8Result(out, config, th)
 
 
