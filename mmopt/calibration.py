@@ -81,10 +81,12 @@ def check_batch(spec: ModelSpec, batch: Any, where: str) -> dict[str, np.ndarray
         if arr.dtype == want and np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite(arr).all():
             problems.append(f"{name}: {int(np.isnan(arr).sum())} NaN and {int(np.isinf(arr).sum())} Inf values")
         if arr.dtype == want and np.issubdtype(arr.dtype, np.integer) and inp.range is not None and arr.size:
+            # [inputs].range is where random ids are drawn; real data may also hold padding ids below it,
+            # but an id above it (or a negative one) does not fit the vocabulary.
             lo, hi = inp.range
-            if arr.min() < lo or arr.max() > hi:
-                problems.append(f"{name}: values span [{arr.min()}, {arr.max()}], outside range [{lo:g}, {hi:g}] "
-                                "declared in [inputs]")
+            if arr.max() > hi or (arr.min() < 0 <= lo):
+                problems.append(f"{name}: values span [{arr.min()}, {arr.max()}], outside [0, {hi:g}] "
+                                f"(range [{lo:g}, {hi:g}] in [inputs])")
         out[name] = arr
     if problems:
         raise CalibrationError(f"{where} does not fit [inputs] of {spec.path}:\n  " + "\n  ".join(problems))

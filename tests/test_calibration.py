@@ -62,7 +62,7 @@ def test_torch_tensors_are_accepted_and_big_batches_split(toy):
     ("wrong_dtype", ["pixel_values: dtype float64, expected float32", ".astype(np.float32)"]),
     ("wrong_shape", ["pixel_values: axis 3 is 8, expected 16", "axis 1 ('seq') is 20, outside [dims].seq = [4, 16]"]),
     ("with_nan", ["batch 1 from toydata:with_nan()", "pixel_values: 1 NaN and 0 Inf values"]),
-    ("bad_ids", ["input_ids: values span [0, 50], outside range [0, 49]"]),
+    ("bad_ids", ["input_ids: values span [0, 50], outside [0, 49]"]),
     ("not_dicts", ["batch 0 from toydata:not_dicts() is a list; it must be a dict"]),
     ("raises", ["toydata:raises() raised RuntimeError: disk on fire while producing batch 1"]),
     ("short", ["yielded only 16 samples, fewer than the 40 asked for", "lower [calibration].samples"]),

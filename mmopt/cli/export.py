@@ -65,5 +65,5 @@ def demo(
     """
     from mmopt.cli import demo_precision
 
-    export(DEMO_CONFIG, out, trust_checkpoint=False)
+    export(DEMO_CONFIG, out, trust_checkpoint=False, engine=False)
     demo_precision.run(out)

@@ -1,0 +1,24 @@
+"""The embedded VQA model end to end through the CLI, as a new user runs it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_writes_a_verified_bundle(tmp_path):
+    out = tmp_path / "demo"
+    r = run_cli("demo", "-o", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"bundle written: {out}" in r.stdout.replace("\n", "")
+    m = json.loads((out / "manifest.json").read_text())
+    fp32 = m["results"]["parity"]["fp32"]
+    assert fp32["pipeline"]["failed"] == 0 and fp32["pipeline"]["argmax"] == 1.0
+    assert {c: s["module"] for c, s in m["components"].items()} == {
+        "image": "image_encoder", "text": "text_encoder", "fusion": ""}
+    assert m["components"]["text"]["sources"] == {"input_ids": "input:input_ids",
+                                                  "attention_mask": "input:attention_mask"}
+    assert run_cli("verify", str(out)).returncode == 0
