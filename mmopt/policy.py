@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mmopt.bench.compare import raise_on_failures
 from mmopt.errors import ConfigError
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
 from mmopt.spec import ModelSpec
@@ -49,7 +50,7 @@ def median_ms(calls: dict[Any, Callable[[], Any]], rounds: int = 15, warmup: int
 
 def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32_files: dict[str, Path],
            scratch: Path, cal: Any, converted: Callable[[str, str], tuple], judge: Callable,
-           open_pipeline: Callable) -> tuple[dict[str, str], dict[str, Any]]:
+           open_pipeline: Callable) -> tuple[dict[str, str], dict[str, Any], dict[str, Any] | None]:
     """The fastest passing policy for the components set to "auto", and the table of what was tried."""
     from mmopt import evaluate as ev
 
@@ -80,19 +81,32 @@ def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32
 
     rows, pipes = [], {}
     with contextlib.ExitStack() as stack:
-        for combo in itertools.product(*(options[c] for c in autos)):
+        # The fixed components with every "auto" one at fp32 first: if that fails, no combination can pass.
+        combos = sorted(itertools.product(*(options[c] for c in autos)), key=lambda c: c != ("fp32",) * len(c))
+        for combo in combos:
             trial = {**policy, **dict(zip(autos, combo))}
             label = " ".join(f"{c}={p}" for c, p in trial.items())
             pipe, trial_runners = stack.enter_context(open_pipeline(
                 split.components, split.output_sources, {c: files[(c, p)] for c, p in trial.items()}, trial,
                 Path(scratch)))
-            failed = [c for c in judge(model, spec, split, trial_runners, trial, cal) if c.failed]
+            checks = judge(model, spec, split, trial_runners, trial, cal)
+            failed = [c for c in checks if c.failed]
+            if not rows and failed:
+                fixed = " ".join(f"{c}={p}" for c, p in policy.items() if p != "auto")
+                raise_on_failures(checks, f"{label} (the fixed part of the policy, {fixed}, with every auto "
+                                          "component at fp32)",
+                                  "No \"auto\" choice can pass when the fixed components fail. Try another "
+                                  "[calibration].method (\"auto\" picks the best per component), exclude the "
+                                  "worst nodes, or keep those components at higher precision.")
             ms = sum(lat.get((c, p), float("nan")) for c, p in trial.items())
             rows.append({"policy": trial, "label": label, "latency_ms": round(ms, 4), "parity_ok": not failed,
                          "parity_failures": len(failed)})
             pipes[label] = pipe.infer
         if spec.evaluation is not None:
-            acc = ev.evaluate(spec, {"eager fp32": ev.eager_predictor(model), **pipes})
+            fp32_pipe, _ = stack.enter_context(open_pipeline(split.components, split.output_sources, fp32_files,
+                                                             {}, Path(scratch)))
+            acc = ev.evaluate(spec, {"eager fp32": ev.eager_predictor(model), "onnx fp32": fp32_pipe.infer,
+                                     **pipes})
             base = acc["scores"]["eager fp32"]
             for row in rows:
                 row["accuracy"] = acc["scores"][row["label"]]
@@ -105,9 +119,12 @@ def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32
         near = [r for r in ok if r["latency_ms"] <= fastest * (1 + NOISE)]
         best = max(near, key=lambda r: (r.get("accuracy", 0.0),
                                         sum(CANDIDATES.index(p) for p in r["policy"].values() if p in CANDIDATES)))
-    if best is None:  # cannot happen with fp32 candidates unless the fixed components already fail
-        return {**policy, **{c: "fp32" for c in autos}}, {"candidates": rows, "chosen": None}
+    if best is None:  # only the accuracy budget can reject fp32 autos: the fixed part costs too much
+        best = next(r for r in rows if all(r["policy"][c] == "fp32" for c in autos))
     table = {"candidates": [{k: v for k, v in r.items() if k != "policy"} for r in rows],
              "chosen": best["label"], "timing": "ONNX Runtime CPU, 1 thread, median of 15 interleaved runs on "
                                                 "calibration batch 0; pipeline = sum of components"}
-    return best["policy"], table
+    scores = None
+    if spec.evaluation is not None:  # reused for the chosen policy's accuracy record
+        scores = {**acc, "scores": {k: acc["scores"][k] for k in ("eager fp32", "onnx fp32", best["label"])}}
+    return best["policy"], table, scores

@@ -112,21 +112,31 @@ def _write(proto: onnx.ModelProto, path: Path) -> None:
     save(proto, path)
 
 
-class EmulatedFp16Runner(OnnxRuntimeRunner):
-    """Runs ``fp16_stage.emulate(graph)``. ORT's ENABLE_ALL level crashes on some of these graphs
-    (segfault in session creation, onnxruntime 1.32); EXTENDED keeps every cast and is safe."""
+class CheckingRunner(OnnxRuntimeRunner):
+    """ONNX Runtime CPU for parity and accuracy runs, interleaved with eager PyTorch in one process:
+    worker threads must not spin after each run (they would starve PyTorch's threads ~10x on 2 cores)."""
+
+    level = "ORT_ENABLE_ALL"
 
     def _load(self) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, self.level)
         so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads:
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
         self._out_names = [o.name for o in self.session.get_outputs()]
+
+
+class EmulatedFp16Runner(CheckingRunner):
+    """Runs ``fp16_stage.emulate(graph)``. ORT's ENABLE_ALL level crashes on some of these graphs
+    (segfault in session creation, onnxruntime 1.32); EXTENDED keeps every cast and is safe."""
+
+    level = "ORT_ENABLE_EXTENDED"
 
 
 @contextlib.contextmanager
@@ -137,7 +147,7 @@ def open_pipeline(split_components: dict, output_sources: dict[str, str], files:
     with contextlib.ExitStack() as stack:
         runners = {}
         for comp, path in files.items():
-            cls = OnnxRuntimeRunner
+            cls = OnnxRuntimeRunner if threads else CheckingRunner  # given threads: timed as users run it
             if policy.get(comp) == "fp16" and emulate_fp16:
                 emu = Path(scratch) / f"{comp}.fp16.emulated.onnx"
                 if not emu.exists():
@@ -235,11 +245,13 @@ def quantize(bundle: str | Path, spec: ModelSpec, model: Any, split: Any,
             from mmopt import policy as search_policy
 
             with progress.task("search precision policy", 1) as advance:
-                policy, table = search_policy.search(spec, model, split, policy, files, Path(scratch), cal,
-                                                     converted, judge, open_pipeline)
+                policy, table, searched = search_policy.search(spec, model, split, policy, files, Path(scratch),
+                                                               cal, converted, judge, open_pipeline)
                 manifest.results["policy_search"] = table
                 advance(1)
             result.policy, result.label = policy, policy_label(policy)
+        else:
+            searched = None
         label = result.label
         converted_comps = [c for c, p in policy.items() if p != "fp32"]
         with progress.task("convert precision", len(converted_comps)) as advance:
@@ -267,7 +279,7 @@ def quantize(bundle: str | Path, spec: ModelSpec, model: Any, split: Any,
                     for where, row in summarise(result.checks).items() if policy.get(where) != "fp32"}
             manifest.results.setdefault("parity", {})[parity_key(policy)] = rows
             if spec.evaluation is not None:
-                result.accuracy = _score(spec, model, split, tmp, manifest, pipe, label, Path(scratch))
+                result.accuracy = _score(spec, model, split, tmp, manifest, pipe, label, Path(scratch), searched)
         if sensitivity and cal is not None and "int8" in policy.values():
             result.sensitivity = _sensitivity(split, tmp, manifest, policy, cal)
             manifest.results.setdefault("sensitivity", {}).update(result.sensitivity)
@@ -278,13 +290,16 @@ def quantize(bundle: str | Path, spec: ModelSpec, model: Any, split: Any,
 
 
 def _score(spec: ModelSpec, model: Any, split: Any, tmp: Path, manifest: Manifest, pipe: Pipeline, label: str,
-           scratch: Path) -> dict[str, Any]:
+           scratch: Path, searched: dict[str, Any] | None = None) -> dict[str, Any]:
     from mmopt import evaluate as ev
 
-    fp32_files = {c: tmp / manifest.artifact(c, "fp32", stage="export").file for c in split.components}
-    with open_pipeline(split.components, split.output_sources, fp32_files, {}, scratch) as (fp32_pipe, _):
-        acc = ev.evaluate(spec, {"eager fp32": ev.eager_predictor(model), "onnx fp32": fp32_pipe.infer,
-                                 label: pipe.infer})
+    if searched is not None:  # the policy search scored this very pipeline on the same data
+        acc = searched
+    else:
+        fp32_files = {c: tmp / manifest.artifact(c, "fp32", stage="export").file for c in split.components}
+        with open_pipeline(split.components, split.output_sources, fp32_files, {}, scratch) as (fp32_pipe, _):
+            acc = ev.evaluate(spec, {"eager fp32": ev.eager_predictor(model), "onnx fp32": fp32_pipe.infer,
+                                     label: pipe.infer})
     scores = acc["scores"]
     drop = scores["eager fp32"] - scores[label]
     old = manifest.results.get("accuracy", {})

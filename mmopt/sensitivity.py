@@ -117,8 +117,11 @@ def int8_sensitivity(comp: str, fp32: onnx.ModelProto, qdq: onnx.ModelProto,
     return {"whole_component": whole, "quantized_nodes": len(nodes), "worst_nodes": rows[:TOP]}
 
 
-def suggest_exclude(report: dict[str, Any], share: float = 0.5) -> list[str]:
-    """Nodes whose lone error is at least ``share`` of the whole component's: the exclusion candidates."""
-    whole = report["whole_component"]["max_rel"]
-    return [r["node"] for r in report["worst_nodes"] if whole > 0 and r["max_rel"] >= share * whole][:3]
+def suggest_exclude(report: dict[str, Any], share: float = 0.5, worth: float = 0.999) -> list[str]:
+    """Nodes whose lone error is at least ``share`` of the whole component's: the exclusion candidates,
+    when the component hurts at all (its pipeline cosine below ``worth``)."""
+    whole = report["whole_component"]
+    if whole["cos_min"] >= worth and (whole["argmax"] is None or whole["argmax"] >= 1.0):
+        return []
+    return [r["node"] for r in report["worst_nodes"] if r["max_rel"] >= share * whole["max_rel"] > 0][:3]
 

@@ -56,6 +56,7 @@ def session(proto: onnx.ModelProto, names: Iterable[str]):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(exposed.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
