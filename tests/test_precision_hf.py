@@ -27,7 +27,7 @@ source = "models.hfdata:clip_batches"
 samples = 32
 method = "percentile"
 [tolerance.int8]
-min_cosine = 0.9   # random weights: near-degenerate embeddings
+min_cosine = 0.8   # random weights: logits are scaled dot products of near-orthogonal embeddings, ~0
 min_argmax = 0.0   # argmax of an embedding is meaningless
 """
 
@@ -56,6 +56,7 @@ def test_clip_int8_quantizes_compute_ops_only(clip):
     r = api.quantize(clip, precision={"image": "int8", "text": "int8"}, sensitivity=False)
     parity = r.manifest.results["parity"]["int8"]
     assert all(row["failed"] == 0 for row in parity.values())
+    assert parity["text"]["cos_min"] > 0.98 and parity["image"]["cos_min"] > 0.98  # default int8 gate
     q = onnx.load(str(clip / "text.int8.onnx"))
     made = {o: n for n in q.graph.node for o in n.output}
     readers = {n.op_type for n in q.graph.node
