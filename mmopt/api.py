@@ -45,6 +45,7 @@ class ExportResult:
     manifest: Manifest
     checks: list[Check]
     seconds: dict[str, float] = field(default_factory=dict)
+    precision: Any = None  # mmopt.precision.QuantizeResult when [precision] converts a component
 
 
 def _check_graph(path: Path, comp: str) -> None:
@@ -101,7 +102,14 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
         manifest.results["export_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         manifest.write(tmp)
     bundle = Path(out_dir).resolve()
-    return ExportResult(bundle, manifest, checks, seconds)
+    result = ExportResult(bundle, manifest, checks, seconds)
+    if any(p != "fp32" for p in spec.precision.values()):
+        from mmopt.precision import quantize as run_policy
+
+        # The fp32 bundle is complete and verified; the precision stage adds to it atomically.
+        result.precision = run_policy(bundle, spec, model, split, None, progress)
+        result.manifest = result.precision.manifest
+    return result
 
 
 def _verify_files(model: Any, spec: ModelSpec, split: Split, files: dict[str, Path],
@@ -186,3 +194,24 @@ def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline:
     if check:
         result.raise_for_gates()
     return result
+
+
+def quantize(bundle: str | Path, config: str | Path | None = None, progress: Progress | None = None,
+             precision: dict[str, str] | None = None, trust_checkpoint: bool = False,
+             sensitivity: bool = True):
+    """Convert an exported bundle's components to the [precision] policy (fp16 / int8 / int8-dynamic).
+
+    ``config`` defaults to the mmopt.toml the bundle was exported from (recorded in its manifest);
+    ``precision`` overrides the config's [precision] table (component -> precision). Writes
+    ``<component>.<precision>.onnx`` beside the fp32 graphs, checked against eager PyTorch and, with an
+    [evaluation] table, scored on the task. A failure leaves the bundle exactly as it was.
+    """
+    from mmopt.precision import quantize as run_policy
+
+    progress = progress or Progress()
+    manifest = Manifest.read(bundle)
+    path = Path(config) if config is not None else Path(manifest.model.get("config", ""))
+    spec = load_spec(path)
+    model = build_model(spec, trust_checkpoint)
+    split = capture_split(model, spec)
+    return run_policy(bundle, spec, model, split, precision, progress, sensitivity)

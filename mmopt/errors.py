@@ -32,6 +32,14 @@ class ParityError(MmoptError):
     """An artifact does not match the eager model within tolerance."""
 
 
+class CalibrationError(MmoptError):
+    """The calibration or evaluation callable is missing, fails, or yields data that does not fit [inputs]."""
+
+
+class PrecisionError(MmoptError):
+    """A converted (fp16 / int8) pipeline cannot meet the configured parity or accuracy budget."""
+
+
 class BundleError(MmoptError):
     """A bundle on disk is missing, incomplete or tampered with."""
 

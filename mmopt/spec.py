@@ -17,7 +17,7 @@ from mmopt.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "auto")
 SIZES = ("min", "opt", "max")
 TOP_LEVEL = ("model", "inputs", "dims", "components", "precision", "calibration", "evaluation", "tolerance")
 
@@ -266,6 +266,8 @@ def _parse_tolerance(path: Path, raw: Any) -> tuple[dict[str, dict[str, float]],
     tol = {k: dict(v) for k, v in DEFAULT_TOLERANCES.items()}
     f = _Fields(path, raw, "tolerance")
     drop = f.get("max_accuracy_drop", (int, float), None)
+    if drop is not None and not 0 <= drop <= 1:
+        raise f.err("max_accuracy_drop", f"is a fraction of the score in [0, 1] (0.01 = one point), got {drop!r}.")
     for prec in PRECISIONS:
         if prec in raw:
             g = _Fields(path, f.get(prec, dict), f"tolerance.{prec}")
@@ -340,8 +342,9 @@ def load_spec(path: str | Path) -> ModelSpec:
         value = p.get(name, str)
         if name not in [*components, "fusion"]:
             raise p.err(name, f"is not a component. Components: {', '.join([*components, 'fusion'])}.")
-        if value not in PRECISIONS:
-            raise p.err(name, f"must be one of {', '.join(PRECISIONS)}, got {value!r}.")
+        if value not in (*PRECISIONS, "auto"):
+            raise p.err(name, f"must be one of {', '.join(PRECISIONS)} or auto (the fastest that meets the "
+                              f"budget), got {value!r}.")
         precision[name] = value
 
     calibration = None

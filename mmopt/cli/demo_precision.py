@@ -1,0 +1,55 @@
+"""The precision part of ``mmopt demo``: fp16 and int8 variants of the demo bundle, and one table."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+
+def run(bundle: Path, rounds: int = 10) -> dict[str, Any]:
+    """Convert ``bundle`` to fp16 (every component) and to the int8 policy (image encoders int8, the
+    rest chosen by the policy search), then print and return the side-by-side comparison."""
+    from mmopt import api
+    from mmopt.bench.precision import compare
+    from mmopt.capture import split as capture_split
+    from mmopt.checkpoint import build_model
+    from mmopt.cli import console
+    from mmopt.manifest import Manifest
+    from mmopt.progress import RichProgress
+    from mmopt.spec import load_spec
+
+    manifest = Manifest.read(bundle)
+    comps = list(manifest.components)
+    fp16 = {c: "fp16" for c in comps}
+    first = comps[0]  # the image encoder of the demo model
+    int8 = {c: ("int8" if c == first else "auto") for c in comps}
+    progress = RichProgress(console)
+    api.quantize(bundle, precision=fp16, progress=progress, sensitivity=False)
+    chosen = api.quantize(bundle, precision=int8, progress=progress).policy
+    spec = load_spec(manifest.model["config"])
+    model = build_model(spec)
+    split = capture_split(model, spec)
+    report = compare(bundle, spec, model, split, {"eager fp32": None, "onnx fp32": {}, "fp16": fp16,
+                                                  "int8": chosen}, batches=(32,), rounds=rounds)
+    console.print(table(report))
+    return report
+
+
+def table(report: dict[str, Any]) -> Table:
+    ev = report.get("evaluation") or {}
+    t = Table(title=f"precision variants: accuracy on {ev.get('samples', '?')} test samples, CPU latency at "
+                    f"batch {report['latency']['batches'][-1]}, {report['latency']['threads']} thread",
+              title_justify="left")
+    for col in ("variant", "precision per component", "size", "cos min", "max err", "accuracy", "latency",
+                "vs eager"):
+        t.add_column(col, justify="left" if col in ("variant", "precision per component") else "right")
+    b = str(report["latency"]["batches"][-1])
+    for name, row in report["variants"].items():
+        par = row.get("parity_vs_eager", {})
+        size = f"{row['total_bytes'] / 1024:.0f} KiB" if "total_bytes" in row else "-"
+        prec = " ".join(f"{c}={p}" for c, p in row["precision"].items()) if "policy" in row else "PyTorch"
+        t.add_row(name, prec, size, f"{par.get('cos_min', 1.0):.5f}", f"{par.get('max_abs', 0.0):.2e}",
+                  f"{row['accuracy'] * 100:.2f}%" if "accuracy" in row else "-",
+                  f"{row['latency_ms'][b]:.2f} ms", f"{row.get('latency_vs_eager', {}).get(b, 1.0):.2f}x")
+    return t

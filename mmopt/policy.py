@@ -1,0 +1,130 @@
+"""``precision = "auto"``: pick, per component, the fastest precision whose pipeline still meets the budget.
+
+Every combination of the candidates for the "auto" components (with the fixed components as
+configured) is judged like any policy: parity gates against eager PyTorch and, with [evaluation],
+the accuracy budget. Each candidate graph is timed alone on this machine (ONNX Runtime CPU, one
+thread, median of interleaved repeats on a real calibration batch); a pipeline's latency is the sum of
+its components'. The fastest passing combination wins (within 5% timing noise, the more accurate one);
+fp32 always passes, so there is always one.
+fp16 is no candidate on CPU: ONNX Runtime runs it at fp32 speed here.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mmopt.bench.compare import raise_on_failures
+from mmopt.errors import ConfigError
+from mmopt.runners.onnxrt import OnnxRuntimeRunner
+from mmopt.spec import ModelSpec
+from mmopt.stages.export import save
+
+CANDIDATES = ("int8", "int8-dynamic", "fp32")
+MAX_COMBINATIONS = 27
+NOISE = 0.05  # latencies within 5% of the fastest count as equal
+
+
+def median_ms(calls: dict[Any, Callable[[], Any]], rounds: int = 15, warmup: int = 2) -> dict[Any, float]:
+    """Median wall time of each call, interleaved in a shuffled order every round (fair on a noisy machine)."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[Any, list[float]] = {k: [] for k in calls}
+    order = list(calls)
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for k in order:
+            t = time.perf_counter()
+            calls[k]()
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) * 1000 for k, v in times.items()}
+
+
+def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32_files: dict[str, Path],
+           scratch: Path, cal: Any, converted: Callable[[str, str], tuple], judge: Callable,
+           open_pipeline: Callable) -> tuple[dict[str, str], dict[str, Any], dict[str, Any] | None]:
+    """The fastest passing policy for the components set to "auto", and the table of what was tried."""
+    from mmopt import evaluate as ev
+
+    autos = [c for c, p in policy.items() if p == "auto"]
+    if cal is None:
+        raise ConfigError(f"{spec.path}: [precision] {autos[0]} = \"auto\" needs a [calibration] table: "
+                          "candidates are calibrated and timed on real data.")
+    options = {c: list(CANDIDATES) for c in autos}
+    if math.prod(len(v) for v in options.values()) > MAX_COMBINATIONS:
+        raise ConfigError(f"{spec.path}: [precision] has {len(autos)} components set to \"auto\"; at most "
+                          f"{MAX_COMBINATIONS} combinations are tried. Fix the precision of some of them.")
+    files: dict[tuple[str, str], Path] = {}
+    for comp, prec in [(c, p) for c, p in policy.items() if p != "auto"] + \
+                      [(c, p) for c in autos for p in options[c]]:
+        if prec == "fp32":
+            files[(comp, prec)] = fp32_files[comp]
+        else:
+            files[(comp, prec)] = Path(scratch) / f"candidate.{comp}.{prec}.onnx"
+            save(converted(comp, prec)[0], files[(comp, prec)])
+
+    feeds = {c: cal.feeds[c][0][0] for c in split.components}
+    with contextlib.ExitStack() as stack:
+        runners = {}
+        for (comp, prec), path in files.items():
+            s = split.components[comp]
+            runners[(comp, prec)] = stack.enter_context(OnnxRuntimeRunner(path, s.inputs, s.outputs, threads=1))
+        lat = median_ms({k: (lambda r=r, f=feeds[k[0]]: r.infer(f, check=False)) for k, r in runners.items()})
+
+    rows, pipes = [], {}
+    with contextlib.ExitStack() as stack:
+        # The fixed components with every "auto" one at fp32 first: if that fails, no combination can pass.
+        combos = sorted(itertools.product(*(options[c] for c in autos)), key=lambda c: c != ("fp32",) * len(c))
+        for combo in combos:
+            trial = {**policy, **dict(zip(autos, combo))}
+            label = " ".join(f"{c}={p}" for c, p in trial.items())
+            pipe, trial_runners = stack.enter_context(open_pipeline(
+                split.components, split.output_sources, {c: files[(c, p)] for c, p in trial.items()}, trial,
+                Path(scratch)))
+            checks = judge(model, spec, split, trial_runners, trial, cal)
+            failed = [c for c in checks if c.failed]
+            if not rows and failed:
+                fixed = " ".join(f"{c}={p}" for c, p in policy.items() if p != "auto")
+                raise_on_failures(checks, f"{label} (the fixed part of the policy, {fixed}, with every auto "
+                                          "component at fp32)",
+                                  "No \"auto\" choice can pass when the fixed components fail. Try another "
+                                  "[calibration].method (\"auto\" picks the best per component), exclude the "
+                                  "worst nodes, or keep those components at higher precision.")
+            ms = sum(lat.get((c, p), float("nan")) for c, p in trial.items())
+            rows.append({"policy": trial, "label": label, "latency_ms": round(ms, 4), "parity_ok": not failed,
+                         "parity_failures": len(failed)})
+            pipes[label] = pipe.infer
+        if spec.evaluation is not None:
+            fp32_pipe, _ = stack.enter_context(open_pipeline(split.components, split.output_sources, fp32_files,
+                                                             {}, Path(scratch)))
+            acc = ev.evaluate(spec, {"eager fp32": ev.eager_predictor(model), "onnx fp32": fp32_pipe.infer,
+                                     **pipes})
+            base = acc["scores"]["eager fp32"]
+            for row in rows:
+                row["accuracy"] = acc["scores"][row["label"]]
+                budget = spec.max_accuracy_drop
+                row["accuracy_ok"] = budget is None or base - row["accuracy"] <= budget
+    ok = [r for r in rows if r["parity_ok"] and r.get("accuracy_ok", True)]
+    best = None
+    if ok:  # within timing noise of the fastest, prefer the more accurate (then the less quantized)
+        fastest = min(r["latency_ms"] for r in ok)
+        near = [r for r in ok if r["latency_ms"] <= fastest * (1 + NOISE)]
+        best = max(near, key=lambda r: (r.get("accuracy", 0.0),
+                                        sum(CANDIDATES.index(p) for p in r["policy"].values() if p in CANDIDATES)))
+    if best is None:  # only the accuracy budget can reject fp32 autos: the fixed part costs too much
+        best = next(r for r in rows if all(r["policy"][c] == "fp32" for c in autos))
+    table = {"candidates": [{k: v for k, v in r.items() if k != "policy"} for r in rows],
+             "chosen": best["label"], "timing": "ONNX Runtime CPU, 1 thread, median of 15 interleaved runs on "
+                                                "calibration batch 0; pipeline = sum of components"}
+    scores = None
+    if spec.evaluation is not None:  # reused for the chosen policy's accuracy record
+        scores = {**acc, "scores": {k: acc["scores"][k] for k in ("eager fp32", "onnx fp32", best["label"])}}
+    return best["policy"], table, scores

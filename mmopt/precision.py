@@ -1,0 +1,341 @@
+"""Convert a bundle's components to fp16 / int8 by the [precision] policy and judge the recomposed pipeline.
+
+Each converted graph is written next to its fp32 parent (``<component>.<precision>.onnx``) with its
+lineage in the manifest. The pipeline of the policy (fp32 where not converted) is then checked
+against eager PyTorch on random inputs at the min / opt / max shapes and on real calibration
+batches, scored on the evaluation data when configured, and the int8 components get a sensitivity
+report. Everything happens in a staged copy of the bundle: any failure leaves it as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import onnx
+
+from mmopt import calibration
+from mmopt.bench.compare import Check, check_all, raise_on_failures
+from mmopt.errors import BundleError, ConfigError, PrecisionError
+from mmopt.manifest import Manifest, staged_bundle
+from mmopt.progress import Progress
+from mmopt.runners.onnxrt import OnnxRuntimeRunner
+from mmopt.runners.pipeline import Pipeline
+from mmopt.spec import ModelSpec
+from mmopt.stages import fp16 as fp16_stage
+from mmopt.stages import int8 as int8_stage
+from mmopt.stages.export import save
+from mmopt.verify import VERIFY_SEED, eager_io, summarise, verify
+
+ORDER = ["fp32", "fp16", "int8-dynamic", "int8"]
+REAL_BATCHES = 4  # calibration batches also used as parity cases (real data)
+SENSITIVITY_SAMPLES = 64
+
+
+@dataclass
+class QuantizeResult:
+    bundle: Path
+    manifest: Manifest
+    policy: dict[str, str]
+    label: str
+    checks: list[Check]
+    islands: dict[str, dict[str, str]] = field(default_factory=dict)
+    accuracy: dict[str, Any] | None = None
+    sensitivity: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+def artifact_file(component: str, precision: str) -> str:
+    return f"{component}.onnx" if precision == "fp32" else f"{component}.{precision}.onnx"
+
+
+def policy_label(policy: dict[str, str]) -> str:
+    return " ".join(f"{c}={p}" for c, p in policy.items())
+
+
+def parity_key(policy: dict[str, str]) -> str:
+    used = {p for p in policy.values() if p != "fp32"}
+    return used.pop() if len(used) == 1 else "mixed"
+
+
+def resolve_policy(spec: ModelSpec, manifest: Manifest, override: dict[str, str] | None) -> dict[str, str]:
+    asked = dict(override if override is not None else spec.precision)
+    comps = list(manifest.components)
+    unknown = [c for c in asked if c not in comps]
+    if unknown:
+        raise ConfigError(f"{spec.path}: [precision] names {', '.join(unknown)}, which the bundle does not have. "
+                          f"Components: {', '.join(comps)}.")
+    bad = [f"{c} = {p!r}" for c, p in asked.items() if p not in (*ORDER, "auto")]
+    if bad:
+        raise ConfigError(f"{spec.path}: [precision] {', '.join(bad)}: use one of {', '.join(ORDER)} or auto.")
+    policy = {c: asked.get(c, "fp32") for c in comps}
+    if all(p == "fp32" for p in policy.values()):
+        raise ConfigError(f"{spec.path}: [precision] converts nothing (every component is fp32). Add e.g.\n"
+                          f"  [precision]\n  {comps[0]} = \"int8\"")
+    return policy
+
+
+def check_bundle_matches(manifest: Manifest, spec: ModelSpec, split: Any, bundle: Path) -> None:
+    """The bundle's fp32 graphs must come from this model: same checkpoint, same captured components."""
+    want = manifest.model.get("checkpoint_sha256")
+    from mmopt.manifest import sha256_file
+
+    have = sha256_file(spec.checkpoint) if spec.checkpoint else None
+    differs = [c for c in manifest.components if c not in split.components
+               or split.components[c].to_json() != manifest.components[c].to_json()]
+    if want != have or differs or set(split.components) != set(manifest.components):
+        what = "checkpoint" if want != have else f"components {', '.join(differs) or 'set'}"
+        raise BundleError(f"{bundle}: was exported from a different model than {spec.path} describes ({what} "
+                          "differ). Re-run `mmopt export` with this config before converting precision.")
+
+
+def forget_stale(manifest: Manifest, rewritten: set[tuple[str, str]]) -> None:
+    """Drop parity and accuracy results of earlier policies that used an artifact this run replaces."""
+    def uses(label: str) -> bool:
+        return bool({tuple(part.split("=", 1)) for part in label.split()} & rewritten)
+
+    parity = manifest.results.get("parity", {})
+    for key in [k for k in parity if k != "fp32"]:
+        if any((comp, row.get("precision")) in rewritten for comp, row in parity[key].items()):
+            del parity[key]
+    acc = manifest.results.get("accuracy")
+    if acc:
+        acc["scores"] = {k: v for k, v in acc["scores"].items() if not uses(k)}
+
+
+def _write(proto: onnx.ModelProto, path: Path) -> None:
+    # The staged bundle hard-links the old files: replace the link, never write through it.
+    path.unlink(missing_ok=True)
+    save(proto, path)
+
+
+class CheckingRunner(OnnxRuntimeRunner):
+    """ONNX Runtime CPU for parity and accuracy runs, interleaved with eager PyTorch in one process:
+    worker threads must not spin after each run (they would starve PyTorch's threads ~10x on 2 cores)."""
+
+    level = "ORT_ENABLE_ALL"
+
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, self.level)
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        self._out_names = [o.name for o in self.session.get_outputs()]
+
+
+class EmulatedFp16Runner(CheckingRunner):
+    """Runs ``fp16_stage.emulate(graph)``. ORT's ENABLE_ALL level crashes on some of these graphs
+    (segfault in session creation, onnxruntime 1.32); EXTENDED keeps every cast and is safe."""
+
+    level = "ORT_ENABLE_EXTENDED"
+
+
+@contextlib.contextmanager
+def open_pipeline(split_components: dict, output_sources: dict[str, str], files: dict[str, Path],
+                  policy: dict[str, str], scratch: Path, threads: int | None = None,
+                  emulate_fp16: bool = True) -> Iterator[tuple[Pipeline, dict[str, OnnxRuntimeRunner]]]:
+    """Runners for ``files`` (fp16 graphs as their CPU emulation unless told otherwise) and their pipeline."""
+    with contextlib.ExitStack() as stack:
+        runners = {}
+        for comp, path in files.items():
+            cls = OnnxRuntimeRunner if threads else CheckingRunner  # given threads: timed as users run it
+            if policy.get(comp) == "fp16" and emulate_fp16:
+                emu = Path(scratch) / f"{comp}.fp16.emulated.onnx"
+                if not emu.exists():
+                    save(fp16_stage.emulate(onnx.load(str(path))), emu)
+                path, cls = emu, EmulatedFp16Runner
+            spec = split_components[comp]
+            runners[comp] = stack.enter_context(cls(path, spec.inputs, spec.outputs, name=comp, threads=threads))
+        yield Pipeline(split_components, output_sources, runners), runners
+
+
+def judge(model: Any, spec: ModelSpec, split: Any, runners: dict, policy: dict[str, str],
+          cal: calibration.CalibrationData | None) -> list[Check]:
+    """Parity per component and for the pipeline: random inputs at min / opt / max, then real batches."""
+    worst = max(policy.values(), key=ORDER.index)
+
+    def tol(comp: str) -> dict[str, float]:
+        if comp == "pipeline":
+            return spec.tolerances[worst]
+        gate = dict(spec.tolerances[policy[comp]])
+        if split.components[comp].kind == "encoder":
+            gate["min_argmax"] = 0.0  # an encoder's outputs are features: argmax of a feature vector means nothing
+        return gate
+
+    checks = verify(model, spec, split, runners, tol)
+    if cal is not None:
+        pipe = Pipeline(split.components, split.output_sources, runners)
+        for i, batch in enumerate(cal.batches[:REAL_BATCHES]):
+            for comp, (feeds, refs) in ((c, cal.feeds[c][i]) for c in split.components):
+                checks += check_all(f"{comp}@real{i}", refs, runners[comp].infer(feeds), tol(comp))
+            checks += check_all(f"pipeline@real{i}", cal.model_outputs[i], pipe.infer(batch), tol("pipeline"))
+    return checks
+
+
+def _cases(model: Any, spec: ModelSpec, split: Any, comp: str, cal: calibration.CalibrationData | None):
+    """(feeds, eager refs) of ``comp``: random at the three sizes, plus real calibration batches."""
+    cases = [eager_io(model, spec, split, size, VERIFY_SEED + 100 + i)[2][comp]
+             for i, size in enumerate(("min", "opt", "max"))]
+    if cal is not None:
+        cases += cal.feeds[comp][:REAL_BATCHES]
+    return cases
+
+
+def convert_component(comp: str, precision: str, proto: onnx.ModelProto, model: Any, spec: ModelSpec,
+                      split: Any, cal: calibration.CalibrationData | None) -> tuple[onnx.ModelProto, dict, dict]:
+    """One component to ``precision``: (graph, manifest config, fp32 islands)."""
+    exclude = spec.exclude.get(comp, ())
+    if exclude:
+        int8_stage.check_exclude(proto, exclude, comp, spec.path)
+    if precision == "fp16":
+        cases = _cases(model, spec, split, comp, cal)
+        stats = [f for f, _ in cases] + ([f for f, _ in cal.feeds[comp]] if cal else [])
+        res = fp16_stage.to_fp16(proto, stats, cases, spec.tolerances["fp16"], comp)
+        ops = {n.name: n.op_type for n in res.proto.graph.node}
+        islands = {n: f"{ops.get(n, '?')}: {why}" for n, why in res.islands.items()}
+        config = {"converter": "onnxruntime.transformers.float16 (keep_io_types) + joined fp32 islands",
+                  "range_samples": cal.samples if cal else "random inputs (no [calibration])",
+                  "fp32_islands": islands, "parity_rounds": res.rounds}
+        return res.proto, config, islands
+    if precision == "int8":
+        if cal is None:
+            raise ConfigError(f"{spec.path}: {comp} = \"int8\" needs a [calibration] table naming real data.")
+        res = int8_stage.quantize_static_qdq(proto, [f for f, _ in cal.feeds[comp]], spec.calibration.method,
+                                             exclude, cal.samples)
+        return res.proto, {**res.config, "calibration_source": cal.source}, {}
+    res = int8_stage.quantize_dynamic_int8(proto, exclude)
+    return res.proto, res.config, {}
+
+
+def quantize(bundle: str | Path, spec: ModelSpec, model: Any, split: Any,
+             precision: dict[str, str] | None = None, progress: Progress | None = None,
+             sensitivity: bool = True) -> QuantizeResult:
+    """Convert, judge and record one precision policy in ``bundle`` (atomically)."""
+    t0 = time.perf_counter()
+    progress = progress or Progress()
+    bundle = Path(bundle).resolve()
+    manifest = Manifest.read(bundle).verified(bundle)
+    policy = resolve_policy(spec, manifest, precision)
+    check_bundle_matches(manifest, spec, split, bundle)
+    needs_cal = any(p in ("int8", "fp16", "auto") for p in policy.values())
+    cal = calibration.load(model, spec, split) if needs_cal and spec.calibration else None
+    if any(p in ("int8", "auto") for p in policy.values()) and cal is None:
+        calibration.load(model, spec, split)  # raises the "add a [calibration] table" error
+    cache: dict[tuple[str, str], tuple] = {}
+    result = QuantizeResult(bundle, manifest, policy, policy_label(policy), [])
+    with staged_bundle(bundle, keep_existing=True) as tmp, tempfile.TemporaryDirectory() as scratch:
+        files = {c: tmp / manifest.artifact(c, "fp32", stage="export").file for c in policy}
+
+        def converted(comp: str, prec: str) -> tuple:
+            if (comp, prec) not in cache:
+                parent = tmp / manifest.artifact(comp, "fp32", stage="export").file
+                cache[(comp, prec)] = convert_component(comp, prec, onnx.load(str(parent)), model, spec, split, cal)
+            return cache[(comp, prec)]
+
+        if "auto" in policy.values():
+            from mmopt import policy as search_policy
+
+            with progress.task("search precision policy", 1) as advance:
+                policy, table, searched = search_policy.search(spec, model, split, policy, files, Path(scratch),
+                                                               cal, converted, judge, open_pipeline)
+                manifest.results["policy_search"] = table
+                advance(1)
+            result.policy, result.label = policy, policy_label(policy)
+        else:
+            searched = None
+        label = result.label
+        converted_comps = [c for c, p in policy.items() if p != "fp32"]
+        with progress.task("convert precision", len(converted_comps)) as advance:
+            for comp in converted_comps:
+                parent = manifest.artifact(comp, "fp32", stage="export")
+                proto, config, islands = converted(comp, policy[comp])
+                files[comp] = tmp / artifact_file(comp, policy[comp])
+                _write(proto, files[comp])
+                manifest.add(tmp, comp, policy[comp], policy[comp], files[comp].name, parent=parent.id,
+                             config=config)
+                if islands:
+                    result.islands[comp] = islands
+                advance(1)
+        forget_stale(manifest, {(c, policy[c]) for c in converted_comps})
+        with open_pipeline(split.components, split.output_sources, files, policy, Path(scratch)) as (pipe, runners):
+            result.checks = judge(model, spec, split, runners, policy, cal)
+            method = spec.calibration.method if spec.calibration else None
+            raise_on_failures(result.checks, f"{label} pipeline vs eager PyTorch",
+                              "Nothing was written. Exclude the worst nodes ([precision.exclude], see the "
+                              "sensitivity report of a passing run), keep a component at higher precision, "
+                              + (f"try another [calibration].method (this run used {method}; \"auto\" picks the "
+                                 "best per component), " if "int8" in policy.values() and method != "auto" else "")
+                              + "or loosen the gate under [tolerance.<precision>].")
+            rows = {where: {**row, "precision": policy.get(where, label)}
+                    for where, row in summarise(result.checks).items() if policy.get(where) != "fp32"}
+            manifest.results.setdefault("parity", {})[parity_key(policy)] = rows
+            if spec.evaluation is not None:
+                result.accuracy = _score(spec, model, split, tmp, manifest, pipe, label, Path(scratch), searched)
+        if sensitivity and cal is not None and "int8" in policy.values():
+            result.sensitivity = _sensitivity(split, tmp, manifest, policy, cal)
+            manifest.results.setdefault("sensitivity", {}).update(result.sensitivity)
+        result.seconds = time.perf_counter() - t0
+        manifest.results.setdefault("precision_seconds", {})[label] = round(result.seconds, 2)
+        manifest.write(tmp)
+    return result
+
+
+def _score(spec: ModelSpec, model: Any, split: Any, tmp: Path, manifest: Manifest, pipe: Pipeline, label: str,
+           scratch: Path, searched: dict[str, Any] | None = None) -> dict[str, Any]:
+    from mmopt import evaluate as ev
+
+    if searched is not None:  # the policy search scored this very pipeline on the same data
+        acc = searched
+    else:
+        fp32_files = {c: tmp / manifest.artifact(c, "fp32", stage="export").file for c in split.components}
+        with open_pipeline(split.components, split.output_sources, fp32_files, {}, scratch) as (fp32_pipe, _):
+            acc = ev.evaluate(spec, {"eager fp32": ev.eager_predictor(model), "onnx fp32": fp32_pipe.infer,
+                                     label: pipe.infer})
+    scores = acc["scores"]
+    drop = scores["eager fp32"] - scores[label]
+    old = manifest.results.get("accuracy", {})
+    if old.get("source") == acc["source"] and old.get("samples") == acc["samples"]:
+        acc["scores"] = {**old.get("scores", {}), **scores}
+    acc["max_accuracy_drop"] = spec.max_accuracy_drop
+    manifest.results["accuracy"] = acc
+    if spec.max_accuracy_drop is not None and drop > spec.max_accuracy_drop:
+        table = "\n".join(f"  {k:<50} {v:.4f}" for k, v in scores.items())
+        raise PrecisionError(
+            f"{label}: accuracy drops by {drop * 100:.2f} points on {acc['samples']} samples from {acc['source']}, "
+            f"more than [tolerance].max_accuracy_drop = {spec.max_accuracy_drop} ({spec.max_accuracy_drop * 100:g} "
+            f"points):\n{table}\nNothing was written. Keep the most sensitive component at higher precision or "
+            "exclude its worst nodes ([precision.exclude]); `mmopt quantize` prints the sensitivity report.")
+    return acc
+
+
+def _sensitivity(split: Any, tmp: Path, manifest: Manifest, policy: dict[str, str],
+                 cal: calibration.CalibrationData) -> dict[str, Any]:
+    from mmopt import sensitivity as sens
+
+    cases, rows = [], 0
+    for batch, out in zip(cal.batches, cal.model_outputs):
+        cases.append((batch, out))
+        rows += len(next(iter(batch.values())))
+        if rows >= SENSITIVITY_SAMPLES:
+            break
+    fp32 = {c: onnx.load(str(tmp / manifest.artifact(c, "fp32", stage="export").file)) for c in split.components}
+    report = {}
+    for comp, prec in policy.items():
+        if prec != "int8":
+            continue
+        qdq = onnx.load(str(tmp / artifact_file(comp, "int8")))
+        r = sens.int8_sensitivity(comp, fp32[comp], qdq, split.components, split.output_sources, fp32, cases)
+        r["samples"] = rows
+        r["suggest_exclude"] = sens.suggest_exclude(r)
+        report[comp] = r
+    return report
+

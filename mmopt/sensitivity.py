@@ -1,0 +1,127 @@
+"""Which int8 nodes cost accuracy: each quantized node's own contribution to the pipeline's error.
+
+For every node the int8 graph quantizes, a variant of the fp32 graph gets the Q/DQ of that node
+alone (same scales); the recomposed pipeline (other components fp32) runs on real calibration
+inputs and its outputs are compared with the eager model's. The nodes whose lone quantization hurts
+most are the ones to list under ``[precision.exclude]``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from mmopt.bench.compare import measure
+from mmopt.runners.pipeline import Pipeline
+from mmopt.spec import ComponentSpec
+from mmopt.stages import graph
+from mmopt.stages.int8 import COMPUTE_OPS
+
+TOP = 8
+
+
+class SessionRunner:
+    """The bare minimum Pipeline needs: ``infer(feeds, check=False)`` on an in-memory graph."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = 1
+        self.sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.sess.get_outputs()]
+
+    def infer(self, feeds: dict[str, np.ndarray], check: bool = False) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.sess.run(self.names, feeds)))
+
+
+def quantized_nodes(qdq: onnx.ModelProto) -> list[onnx.NodeProto]:
+    made = graph.producers(qdq.graph)
+    return [n for n in qdq.graph.node if n.op_type in COMPUTE_OPS
+            and any(made.get(i) is not None and made[i].op_type == "DequantizeLinear" for i in n.input)]
+
+
+def only(fp32: onnx.ModelProto, qdq: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``fp32`` with the Q/DQ that ``qdq`` puts in front of node ``name``, and no other."""
+    out = onnx.ModelProto()
+    out.CopyFrom(fp32)
+    made = graph.producers(qdq.graph)
+    qinit = {t.name: t for t in qdq.graph.initializer}
+    have = {t.name for t in out.graph.initializer}
+    qnode = next(n for n in qdq.graph.node if n.name == name)
+    pos, target = next((i, n) for i, n in enumerate(out.graph.node) if n.name == name)
+    added = []
+    for i, tensor in enumerate(qnode.input):
+        dq = made.get(tensor)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        chain = [dq]
+        q = made.get(dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            chain.insert(0, q)
+        rename = {}
+        for node in chain:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = f"{node.name}__only_{name}"
+            for j, o in enumerate(copy.output):
+                rename[o] = copy.output[j] = f"{o}__only_{name}"
+            for j, inp in enumerate(copy.input):
+                copy.input[j] = rename.get(inp, inp)
+                if inp in qinit and inp not in have:
+                    out.graph.initializer.append(qinit[inp])
+                    have.add(inp)
+            added.append(copy)
+        target.input[i] = rename[dq.output[0]]
+    for k, node in enumerate(added):
+        out.graph.node.insert(pos + k, node)
+    graph.prune(out.graph)
+    return out
+
+
+def _error(refs: list[dict[str, np.ndarray]], outs: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    rel, cos, agree, rows = 0.0, 1.0, 0.0, 0
+    for r, o in zip(refs, outs):
+        for name, ref in r.items():
+            m = measure(name, ref, o[name])
+            rel, cos = max(rel, m.max_rel), min(cos, m.cos_min)
+            if m.argmax is not None:
+                n = int(np.prod(ref.shape[:-1]))
+                agree += m.argmax * n
+                rows += n
+    return {"max_rel": round(rel, 5), "cos_min": round(cos, 5),
+            "argmax": None if rows == 0 else round(agree / rows, 4)}
+
+
+def int8_sensitivity(comp: str, fp32: onnx.ModelProto, qdq: onnx.ModelProto,
+                     components: dict[str, ComponentSpec], output_sources: dict[str, str],
+                     fp32_protos: dict[str, onnx.ModelProto],
+                     cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]) -> dict[str, Any]:
+    """Pipeline error with all of ``comp`` int8, and with each quantized node alone int8 (worst first)."""
+    fp32 = graph.named(fp32)
+    others = {c: SessionRunner(p) for c, p in fp32_protos.items() if c != comp}
+    refs = [out for _, out in cases]
+
+    def pipeline_error(proto: onnx.ModelProto) -> dict[str, float]:
+        pipe = Pipeline(components, output_sources, {**others, comp: SessionRunner(proto)})
+        return _error(refs, [pipe.infer(inp) for inp, _ in cases])
+
+    nodes = quantized_nodes(qdq)
+    rows = []
+    for node in nodes:
+        rows.append({"node": node.name, "op": node.op_type, **pipeline_error(only(fp32, qdq, node.name))})
+    rows.sort(key=lambda r: (-r["max_rel"], r["cos_min"]))
+    whole = pipeline_error(qdq)
+    return {"whole_component": whole, "quantized_nodes": len(nodes), "worst_nodes": rows[:TOP]}
+
+
+def suggest_exclude(report: dict[str, Any], share: float = 0.5, worth: float = 0.999) -> list[str]:
+    """Nodes whose lone error is at least ``share`` of the whole component's: the exclusion candidates,
+    when the component hurts at all (its pipeline cosine below ``worth``)."""
+    whole = report["whole_component"]
+    if whole["cos_min"] >= worth and (whole["argmax"] is None or whole["argmax"] >= 1.0):
+        return []
+    return [r["node"] for r in report["worst_nodes"] if r["max_rel"] >= share * whole["max_rel"] > 0][:3]
+
