@@ -116,20 +116,9 @@ class CheckingRunner(OnnxRuntimeRunner):
     """ONNX Runtime CPU for parity and accuracy runs, interleaved with eager PyTorch in one process:
     worker threads must not spin after each run (they would starve PyTorch's threads ~10x on 2 cores)."""
 
-    level = "ORT_ENABLE_ALL"
-
-    def _load(self) -> None:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, self.level)
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self.threads:
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
-        self._out_names = [o.name for o in self.session.get_outputs()]
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("config", {"session.intra_op.allow_spinning": "0"})
+        super().__init__(*args, **kwargs)
 
 
 class EmulatedFp16Runner(CheckingRunner):

@@ -21,6 +21,7 @@ def available_devices() -> list[str]:
 
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
+    level = "ORT_ENABLE_ALL"  # graph optimisation level; a subclass may need a safer one
 
     def __init__(self, path: str | Path, inputs: list[TensorSpec] | tuple[TensorSpec, ...],
                  outputs: list[TensorSpec] | tuple[TensorSpec, ...], device: str = "cpu",
@@ -40,7 +41,7 @@ class OnnxRuntimeRunner(Runner):
                 f"onnxruntime here has no {PROVIDERS[self.device]} (available: {', '.join(available_devices())}). "
                 "Install onnxruntime-gpu on a machine with an NVIDIA GPU for --device cuda.")
         so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, self.level)
         so.log_severity_level = 3
         if self.threads:
             so.intra_op_num_threads = self.threads
