@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import run_cli
+from support import run_cli
 
 from mmopt.api import bench
 from mmopt.bench import gates
