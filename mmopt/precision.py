@@ -114,7 +114,7 @@ def _write(proto: onnx.ModelProto, path: Path) -> None:
 
 class CheckingRunner(OnnxRuntimeRunner):
     """ONNX Runtime CPU for parity and accuracy runs, interleaved with eager PyTorch in one process:
-    worker threads must not spin after each run (they would starve PyTorch's threads ~10x on 2 cores)."""
+    one thread unless told, and no spinning workers (they starved PyTorch's threads ~10x on 2 cores)."""
 
     level = "ORT_ENABLE_ALL"
 
@@ -125,9 +125,8 @@ class CheckingRunner(OnnxRuntimeRunner):
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, self.level)
         so.log_severity_level = 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self.threads:
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
+        so.intra_op_num_threads = self.threads or 1  # robust on a shared machine, like the eager reference
+        so.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
         self._out_names = [o.name for o in self.session.get_outputs()]
 
