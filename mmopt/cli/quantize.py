@@ -34,7 +34,7 @@ def quantize(
                                                "and \\[tolerance] from. Default: the config the bundle was "
                                                "exported from."),
     precision: list[str] = typer.Option([], "--precision", "-p", metavar="COMPONENT=PRECISION",
-                                        help="Override \\[precision] for this run (repeatable): fp32, fp16, int8, "
+                                        help="Override \\[precision] for this run (repeatable): fp32, fp16, int8, auto, "
                                              "int8-dynamic."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="Allow a .pt checkpoint that needs pickled code (only for files "
