@@ -148,6 +148,54 @@ def verify_bundle(bundle: str | Path) -> tuple[Manifest, list[tuple[str, str]]]:
     return manifest, manifest.check_files(Path(bundle))
 
 
+@dataclass
+class BenchResult:
+    """The bench report (see ``mmopt.bench.report``) and the files written from it."""
+
+    report: dict[str, Any]
+    files: dict[str, Path]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report["gates"]["passed"])
+
+    def raise_for_gates(self) -> None:
+        """``GateError`` (exit code 1) listing every failed parity, accuracy and latency gate."""
+        from mmopt.bench.gates import raise_on_failures
+
+        raise_on_failures(self.report, self)
+
+
+def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline: str | Path | None = None,
+          max_latency_regression: float = 0.10, backends: list[str] | None = None, batches: list[int] | None = None,
+          threads: int | None = 1, repeats: int = 30, warmup: int = 5, inputs: str = "random",
+          config: str | Path | None = None, eval_samples: int | None = None, check: bool = True,
+          progress: Progress | None = None) -> BenchResult:
+    """Parity, task score, latency and memory of eager PyTorch and every artifact of ``bundle`` on every
+    backend here; optional comparison with a ``baseline`` report. Writes report.json / .md / .png into
+    ``out`` and, with ``check``, raises ``GateError`` after writing when a gate fails."""
+    from mmopt.bench import gates, harness, report as render
+    from mmopt.errors import UsageError
+
+    if not 0 <= max_latency_regression < 100:
+        raise UsageError(f"--max-latency-regression {max_latency_regression}: give a fraction such as 0.1 (10%).")
+    base = None
+    if baseline is not None:  # fail fast, before minutes of measurement
+        base = gates.load_baseline(baseline, harness.REPORT_SCHEMA)
+        probe = {"bundle": {"fingerprint": harness.fingerprint(Manifest.read(bundle)), "path": str(bundle),
+                            "factory": Manifest.read(bundle).model.get("factory")}}
+        gates.check_same_model(probe, base, baseline)
+    report = harness.run(bundle, backends, batches, threads, repeats, warmup, inputs, config, eval_samples,
+                         progress=progress)
+    report["baseline"] = gates.compare(report, base, baseline, max_latency_regression) if base else None
+    report["gates"] = gates.evaluate(report, report["settings"]["max_accuracy_drop"])
+    files = render.write(report, out) if out is not None else {}
+    result = BenchResult(report, files)
+    if check:
+        result.raise_for_gates()
+    return result
+
+
 def quantize(bundle: str | Path, config: str | Path | None = None, progress: Progress | None = None,
              precision: dict[str, str] | None = None, trust_checkpoint: bool = False,
              sensitivity: bool = True):

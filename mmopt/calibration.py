@@ -170,7 +170,7 @@ class CalibrationData:
 
 def load(model: torch.nn.Module, spec: ModelSpec, split: Split) -> CalibrationData:
     """Collect ``[calibration].samples`` rows from the callable, then run them through the eager model."""
-    from mmopt.verify import observed_io
+    from mmopt.verify import eager_io_for
 
     cal = spec.calibration
     if cal is None:
@@ -189,7 +189,7 @@ def load(model: torch.nn.Module, spec: ModelSpec, split: Split) -> CalibrationDa
     outputs = []
     for i, batch in enumerate(batches):
         tensors = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in batch.items()}
-        _, model_out, per_comp = observed_io(model, spec, split, tensors, f"calibration batch {i}")
+        _, model_out, per_comp = eager_io_for(model, spec, split, tensors, f"calibration batch {i}")
         for comp, io in per_comp.items():
             feeds[comp].append(io)
         outputs.append(model_out)

@@ -54,3 +54,11 @@ class BackendUnavailable(MmoptError):
     """A requested backend (TensorRT, CUDA, ...) is not installed or has no device here."""
 
     exit_code = 2
+
+
+class GateError(MmoptError):
+    """A parity, accuracy or latency gate failed (exit code 1); the message lists every failure."""
+
+    def __init__(self, message: str, result: object = None):
+        super().__init__(message)
+        self.result = result

@@ -116,19 +116,10 @@ class CheckingRunner(OnnxRuntimeRunner):
     """ONNX Runtime CPU for parity and accuracy runs, interleaved with eager PyTorch in one process:
     one thread unless told, and no spinning workers (they starved PyTorch's threads ~10x on 2 cores)."""
 
-    level = "ORT_ENABLE_ALL"
-
-    def _load(self) -> None:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, self.level)
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.intra_op_num_threads = self.threads or 1  # robust on a shared machine, like the eager reference
-        so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
-        self._out_names = [o.name for o in self.session.get_outputs()]
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("config", {"session.intra_op.allow_spinning": "0"})
+        kwargs["threads"] = kwargs.get("threads") or 1  # robust on a shared machine, like the eager reference
+        super().__init__(*args, **kwargs)
 
 
 class EmulatedFp16Runner(CheckingRunner):

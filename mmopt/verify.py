@@ -25,12 +25,13 @@ def eager_io(model: torch.nn.Module, spec: ModelSpec, split: Split, size: str, s
              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[dict, dict]]]:
     """Model inputs, model outputs and each component's (inputs, outputs) at the declared ``size``."""
     shapes = {n: spec.input_shape(n, size) for n in spec.inputs}
-    return observed_io(model, spec, split, random_inputs(spec, shapes, seed), size)
+    return eager_io_for(model, spec, split, random_inputs(spec, shapes, seed), size)
 
 
-def observed_io(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: dict[str, torch.Tensor],
-                label: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[dict, dict]]]:
-    """Like ``eager_io`` for given full-model ``inputs`` (e.g. real calibration data)."""
+def eager_io_for(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: dict[str, torch.Tensor],
+                 label: str = "given") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                               dict[str, tuple[dict, dict]]]:
+    """As ``eager_io``, for given full-model inputs (any batch size, or the user's own data)."""
     modules = {c: s.module for c, s in split.components.items() if s.module}
     run = observe(model, spec, inputs, label, modules)
     values: dict[str, Any] = {f"input:{n}": t for n, t in run.inputs.items()}

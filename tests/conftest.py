@@ -1,16 +1,13 @@
 """Shared fixtures: model folders written into tmp dirs, the CLI run as a user runs it."""
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
+from support import TESTS
 
 
 @pytest.fixture
@@ -27,14 +24,11 @@ def toy_dir(tmp_path: Path):
 
     write.dir = tmp_path
     yield write
-    sys.modules.pop("toy", None)  # each test's toy.py is a fresh import
-
-
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m mmopt ARGS`` in a fresh process, as a user's shell would run it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"}
-    return subprocess.run([sys.executable, "-m", "mmopt", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    # Every module imported from this test's folder (toy.py, data modules a test writes) is dropped:
+    # the next test's file of the same name must be a fresh import, not this one from the cache.
+    for name, mod in list(sys.modules.items()):
+        if str(getattr(mod, "__file__", "") or "").startswith(str(tmp_path)):
+            del sys.modules[name]
 
 
 @pytest.fixture(scope="session")

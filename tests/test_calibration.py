@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TESTS
+from support import TESTS
 
 from mmopt import calibration
 from mmopt.capture import split as capture_split

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli
+from support import run_cli
 from safetensors.torch import save_file
 
 from mmopt.checkpoint import build_model

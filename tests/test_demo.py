@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
+from support import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,3 +22,7 @@ def test_demo_writes_a_verified_bundle(tmp_path):
     assert m["components"]["text"]["sources"] == {"input_ids": "input:input_ids",
                                                   "attention_mask": "input:attention_mask"}
     assert run_cli("verify", str(out)).returncode == 0
+    # the demo ends with the bench table, and its reports beside the bundle
+    assert "bench: pipeline latency" in r.stdout and "gates passed" in r.stdout
+    report = json.loads((tmp_path / "demo-bench" / "report.json").read_text())
+    assert report["variants"][0]["task"]["score"] > 0.95 and report["gates"]["passed"]

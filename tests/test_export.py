@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from conftest import run_cli
+from support import run_cli
 
 from mmopt.api import _verify_files, export
 from mmopt.capture import split

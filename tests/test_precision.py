@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import TESTS, run_cli
+from support import TESTS, run_cli
 
 from mmopt import api
 from mmopt.errors import CalibrationError, ConfigError, PrecisionError

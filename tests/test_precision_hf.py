@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from conftest import TESTS  # noqa: E402
+from support import TESTS  # noqa: E402
 from models.hf import CONFIGS  # noqa: E402
 
 from mmopt import api  # noqa: E402

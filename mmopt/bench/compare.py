@@ -118,3 +118,16 @@ def raise_on_failures(checks: list[Check], what: str, hint: str) -> None:
             f"-> {'; '.join(c.failed)}" for c in bad]
     raise ParityError(f"{what}: {len(bad)} of {len(checks)} checked outputs fail parity:\n" + "\n".join(rows)
                       + f"\n{hint}")
+
+
+def merge(ms: list[Metrics]) -> Metrics:
+    """One output's metrics over several batches (e.g. an evaluation set): worst errors and cosine,
+    sample-weighted mean cosine and argmax agreement, summed NaN / Inf counts."""
+    if not ms:
+        raise ValueError("nothing to merge")
+    rows = [max(m.shape[0], 1) if m.shape else 1 for m in ms]
+    total = sum(rows)
+    arg = None if any(m.argmax is None for m in ms) else sum(m.argmax * r for m, r in zip(ms, rows)) / total
+    return Metrics(ms[0].name, (total, *ms[0].shape[1:]), max(m.max_abs for m in ms), max(m.max_rel for m in ms),
+                   min(m.cos_min for m in ms), sum(m.cos_mean * r for m, r in zip(ms, rows)) / total, arg,
+                   sum(m.nan for m in ms), sum(m.inf for m in ms))

@@ -61,9 +61,12 @@ def demo(
     """Run the whole flow on the embedded easy-VQA model (image CNN + text transformer + fusion).
 
     Needs no input: the model code, its trained checkpoint and mmopt.toml ship inside mmopt. After the
-    fp32 export it converts the bundle to fp16 and to int8 and prints them side by side.
+    fp32 export it converts the bundle to fp16 and to int8, prints them side by side, and ends with
+    `mmopt bench` on the bundle (reports beside it in OUT-bench/).
     """
     from mmopt.cli import demo_precision
+    from mmopt.cli.bench import run_and_print
 
     export(DEMO_CONFIG, out, trust_checkpoint=False, engine=False)
     demo_precision.run(out)
+    run_and_print(out, out.with_name(out.name + "-bench"), batches=[1, 8], repeats=20)

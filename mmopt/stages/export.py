@@ -13,7 +13,6 @@ import logging
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Any
 
 import onnx
 import torch
@@ -21,7 +20,7 @@ from torch.utils import _pytree as pytree
 
 from mmopt.capture import Run, Split, stubbed
 from mmopt.errors import ExportError
-from mmopt.spec import SIZES, ComponentSpec
+from mmopt.spec import ComponentSpec
 
 TWO_GB = 2 * 1024**3
 

@@ -1,0 +1,107 @@
+"""Gates over a bench report: parity and accuracy of every variant, and latency against a baseline.
+
+A baseline is an earlier report of the same model (same bundle fingerprint: model inputs, outputs and
+component interfaces); a report of another model is a usage error (exit 2). Latency regressions are
+judged on the pipeline medians of rows present in both runs (same variant and batch size): a
+component's time shows up in its pipeline, and gating every component row too would only multiply
+false alarms on a noisy machine. Component rows are still compared side by side in the report.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mmopt.errors import GateError, UsageError
+
+REPORT_KIND = "mmopt-bench-report"
+
+
+def load_baseline(path: str | Path, schema_version: int) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--baseline {path}: no such file. Pass a report.json written by an earlier `mmopt bench`.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--baseline {path}: not valid JSON ({e}).") from None
+    if not isinstance(data, dict) or data.get("kind") != REPORT_KIND:
+        raise UsageError(f"--baseline {path}: not an mmopt bench report (no \"kind\": \"{REPORT_KIND}\"). "
+                         "Pass the report.json that `mmopt bench` wrote, not a bundle manifest.")
+    if data.get("schema_version") != schema_version:
+        raise UsageError(f"--baseline {path}: report schema {data.get('schema_version')!r}, this mmopt writes "
+                         f"{schema_version}. Regenerate the baseline with this version of mmopt.")
+    return data
+
+
+def check_same_model(report: dict[str, Any], baseline: dict[str, Any], path: str | Path) -> None:
+    ours, theirs = report["bundle"], baseline.get("bundle", {})
+    if ours["fingerprint"] != theirs.get("fingerprint"):
+        raise UsageError(f"--baseline {path}: it reports another model (bundle fingerprint {theirs.get('fingerprint')}, "
+                         f"factory {theirs.get('factory')}) than {ours['path']} (fingerprint {ours['fingerprint']}, "
+                         f"factory {ours['factory']}): inputs, outputs or components differ, so latencies cannot "
+                         "be compared. Use a baseline made from a bundle of this model.")
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str, int]:
+    return row["variant"], row["graph"], row["batch"]
+
+
+def compare(report: dict[str, Any], baseline: dict[str, Any], path: str | Path, max_regression: float
+            ) -> dict[str, Any]:
+    """Side-by-side rows (both runs' medians, change) and which pipeline rows regress too far."""
+    check_same_model(report, baseline, path)
+    old = {_key(r): r for r in baseline.get("latency", [])}
+    rows = []
+    for r in report["latency"]:
+        b = old.get(_key(r))
+        if b is None:
+            continue
+        change = r["p50"] / b["p50"] - 1 if b["p50"] > 0 else 0.0
+        rows.append({"variant": r["variant"], "graph": r["graph"], "batch": r["batch"],
+                     "baseline_p50": b["p50"], "p50": r["p50"], "change": round(change, 4),
+                     "baseline_ratio_vs_eager": b.get("ratio_vs_eager"), "ratio_vs_eager": r.get("ratio_vs_eager"),
+                     "gated": r["graph"] == "pipeline",
+                     "regressed": r["graph"] == "pipeline" and change > max_regression})
+    now = {_key(r) for r in report["latency"]}
+    unmatched = {"only_in_baseline": len(set(old) - now), "only_in_this_run": len(now - set(old))}
+    old_tasks = {v["id"]: v.get("task") for v in baseline.get("variants", [])}
+    tasks = [{"variant": v["id"], "baseline_score": (old_tasks.get(v["id"]) or {}).get("score"),
+              "score": v["task"]["score"]} for v in report["variants"] if v.get("task")]
+    same_machine = {k: baseline.get("machine", {}).get(k) for k in ("cpus", "gpu", "processor", "platform")} == \
+                   {k: report["machine"].get(k) for k in ("cpus", "gpu", "processor", "platform")}
+    return {"path": str(path), "created": baseline.get("created"), "max_latency_regression": max_regression,
+            "same_machine": same_machine, "same_artifacts": baseline["bundle"].get("artifacts") ==
+            report["bundle"]["artifacts"], "unmatched": unmatched, "rows": rows, "tasks": tasks,
+            "baseline_threads": baseline.get("settings", {}).get("threads")}
+
+
+def evaluate(report: dict[str, Any], max_accuracy_drop: float | None) -> dict[str, Any]:
+    """Every failing gate as one line: parity per output, accuracy drop vs eager, latency regressions."""
+    failures = []
+    eager_score = next((v["task"]["score"] for v in report["variants"] if v["id"] == "eager" and v.get("task")), None)
+    for v in report["variants"]:
+        for c in v["checks"]:
+            if c["failed"]:
+                failures.append(f"parity {v['id']} {c['where']} {c['name']}: {'; '.join(c['failed'])}")
+        score = (v.get("task") or {}).get("score")
+        if max_accuracy_drop is not None and score is not None and eager_score is not None \
+                and eager_score - score > max_accuracy_drop:
+            failures.append(f"accuracy {v['id']}: {score:.4f} vs eager {eager_score:.4f}, drop "
+                            f"{eager_score - score:.4f} > max_accuracy_drop {max_accuracy_drop}")
+    base = report.get("baseline")
+    if base:
+        for r in base["rows"]:
+            if r["regressed"]:
+                failures.append(f"latency {r['variant']} {r['graph']} batch {r['batch']}: p50 {r['p50']:.3f} ms vs "
+                                f"baseline {r['baseline_p50']:.3f} ms (+{r['change']:.1%} > "
+                                f"{base['max_latency_regression']:.0%})")
+    return {"passed": not failures, "failures": failures, "max_accuracy_drop": max_accuracy_drop}
+
+
+def raise_on_failures(report: dict[str, Any], result: object = None) -> None:
+    gates = report["gates"]
+    if gates["passed"]:
+        return
+    lines = "\n".join(f"  {f}" for f in gates["failures"])
+    raise GateError(f"bench gates failed ({len(gates['failures'])}):\n{lines}", result)

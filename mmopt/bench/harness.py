@@ -1,0 +1,285 @@
+"""``mmopt bench``'s measurements: parity, task score, latency sweep and memory for eager and every
+artifact on every backend, assembled into the report dict (``mmopt.bench.report`` renders it).
+
+Order: check the bundle's hashes, rebuild the eager model from the bundle's config, re-capture and
+confirm it is the model the bundle was exported from, open every variant's runners, then measure.
+Parity and latency use identical inputs for all variants (``mmopt.bench.inputs``). Latency of a
+group (CPU: eager + ONNX Runtime; GPU: eager-cuda + ONNX Runtime CUDA + TensorRT) is taken from
+interleaved runs in this one process, so ratios against eager stay fair on a noisy machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import resource
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmopt.bench import latency
+from mmopt.bench.backends import Opened, Variant, open_variant, resolve, variants
+from mmopt.bench.compare import Check, check_all, failures, merge
+from mmopt.bench.inputs import SOURCES, InputMaker, batch_dim, batch_sizes, evaluation_chunks
+from mmopt.capture import split as capture_split
+from mmopt.checkpoint import build_model
+from mmopt.errors import BundleError
+from mmopt.manifest import Manifest, sha256_file
+from mmopt.progress import Progress
+from mmopt.spec import ModelSpec, load_spec
+from mmopt.verify import summarise, verify
+
+REPORT_SCHEMA = 1
+BENCH_SEED = 3000  # parity inputs: distinct from capture and export verification
+
+
+def fingerprint(manifest: Manifest) -> str:
+    """What makes two bundles comparable: the same model inputs, outputs and component interfaces
+    (re-exports of a retrained model keep it; another model does not)."""
+    d = manifest.to_json()
+    key = {k: d[k] for k in ("model_inputs", "model_outputs", "components")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rss_mb() -> float:
+    """Current resident set of this process (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
+
+
+def machine() -> dict[str, Any]:
+    gpu = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        gpu = {"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1),
+               "compute_capability": f"{p.major}.{p.minor}"}
+    return {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+            "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "gpu": gpu, "hostname": platform.node()}
+
+
+def load_spec_of(bundle: Path, manifest: Manifest, config: str | Path | None) -> ModelSpec:
+    path = Path(config or manifest.model["config"])
+    if not path.exists():
+        raise BundleError(f"{bundle}: the model config it was exported from, {path}, does not exist here. "
+                          "bench rebuilds the eager model as the reference: pass --config path/to/mmopt.toml.")
+    return load_spec(path)
+
+
+def load_reference(bundle: Path, manifest: Manifest, spec: ModelSpec) -> tuple[torch.nn.Module, Any, list[str]]:
+    """Eager model and its split, checked against the bundle; notes on anything that drifted."""
+    notes = []
+    if manifest.model.get("config_sha256") and sha256_file(spec.path) != manifest.model["config_sha256"]:
+        notes.append(f"{spec.path} changed since the bundle was exported")
+    model = build_model(spec)
+    split = capture_split(model, spec)
+    ours = {c: [s.to_json()[k] for k in ("inputs", "outputs", "sources")] for c, s in split.components.items()}
+    theirs = {c: [s.to_json()[k] for k in ("inputs", "outputs", "sources")] for c, s in manifest.components.items()}
+    if ours != theirs:
+        differ = sorted(c for c in set(ours) | set(theirs) if ours.get(c) != theirs.get(c))
+        raise BundleError(f"{bundle}: the model built from {spec.path} no longer matches the bundle (components "
+                          f"{', '.join(differ)} differ). Re-export the bundle, or pass the --config it was made from.")
+    return model, split, notes
+
+
+def _tolerance(spec: ModelSpec, v: Variant):
+    worst = max((a.precision for a in v.artifacts.values()), key=lambda p: (["fp32", "fp16", "int8-dynamic", "int8"]
+                                                                          + [p]).index(p), default="fp32")
+    precisions = {c: a.precision for c, a in v.artifacts.items()}
+    return lambda comp: spec.tolerances.get(precisions.get(comp, worst), spec.tolerances["fp32"])
+
+
+def parity(o: Opened, model, spec: ModelSpec, split) -> list[Check]:
+    """Every component and the pipeline at the min / opt / max shapes (identical seeds for all variants)."""
+    return verify(model, spec, split, o.components, _tolerance(spec, o.variant), seed=BENCH_SEED)
+
+
+def task_scores(opened: list[Opened], spec: ModelSpec, max_batch: int, samples: int | None
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, list[Check]]]:
+    """Argmax accuracy of ``[evaluation] output`` on the user's data for every variant, and parity of all
+    outputs on that data against eager (merged over chunks)."""
+    out_name = spec.evaluation.output  # type: ignore[union-attr]
+    correct = {o.variant.id: 0 for o in opened}
+    metrics: dict[str, dict[str, list]] = {o.variant.id: {} for o in opened}
+    seen = 0
+    ref = opened[0]
+    for feeds, labels in evaluation_chunks(spec, max_batch, samples):
+        expected = ref.whole(feeds)
+        if out_name not in expected:
+            from mmopt.errors import ConfigError
+
+            raise ConfigError(f"{spec.path}: field 'evaluation.output': the model has no output '{out_name}'. "
+                              f"Outputs: {', '.join(expected)}.")
+        seen += len(labels)
+        for o in opened:
+            got = expected if o is ref else o.whole(feeds)
+            correct[o.variant.id] += int((np.asarray(got[out_name]).argmax(-1) == labels).sum())
+            if o is not ref:
+                for c in check_all("pipeline@data", expected, got, {"max_abs": 0, "max_rel": 0, "min_cosine": 0,
+                                                                     "min_argmax": 0}):
+                    metrics[o.variant.id].setdefault(c.metrics.name, []).append(c.metrics)
+    scores = {vid: {"metric": "accuracy", "output": out_name, "samples": seen,
+                    "score": (n / seen if seen else None)} for vid, n in correct.items()}
+    checks: dict[str, list[Check]] = {}
+    for o in opened[1:]:
+        tol = _tolerance(spec, o.variant)("pipeline")
+        checks[o.variant.id] = [Check("pipeline@data", m, failures(m, tol))
+                                for m in (merge(ms) for ms in metrics[o.variant.id].values())]
+    return scores, checks
+
+
+def _sync(device: str):
+    # Runners that hand back numpy arrays have already waited for the device; the explicit sync guards
+    # the clock against queued work where torch can see the GPU (a CPU-only torch cannot, and need not).
+    return torch.cuda.synchronize if device == "cuda" and torch.cuda.is_available() else None
+
+
+def _eager_device_ms(o: Opened, feeds: dict[str, np.ndarray], maker: InputMaker, repeats: int) -> float:
+    """GPU time of eager's forward alone (CUDA events, inputs already on the device): the pipeline figure
+    minus copies and host overhead."""
+    from mmopt.runners.eager import to_torch
+
+    runner = o.whole_runner
+    tensors = to_torch(feeds, {t.name: t for t in maker.split.model_inputs}, "cuda")
+
+    def forward() -> None:
+        with torch.inference_mode():
+            runner.forward(tensors)  # type: ignore[union-attr]
+    return float(np.median(latency.cuda_event_ms(forward, repeats)))
+
+
+def sweep(opened: list[Opened], maker: InputMaker, batches: list[int], comps: list[str], repeats: int,
+          warmup: int, budget_s: float | None, progress: Progress) -> list[dict[str, Any]]:
+    """Latency rows: every batch size x (each component, pipeline) x variant, interleaved per device group."""
+    rows: list[dict[str, Any]] = []
+    # Each device group is timed interleaved against its own eager reference; without eager-cuda the GPU
+    # variants join the CPU group, so their ratio is against eager on the CPU (named in each row).
+    if any(o.variant.id == "eager-cuda" for o in opened):
+        groups = [[o for o in opened if o.variant.device == dev] for dev in ("cpu", "cuda")]
+    else:
+        groups = [list(opened)]
+    with progress.task("latency sweep", len(batches) * (len(comps) + 1) * len(groups)) as advance:
+        for b in batches:
+            feeds = maker.feeds(b)
+            n = b or len(next(iter(feeds.model.values())))
+            for graph in [*comps, "pipeline"]:
+                for group in groups:
+                    timed = {}
+                    for o in group:
+                        if graph == "pipeline":
+                            timed[o.variant.id] = latency.Timed(lambda o=o: o.whole(feeds.model), n,
+                                                                _sync(o.variant.device))
+                        else:
+                            r, f = o.components[graph], feeds.components[graph]
+                            timed[o.variant.id] = latency.Timed(lambda r=r, f=f: r.infer(f, check=False), n,
+                                                                _sync(o.variant.device))
+                    if any(o.variant.device == "cuda" for o in group) and graph == "pipeline" \
+                            and torch.cuda.is_available():
+                        from mmopt.runners.eager import to_torch
+
+                        specs = {t.name: t for t in maker.split.model_inputs}
+                        timed["h2d"] = latency.Timed(lambda: to_torch(feeds.model, specs, "cuda"), n, torch.cuda.synchronize)
+                    samples = latency.interleaved(timed, repeats, warmup, budget_s)
+                    ref = group[0].variant.id
+                    for o in group:
+                        vid = o.variant.id
+                        row = {"variant": vid, "graph": graph, "batch": n, "device": o.variant.device,
+                               **latency.stats(samples[vid], n).to_json(),
+                               "ratio_vs_eager": round(latency.paired_ratio(samples[vid], samples[ref]), 4),
+                               "ratio_reference": ref}
+                        if "h2d" in samples and o.variant.device == "cuda":
+                            row["h2d_ms"] = round(latency.stats(samples["h2d"], n).p50, 6)
+                        if graph == "pipeline" and vid == "eager-cuda":
+                            row["device_p50_ms"] = round(_eager_device_ms(o, feeds.model, maker, repeats), 6)
+                        rows.append(row)
+                    advance(1)
+    return rows
+
+
+def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int] | None = None,
+        threads: int | None = None, repeats: int = 30, warmup: int = 5, inputs: str = "random",
+        config: str | Path | None = None, eval_samples: int | None = None, budget_s: float | None = 30.0,
+        progress: Progress | None = None) -> dict[str, Any]:
+    """Measure everything and return the report dict (no gates, no baseline: see ``mmopt.bench.gates``)."""
+    from mmopt.api import tool_versions
+    from mmopt.errors import UsageError
+
+    progress = progress or Progress()
+    bundle = Path(bundle).resolve()
+    if repeats < 1 or warmup < 0:
+        raise UsageError(f"--repeats must be >= 1 and warm-up >= 0 (got {repeats}, {warmup}).")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1 (got {threads}).")
+    manifest = Manifest.read(bundle).verified(bundle)
+    spec = load_spec_of(bundle, manifest, config)
+    chosen, skipped = resolve(backends, manifest)  # usage errors first, before the model is built
+    sizes = batch_sizes(spec, batches)
+    if inputs not in SOURCES or (inputs != "random" and getattr(spec, inputs) is None):
+        raise UsageError(f"--inputs {inputs}: choose random" + "".join(f", {k}" for k in SOURCES[1:]
+                                                                      if getattr(spec, k) is not None)
+                         + f" ({spec.path} configures {', '.join(k for k in SOURCES[1:] if getattr(spec, k)) or 'no data callables'}).")
+    model, split, notes = load_reference(bundle, manifest, spec)
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    maker = InputMaker(model, spec, split, inputs)
+    vs = variants(manifest, chosen)
+    report: dict[str, Any] = {
+        "schema_version": REPORT_SCHEMA, "kind": "mmopt-bench-report",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "bundle": {"path": str(bundle), "fingerprint": fingerprint(manifest), "factory": manifest.model.get("factory"),
+                   "config": str(spec.path), "created": manifest.created,
+                   "artifacts": {a.id: a.sha256 for a in manifest.artifacts}},
+        "machine": machine(), "tools": tool_versions(),
+        "settings": {"backends": chosen, "batches": [b for b in sizes if b] or None,
+                     "batch_dim": batch_dim(spec), "threads": threads, "repeats": repeats, "warmup": warmup,
+                     "inputs": inputs, "max_accuracy_drop": spec.max_accuracy_drop, "parity_inputs": "random at the min / opt / max shapes"
+                     + (" + evaluation data" if spec.evaluation else ""), "time_budget_s": budget_s},
+        "skipped": skipped, "notes": notes, "variants": [], "latency": [],
+        "memory": {"rss_before_mb": round(rss_mb(), 1)},
+    }
+    with contextlib.ExitStack() as stack:
+        opened: list[Opened] = []
+        with progress.task("open runners + parity", len(vs)) as advance:
+            for v in vs:
+                before = rss_mb()
+                gpu_before = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+                o = stack.enter_context(open_variant(v, bundle, model, split, threads))
+                opened.append(o)
+                checks = [] if v.id == "eager" else parity(o, model, spec, split)
+                mem = {"host_rss_delta_mb": round(rss_mb() - before, 1)}
+                if gpu_before is not None:
+                    mem["gpu_used_delta_mb"] = round((gpu_before - torch.cuda.mem_get_info()[0]) / 2**20, 1)
+                report["variants"].append({**v.to_json(), "memory": mem, "checks": [c.to_json() for c in checks],
+                                           "parity": summarise(checks), "failed": sum(bool(c.failed) for c in checks)})
+                advance(1)
+        if spec.evaluation is not None:
+            dim = batch_dim(spec)
+            cap = spec.dims[dim].max if dim else 1
+            with progress.task("task score on evaluation data", 1) as advance:
+                scores, data_checks = task_scores(opened, spec, cap, eval_samples or spec.evaluation.samples)
+                advance(1)
+            for entry in report["variants"]:
+                entry["task"] = scores[entry["id"]]
+                extra = data_checks.get(entry["id"], [])
+                entry["checks"] += [c.to_json() for c in extra]
+                if extra:  # its own row: the shapes of real data, beside the random min / opt / max checks
+                    entry["parity"]["pipeline on data"] = summarise(extra)["pipeline"]
+                entry["failed"] += sum(bool(c.failed) for c in extra)
+        report["latency"] = sweep(opened, maker, sizes, list(split.components), repeats, warmup, budget_s, progress)
+    report["memory"]["rss_peak_mb"] = round(peak_rss_mb(), 1)
+    if torch.cuda.is_available():
+        report["memory"]["gpu_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return report

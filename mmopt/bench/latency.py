@@ -1,0 +1,113 @@
+"""Pure timing: warm-up, then interleaved repeats of several callables, and their statistics.
+
+Callables that are compared (eager vs each artifact) run round-robin in the same process, the
+starting one rotating every round, so slow drift of a noisy machine (frequency scaling, neighbours)
+hits all of them alike. Ratios are the median of per-round ratios: paired samples cancel most of
+that drift. A callable on a GPU passes ``sync`` (e.g. ``torch.cuda.synchronize``), which runs
+before the clock is read at both ends, so queued asynchronous work is never half-counted.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One thing to time: ``fn()`` does one inference of ``batch`` samples; ``sync()`` waits for the device."""
+
+    fn: Callable[[], Any]
+    batch: int = 1
+    sync: Callable[[], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Latency of one callable, in milliseconds per call (``throughput`` in samples/s)."""
+
+    n: int
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    std: float
+    min: float
+    throughput: float
+
+    def to_json(self) -> dict[str, float]:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def stats(samples_ns: list[int] | np.ndarray, batch: int = 1) -> Stats:
+    ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    if ms.size == 0:
+        raise ValueError("no samples")
+    p50, p90, p99 = (float(np.percentile(ms, q)) for q in (50, 90, 99))
+    mean = float(ms.mean())
+    return Stats(int(ms.size), p50, p90, p99, mean, float(ms.std(ddof=1)) if ms.size > 1 else 0.0,
+                 float(ms.min()), batch * 1000.0 / p50 if p50 > 0 else math.inf)
+
+
+def _once(t: Timed) -> int:
+    if t.sync:
+        t.sync()
+    start = time.perf_counter_ns()
+    t.fn()
+    if t.sync:
+        t.sync()
+    return time.perf_counter_ns() - start
+
+
+def interleaved(timed: dict[str, Timed], repeats: int, warmup: int = 3,
+                budget_s: float | None = None) -> dict[str, list[int]]:
+    """Nanosecond samples per callable: ``warmup`` untimed rounds, then up to ``repeats`` rounds in
+    which every callable runs once (rotating which goes first). ``budget_s`` stops early after at
+    least 3 rounds once exceeded, so one slow graph cannot stall a whole sweep."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    names = list(timed)
+    for _ in range(warmup):
+        for n in names:
+            _once(timed[n])
+    samples: dict[str, list[int]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            samples[n].append(_once(timed[n]))
+        if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return samples
+
+
+def paired_ratio(samples: list[int], reference: list[int]) -> float:
+    """Median over rounds of sample / reference-sample from the same round."""
+    n = min(len(samples), len(reference))
+    if n == 0:
+        return math.nan
+    a = np.asarray(samples[:n], dtype=np.float64)
+    b = np.asarray(reference[:n], dtype=np.float64)
+    return float(np.median(a / np.maximum(b, 1.0)))
+
+
+def cuda_event_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> list[float]:
+    """Device-side time per call from CUDA events (torch), for GPU paths: what the GPU spent, without
+    the host's launch jitter. Complements the synchronised wall-clock figure of ``interleaved``."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(float(start.elapsed_time(end)))
+    return out

@@ -1,0 +1,109 @@
+"""``mmopt bench``: parity, latency and regressions of eager PyTorch and every artifact in a bundle."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from mmopt.errors import UsageError
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(bench)
+
+
+def bench(
+    bundle: Path = typer.Argument(Path("build"), help="Bundle folder written by `mmopt export`."),
+    baseline: Path = typer.Option(None, "--baseline", help="report.json of an earlier run to compare against."),
+    max_latency_regression: str = typer.Option("10%", "--max-latency-regression",
+                                               help="Fail when a pipeline p50 is slower than the baseline's by more "
+                                                    "than this (\"10%\" or 0.1)."),
+    backend: list[str] = typer.Option(["auto"], "--backend", "-b",
+                                      help="auto, onnxruntime, onnxruntime-cuda, tensorrt, eager-cuda (repeatable). "
+                                           "Eager CPU always runs: it is the reference."),
+    batch: list[str] = typer.Option(None, "--batch", help="Batch sizes, e.g. 1,8,32 (default: sweep the exported range)."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads for PyTorch and ONNX Runtime alike."),
+    repeats: int = typer.Option(30, "--repeats", help="Timed, interleaved runs per measurement."),
+    warmup: int = typer.Option(5, "--warmup", help="Untimed runs first."),
+    inputs: str = typer.Option("random", "--inputs", help="random (from the captured specs), calibration or evaluation."),
+    config: Path = typer.Option(None, "--config", help="mmopt.toml, if not where the bundle was exported from."),
+    out: Path = typer.Option(Path("bench-report"), "--out", "-o", help="Folder for report.json, report.md, report.png."),
+) -> None:
+    """Bench eager PyTorch and every artifact of a bundle on every backend here; exit 1 when a gate fails.
+
+    Example: mmopt bench build/ --baseline main-report.json --batch 1,8
+    """
+    run_and_print(bundle, out, baseline=baseline, max_latency_regression=parse_fraction(max_latency_regression),
+                  backends=backend, batches=parse_batches(batch), threads=threads, repeats=repeats, warmup=warmup,
+                  inputs=inputs, config=config)
+
+
+def run_and_print(bundle: Path, out: Path, **options: Any) -> None:
+    """Bench, print the table and where the reports are, then exit 1 if a gate failed (also for `mmopt demo`)."""
+    from mmopt import api
+    from mmopt.cli import console
+    from mmopt.progress import RichProgress
+
+    result = api.bench(bundle, out, check=False, progress=RichProgress(console), **options)
+    print_result(result.report, result.files)
+    result.raise_for_gates()
+
+
+def parse_fraction(text: str) -> float:
+    try:
+        return float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+    except ValueError:
+        raise UsageError(f"--max-latency-regression {text!r}: give a percentage (\"10%\") or a fraction (0.1).") from None
+
+
+def parse_batches(values: list[str] | None) -> list[int] | None:
+    if not values:
+        return None
+    out = []
+    for part in ",".join(values).split(","):
+        try:
+            n = int(part)
+        except ValueError:
+            raise UsageError(f"--batch {part!r}: batch sizes are positive integers, e.g. --batch 1,8,32.") from None
+        out.append(n)
+    return out
+
+
+def print_result(report: dict[str, Any], files: dict[str, Path]) -> None:
+    from mmopt.cli import console
+
+    for sk in report.get("skipped", []):
+        console.print(f"[yellow]skipped[/] {sk['backend']}: {sk['reason']}", highlight=False)
+    console.print(bench_table(report))
+    base = report.get("baseline")
+    if base:
+        worst = max(base["rows"], key=lambda r: r["change"] if r["gated"] else -1e9, default=None)
+        if worst:
+            console.print(f"baseline {base['path']}: worst pipeline change {worst['change']:+.1%} "
+                          f"({worst['variant']}, batch {worst['batch']})", highlight=False)
+    if files:
+        console.print(f"reports: {', '.join(str(p) for p in files.values())}", highlight=False)
+    gates = report["gates"]
+    console.print("[green]gates passed[/]" if gates["passed"] else f"[red]{len(gates['failures'])} gate(s) failed[/]")
+
+
+def bench_table(report: dict[str, Any]) -> Table:
+    from rich import box
+
+    t = Table(title=f"bench: pipeline latency (ms, {report['settings']['threads']} thread(s)) and parity vs eager",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("variant", "batch", "p50", "p90", "samp/s", "×eager", "parity", "score"):
+        t.add_column(col, justify="left" if col in ("variant", "parity") else "right", no_wrap=col == "variant")
+    by_id = {v["id"]: v for v in report["variants"]}
+    for r in report["latency"]:
+        if r["graph"] != "pipeline":
+            continue
+        v = by_id[r["variant"]]
+        parity = "ref" if v["backend"] == "eager" and v["device"] == "cpu" else \
+            ("[green]pass[/]" if not v["failed"] else f"[red]{v['failed']} failed[/]")
+        score = f"{v['task']['score']:.4f}" if v.get("task") and v["task"]["score"] is not None else "-"
+        t.add_row(r["variant"], str(r["batch"]), f"{r['p50']:.3f}", f"{r['p90']:.3f}",
+                  f"{r['throughput']:.0f}", f"{r['ratio_vs_eager']:.2f}x", parity, score)
+    return t

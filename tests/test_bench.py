@@ -1,0 +1,258 @@
+"""mmopt bench on the toy bundle: report schema and files, gates that must fail, and bad input.
+
+One short bench run (batches 1 and 8, few repeats) is shared; the rest edit its report or fail before
+measuring. No assertion depends on how fast anything ran.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import onnx
+import pytest
+from support import run_cli
+
+from mmopt.api import bench
+from mmopt.bench import gates
+from mmopt.errors import GateError, MmoptError, UsageError
+from mmopt.manifest import Manifest
+
+FAST = dict(batches=[1, 8], repeats=3, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def toy_report(toy_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return bench(toy_bundle.bundle, out / "report", **FAST)
+
+
+def test_report_schema(toy_report):
+    r = json.loads(toy_report.files["json"].read_text())
+    assert r["schema_version"] == 1 and r["kind"] == "mmopt-bench-report"
+    assert {"bundle", "machine", "tools", "settings", "skipped", "variants", "latency", "memory", "gates",
+            "baseline"} <= set(r)
+    assert set(r["tools"]) >= {"torch", "onnxruntime", "numpy", "python"}
+    assert r["settings"]["batches"] == [1, 8] and r["settings"]["threads"] == 1
+    ids = [v["id"] for v in r["variants"]]
+    assert ids[0] == "eager" and "onnxruntime/fp32" in ids
+    ort = r["variants"][ids.index("onnxruntime/fp32")]
+    assert set(ort["parity"]) == {"image", "text", "fusion", "pipeline"} and ort["failed"] == 0
+    check = ort["checks"][0]
+    assert {"where", "name", "max_abs", "max_rel", "cos_min", "cos_mean", "argmax", "nan", "inf", "failed"} <= set(check)
+    assert "host_rss_delta_mb" in ort["memory"] and r["memory"]["rss_peak_mb"] > 0
+    rows = {(x["variant"], x["graph"], x["batch"]) for x in r["latency"]}
+    assert rows == {(v, g, b) for v in ids for g in ("image", "text", "fusion", "pipeline") for b in (1, 8)}
+    row = r["latency"][0]
+    assert {"p50", "p90", "p99", "mean", "std", "throughput", "ratio_vs_eager", "n"} <= set(row)
+    assert row["p50"] <= row["p90"] <= row["p99"] and row["n"] == 3
+    assert {s["backend"] for s in r["skipped"]} >= {"tensorrt", "onnxruntime-cuda"}
+    assert all("not available here" in s["reason"] for s in r["skipped"])
+    assert r["gates"] == {"passed": True, "failures": [], "max_accuracy_drop": None}
+
+
+def test_markdown_and_png_written(toy_report):
+    md = toy_report.files["markdown"].read_text()
+    for heading in ("## mmopt bench: gates passed", "### Parity vs eager", "### Pipeline latency",
+                    "### Component latency at batch 8", "### Memory", "![latency vs parity"):
+        assert heading in md
+    assert "| onnxruntime/fp32 | pipeline |" in md and "skipped **tensorrt**" in md
+    data = toy_report.files["png"].read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
+    raw = zlib.decompress(idat)
+    assert len(raw) == height * (1 + 3 * width) and len(set(raw)) >= 8  # axes, text and two series were drawn
+
+
+def _degrade(bundle: Path, comp: str = "fusion") -> None:
+    """Perturb the largest initializer of ``comp`` and re-record its hash: a bad artifact, not a tampered one."""
+    path = bundle / f"{comp}.onnx"
+    proto = onnx.load(str(path))
+    init = max(proto.graph.initializer, key=lambda t: len(t.raw_data) or len(t.float_data))
+    arr = onnx.numpy_helper.to_array(init).copy()
+    arr *= 1.5
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(proto, str(path))
+    m = Manifest.read(bundle)
+    a = m.artifact(comp)
+    m.add(bundle, comp, a.stage, a.precision, a.file, a.parent, a.config, **a.extra)
+    m.write(bundle)
+
+
+def test_degraded_artifact_fails_parity(toy_bundle, tmp_path):
+    b = tmp_path / "bundle"
+    shutil.copytree(toy_bundle.bundle, b)
+    _degrade(b)
+    r = run_cli("bench", str(b), "--batch", "8", "--repeats", "2", "--warmup", "0", "-o", str(tmp_path / "rep"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "gate(s) failed" in r.stdout
+    assert "parity onnxruntime/fp32 fusion@" in r.stderr and "parity onnxruntime/fp32 pipeline@" in r.stderr
+    assert "parity onnxruntime/fp32 image@" not in r.stderr
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())  # written even though gates failed
+    assert report["gates"]["passed"] is False
+    assert "## mmopt bench: gates FAILED" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_faster_baseline_fails_regression_gate(toy_bundle, toy_report, tmp_path):
+    faster = copy.deepcopy(toy_report.report)
+    for row in faster["latency"]:
+        row["p50"] /= 4
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(faster))
+    with pytest.raises(GateError, match=r"latency onnxruntime/fp32 pipeline batch 8: p50 .* vs baseline") as e:
+        bench(toy_bundle.bundle, tmp_path / "rep", baseline=base, **FAST)
+    report = e.value.result.report
+    rows = report["baseline"]["rows"]
+    assert all(r["regressed"] == (r["graph"] == "pipeline") for r in rows)  # components shown, not gated
+    assert "### Against baseline" in (tmp_path / "rep" / "report.md").read_text()
+    assert "latency" not in " ".join(f for f in report["gates"]["failures"] if f.startswith("parity"))
+
+
+def test_same_baseline_passes_side_by_side(toy_report):
+    report = copy.deepcopy(toy_report.report)
+    report["baseline"] = gates.compare(report, toy_report.report, "same.json", 0.10)
+    assert all(r["change"] == 0 and not r["regressed"] for r in report["baseline"]["rows"])
+    assert report["baseline"]["unmatched"] == {"only_in_baseline": 0, "only_in_this_run": 0}
+    assert gates.evaluate(report, None)["passed"]
+
+
+def test_accuracy_gate(toy_report):
+    report = copy.deepcopy(toy_report.report)
+    for v, score in zip(report["variants"], (0.90, 0.80)):
+        v["task"] = {"metric": "accuracy", "output": "output", "samples": 10, "score": score}
+    assert gates.evaluate(report, 0.2)["passed"]
+    failed = gates.evaluate(report, 0.05)["failures"]
+    assert failed == ["accuracy onnxruntime/fp32: 0.8000 vs eager 0.9000, drop 0.1000 > max_accuracy_drop 0.05"]
+
+
+def test_baseline_from_another_bundle_is_usage_error(toy_report, tmp_path):
+    other = copy.deepcopy(toy_report.report)
+    other["bundle"]["fingerprint"] = "0123456789abcdef"
+    other["bundle"]["factory"] = "clip:build"
+    base = tmp_path / "other.json"
+    base.write_text(json.dumps(other))
+    bundle = toy_report.report["bundle"]["path"]
+    r = run_cli("bench", bundle, "--baseline", str(base), "-o", str(tmp_path / "rep"))
+    assert r.returncode == 2 and "reports another model" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "rep").exists()
+    manifest_as_baseline = Path(bundle) / "manifest.json"
+    with pytest.raises(UsageError, match="not an mmopt bench report"):
+        gates.load_baseline(manifest_as_baseline, 1)
+    with pytest.raises(UsageError, match="no such file"):
+        gates.load_baseline(tmp_path / "missing.json", 1)
+
+
+def test_tampered_bundle(toy_bundle, tmp_path):
+    b = tmp_path / "bundle"
+    shutil.copytree(toy_bundle.bundle, b)
+    with open(b / "text.onnx", "ab") as f:
+        f.write(b"\0")
+    (b / "image.onnx").unlink()
+    r = run_cli("bench", str(b), "-o", str(tmp_path / "rep"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "text.onnx: sha256 mismatch" in r.stderr and "image.onnx: missing" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "tensorrt"], "requested backend not available here"),
+    (["--backend", "cuda"], "onnxruntime-cuda: onnxruntime here has no CUDAExecutionProvider"),
+    (["--backend", "tpu"], "--backend tpu: unknown"),
+    (["--batch", "64"], "--batch 64: outside the exported range of dim 'batch' [1, 32]"),
+    (["--batch", "0,8"], "--batch 0: outside the exported range"),
+    (["--batch", "two"], "--batch 'two': batch sizes are positive integers"),
+    (["--inputs", "evaluation"], "--inputs evaluation: choose random"),
+    (["--max-latency-regression", "fast"], "--max-latency-regression 'fast'"),
+])
+def test_bad_options_exit_2(toy_bundle, tmp_path, args, message):
+    from mmopt.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["bench", str(toy_bundle.bundle), "-o", str(tmp_path / "rep"), *args])
+    assert isinstance(result.exception, MmoptError) and result.exception.exit_code == 2
+    assert message in str(result.exception)
+    assert not (tmp_path / "rep").exists()
+
+
+DATA = '''
+import numpy as np
+import torch
+
+
+def _inputs(rng, n, seq):
+    mask = np.arange(seq)[None] < rng.integers(seq // 2 + 1, seq + 1, (n, 1))
+    return {"pixel_values": rng.standard_normal((n, 3, 16, 16)).astype(np.float32),
+            "input_ids": rng.integers(0, 50, (n, seq)), "attention_mask": mask}
+
+
+def evaluation():
+    """Labels are the eager model's own answers, so eager scores 1.0 and artifacts score their agreement."""
+    from toy import build
+
+    model, rng = build(), np.random.default_rng(0)
+    for seq in (6, 9):
+        x = _inputs(rng, 40, seq)
+        with torch.no_grad():
+            labels = model(**{k: torch.from_numpy(v) for k, v in x.items()}).argmax(-1).numpy()
+        yield x, labels
+
+
+def calibration():
+    rng = np.random.default_rng(1)
+    for _ in range(2):
+        yield _inputs(rng, 16, 8)
+'''
+
+
+def test_task_score_and_user_data(toy_dir, tmp_path):
+    """[evaluation] data: every variant gets a task score and parity on that data; --inputs evaluation
+    times on the same data (re-cut to the exported batch range: 40-row batches become 32 + 8)."""
+    (toy_dir.dir / "toydata.py").write_text(DATA)
+    cfg = toy_dir(extra='[evaluation]\nsource = "toydata:evaluation"\noutput = "output"\n'
+                        '[calibration]\nsource = "toydata:calibration"\n')
+    from mmopt.api import export
+
+    export(cfg, tmp_path / "bundle")
+    r = bench(tmp_path / "bundle", tmp_path / "rep", inputs="evaluation", batches=[4], repeats=2, warmup=0).report
+    eager, ort = r["variants"][0], r["variants"][1]
+    assert eager["task"] == {"metric": "accuracy", "output": "output", "samples": 80, "score": 1.0}
+    assert ort["task"]["score"] == 1.0 and ort["parity"]["pipeline"]["failed"] == 0
+    assert ort["parity"]["pipeline"]["outputs"] == 3 and ort["parity"]["pipeline on data"]["outputs"] == 1
+    data = [c for c in ort["checks"] if c["where"] == "pipeline@data"]
+    assert [c["shape"] for c in data] == [[80, 5]]
+    assert r["settings"]["inputs"] == "evaluation"
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "### Task score (accuracy of `output`, 80 samples)" in md
+    r2 = bench(tmp_path / "bundle", None, inputs="calibration", batches=[32], repeats=1, warmup=0).report
+    assert {x["batch"] for x in r2["latency"]} == {32}  # 16-row calibration batch tiled to 32
+
+
+def test_every_precision_in_the_bundle_is_benched(toy_bundle, tmp_path):
+    """fp16 / int8-dynamic artifacts beside the fp32 ones (as the precision stage writes them) each become
+    a variant judged by its own precision's tolerance; a component without one keeps its fp32 graph."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    b = tmp_path / "bundle"
+    shutil.copytree(toy_bundle.bundle, b)
+    m = Manifest.read(b)
+    for comp in m.components:
+        src = onnx.load(str(b / f"{comp}.onnx"))
+        onnx.save(convert_float_to_float16(src, keep_io_types=True), str(b / f"{comp}.fp16.onnx"))
+        m.add(b, comp, "precision", "fp16", f"{comp}.fp16.onnx", parent=f"{comp}/export/fp32")
+    quantize_dynamic(str(b / "text.onnx"), str(b / "text.int8-dynamic.onnx"), weight_type=QuantType.QInt8)
+    m.add(b, "text", "precision", "int8-dynamic", "text.int8-dynamic.onnx", parent="text/export/fp32")
+    m.write(b)
+    r = bench(b, None, batches=[8], repeats=2, warmup=0).report
+    by_id = {v["id"]: v for v in r["variants"]}
+    assert list(by_id) == ["eager", "onnxruntime/fp32", "onnxruntime/fp16", "onnxruntime/int8-dynamic"]
+    assert by_id["onnxruntime/fp16"]["artifacts"] == {c: f"{c}/precision/fp16" for c in m.components}
+    assert by_id["onnxruntime/int8-dynamic"]["artifacts"] == {"image": "image/export/fp32",
+                                                              "text": "text/precision/int8-dynamic",
+                                                              "fusion": "fusion/export/fp32"}
+    fp16 = by_id["onnxruntime/fp16"]
+    assert fp16["failed"] == 0 and fp16["parity"]["pipeline"]["max_abs"] > 1e-6  # really ran in fp16
+    assert {x["variant"] for x in r["latency"]} == set(by_id)

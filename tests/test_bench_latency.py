@@ -1,0 +1,48 @@
+"""Pure timing helpers and the PNG writer: statistics, interleaving order, paired ratios."""
+from __future__ import annotations
+
+import numpy as np
+
+from mmopt.bench import latency
+from mmopt.bench.png import Canvas, encode_png, nice_ticks
+
+
+def test_stats_from_known_samples():
+    s = latency.stats([i * 1_000_000 for i in range(1, 101)], batch=4)  # 1..100 ms
+    assert s.n == 100 and s.p50 == 50.5 and s.min == 1.0 and s.mean == 50.5
+    assert abs(s.p90 - 90.1) < 1e-9 and abs(s.p99 - 99.01) < 1e-9
+    assert abs(s.std - np.std(np.arange(1, 101), ddof=1)) < 1e-9
+    assert abs(s.throughput - 4 * 1000 / 50.5) < 1e-9
+
+
+def test_interleaved_rotates_and_warms_up():
+    order: list[str] = []
+    timed = {k: latency.Timed(lambda k=k: order.append(k)) for k in "abc"}
+    samples = latency.interleaved(timed, repeats=3, warmup=1)
+    assert order == list("abc" "abc" "bca" "cab")  # warm-up, then each round starts one later
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_sync_runs_around_each_call():
+    calls: list[str] = []
+    t = latency.Timed(lambda: calls.append("fn"), sync=lambda: calls.append("sync"))
+    latency.interleaved({"x": t}, repeats=1, warmup=0)
+    assert calls == ["sync", "fn", "sync"]
+
+
+def test_paired_ratio_is_median_of_rounds():
+    assert latency.paired_ratio([2, 4, 100], [1, 2, 1]) == 2.0
+
+
+def test_png_encoder_and_ticks():
+    c = Canvas(40, 20)
+    c.text(1, 1, "ms")
+    c.line(0, 19, 39, 0, (255, 0, 0), 2)
+    data = encode_png(c.px)
+    assert data.startswith(b"\x89PNG") and b"IHDR" in data and data.endswith(b"IEND\xaeB`\x82")
+    from PIL import Image
+    import io
+
+    img = np.asarray(Image.open(io.BytesIO(data)))
+    assert img.shape == (20, 40, 3) and (img == c.px).all()
+    assert nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10] and nice_ticks(0, 1.3) == [0, 0.5, 1.0]
