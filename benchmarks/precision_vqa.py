@@ -68,6 +68,7 @@ def main() -> None:
         results.update(report)
         for name, conv in conversions.items():
             results["variants"][name]["conversion"] = conv
+        results["image_encoder_int8_forms"] = image_int8_forms(bundle, args.rounds * 2)
     fp32 = results["variants"]["onnx fp32"]["latency_ms"]
     for name, row in results["variants"].items():
         row["latency_vs_onnx_fp32"] = {b: round(ms / fp32[b], 3) for b, ms in row["latency_ms"].items()}
@@ -79,6 +80,55 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"wrote {args.out}")
+
+
+def image_int8_forms(bundle: Path, rounds: int) -> dict:
+    """Why the int8 image encoder is not faster on this CPU: the same graph as fp32, as mmopt's
+    TensorRT-form Q/DQ (symmetric int8, inputs of Conv/Gemm only), and as ONNX Runtime's CPU-preferred
+    form (uint8 asymmetric activations, per-tensor weights, outputs quantized too, so ORT fuses QLinearConv)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    from mmopt.examples.vqa import data
+    from mmopt.policy import median_ms
+    from mmopt.stages import graph, ranges
+
+    fp32 = graph.named(onnx.load(str(bundle / "image.onnx")))
+    name = fp32.graph.input[0].name
+    feeds = [{name: b["pixel_values"]} for _, b in zip(range(8), data.calibration_batches())]
+    floats = ranges.float_tensors(fp32)
+    names = sorted({t for n in fp32.graph.node if n.op_type in ("Conv", "Gemm") for t in [*n.input, *n.output]
+                    if t in floats})
+    lo, hi = {n: 0.0 for n in names}, {n: 0.0 for n in names}
+    sess = ranges.session(fp32, names)
+    for f in feeds:
+        got = ranges.run_all(sess, f)
+        for n in names:
+            lo[n], hi[n] = min(lo[n], float(got[n].min())), max(hi[n], float(got[n].max()))
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(fp32, f"{tmp}/fp32.onnx")
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, {n: TensorData(lowest=np.float32(lo[n]),
+                                                                              highest=np.float32(hi[n]))
+                                                                for n in names}), f"{tmp}/cache.json")
+        quantize_static(f"{tmp}/fp32.onnx", f"{tmp}/cpu.onnx", None, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["Conv", "Gemm"], per_channel=False,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=f"{tmp}/cache.json")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+        graphs = {"fp32": f"{tmp}/fp32.onnx", "int8 TensorRT form (mmopt artifact)": str(bundle / "image.int8.onnx"),
+                  "int8 ORT CPU form (u8, per-tensor, outputs quantized)": f"{tmp}/cpu.onnx"}
+        sessions = {k: ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for k, p in graphs.items()}
+        x = feeds[0]
+        out = {}
+        for b in (1, 32):
+            xb = {name: x[name][:b]}
+            ms = median_ms({k: (lambda s=s: s.run(None, xb)) for k, s in sessions.items()}, rounds=rounds)
+            out[str(b)] = {k: round(v, 4) for k, v in ms.items()}
+    return {"latency_ms": out, "threads": 1, "note": image_int8_forms.__doc__.split("\n\n")[0].strip()}
 
 
 if __name__ == "__main__":

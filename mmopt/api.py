@@ -15,7 +15,7 @@ from mmopt import __version__
 from mmopt.bench.compare import Check, raise_on_failures
 from mmopt.capture import Split, split as capture_split
 from mmopt.checkpoint import build_model
-from mmopt.errors import ExportError
+from mmopt.errors import ConfigError, ExportError
 from mmopt.manifest import Manifest, sha256_file, staged_bundle
 from mmopt.progress import Progress
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
@@ -210,7 +210,10 @@ def quantize(bundle: str | Path, config: str | Path | None = None, progress: Pro
 
     progress = progress or Progress()
     manifest = Manifest.read(bundle)
-    path = Path(config) if config is not None else Path(manifest.model.get("config", ""))
+    path = Path(config) if config is not None else Path(manifest.model.get("config") or "mmopt.toml")
+    if config is None and not path.is_file():
+        raise ConfigError(f"{bundle}: was exported from {path}, which no longer exists. Pass the config: "
+                          "`mmopt quantize BUNDLE --config mmopt.toml`.")
     spec = load_spec(path)
     model = build_model(spec, trust_checkpoint)
     split = capture_split(model, spec)

@@ -20,10 +20,18 @@ from mmopt.spec import ModelSpec
 Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-def eager_predictor(model: torch.nn.Module) -> Predict:
+def eager_predictor(model: torch.nn.Module, threads: int | None = 1) -> Predict:
+    """Eager PyTorch on numpy inputs. One intra-op thread by default: on a shared 2-core machine a
+    second busy process makes PyTorch's multi-threaded kernels up to ~8x slower, one thread never."""
     def predict(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            out = model(**{n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in inputs.items()})
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                out = model(**{n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in inputs.items()})
+        finally:
+            torch.set_num_threads(before)
         return {n: to_numpy(t) for n, t in flatten_named(out, "")[0] if isinstance(t, torch.Tensor)}
     return predict
 

@@ -23,6 +23,7 @@ import numpy as np
 from mmopt.bench.compare import raise_on_failures
 from mmopt.errors import ConfigError
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
+from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import ModelSpec
 from mmopt.stages.export import save
 
@@ -46,6 +47,22 @@ def median_ms(calls: dict[Any, Callable[[], Any]], rounds: int = 15, warmup: int
             calls[k]()
             times[k].append(time.perf_counter() - t)
     return {k: float(np.median(v)) * 1000 for k, v in times.items()}
+
+
+class Memo:
+    """Wraps a runner so that pipelines sharing it compute each batch once: results are keyed by the
+    identity of the feed arrays (kept alive in the cache, so identities are not reused)."""
+
+    def __init__(self, runner: Any, size: int = 8):
+        self.runner, self.size, self.cache = runner, size, {}
+
+    def infer(self, feeds: dict[str, np.ndarray], check: bool = False) -> dict[str, np.ndarray]:
+        key = tuple(sorted((n, id(a)) for n, a in feeds.items()))
+        if key not in self.cache:
+            if len(self.cache) >= self.size:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[key] = (feeds, self.runner.infer(feeds, check=check))
+        return self.cache[key][1]
 
 
 def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32_files: dict[str, Path],
@@ -79,7 +96,7 @@ def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32
             runners[(comp, prec)] = stack.enter_context(OnnxRuntimeRunner(path, s.inputs, s.outputs, threads=1))
         lat = median_ms({k: (lambda r=r, f=feeds[k[0]]: r.infer(f, check=False)) for k, r in runners.items()})
 
-    rows, pipes = [], {}
+    rows, pipes, memos = [], {}, {}
     with contextlib.ExitStack() as stack:
         # The fixed components with every "auto" one at fp32 first: if that fails, no combination can pass.
         combos = sorted(itertools.product(*(options[c] for c in autos)), key=lambda c: c != ("fp32",) * len(c))
@@ -101,7 +118,8 @@ def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32
             ms = sum(lat.get((c, p), float("nan")) for c, p in trial.items())
             rows.append({"policy": trial, "label": label, "latency_ms": round(ms, 4), "parity_ok": not failed,
                          "parity_failures": len(failed)})
-            pipes[label] = pipe.infer
+            shared = {c: memos.setdefault((c, p), Memo(trial_runners[c])) for c, p in trial.items()}
+            pipes[label] = Pipeline(split.components, split.output_sources, shared).infer
         if spec.evaluation is not None:
             fp32_pipe, _ = stack.enter_context(open_pipeline(split.components, split.output_sources, fp32_files,
                                                              {}, Path(scratch)))

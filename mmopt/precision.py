@@ -114,10 +114,11 @@ def _write(proto: onnx.ModelProto, path: Path) -> None:
 
 class CheckingRunner(OnnxRuntimeRunner):
     """ONNX Runtime CPU for parity and accuracy runs, interleaved with eager PyTorch in one process:
-    worker threads must not spin after each run (they would starve PyTorch's threads ~10x on 2 cores)."""
+    one thread unless told, and no spinning workers (they starved PyTorch's threads ~10x on 2 cores)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("config", {"session.intra_op.allow_spinning": "0"})
+        kwargs["threads"] = kwargs.get("threads") or 1  # robust on a shared machine, like the eager reference
         super().__init__(*args, **kwargs)
 
 

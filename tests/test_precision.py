@@ -12,7 +12,7 @@ import pytest
 from support import TESTS, run_cli
 
 from mmopt import api
-from mmopt.errors import ConfigError, PrecisionError
+from mmopt.errors import CalibrationError, ConfigError, PrecisionError
 from mmopt.manifest import Manifest
 from mmopt.spec import DEFAULT_TOLERANCES
 from mmopt.stages import fp16 as fp16_stage
@@ -43,9 +43,10 @@ def toy(tmp_path_factory):
     for f in ("toy.py", "toydata.py"):
         shutil.copy(TESTS / "models" / f, d / f)
 
-    def write(extra: str = "", method: str = "entropy", name: str = "mmopt.toml"):
+    def write(extra: str = "", method: str = "entropy", name: str = "mmopt.toml", source: str = "calibration_batches"):
         path = d / name
-        path.write_text(CONFIG.format(checkpoint="", extra=extra) + CALIBRATION.format(method=method))
+        path.write_text(CONFIG.format(checkpoint="", extra=extra) + CALIBRATION.format(method=method)
+                        .replace("toydata:calibration_batches", f"toydata:{source}"))
         return path
 
     api.export(write(), d / "bundle")
@@ -135,6 +136,9 @@ def test_failed_quantize_leaves_the_bundle_byte_identical(toy):
     no_drop = toy("[tolerance]\nmax_accuracy_drop = 0.0\n", name="nodrop.toml")
     with pytest.raises(PrecisionError, match="accuracy drops by"):
         api.quantize(toy.bundle, no_drop, precision={"image": "int8", "text": "int8", "fusion": "int8"})
+    assert snapshot(toy.bundle) == before
+    with pytest.raises(CalibrationError, match="NaN"):
+        api.quantize(toy.bundle, toy(name="nan.toml", source="with_nan"), precision={"image": "int8"})
     assert snapshot(toy.bundle) == before
     assert not [p for p in toy.bundle.parent.iterdir() if p.name.endswith(".partial")]
 

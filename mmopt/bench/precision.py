@@ -64,7 +64,7 @@ def compare(bundle: str | Path, spec: Any, model: torch.nn.Module, split: Any,
         scored, timed = {}, {}
         for name, policy in variants.items():
             if policy is None:
-                scored[name] = timed[name] = ev.eager_predictor(model)
+                scored[name] = timed[name] = ev.eager_predictor(model, threads)
                 continue
             policy = rows[name]["precision"]
             pipe, _ = stack.enter_context(open_pipeline(split.components, split.output_sources,

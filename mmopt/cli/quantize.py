@@ -31,9 +31,10 @@ def quantize(
     bundle: Path = typer.Argument(Path("build"), help="Bundle folder written by `mmopt export`."),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="mmopt.toml to read \\[precision], \\[calibration], \\[evaluation] "
-                                               "and \\[tolerance] from. Default: the config the bundle was exported from."),
+                                               "and \\[tolerance] from. Default: the config the bundle was "
+                                               "exported from."),
     precision: list[str] = typer.Option([], "--precision", "-p", metavar="COMPONENT=PRECISION",
-                                        help="Override \\[precision] for this run (repeatable): fp32, fp16, int8, "
+                                        help="Override \\[precision] for this run (repeatable): fp32, fp16, int8, auto, "
                                              "int8-dynamic."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="Allow a .pt checkpoint that needs pickled code (only for files "
@@ -74,7 +75,8 @@ def show(result: Any) -> None:
         if prec == "fp32":
             continue
         art, parent = m.artifact(comp, prec), m.artifact(comp, "fp32")
-        t.add_row(comp, prec, artifact_file(comp, prec), f"{art.bytes / 1024:.0f} KiB", f"{parent.bytes / 1024:.0f} KiB")
+        t.add_row(comp, prec, artifact_file(comp, prec), f"{art.bytes / 1024:.0f} KiB",
+                  f"{parent.bytes / 1024:.0f} KiB")
     console.print(t)
     console.print(parity_table({parity_key(result.policy): m.results["parity"][parity_key(result.policy)]}))
     for comp, islands in result.islands.items():

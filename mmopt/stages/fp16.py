@@ -84,7 +84,8 @@ def legalise(proto: onnx.ModelProto, islands: dict[str, str]) -> dict[str, str]:
             for name in node.input:
                 src = made.get(name)
                 if src is not None and src.op_type == "Transpose" and src.name not in out:
-                    out[src.name] = f"joins the fp32 {node.op_type} it feeds (onnxruntime CPU crash on the mixed pattern)"
+                    out[src.name] = (f"joins the fp32 {node.op_type} it feeds (onnxruntime's CPU optimiser "
+                                     "crashes on the mixed pattern)")
     return out
 
 
