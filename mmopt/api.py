@@ -1,6 +1,7 @@
 """What the CLI calls: export, inspect and verify a bundle. The API never imports the CLI."""
 from __future__ import annotations
 
+import contextlib
 import platform
 import shutil
 import tempfile
@@ -112,20 +113,13 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
     return result
 
 
-def _verify_files(model: Any, spec: ModelSpec, split: Split, files: dict[str, Path],
-                  precision: dict[str, str] | None = None) -> list[Check]:
-    precision = precision or {}
-    runners = {c: OnnxRuntimeRunner(p, split.components[c].inputs, split.components[c].outputs, name=c)
-               for c, p in files.items()}
-    for r in runners.values():
-        r.__enter__()
-    try:
-        worst = max(precision.values(), key=["fp32", "fp16", "int8-dynamic", "int8"].index, default="fp32")
-        return verify(model, spec, split, runners,
-                      lambda comp: spec.tolerances[precision.get(comp, worst if comp == "pipeline" else "fp32")])
-    finally:
-        for r in runners.values():
-            r.__exit__(None, None, None)
+def _verify_files(model: Any, spec: ModelSpec, split: Split, files: dict[str, Path]) -> list[Check]:
+    """fp32 parity of ``files`` (component -> ONNX graph) and their pipeline against the eager model."""
+    with contextlib.ExitStack() as stack:
+        runners = {c: stack.enter_context(OnnxRuntimeRunner(p, split.components[c].inputs,
+                                                            split.components[c].outputs, name=c))
+                   for c, p in files.items()}
+        return verify(model, spec, split, runners, lambda comp: spec.tolerances["fp32"])
 
 
 def new_manifest(spec: ModelSpec, split: Split) -> Manifest:
