@@ -193,7 +193,7 @@ def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline:
 def quantize(bundle: str | Path, config: str | Path | None = None, progress: Progress | None = None,
              precision: dict[str, str] | None = None, trust_checkpoint: bool = False,
              sensitivity: bool = True):
-    """Convert an exported bundle's components to the [precision] policy (fp16 / int8 / int8-dynamic).
+    """Convert an exported bundle's components to the [precision] policy (fp16 / int8 / int8-cpu / int8-dynamic).
 
     ``config`` defaults to the mmopt.toml the bundle was exported from (recorded in its manifest);
     ``precision`` overrides the config's [precision] table (component -> precision). Writes

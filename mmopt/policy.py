@@ -6,7 +6,9 @@ the accuracy budget. Each candidate graph is timed alone on this machine (ONNX R
 thread, median of interleaved repeats on a real calibration batch); a pipeline's latency is the sum of
 its components'. The fastest passing combination wins (within 5% timing noise, the more accurate one);
 fp32 always passes, so there is always one.
-fp16 is no candidate on CPU: ONNX Runtime runs it at fp32 speed here.
+The search chooses for ONNX Runtime on this CPU: its candidates are the CPU forms (int8-cpu, int8-dynamic)
+and fp32. fp16 is no candidate (ONNX Runtime runs it at fp32 speed on CPU), nor is TensorRT's int8 form
+(slower than fp32 on ONNX Runtime CPU: its Q/DQ cannot be fused there); set those explicitly for engines.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import ModelSpec
 from mmopt.stages.export import save
 
-CANDIDATES = ("int8", "int8-dynamic", "fp32")
+CANDIDATES = ("int8-cpu", "int8-dynamic", "fp32")
 MAX_COMBINATIONS = 27
 NOISE = 0.05  # latencies within 5% of the fastest count as equal
 

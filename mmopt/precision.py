@@ -24,13 +24,14 @@ from mmopt.manifest import Manifest, staged_bundle
 from mmopt.progress import Progress
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
 from mmopt.runners.pipeline import Pipeline
-from mmopt.spec import ModelSpec
+from mmopt.spec import PRECISIONS, ModelSpec
 from mmopt.stages import fp16 as fp16_stage
 from mmopt.stages import int8 as int8_stage
 from mmopt.stages.export import save
 from mmopt.verify import VERIFY_SEED, eager_io, summarise, verify
 
-ORDER = ["fp32", "fp16", "int8-dynamic", "int8"]
+ORDER = list(PRECISIONS)
+STATIC = {"int8", "int8-cpu"}  # calibrated Q/DQ forms
 REAL_BATCHES = 4  # calibration batches also used as parity cases (real data)
 SENSITIVITY_SAMPLES = 64
 
@@ -196,11 +197,11 @@ def convert_component(comp: str, precision: str, proto: onnx.ModelProto, model: 
                   "range_samples": cal.samples if cal else "random inputs (no [calibration])",
                   "fp32_islands": islands, "parity_rounds": res.rounds}
         return res.proto, config, islands
-    if precision == "int8":
+    if precision in STATIC:
         if cal is None:
-            raise ConfigError(f"{spec.path}: {comp} = \"int8\" needs a [calibration] table naming real data.")
+            raise ConfigError(f"{spec.path}: {comp} = \"{precision}\" needs a [calibration] table naming real data.")
         res = int8_stage.quantize_static_qdq(proto, [f for f, _ in cal.feeds[comp]], spec.calibration.method,
-                                             exclude, cal.samples)
+                                             exclude, cal.samples, form="cpu" if precision == "int8-cpu" else "tensorrt")
         return res.proto, {**res.config, "calibration_source": cal.source}, {}
     res = int8_stage.quantize_dynamic_int8(proto, exclude)
     return res.proto, res.config, {}
@@ -216,9 +217,9 @@ def quantize(bundle: str | Path, spec: ModelSpec, model: Any, split: Any,
     manifest = Manifest.read(bundle).verified(bundle)
     policy = resolve_policy(spec, manifest, precision)
     check_bundle_matches(manifest, spec, split, bundle)
-    needs_cal = any(p in ("int8", "fp16", "auto") for p in policy.values())
+    needs_cal = any(p in (*STATIC, "fp16", "auto") for p in policy.values())
     cal = calibration.load(model, spec, split) if needs_cal and spec.calibration else None
-    if any(p in ("int8", "auto") for p in policy.values()) and cal is None:
+    if any(p in (*STATIC, "auto") for p in policy.values()) and cal is None:
         calibration.load(model, spec, split)  # raises the "add a [calibration] table" error
     cache: dict[tuple[str, str], tuple] = {}
     result = QuantizeResult(bundle, manifest, policy, policy_label(policy), [])
@@ -263,14 +264,14 @@ def quantize(bundle: str | Path, spec: ModelSpec, model: Any, split: Any,
                               "Nothing was written. Exclude the worst nodes ([precision.exclude], see the "
                               "sensitivity report of a passing run), keep a component at higher precision, "
                               + (f"try another [calibration].method (this run used {method}; \"auto\" picks the "
-                                 "best per component), " if "int8" in policy.values() and method != "auto" else "")
+                                 "best per component), " if STATIC & set(policy.values()) and method != "auto" else "")
                               + "or loosen the gate under [tolerance.<precision>].")
             rows = {where: {**row, "precision": policy.get(where, label)}
                     for where, row in summarise(result.checks).items() if policy.get(where) != "fp32"}
             manifest.results.setdefault("parity", {})[parity_key(policy)] = rows
             if spec.evaluation is not None:
                 result.accuracy = _score(spec, model, split, tmp, manifest, pipe, label, Path(scratch), searched)
-        if sensitivity and cal is not None and "int8" in policy.values():
+        if sensitivity and cal is not None and STATIC & set(policy.values()):
             result.sensitivity = _sensitivity(split, tmp, manifest, policy, cal)
             manifest.results.setdefault("sensitivity", {}).update(result.sensitivity)
         result.seconds = time.perf_counter() - t0
@@ -320,9 +321,9 @@ def _sensitivity(split: Any, tmp: Path, manifest: Manifest, policy: dict[str, st
     fp32 = {c: onnx.load(str(tmp / manifest.artifact(c, "fp32", stage="export").file)) for c in split.components}
     report = {}
     for comp, prec in policy.items():
-        if prec != "int8":
+        if prec not in STATIC:
             continue
-        qdq = onnx.load(str(tmp / artifact_file(comp, "int8")))
+        qdq = onnx.load(str(tmp / artifact_file(comp, prec)))
         r = sens.int8_sensitivity(comp, fp32[comp], qdq, split.components, split.output_sources, fp32, cases)
         r["samples"] = rows
         r["suggest_exclude"] = sens.suggest_exclude(r)

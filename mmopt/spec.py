@@ -16,7 +16,9 @@ from typing import Any
 from mmopt.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
+# Ordered from the most to the least faithful (the pipeline is judged by its least faithful part).
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-cpu", "int8")
+CPU_ONLY = ("int8-dynamic", "int8-cpu")  # ONNX Runtime forms TensorRT cannot build
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "auto")
 SIZES = ("min", "opt", "max")
 TOP_LEVEL = ("model", "inputs", "dims", "components", "precision", "calibration", "evaluation", "tolerance")
@@ -26,6 +28,7 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"max_abs": 1e-3, "max_rel": 1e-2, "min_cosine": 0.99999, "min_argmax": 1.0},
     "fp16": {"max_abs": 5e-2, "max_rel": 5e-1, "min_cosine": 0.999, "min_argmax": 0.98},
     "int8": {"max_abs": float("inf"), "max_rel": float("inf"), "min_cosine": 0.98, "min_argmax": 0.9},
+    "int8-cpu": {"max_abs": float("inf"), "max_rel": float("inf"), "min_cosine": 0.98, "min_argmax": 0.9},
     "int8-dynamic": {"max_abs": float("inf"), "max_rel": float("inf"), "min_cosine": 0.98, "min_argmax": 0.9},
 }
 

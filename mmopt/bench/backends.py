@@ -23,11 +23,12 @@ from mmopt.manifest import Artifact, Manifest
 from mmopt.runners.base import Runner
 from mmopt.runners.eager import EagerRunner
 from mmopt.runners.pipeline import Pipeline
+from mmopt.spec import PRECISIONS
 
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "eager-cuda")
 ALIASES = {"ort": "onnxruntime", "ort-cpu": "onnxruntime", "onnxruntime-cpu": "onnxruntime", "cpu": "onnxruntime",
            "ort-cuda": "onnxruntime-cuda", "cuda": "onnxruntime-cuda", "trt": "tensorrt", "eager": "eager"}
-PRECISION_ORDER = ["fp32", "fp16", "int8-dynamic", "int8"]
+PRECISION_ORDER = list(PRECISIONS)
 
 
 def gpu_present() -> bool:

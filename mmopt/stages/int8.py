@@ -7,6 +7,14 @@ computed here from the real calibration feeds (``ranges``: minmax, percentile or
 and handed to onnxruntime's quantizer as its calibration cache, so the configured method is the one
 used; the written graph's scales are then checked against them.
 
+CPU (``int8-cpu``): static int8 in the form ONNX Runtime's CPU kernels run fast: uint8 asymmetric
+activations, int8 per-channel weights in 7 bits (AVX2 without VNNI multiplies uint8 x int8 pairs into
+saturating int16: full-range weights overflow there), and Relu / MaxPool quantized too so that runs
+of convolutions stay in int8 (QLinearConv, NHWC max-pool) without a dequantize between them. A
+convolution reading at most ``STEM_CHANNELS`` channels (an RGB stem) and the Relu / MaxPool after it
+stay fp32: ONNX Runtime's int8 convolution is slower than its fp32 one at so few channels. Not a
+TensorRT input (TensorRT takes symmetric int8 only).
+
 Dynamic: MatMul weights int8, activations quantized at run time by onnxruntime's CPU kernels (Gemm
 is rewritten as MatMul + Add first so linear layers qualify). A CPU deployment option: TensorRT
 does not run it.
@@ -29,6 +37,9 @@ from mmopt.errors import ConfigError
 from mmopt.stages import graph, ranges
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+CPU_OPS = ("Conv", "MatMul", "Gemm", "Relu", "MaxPool")
+STEM_CHANNELS = 4
+FORMS = ("tensorrt", "cpu")
 
 
 @dataclass
@@ -66,8 +77,8 @@ def thresholds_and_fallbacks(proto: onnx.ModelProto, feeds: list[dict[str, np.nd
                              percentile: float = ranges.PERCENTILE, hists: dict | None = None
                              ) -> tuple[dict[str, float], list[str]]:
     """Thresholds per calibrated tensor, and the tensors too sparsely seen for ``method`` (given minmax)."""
-    names = calibrated_tensors(proto)
-    hists = hists if hists is not None else ranges.histograms(proto, names, feeds)
+    hists = hists if hists is not None else ranges.histograms(proto, calibrated_tensors(proto), feeds)
+    names = list(hists)
     sparse = [n for n in names if method != "minmax" and hists[n][0].sum() < ranges.MIN_VALUES]
     return {n: ranges.threshold(*hists[n], method, percentile) for n in names}, sparse
 
@@ -120,38 +131,140 @@ def output_error(fp32: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list[
     return worst
 
 
+def cpu_tensors(proto: onnx.ModelProto, exclude: tuple[str, ...]) -> list[str]:
+    """Float tensors read or written by the ops the CPU form quantizes: what needs a range."""
+    floats = ranges.float_tensors(proto)
+    return sorted({t for n in proto.graph.node if n.op_type in CPU_OPS and n.name not in exclude
+                   for t in [*n.input, *n.output] if t in floats})
+
+
+def cpu_stems(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+    """(``proto`` rewritten, the nodes to keep fp32): each Conv with at most ``STEM_CHANNELS`` input channels
+    and the single-consumer Relu / MaxPool chain after it. Within that chain Relu -> MaxPool becomes
+    MaxPool -> Relu (exact: max-pooling commutes with a non-decreasing function), so the int8 region starts
+    with a QuantizeLinear after a Relu, which ONNX Runtime fuses away. After a MaxPool, ONNX Runtime's QDQ
+    propagation moves it back over the pool, which then runs as a slow uint8 NCHW MaxPool (measured 7 ms
+    vs 0.7 ms fp32 on the VQA stem at batch 32)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    init = {t.name: t for t in out.graph.initializer}
+    outputs = {o.name for o in out.graph.output}
+    cons = graph.consumers(out.graph)
+    keep: list[str] = []
+    swaps: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
+    for node in out.graph.node:
+        w = init.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if w is None or len(w.dims) < 2 or w.dims[1] > STEM_CHANNELS:
+            continue
+        keep.append(node.name)
+        cur = node
+        while cur.output[0] not in outputs and len(nxt := cons.get(cur.output[0], [])) == 1 \
+                and nxt[0].op_type in ("Relu", "MaxPool") and len([o for o in nxt[0].output if o]) == 1:
+            if cur.op_type == "Relu" and nxt[0].op_type == "MaxPool":
+                swaps.append((cur, nxt[0]))
+            keep.append(nxt[0].name)
+            cur = nxt[0]
+    for relu, pool in swaps:  # x -Relu-> a -MaxPool-> y   becomes   x -MaxPool-> a -Relu-> y
+        x, a, y = relu.input[0], relu.output[0], pool.output[0]
+        pool.input[0], pool.output[0], relu.input[0], relu.output[0] = x, a, a, y
+        stale = [v for v in out.graph.value_info if v.name == a]  # a is now the pooled tensor: shape differs
+        for v in stale:
+            out.graph.value_info.remove(v)
+        nodes = list(out.graph.node)
+        i, j = nodes.index(relu), nodes.index(pool)
+        nodes[i], nodes[j] = nodes[j], nodes[i]
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
+    return out, tuple(keep)
+
+
+def extrema(proto: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
+    sess = ranges.session(proto, names)
+    lo, hi = {n: np.inf for n in names}, {n: -np.inf for n in names}
+    for f in feeds:
+        got = ranges.run_all(sess, f)
+        for n in names:
+            a = got[n][np.isfinite(got[n])]
+            if a.size:
+                lo[n], hi[n] = min(lo[n], float(a.min())), max(hi[n], float(a.max()))
+    return {n: (lo[n] if np.isfinite(lo[n]) else 0.0, hi[n] if np.isfinite(hi[n]) else 0.0) for n in names}
+
+
+def qdq_cpu(proto: onnx.ModelProto, lohi: dict[str, tuple[float, float]], exclude: tuple[str, ...]) -> onnx.ModelProto:
+    """onnxruntime's QDQ quantizer in its CPU form, with the given activation ranges as its calibration cache."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    data = TensorsData(CalibrationMethod.MinMax, {n: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+                                                 for n, (lo, hi) in lohi.items()})
+    with tempfile.TemporaryDirectory(prefix="mmopt-int8cpu-") as tmp:
+        src, dst, cache = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx", Path(tmp) / "ranges.json"
+        onnx.save(proto, str(src))
+        save_tensors_data(data, cache)
+        with _quiet():
+            quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(CPU_OPS), per_channel=True, reduce_range=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
+                            calibration_cache_path=str(cache), extra_options={"MatMulConstBOnly": True})
+        return onnx.load(str(dst))
+
+
+def clipped(lohi: dict[str, tuple[float, float]], th: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """Asymmetric ranges clipped to the method's |x| threshold (minmax: unchanged)."""
+    return {n: (max(lo, -th[n]), min(hi, th[n])) for n, (lo, hi) in lohi.items()}
+
+
 def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], method: str,
-                        exclude: tuple[str, ...] = (), samples: int = 0) -> Int8Result:
-    """Symmetric per-channel Q/DQ on Conv / MatMul / Gemm with ``method`` ranges from ``feeds``.
+                        exclude: tuple[str, ...] = (), samples: int = 0, form: str = "tensorrt") -> Int8Result:
+    """Static Q/DQ with ``method`` ranges from ``feeds``, in TensorRT's form (symmetric int8 on the inputs of
+    Conv / MatMul / Gemm) or ONNX Runtime's CPU form (``form = "cpu"``, see the module text).
 
     ``method = "auto"`` quantizes with each of minmax, percentile and entropy (one set of histograms)
     and keeps the one whose outputs are closest to fp32 on the last quarter of the feeds (held out
     from the ranges)."""
     proto = graph.named(proto)
     config: dict[str, Any] = {}
+    stems: tuple[str, ...] = ()
+    if form == "cpu":
+        proto, stems = cpu_stems(proto)
+        names = cpu_tensors(proto, (*exclude, *stems))
+    else:
+        names = calibrated_tensors(proto)
+    held = max(1, len(feeds) // 4) if method == "auto" and len(feeds) > 1 else 0
+    fit, check = (feeds[:-held], feeds[-held:]) if held else (feeds, feeds)
+    hists = ranges.histograms(proto, names, fit)
+    lohi = extrema(proto, names, fit) if form == "cpu" else {}
+
+    def quantized(m: str) -> tuple[onnx.ModelProto, dict[str, float], list[str]]:
+        th, sparse = thresholds_and_fallbacks(proto, fit, m, hists=hists)
+        q = qdq_cpu(proto, clipped(lohi, th), (*exclude, *stems)) if form == "cpu" else qdq(proto, th, exclude)
+        return q, th, sparse
+
     if method == "auto":
-        held = max(1, len(feeds) // 4) if len(feeds) > 1 else 0
-        fit, check = (feeds[:-held], feeds[-held:]) if held else (feeds, feeds)
-        hists = ranges.histograms(proto, calibrated_tensors(proto), fit)
         tried = {}
         for m in ("minmax", "percentile", "entropy"):
-            th, sparse = thresholds_and_fallbacks(proto, fit, m, hists=hists)
-            q = qdq(proto, th, exclude)
+            q, th, sparse = quantized(m)
             tried[m] = (output_error(proto, q, check), q, th, sparse)
-        chosen = min(tried, key=lambda m: tried[m][0])
-        _, out, th, sparse = tried[chosen]
-        config["method_search"] = {"held_out_batches": len(check), "chosen": chosen,
+        method_used = min(tried, key=lambda m: tried[m][0])
+        _, out, th, sparse = tried[method_used]
+        config["method_search"] = {"held_out_batches": len(check), "chosen": method_used,
                                    "relative_error": {m: round(v[0], 6) for m, v in tried.items()}}
-        method_used = chosen
     else:
-        th, sparse = thresholds_and_fallbacks(proto, feeds, method)
-        out = qdq(proto, th, exclude)
+        out, th, sparse = quantized(method)
         method_used = method
-    used = check_scales(out, th)
-    quantized = [n.name for n in out.graph.node if n.op_type in COMPUTE_OPS and _reads_dq(out, n)]
-    config = {"format": "QDQ (symmetric int8, per-channel weights, float bias)", "method": method_used,
-              "samples": samples, "op_types": list(COMPUTE_OPS), "quantized_nodes": len(quantized),
-              "activation_ranges": used, "excluded_nodes": list(exclude), **config}
+    if form == "cpu":
+        used = check_scales_cpu(out, clipped(lohi, th))
+        fmt = ("QDQ for ONNX Runtime CPU (uint8 asymmetric activations, 7-bit per-channel int8 weights, "
+               "Relu / MaxPool quantized; not a TensorRT input)")
+        ops = list(CPU_OPS)
+    else:
+        used = check_scales(out, th)
+        fmt, ops = "QDQ (symmetric int8, per-channel weights, float bias)", list(COMPUTE_OPS)
+    quantized_nodes = [n.name for n in out.graph.node if n.op_type in COMPUTE_OPS and _reads_dq(out, n)]
+    config = {"format": fmt, "method": method_used, "samples": samples, "op_types": ops,
+              "quantized_nodes": len(quantized_nodes), "activation_ranges": used, "excluded_nodes": list(exclude),
+              **({"fp32_stem_nodes": list(stems)} if stems else {}), **config}
     if method_used == "percentile":
         config["percentile"] = ranges.PERCENTILE
     if sparse:
@@ -179,6 +292,24 @@ def check_scales(proto: onnx.ModelProto, th: dict[str, float]) -> int:
         if not np.isclose(scale, want, rtol=1e-5) or np.any(zp != 0):
             raise RuntimeError(f"int8: quantizer wrote scale {scale} / zero point {zp} for {node.input[0]}, "
                                f"expected {want} / 0 from the computed ranges")
+        checked += 1
+    return checked
+
+
+def check_scales_cpu(proto: onnx.ModelProto, lohi: dict[str, tuple[float, float]]) -> int:
+    """Every activation QuantizeLinear on a ranged tensor must carry the scale of that range (widened to
+    include 0, over 255 uint8 levels): proof that the quantizer used the ranges computed here."""
+    init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    checked = 0
+    for node in proto.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in lohi:
+            continue
+        lo, hi = lohi[node.input[0]]
+        scale = float(init[node.input[1]])
+        want = (max(hi, 0.0) - min(lo, 0.0)) / 255.0
+        if not np.isclose(scale, want, rtol=1e-4):
+            raise RuntimeError(f"int8-cpu: quantizer wrote scale {scale} for {node.input[0]}, expected {want} "
+                               f"from the computed range [{lo}, {hi}]")
         checked += 1
     return checked
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 from mmopt.errors import BundleError, UsageError
 from mmopt.manifest import Artifact, Manifest, staged_bundle
+from mmopt.spec import CPU_ONLY
 from mmopt.trt import api, device
 from mmopt.trt.compat import parse_cc
 from mmopt.trt.errors import HOW_TO_BUILD, OnnxParseError, TensorRTUnavailable
@@ -69,12 +70,15 @@ class _Quiet:
 
 def source_artifacts(manifest: Manifest, precision: str | None) -> list[Artifact]:
     """The newest ONNX artifact (any stage but "engine") per component at ``precision``, or at every
-    precision the bundle holds when None (except int8-dynamic, which TensorRT cannot run)."""
+    precision the bundle holds when None (except the ONNX Runtime CPU forms, which TensorRT cannot run)."""
     if precision == "int8-dynamic":
         raise UsageError("int8-dynamic graphs use ONNX Runtime's integer ops (MatMulInteger, ConvInteger, "
                          "DynamicQuantizeLinear), which TensorRT does not import. Build --precision int8 (static "
                          "Q/DQ) or fp16 instead.")
-    wanted = [precision] if precision else [p for p in manifest.precisions() if p != "int8-dynamic"]
+    if precision == "int8-cpu":
+        raise UsageError("int8-cpu graphs quantize activations to uint8 with zero points, a form TensorRT does not "
+                         "take (it needs symmetric int8). Build --precision int8 (TensorRT's Q/DQ form) instead.")
+    wanted = [precision] if precision else [p for p in manifest.precisions() if p not in CPU_ONLY]
     found, missing = [], []
     for comp in manifest.components:
         for prec in wanted:
