@@ -68,3 +68,13 @@ def test_vqa_int8_within_one_point_with_tensorrt_qdq(vqa):
     sens = r.sensitivity["image"]
     assert sens["quantized_nodes"] == 5 and len(sens["worst_nodes"]) == 5
     assert r.manifest.artifact("fusion", "int8-dynamic").config["quantized_nodes"] == 2
+
+
+def test_vqa_int8_cpu_within_one_point_with_an_fp32_stem(vqa):
+    r = api.quantize(vqa / "bundle", vqa / "mmopt.toml", precision={"image": "int8-cpu"}, sensitivity=False)
+    scores = r.accuracy["scores"]
+    assert scores["eager fp32"] - scores[r.label] <= 0.01
+    image = r.manifest.artifact("image", "int8-cpu").config
+    assert image["fp32_stem_nodes"] == ["node_Conv_63", "node_relu", "node_max_pool2d"]
+    assert image["quantized_nodes"] == 4  # the three later convs and the projection
+    assert image["method_search"]["relative_error"][image["method"]] < 0.03

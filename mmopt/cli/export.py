@@ -61,7 +61,8 @@ def demo(
     """Run the whole flow on the embedded easy-VQA model (image CNN + text transformer + fusion).
 
     Needs no input: the model code, its trained checkpoint and mmopt.toml ship inside mmopt. After the
-    fp32 export it converts the bundle to fp16 and to int8, prints them side by side, and ends with
+    fp32 export it converts the bundle to fp16, to TensorRT's int8 form and to the CPU int8 policy
+    (int8-cpu image encoder, the rest chosen by the policy search), prints them side by side, and ends with
     `mmopt bench` on the bundle (reports beside it in OUT-bench/).
     """
     from mmopt.cli import demo_precision
