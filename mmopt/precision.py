@@ -201,7 +201,8 @@ def convert_component(comp: str, precision: str, proto: onnx.ModelProto, model: 
         if cal is None:
             raise ConfigError(f"{spec.path}: {comp} = \"{precision}\" needs a [calibration] table naming real data.")
         res = int8_stage.quantize_static_qdq(proto, [f for f, _ in cal.feeds[comp]], spec.calibration.method,
-                                             exclude, cal.samples, form="cpu" if precision == "int8-cpu" else "tensorrt")
+                                             exclude, cal.samples,
+                                             form="cpu" if precision == "int8-cpu" else "tensorrt")
         return res.proto, {**res.config, "calibration_source": cal.source}, {}
     res = int8_stage.quantize_dynamic_int8(proto, exclude)
     return res.proto, res.config, {}

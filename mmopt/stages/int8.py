@@ -94,27 +94,42 @@ def _quiet():
         logging.getLogger().setLevel(level)
 
 
-def qdq(proto: onnx.ModelProto, th: dict[str, float], exclude: tuple[str, ...] = ()) -> onnx.ModelProto:
-    """onnxruntime's QDQ quantizer with the given activation thresholds as its calibration cache."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def _quantizer(proto: onnx.ModelProto, lohi: dict[str, tuple[float, float]], **options: Any) -> onnx.ModelProto:
+    """onnxruntime's static quantizer (QDQ) with the given activation ranges as its calibration cache."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-    data = TensorsData(CalibrationMethod.MinMax, {n: TensorData(lowest=np.float32(-t), highest=np.float32(t))
-                                                 for n, t in th.items()})
+    data = TensorsData(CalibrationMethod.MinMax, {n: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+                                                 for n, (lo, hi) in lohi.items()})
     with tempfile.TemporaryDirectory(prefix="mmopt-int8-") as tmp:
         src, dst, cache = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx", Path(tmp) / "ranges.json"
         onnx.save(proto, str(src))
         save_tensors_data(data, cache)
         with _quiet():
-            quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(COMPUTE_OPS), per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
-                            calibration_cache_path=str(cache),
-                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                           "QuantizeBias": False, "DedicatedQDQPair": True,
-                                           "OpTypesToExcludeOutputQuantization": list(COMPUTE_OPS)})
+            quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
+                            **options)
         return onnx.load(str(dst))
+
+
+def qdq(proto: onnx.ModelProto, th: dict[str, float], exclude: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """TensorRT's form, with the given symmetric activation thresholds."""
+    from onnxruntime.quantization import QuantType
+
+    return _quantizer(proto, {n: (-t, t) for n, t in th.items()}, op_types_to_quantize=list(COMPUTE_OPS),
+                      activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+                      extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                                     "DedicatedQDQPair": True,
+                                     "OpTypesToExcludeOutputQuantization": list(COMPUTE_OPS)})
+
+
+def qdq_cpu(proto: onnx.ModelProto, lohi: dict[str, tuple[float, float]], exclude: tuple[str, ...]) -> onnx.ModelProto:
+    """ONNX Runtime's CPU form (see the module text), with the given asymmetric activation ranges."""
+    from onnxruntime.quantization import QuantType
+
+    return _quantizer(proto, lohi, op_types_to_quantize=list(CPU_OPS), reduce_range=True,
+                      activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+                      extra_options={"MatMulConstBOnly": True})
 
 
 def output_error(fp32: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> float:
@@ -178,7 +193,9 @@ def cpu_stems(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...]]
     return out, tuple(keep)
 
 
-def extrema(proto: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
+def extrema(proto: onnx.ModelProto, names: list[str],
+            feeds: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
+    """Finite minimum and maximum of each named tensor over all feeds."""
     sess = ranges.session(proto, names)
     lo, hi = {n: np.inf for n in names}, {n: -np.inf for n in names}
     for f in feeds:
@@ -188,26 +205,6 @@ def extrema(proto: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.n
             if a.size:
                 lo[n], hi[n] = min(lo[n], float(a.min())), max(hi[n], float(a.max()))
     return {n: (lo[n] if np.isfinite(lo[n]) else 0.0, hi[n] if np.isfinite(hi[n]) else 0.0) for n in names}
-
-
-def qdq_cpu(proto: onnx.ModelProto, lohi: dict[str, tuple[float, float]], exclude: tuple[str, ...]) -> onnx.ModelProto:
-    """onnxruntime's QDQ quantizer in its CPU form, with the given activation ranges as its calibration cache."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
-
-    data = TensorsData(CalibrationMethod.MinMax, {n: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
-                                                 for n, (lo, hi) in lohi.items()})
-    with tempfile.TemporaryDirectory(prefix="mmopt-int8cpu-") as tmp:
-        src, dst, cache = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx", Path(tmp) / "ranges.json"
-        onnx.save(proto, str(src))
-        save_tensors_data(data, cache)
-        with _quiet():
-            quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(CPU_OPS), per_channel=True, reduce_range=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
-                            calibration_cache_path=str(cache), extra_options={"MatMulConstBOnly": True})
-        return onnx.load(str(dst))
 
 
 def clipped(lohi: dict[str, tuple[float, float]], th: dict[str, float]) -> dict[str, tuple[float, float]]:
