@@ -12,7 +12,7 @@ import pytest
 from support import TESTS, run_cli
 
 from mmopt import api
-from mmopt.errors import CalibrationError, ConfigError, PrecisionError
+from mmopt.errors import CalibrationError, ConfigError, ParityError, PrecisionError
 from mmopt.manifest import Manifest
 from mmopt.spec import DEFAULT_TOLERANCES
 from mmopt.stages import fp16 as fp16_stage
@@ -139,6 +139,10 @@ def test_failed_quantize_leaves_the_bundle_byte_identical(toy):
     assert snapshot(toy.bundle) == before
     with pytest.raises(CalibrationError, match="NaN"):
         api.quantize(toy.bundle, toy(name="nan.toml", source="with_nan"), precision={"image": "int8"})
+    assert snapshot(toy.bundle) == before
+    strict = toy("[tolerance.int8-cpu]\nmin_cosine = 0.999999\n", name="strict.toml")
+    with pytest.raises(ParityError, match=r"image=int8-cpu .*pipeline vs eager PyTorch"):
+        api.quantize(toy.bundle, strict, precision={"image": "int8-cpu", "text": "int8-cpu"}, sensitivity=False)
     assert snapshot(toy.bundle) == before
     assert not [p for p in toy.bundle.parent.iterdir() if p.name.endswith(".partial")]
 
