@@ -5,6 +5,7 @@ error's code (1, or 2 for usage errors). Anything else is a bug and keeps its tr
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -12,8 +13,17 @@ from rich.console import Console
 
 from mmopt.errors import MmoptError
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    # Piped or captured output (CI logs) gets 120 columns rather than rich's 80, which squeezes the
+    # tables into unreadable ellipses; COLUMNS still decides when set.
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=120 if wide else None)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 app = typer.Typer(
     name="mmopt",

@@ -46,15 +46,18 @@ def table(report: dict[str, Any]) -> Table:
     t = Table(title=f"precision variants: accuracy on {ev.get('samples', '?')} test samples, CPU latency at "
                     f"batch {report['latency']['batches'][-1]}, {report['latency']['threads']} thread",
               title_justify="left")
-    for col in ("variant", "precision per component", "size", "cos min", "max err", "accuracy", "latency",
-                "vs eager"):
-        t.add_column(col, justify="left" if col in ("variant", "precision per component") else "right")
+    comps = list(next(iter(report["variants"].values()))["precision"])
+    t.add_column("variant")
+    for c in comps:
+        t.add_column(c)
+    for col in ("size", "cos min", "max err", "accuracy", "latency", "vs eager"):
+        t.add_column(col, justify="right")
     b = str(report["latency"]["batches"][-1])
     for name, row in report["variants"].items():
         par = row.get("parity_vs_eager", {})
         size = f"{row['total_bytes'] / 1024:.0f} KiB" if "total_bytes" in row else "-"
-        prec = " ".join(f"{c}={p}" for c, p in row["precision"].items()) if "policy" in row else "PyTorch"
-        t.add_row(name, prec, size, f"{par.get('cos_min', 1.0):.5f}", f"{par.get('max_abs', 0.0):.2e}",
+        prec = [row["precision"][c] if "policy" in row else "PyTorch" for c in comps]
+        t.add_row(name, *prec, size, f"{par.get('cos_min', 1.0):.5f}", f"{par.get('max_abs', 0.0):.2e}",
                   f"{row['accuracy'] * 100:.2f}%" if "accuracy" in row else "-",
                   f"{row['latency_ms'][b]:.2f} ms", f"{row.get('latency_vs_eager', {}).get(b, 1.0):.2f}x")
     return t
