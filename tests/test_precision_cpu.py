@@ -63,6 +63,16 @@ def test_stem_rewrite_is_exact_and_keeps_the_rgb_stem_fp32():
         np.testing.assert_array_equal(run(rewritten, f), run(proto, f))  # max-pool commutes with Relu exactly
 
 
+def test_a_depthwise_conv_is_no_stem():
+    """Its weight reads one channel per group, but the conv reads 8: it gets quantized like the rest."""
+    w = np.ones((8, 1, 3, 3), np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=8, pads=[1, 1, 1, 1])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 8, 8])],
+                          [numpy_helper.from_array(w, "w")])
+    assert int8_stage.cpu_stems(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]))[1] == ()
+
+
 def test_cpu_form_fuses_into_integer_kernels_after_an_fp32_stem(tmp_path):
     proto, feeds = cnn(), images()
     res = int8_stage.quantize_static_qdq(proto, feeds, "minmax", form="cpu")

@@ -169,7 +169,8 @@ def cpu_stems(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...]]
     swaps: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
     for node in out.graph.node:
         w = init.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        if w is None or len(w.dims) < 2 or w.dims[1] > STEM_CHANNELS:
+        group = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+        if w is None or len(w.dims) < 2 or w.dims[1] * group > STEM_CHANNELS:  # input channels, not per group
             continue
         keep.append(node.name)
         cur = node
