@@ -9,9 +9,10 @@ used; the written graph's scales are then checked against them.
 
 CPU (``int8-cpu``): static int8 in the form ONNX Runtime's CPU kernels run fast: uint8 asymmetric
 activations, int8 per-channel weights in 7 bits (AVX2 without VNNI multiplies uint8 x int8 pairs into
-saturating int16: full-range weights overflow there), and Relu / MaxPool quantized too so that runs
-of convolutions stay in int8 (QLinearConv, NHWC max-pool) without a dequantize between them. A
-convolution reading at most ``STEM_CHANNELS`` channels (an RGB stem) and the Relu / MaxPool after it
+saturating int16: full-range weights overflow there), and Relu / MaxPool quantized too (a Relu folds
+into the quantize before it, a MaxPool keeps its input's scale) so that runs of convolutions stay in
+int8 (QLinearConv, NHWC max-pool) without a dequantize between them. Any convolution reading at most
+``STEM_CHANNELS`` channels (in practice the RGB stem) and the Relu / MaxPool after it
 stay fp32: ONNX Runtime's int8 convolution is slower than its fp32 one at so few channels. Not a
 TensorRT input (TensorRT takes symmetric int8 only).
 
@@ -166,7 +167,7 @@ def cpu_stems(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...]]
     outputs = {o.name for o in out.graph.output}
     cons = graph.consumers(out.graph)
     keep: list[str] = []
-    swaps: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
+    swaps: list[tuple[str, str]] = []
     for node in out.graph.node:
         w = init.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
         group = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
@@ -177,20 +178,27 @@ def cpu_stems(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...]]
         while cur.output[0] not in outputs and len(nxt := cons.get(cur.output[0], [])) == 1 \
                 and nxt[0].op_type in ("Relu", "MaxPool") and len([o for o in nxt[0].output if o]) == 1:
             if cur.op_type == "Relu" and nxt[0].op_type == "MaxPool":
-                swaps.append((cur, nxt[0]))
+                swaps.append((cur.name, nxt[0].name))
             keep.append(nxt[0].name)
             cur = nxt[0]
-    for relu, pool in swaps:  # x -Relu-> a -MaxPool-> y   becomes   x -MaxPool-> a -Relu-> y
+    if not swaps:
+        return out, tuple(keep)
+    order = [n.name for n in out.graph.node]
+    by_name = {n.name: n for n in out.graph.node}
+    for relu_name, pool_name in swaps:  # x -Relu-> a -MaxPool-> y   becomes   x -MaxPool-> a -Relu-> y
+        relu, pool = by_name[relu_name], by_name[pool_name]
         x, a, y = relu.input[0], relu.output[0], pool.output[0]
         pool.input[0], pool.output[0], relu.input[0], relu.output[0] = x, a, a, y
         stale = [v for v in out.graph.value_info if v.name == a]  # a is now the pooled tensor: shape differs
         for v in stale:
             out.graph.value_info.remove(v)
-        nodes = list(out.graph.node)
-        i, j = nodes.index(relu), nodes.index(pool)
-        nodes[i], nodes[j] = nodes[j], nodes[i]
-        del out.graph.node[:]
-        out.graph.node.extend(nodes)
+        i, j = order.index(relu_name), order.index(pool_name)
+        order[i], order[j] = order[j], order[i]
+    nodes = [onnx.NodeProto() for _ in order]
+    for node, name in zip(nodes, order):
+        node.CopyFrom(by_name[name])
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
     return out, tuple(keep)
 
 
@@ -208,9 +216,16 @@ def extrema(proto: onnx.ModelProto, names: list[str],
     return {n: (lo[n] if np.isfinite(lo[n]) else 0.0, hi[n] if np.isfinite(hi[n]) else 0.0) for n in names}
 
 
-def clipped(lohi: dict[str, tuple[float, float]], th: dict[str, float]) -> dict[str, tuple[float, float]]:
-    """Asymmetric ranges clipped to the method's |x| threshold (minmax: unchanged)."""
-    return {n: (max(lo, -th[n]), min(hi, th[n])) for n, (lo, hi) in lohi.items()}
+def clipped(proto: onnx.ModelProto, lohi: dict[str, tuple[float, float]], th: dict[str, float],
+            skip: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """Asymmetric ranges clipped to the method's |x| threshold (minmax: unchanged). A quantized MaxPool's
+    output takes its input's range: onnxruntime's quantizer gives it the input's scale (a pool only
+    selects values), and the written scales are checked against these ranges."""
+    out = {n: (max(lo, -th[n]), min(hi, th[n])) for n, (lo, hi) in lohi.items()}
+    for node in proto.graph.node:  # topological order: chained pools inherit along the chain
+        if node.op_type == "MaxPool" and node.name not in skip and node.input[0] in out and node.output[0] in out:
+            out[node.output[0]] = out[node.input[0]]
+    return out
 
 
 def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], method: str,
@@ -221,6 +236,8 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
     ``method = "auto"`` quantizes with each of minmax, percentile and entropy (one set of histograms)
     and keeps the one whose outputs are closest to fp32 on the last quarter of the feeds (held out
     from the ranges)."""
+    if form not in FORMS:
+        raise ValueError(f"int8 form {form!r}: use one of {', '.join(FORMS)}")
     proto = graph.named(proto)
     config: dict[str, Any] = {}
     stems: tuple[str, ...] = ()
@@ -236,7 +253,8 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
 
     def quantized(m: str) -> tuple[onnx.ModelProto, dict[str, float], list[str]]:
         th, sparse = thresholds_and_fallbacks(proto, fit, m, hists=hists)
-        q = qdq_cpu(proto, clipped(lohi, th), (*exclude, *stems)) if form == "cpu" else qdq(proto, th, exclude)
+        skip = (*exclude, *stems)
+        q = qdq_cpu(proto, clipped(proto, lohi, th, skip), skip) if form == "cpu" else qdq(proto, th, exclude)
         return q, th, sparse
 
     if method == "auto":
@@ -252,7 +270,7 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
         out, th, sparse = quantized(method)
         method_used = method
     if form == "cpu":
-        used = check_scales_cpu(out, clipped(lohi, th))
+        used = check_scales_cpu(out, clipped(proto, lohi, th, (*exclude, *stems)))
         fmt = ("QDQ for ONNX Runtime CPU (uint8 asymmetric activations, 7-bit per-channel int8 weights, "
                "Relu / MaxPool quantized; not a TensorRT input)")
         ops = list(CPU_OPS)
@@ -304,7 +322,7 @@ def check_scales_cpu(proto: onnx.ModelProto, lohi: dict[str, tuple[float, float]
             continue
         lo, hi = lohi[node.input[0]]
         scale = float(init[node.input[1]])
-        want = (max(hi, 0.0) - min(lo, 0.0)) / 255.0
+        want = (max(hi, 0.0) - min(lo, 0.0)) / 255.0 or 1.0  # an all-zero tensor: onnxruntime writes 1.0
         if not np.isclose(scale, want, rtol=1e-4):
             raise RuntimeError(f"int8-cpu: quantizer wrote scale {scale} for {node.input[0]}, expected {want} "
                                f"from the computed range [{lo}, {hi}]")
