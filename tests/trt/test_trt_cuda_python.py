@@ -5,10 +5,11 @@ the names mmopt uses exist and that a missing driver gives a clear error rather 
 """
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from attribute_chains import chains
+from attribute_chains import missing as lacking
 
 rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed")
 
@@ -19,37 +20,10 @@ from mmopt.trt.memory import make_memory  # noqa: E402
 TRT = Path(__file__).resolve().parents[2] / "mmopt" / "trt"
 
 
-def _chains(path: Path) -> set[str]:
-    """Attribute chains on the runtime module: ``self.rt.X.Y`` and ``rt.X.Y``."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if not isinstance(node, ast.Attribute):
-            continue
-        parts, cur = [], node
-        while isinstance(cur, ast.Attribute):
-            parts.append(cur.attr)
-            cur = cur.value
-        parts.reverse()
-        if isinstance(cur, ast.Name) and cur.id == "self" and parts[:1] == ["rt"]:
-            parts = parts[1:]
-        elif not (isinstance(cur, ast.Name) and cur.id == "rt"):
-            continue
-        if parts:
-            out.add(".".join(parts))
-    return {c for c in out if not any(o.startswith(c + ".") for o in out)}
-
-
 def test_every_cuda_runtime_name_mmopt_uses_exists():
-    used = _chains(TRT / "memory.py") | _chains(TRT / "device.py")
+    used = chains((TRT / "memory.py").read_text(), "rt") | chains((TRT / "device.py").read_text(), "rt")
     assert "cudaGraphLaunch" in used and "cudaMemcpyKind.cudaMemcpyHostToDevice" in used
-    missing = []
-    for chain in sorted(used):
-        obj = rt
-        for part in chain.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                missing.append(chain)
-                break
+    missing = lacking(rt, used)
     assert not missing, f"cuda-python {rt.__name__} lacks {missing}"
     assert {"name", "major", "minor", "integrated"} <= set(dir(rt.cudaDeviceProp()))
 

@@ -15,13 +15,14 @@ Modes: ``api`` (all scenarios), ``snippet --code`` (code with ``trt`` and sample
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import json
 import sys
 import tempfile
 import types
 from pathlib import Path
+
+import attribute_chains
 
 REPO = Path(__file__).resolve().parents[2]
 API = REPO / "mmopt" / "trt" / "api.py"
@@ -38,26 +39,8 @@ def executable_lines(source: str, filename: str) -> list[int]:
 
 def static_chains(source: str, real: object) -> tuple[list[str], list[str]]:
     """Every ``trt.A.B...`` attribute chain in the source, and those missing from the real module."""
-    chains = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Attribute):
-            parts, cur = [], node
-            while isinstance(cur, ast.Attribute):
-                parts.append(cur.attr)
-                cur = cur.value
-            if isinstance(cur, ast.Name) and cur.id == "trt":
-                chains.add(".".join(reversed(parts)))
-    # keep maximal chains only (trt.A.B implies trt.A)
-    chains = {c for c in chains if not any(o.startswith(c + ".") for o in chains)}
-    missing = []
-    for chain in sorted(chains):
-        obj = real
-        for part in chain.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                missing.append(chain)
-                break
-    return sorted(chains), missing
+    found = attribute_chains.chains(source, "trt")
+    return sorted(found), attribute_chains.missing(real, found)
 
 
 def main() -> None:
