@@ -69,16 +69,9 @@ def calibrated_tensors(proto: onnx.ModelProto) -> list[str]:
     return sorted({t for n in proto.graph.node if n.op_type in COMPUTE_OPS for t in n.input if t in floats})
 
 
-def thresholds(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], method: str,
-               percentile: float = ranges.PERCENTILE) -> dict[str, float]:
-    return thresholds_and_fallbacks(proto, feeds, method, percentile)[0]
-
-
-def thresholds_and_fallbacks(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], method: str,
-                             percentile: float = ranges.PERCENTILE, hists: dict | None = None
-                             ) -> tuple[dict[str, float], list[str]]:
-    """Thresholds per calibrated tensor, and the tensors too sparsely seen for ``method`` (given minmax)."""
-    hists = hists if hists is not None else ranges.histograms(proto, calibrated_tensors(proto), feeds)
+def thresholds_and_fallbacks(hists: dict[str, tuple[np.ndarray, np.ndarray]], method: str,
+                             percentile: float = ranges.PERCENTILE) -> tuple[dict[str, float], list[str]]:
+    """Thresholds per tensor of ``hists``, and the tensors too sparsely seen for ``method`` (given minmax)."""
     names = list(hists)
     sparse = [n for n in names if method != "minmax" and hists[n][0].sum() < ranges.MIN_VALUES]
     return {n: ranges.threshold(*hists[n], method, percentile) for n in names}, sparse
@@ -202,20 +195,6 @@ def cpu_stems(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...]]
     return out, tuple(keep)
 
 
-def extrema(proto: onnx.ModelProto, names: list[str],
-            feeds: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
-    """Finite minimum and maximum of each named tensor over all feeds."""
-    sess = ranges.session(proto, names)
-    lo, hi = {n: np.inf for n in names}, {n: -np.inf for n in names}
-    for f in feeds:
-        got = ranges.run_all(sess, f)
-        for n in names:
-            a = got[n][np.isfinite(got[n])]
-            if a.size:
-                lo[n], hi[n] = min(lo[n], float(a.min())), max(hi[n], float(a.max()))
-    return {n: (lo[n] if np.isfinite(lo[n]) else 0.0, hi[n] if np.isfinite(hi[n]) else 0.0) for n in names}
-
-
 def clipped(proto: onnx.ModelProto, lohi: dict[str, tuple[float, float]], th: dict[str, float],
             skip: tuple[str, ...]) -> dict[str, tuple[float, float]]:
     """Asymmetric ranges clipped to the method's |x| threshold (minmax: unchanged). A quantized MaxPool's
@@ -248,34 +227,38 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
         names = calibrated_tensors(proto)
     held = max(1, len(feeds) // 4) if method == "auto" and len(feeds) > 1 else 0
     fit, check = (feeds[:-held], feeds[-held:]) if held else (feeds, feeds)
-    hists = ranges.histograms(proto, names, fit)
-    lohi = extrema(proto, names, fit) if form == "cpu" else {}
+    lohi = ranges.extrema(proto, names, fit)
+    hists = ranges.histograms(proto, names, fit, top={n: max(hi, -lo) for n, (lo, hi) in lohi.items()})
+    skip = (*exclude, *stems)
 
-    def quantized(m: str) -> tuple[onnx.ModelProto, dict[str, float], list[str]]:
-        th, sparse = thresholds_and_fallbacks(proto, fit, m, hists=hists)
-        skip = (*exclude, *stems)
-        q = qdq_cpu(proto, clipped(proto, lohi, th, skip), skip) if form == "cpu" else qdq(proto, th, exclude)
-        return q, th, sparse
+    def quantized(m: str) -> tuple[onnx.ModelProto, dict[str, float], list[str], dict[str, float]]:
+        """(graph, thresholds, sparse tensors, the activation scales the graph must carry)."""
+        th, sparse = thresholds_and_fallbacks(hists, m)
+        if form == "tensorrt":
+            return qdq(proto, th, exclude), th, sparse, {n: t / 127.0 for n, t in th.items()}
+        used = clipped(proto, lohi, th, skip)
+        # uint8 over the range widened to include 0; an all-zero tensor gets onnxruntime's scale 1.0
+        scales = {n: (max(hi, 0.0) - min(lo, 0.0)) / 255.0 or 1.0 for n, (lo, hi) in used.items()}
+        return qdq_cpu(proto, used, skip), th, sparse, scales
 
     if method == "auto":
         tried = {}
         for m in ("minmax", "percentile", "entropy"):
-            q, th, sparse = quantized(m)
-            tried[m] = (output_error(proto, q, check), q, th, sparse)
+            q, th, sparse, scales = quantized(m)
+            tried[m] = (output_error(proto, q, check), q, th, sparse, scales)
         method_used = min(tried, key=lambda m: tried[m][0])
-        _, out, th, sparse = tried[method_used]
+        _, out, th, sparse, scales = tried[method_used]
         config["method_search"] = {"held_out_batches": len(check), "chosen": method_used,
                                    "relative_error": {m: round(v[0], 6) for m, v in tried.items()}}
     else:
-        out, th, sparse = quantized(method)
+        out, th, sparse, scales = quantized(method)
         method_used = method
+    used = check_scales(out, scales, symmetric=form == "tensorrt")
     if form == "cpu":
-        used = check_scales_cpu(out, clipped(proto, lohi, th, (*exclude, *stems)))
         fmt = ("QDQ for ONNX Runtime CPU (uint8 asymmetric activations, 7-bit per-channel int8 weights, "
                "Relu / MaxPool quantized; not a TensorRT input)")
         ops = list(CPU_OPS)
     else:
-        used = check_scales(out, th)
         fmt, ops = "QDQ (symmetric int8, per-channel weights, float bias)", list(COMPUTE_OPS)
     quantized_nodes = [n.name for n in out.graph.node if n.op_type in COMPUTE_OPS and _reads_dq(out, n)]
     config = {"format": fmt, "method": method_used, "samples": samples, "op_types": ops,
@@ -294,38 +277,21 @@ def _reads_dq(proto: onnx.ModelProto, node: onnx.NodeProto) -> bool:
     return any(made.get(i) is not None and made[i].op_type == "DequantizeLinear" for i in node.input)
 
 
-def check_scales(proto: onnx.ModelProto, th: dict[str, float]) -> int:
-    """Every activation QuantizeLinear must carry scale = threshold / 127 and zero point 0: proof that
-    the quantizer used the ranges computed here, not its own. Returns how many were checked."""
+def check_scales(proto: onnx.ModelProto, scales: dict[str, float], symmetric: bool) -> int:
+    """Every activation QuantizeLinear on a ranged tensor must carry the scale computed from mmopt's ranges
+    (and zero point 0 when ``symmetric``): proof that the quantizer used them, not its own. Returns how
+    many were checked."""
     init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     checked = 0
     for node in proto.graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in th:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in scales:
             continue
         scale = float(init[node.input[1]])
         zp = init.get(node.input[2]) if len(node.input) > 2 else np.zeros(1)
-        want = th[node.input[0]] / 127.0
-        if not np.isclose(scale, want, rtol=1e-5) or np.any(zp != 0):
+        want = scales[node.input[0]]
+        if not np.isclose(scale, want, rtol=1e-5) or (symmetric and np.any(zp != 0)):
             raise RuntimeError(f"int8: quantizer wrote scale {scale} / zero point {zp} for {node.input[0]}, "
-                               f"expected {want} / 0 from the computed ranges")
-        checked += 1
-    return checked
-
-
-def check_scales_cpu(proto: onnx.ModelProto, lohi: dict[str, tuple[float, float]]) -> int:
-    """Every activation QuantizeLinear on a ranged tensor must carry the scale of that range (widened to
-    include 0, over 255 uint8 levels): proof that the quantizer used the ranges computed here."""
-    init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    checked = 0
-    for node in proto.graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in lohi:
-            continue
-        lo, hi = lohi[node.input[0]]
-        scale = float(init[node.input[1]])
-        want = (max(hi, 0.0) - min(lo, 0.0)) / 255.0 or 1.0  # an all-zero tensor: onnxruntime writes 1.0
-        if not np.isclose(scale, want, rtol=1e-4):
-            raise RuntimeError(f"int8-cpu: quantizer wrote scale {scale} for {node.input[0]}, expected {want} "
-                               f"from the computed range [{lo}, {hi}]")
+                               f"expected {want}{' / 0' if symmetric else ''} from the computed ranges")
         checked += 1
     return checked
 

@@ -65,24 +65,31 @@ def run_all(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, sess.run(names, feeds)))
 
 
-def absmax(proto: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Finite absolute maximum of each named tensor over all feeds (-inf masks do not count)."""
+def extrema(proto: onnx.ModelProto, names: list[str],
+            feeds: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
+    """Finite minimum and maximum of each named tensor over all feeds (-inf masks do not count);
+    (0, 0) for a tensor with no finite value."""
     sess = session(proto, names)
-    out = {n: 0.0 for n in names}
+    lo, hi = {n: np.inf for n in names}, {n: -np.inf for n in names}
     for f in feeds:
         got = run_all(sess, f)
         for n in names:
-            a = np.abs(got[n])
-            a = a[np.isfinite(a)]
+            a = got[n][np.isfinite(got[n])]
             if a.size:
-                out[n] = max(out[n], float(a.max()))
-    return out
+                lo[n], hi[n] = min(lo[n], float(a.min())), max(hi[n], float(a.max()))
+    return {n: (lo[n], hi[n]) if lo[n] <= hi[n] else (0.0, 0.0) for n in names}
+
+
+def absmax(proto: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Finite absolute maximum of each named tensor over all feeds (-inf masks do not count)."""
+    return {n: max(hi, -lo) for n, (lo, hi) in extrema(proto, names, feeds).items()}
 
 
 def histograms(proto: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]],
-               bins: int = BINS) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``name -> (counts, edges)`` of |x| over [0, absmax] (two passes over the feeds)."""
-    top = absmax(proto, names, feeds)
+               bins: int = BINS, top: dict[str, float] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``name -> (counts, edges)`` of |x| over [0, absmax] (two passes over the feeds; one when ``top``,
+    the absolute maxima, is given)."""
+    top = top if top is not None else absmax(proto, names, feeds)
     sess = session(proto, names)
     hist = {n: np.zeros(bins, np.float64) for n in names}
     for f in feeds:
