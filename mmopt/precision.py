@@ -24,13 +24,12 @@ from mmopt.manifest import Manifest, staged_bundle
 from mmopt.progress import Progress
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
 from mmopt.runners.pipeline import Pipeline
-from mmopt.spec import PRECISIONS, ModelSpec
+from mmopt.spec import PRECISIONS, ModelSpec, precision_rank
 from mmopt.stages import fp16 as fp16_stage
 from mmopt.stages import int8 as int8_stage
 from mmopt.stages.export import save
 from mmopt.verify import VERIFY_SEED, eager_io, summarise, verify
 
-ORDER = list(PRECISIONS)
 STATIC = {"int8", "int8-cpu"}  # calibrated Q/DQ forms
 REAL_BATCHES = 4  # calibration batches also used as parity cases (real data)
 SENSITIVITY_SAMPLES = 64
@@ -69,9 +68,9 @@ def resolve_policy(spec: ModelSpec, manifest: Manifest, override: dict[str, str]
     if unknown:
         raise ConfigError(f"{spec.path}: [precision] names {', '.join(unknown)}, which the bundle does not have. "
                           f"Components: {', '.join(comps)}.")
-    bad = [f"{c} = {p!r}" for c, p in asked.items() if p not in (*ORDER, "auto")]
+    bad = [f"{c} = {p!r}" for c, p in asked.items() if p not in (*PRECISIONS, "auto")]
     if bad:
-        raise ConfigError(f"{spec.path}: [precision] {', '.join(bad)}: use one of {', '.join(ORDER)} or auto.")
+        raise ConfigError(f"{spec.path}: [precision] {', '.join(bad)}: use one of {', '.join(PRECISIONS)} or auto.")
     policy = {c: asked.get(c, "fp32") for c in comps}
     if all(p == "fp32" for p in policy.values()):
         raise ConfigError(f"{spec.path}: [precision] converts nothing (every component is fp32). Add e.g.\n"
@@ -152,7 +151,7 @@ def open_pipeline(split_components: dict, output_sources: dict[str, str], files:
 def judge(model: Any, spec: ModelSpec, split: Any, runners: dict, policy: dict[str, str],
           cal: calibration.CalibrationData | None) -> list[Check]:
     """Parity per component and for the pipeline: random inputs at min / opt / max, then real batches."""
-    worst = max(policy.values(), key=ORDER.index)
+    worst = max(policy.values(), key=precision_rank)
 
     def tol(comp: str) -> dict[str, float]:
         if comp == "pipeline":

@@ -19,6 +19,11 @@ DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 # Ordered from the most to the least faithful (the pipeline is judged by its least faithful part).
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-cpu", "int8")
 CPU_ONLY = ("int8-dynamic", "int8-cpu")  # ONNX Runtime forms TensorRT cannot build
+
+
+def precision_rank(precision: str) -> int:
+    """Position in ``PRECISIONS`` (less faithful is higher); an unknown precision ranks last."""
+    return PRECISIONS.index(precision) if precision in PRECISIONS else len(PRECISIONS)
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "auto")
 SIZES = ("min", "opt", "max")
 TOP_LEVEL = ("model", "inputs", "dims", "components", "precision", "calibration", "evaluation", "tolerance")

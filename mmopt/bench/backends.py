@@ -23,12 +23,11 @@ from mmopt.manifest import Artifact, Manifest
 from mmopt.runners.base import Runner
 from mmopt.runners.eager import EagerRunner
 from mmopt.runners.pipeline import Pipeline
-from mmopt.spec import PRECISIONS
+from mmopt.spec import precision_rank
 
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "eager-cuda")
 ALIASES = {"ort": "onnxruntime", "ort-cpu": "onnxruntime", "onnxruntime-cpu": "onnxruntime", "cpu": "onnxruntime",
            "ort-cuda": "onnxruntime-cuda", "cuda": "onnxruntime-cuda", "trt": "tensorrt", "eager": "eager"}
-PRECISION_ORDER = list(PRECISIONS)
 
 
 def gpu_present() -> bool:
@@ -119,7 +118,7 @@ def variants(manifest: Manifest, backends: list[str]) -> list[Variant]:
                                   ("tensorrt", "cuda", engines)):
         if backend not in backends:
             continue
-        precisions = sorted({a.precision for a in pool}, key=lambda p: (PRECISION_ORDER + [p]).index(p))
+        precisions = sorted({a.precision for a in pool}, key=precision_rank)
         for prec in precisions:
             chosen = {}
             for comp in comps:  # a component without this precision keeps its fp32 artifact

@@ -31,7 +31,7 @@ from mmopt.checkpoint import build_model
 from mmopt.errors import BundleError
 from mmopt.manifest import Manifest, sha256_file
 from mmopt.progress import Progress
-from mmopt.spec import PRECISIONS, ModelSpec, load_spec
+from mmopt.spec import ModelSpec, load_spec, precision_rank
 from mmopt.verify import summarise, verify
 
 REPORT_SCHEMA = 1
@@ -96,7 +96,7 @@ def load_reference(bundle: Path, manifest: Manifest, spec: ModelSpec) -> tuple[t
 
 
 def _tolerance(spec: ModelSpec, v: Variant):
-    worst = max((a.precision for a in v.artifacts.values()), key=lambda p: (list(PRECISIONS) + [p]).index(p), default="fp32")
+    worst = max((a.precision for a in v.artifacts.values()), key=precision_rank, default="fp32")
     precisions = {c: a.precision for c, a in v.artifacts.items()}
     return lambda comp: spec.tolerances.get(precisions.get(comp, worst), spec.tolerances["fp32"])
 
