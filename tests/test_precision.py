@@ -199,9 +199,8 @@ def test_widening_finds_the_overflow_without_the_guard(overflow):
     assert any("widened" in why for why in r.islands.values())
 
 
-def test_calibration_methods_really_differ_on_a_heavy_tailed_tensor(tmp_path):
-    """minmax, percentile and entropy give different thresholds, and the written Q/DQ graph carries
-    exactly the scale of the chosen method (the quantizer did not fall back to its own min-max)."""
+def heavy_tailed_matmul() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """``y = x @ w`` and four batches of normal ``x`` with two rare +-60 outliers each."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
@@ -216,6 +215,13 @@ def test_calibration_methods_really_differ_on_a_heavy_tailed_tensor(tmp_path):
         x = rng.standard_normal((2048, 16)).astype(np.float32)
         x.flat[rng.integers(0, x.size, 2)] = 60.0 * rng.choice([-1.0, 1.0], 2)  # rare large outliers
         feeds.append({"x": x})
+    return proto, feeds
+
+
+def test_calibration_methods_really_differ_on_a_heavy_tailed_tensor(tmp_path):
+    """minmax, percentile and entropy give different thresholds, and the written Q/DQ graph carries
+    exactly the scale of the chosen method (the quantizer did not fall back to its own min-max)."""
+    proto, feeds = heavy_tailed_matmul()
     scales = {}
     for method in ("minmax", "percentile", "entropy"):
         res = int8_stage.quantize_static_qdq(proto, feeds, method)

@@ -15,7 +15,7 @@ from mmopt.manifest import Manifest
 from mmopt.stages import int8 as int8_stage
 from mmopt.trt.build import source_artifacts
 
-from test_precision import toy  # noqa: F401  (the module-scoped toy bundle fixture)
+from test_precision import heavy_tailed_matmul, toy  # noqa: F401  (toy: the module-scoped bundle fixture)
 
 
 def cnn() -> onnx.ModelProto:
@@ -44,13 +44,13 @@ def images(n: int = 6) -> list[dict[str, np.ndarray]]:
     return [{"x": rng.uniform(0, 1, (8, 3, 32, 32)).astype(np.float32)} for _ in range(n)]
 
 
-def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], optimized: str | None = None) -> np.ndarray:
+def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], optimized: str | None = None) -> list[np.ndarray]:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if optimized:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = optimized
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 def test_stem_rewrite_is_exact_and_keeps_the_rgb_stem_fp32():
@@ -97,9 +97,7 @@ def test_every_stem_and_every_relu_pool_pair_is_rewritten_exactly(chain):
                    else ["Conv", "MaxPool", "Relu", "ReduceMean"])
     rng = np.random.default_rng(3)
     feeds = {f"x{k}": rng.standard_normal((2, 3, 16, 16)).astype(np.float32) for k in range(2)}
-    for a, b in zip(ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds),
-                    ort.InferenceSession(rewritten.SerializeToString(),
-                                         providers=["CPUExecutionProvider"]).run(None, feeds)):
+    for a, b in zip(run(proto, feeds), run(rewritten, feeds), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -140,26 +138,15 @@ def test_cpu_form_fuses_into_integer_kernels_after_an_fp32_stem(tmp_path, method
 
 
 def test_cpu_form_uses_the_configured_method_ranges():
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((16, 4)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
-                          [numpy_helper.from_array(w, "w")])
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    feeds = []
-    for _ in range(4):
-        x = rng.standard_normal((2048, 16)).astype(np.float32)
-        x.flat[rng.integers(0, x.size, 2)] = 60.0
-        feeds.append({"x": x})
+    proto, feeds = heavy_tailed_matmul()
     scale = {}
     for method in ("minmax", "percentile"):
         q = int8_stage.quantize_static_qdq(proto, feeds, method, form="cpu").proto
         init = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
         node = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
         scale[method] = float(init[node.input[1]])
-    lo = min(float(f["x"].min()) for f in feeds)
-    assert scale["minmax"] == pytest.approx((60.0 - lo) / 255, rel=1e-4)
+    lo, hi = min(float(f["x"].min()) for f in feeds), max(float(f["x"].max()) for f in feeds)
+    assert scale["minmax"] == pytest.approx((hi - lo) / 255, rel=1e-4)
     assert scale["percentile"] < scale["minmax"] / 5
 
 
