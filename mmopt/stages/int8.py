@@ -222,14 +222,12 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
     stems: tuple[str, ...] = ()
     if form == "cpu":
         proto, stems = cpu_stems(proto)
-        names = cpu_tensors(proto, (*exclude, *stems))
-    else:
-        names = calibrated_tensors(proto)
+    skip = (*exclude, *stems)
+    names = cpu_tensors(proto, skip) if form == "cpu" else calibrated_tensors(proto)
     held = max(1, len(feeds) // 4) if method == "auto" and len(feeds) > 1 else 0
     fit, check = (feeds[:-held], feeds[-held:]) if held else (feeds, feeds)
     lohi = ranges.extrema(proto, names, fit)
     hists = ranges.histograms(proto, names, fit, top={n: max(hi, -lo) for n, (lo, hi) in lohi.items()})
-    skip = (*exclude, *stems)
 
     def quantized(m: str) -> tuple[onnx.ModelProto, dict[str, float], list[str], dict[str, float]]:
         """(graph, thresholds, sparse tensors, the activation scales the graph must carry)."""
