@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from mmopt import __version__
 from mmopt.bench.compare import Check, raise_on_failures
 from mmopt.capture import Split, split as capture_split
 from mmopt.checkpoint import build_model
-from mmopt.errors import ConfigError, ExportError
+from mmopt.errors import ExportError
 from mmopt.manifest import Manifest, sha256_file, staged_bundle
 from mmopt.progress import Progress
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
@@ -67,49 +68,51 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
     split = capture_split(model, spec)
     seconds: dict[str, float] = {"load_and_capture": time.perf_counter() - t0}
     comps = list(split.components)
-    with staged_bundle(out_dir) as tmp, tempfile.TemporaryDirectory(dir=tmp) as scratch:
-        raw, notes = {}, {}
-        with progress.task("export + simplify", len(comps)) as advance:
-            for comp in comps:
-                t = time.perf_counter()
-                raw[comp] = export_component(model, split, comp, Path(scratch) / f"{comp}.onnx")
-                _check_graph(raw[comp], comp)
-                ok, notes[comp] = simplify(raw[comp], tmp / f"{comp}.onnx")
-                if not ok:
-                    shutil.copy(raw[comp], tmp / f"{comp}.onnx")
-                seconds[comp] = time.perf_counter() - t
-                advance(1)
-        with progress.task("verify vs eager (min/opt/max)", 1) as advance:
-            checks = _verify_files(model, spec, split, {c: tmp / f"{c}.onnx" for c in comps})
-            # A simplification that broke parity is undone: the raw export is the fallback.
-            broken = {c.where.split("@")[0] for c in checks if c.failed} & set(comps)
-            for comp in broken:
-                if notes[comp].endswith("nodes"):
-                    shutil.copy(raw[comp], tmp / f"{comp}.onnx")
-                    notes[comp] = "simplified graph failed parity; kept the unsimplified export"
-            if broken:
+    # One transaction: the earlier bundle at out_dir stays until the fp32 export *and* the [precision]
+    # stage have both succeeded.
+    with staged_bundle(out_dir) as tmp:
+        with tempfile.TemporaryDirectory(dir=tmp) as scratch:
+            raw, notes = {}, {}
+            with progress.task("export + simplify", len(comps)) as advance:
+                for comp in comps:
+                    t = time.perf_counter()
+                    raw[comp] = export_component(model, split, comp, Path(scratch) / f"{comp}.onnx")
+                    _check_graph(raw[comp], comp)
+                    ok, notes[comp] = simplify(raw[comp], tmp / f"{comp}.onnx")
+                    if not ok:
+                        shutil.copy(raw[comp], tmp / f"{comp}.onnx")
+                    seconds[comp] = time.perf_counter() - t
+                    advance(1)
+            with progress.task("verify vs eager (min/opt/max)", 1) as advance:
                 checks = _verify_files(model, spec, split, {c: tmp / f"{c}.onnx" for c in comps})
-            advance(1)
-        raise_on_failures(checks, f"export of {spec.path}",
-                          "The bundle was not written. Loosen [tolerance.fp32] only if these errors are "
-                          "acceptable for your task; otherwise report the component and op.")
-        manifest = new_manifest(spec, split)
-        for comp in comps:
-            manifest.add(tmp, comp, "export", "fp32", f"{comp}.onnx",
-                         config={"exporter": "torch.onnx.export(dynamo=True)", "simplify": notes[comp]},
-                         export_seconds=round(seconds[comp], 3))
-        seconds["total"] = time.perf_counter() - t0
-        manifest.results["parity"] = {"fp32": summarise(checks)}
-        manifest.results["export_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-        manifest.write(tmp)
-    bundle = Path(out_dir).resolve()
-    result = ExportResult(bundle, manifest, checks, seconds)
-    if any(p != "fp32" for p in spec.precision.values()):
-        from mmopt.precision import quantize as run_policy
+                # A simplification that broke parity is undone: the raw export is the fallback.
+                broken = {c.where.split("@")[0] for c in checks if c.failed} & set(comps)
+                for comp in broken:
+                    if notes[comp].endswith("nodes"):
+                        shutil.copy(raw[comp], tmp / f"{comp}.onnx")
+                        notes[comp] = "simplified graph failed parity; kept the unsimplified export"
+                if broken:
+                    checks = _verify_files(model, spec, split, {c: tmp / f"{c}.onnx" for c in comps})
+                advance(1)
+            raise_on_failures(checks, f"export of {spec.path}",
+                              "The bundle was not written. Loosen [tolerance.fp32] only if these errors are "
+                              "acceptable for your task; otherwise report the component and op.")
+            manifest = new_manifest(spec, split)
+            for comp in comps:
+                manifest.add(tmp, comp, "export", "fp32", f"{comp}.onnx",
+                             config={"exporter": "torch.onnx.export(dynamo=True)", "simplify": notes[comp]},
+                             export_seconds=round(seconds[comp], 3))
+            seconds["total"] = time.perf_counter() - t0
+            manifest.results["parity"] = {"fp32": summarise(checks)}
+            manifest.results["export_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+            manifest.write(tmp)
+        result = ExportResult(Path(os.path.abspath(out_dir)), manifest, checks, seconds)
+        if any(p != "fp32" for p in spec.precision.values()):
+            from mmopt.precision import convert_in
 
-        # The fp32 bundle is complete and verified; the precision stage adds to it atomically.
-        result.precision = run_policy(bundle, spec, model, split, None, progress)
-        result.manifest = result.precision.manifest
+            result.precision = convert_in(tmp, spec, model, split, None, progress)
+            result.precision.bundle = result.bundle
+            result.manifest = result.precision.manifest
     return result
 
 
@@ -164,7 +167,7 @@ def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline:
           max_latency_regression: float = 0.10, backends: list[str] | None = None, batches: list[int] | None = None,
           threads: int | None = 1, repeats: int = 30, warmup: int = 5, inputs: str = "random",
           config: str | Path | None = None, eval_samples: int | None = None, check: bool = True,
-          progress: Progress | None = None) -> BenchResult:
+          progress: Progress | None = None, trust_checkpoint: bool = False) -> BenchResult:
     """Parity, task score, latency and memory of eager PyTorch and every artifact of ``bundle`` on every
     backend here; optional comparison with a ``baseline`` report. Writes report.json / .md / .png into
     ``out`` and, with ``check``, raises ``GateError`` after writing when a gate fails."""
@@ -173,6 +176,8 @@ def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline:
 
     if not 0 <= max_latency_regression < 100:
         raise UsageError(f"--max-latency-regression {max_latency_regression}: give a fraction such as 0.1 (10%).")
+    if out is not None:
+        render.check_out(out, bundle)
     base = None
     if baseline is not None:  # fail fast, before minutes of measurement
         base = gates.load_baseline(baseline, harness.REPORT_SCHEMA)
@@ -180,10 +185,13 @@ def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline:
                             "factory": Manifest.read(bundle).model.get("factory")}}
         gates.check_same_model(probe, base, baseline)
     report = harness.run(bundle, backends, batches, threads, repeats, warmup, inputs, config, eval_samples,
-                         progress=progress)
+                         progress=progress, trust_checkpoint=trust_checkpoint)
     report["baseline"] = gates.compare(report, base, baseline, max_latency_regression) if base else None
     report["gates"] = gates.evaluate(report, report["settings"]["max_accuracy_drop"])
-    files = render.write(report, out) if out is not None else {}
+    try:
+        files = render.write(report, out) if out is not None else {}
+    except OSError as e:
+        raise UsageError(f"--out {out}: the reports could not be written ({e.strerror}).") from None
     result = BenchResult(report, files)
     if check:
         result.raise_for_gates()
@@ -200,15 +208,9 @@ def quantize(bundle: str | Path, config: str | Path | None = None, progress: Pro
     ``<component>.<precision>.onnx`` beside the fp32 graphs, checked against eager PyTorch and, with an
     [evaluation] table, scored on the task. A failure leaves the bundle exactly as it was.
     """
+    from mmopt import reference
     from mmopt.precision import quantize as run_policy
 
     progress = progress or Progress()
-    manifest = Manifest.read(bundle)
-    path = Path(config) if config is not None else Path(manifest.model.get("config") or "mmopt.toml")
-    if config is None and not path.is_file():
-        raise ConfigError(f"{bundle}: was exported from {path}, which no longer exists. Pass the config: "
-                          "`mmopt quantize BUNDLE --config mmopt.toml`.")
-    spec = load_spec(path)
-    model = build_model(spec, trust_checkpoint)
-    split = capture_split(model, spec)
-    return run_policy(bundle, spec, model, split, precision, progress, sensitivity)
+    ref = reference.load(bundle, Manifest.read(bundle), config, trust_checkpoint)
+    return run_policy(bundle, ref.spec, ref.model, ref.split, precision, progress, sensitivity)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mmopt.capture import Split
-from mmopt.checkpoint import import_ref
+from mmopt.checkpoint import describe, import_ref, where_raised
 from mmopt.errors import CalibrationError
 from mmopt.spec import ModelSpec
 
@@ -112,18 +112,21 @@ def iterate(spec: ModelSpec, ref: str, field: str, labelled: bool = False) -> It
         it = iter(fn())
     except TypeError:
         raise CalibrationError(f"{spec.path}: field '{field}': {ref}() must return an iterable of {what}.") from None
-    except Exception as e:
-        raise CalibrationError(f"{spec.path}: field '{field}': calling {ref}() raised {type(e).__name__}: {e}. "
-                               "Fix that function.") from e
+    except (Exception, SystemExit) as e:
+        raise CalibrationError(f"{spec.path}: field '{field}': calling {ref}() raised {describe(e)}"
+                               f"{where_raised(e)}. Fix that function.") from None
     i = 0
     while True:
         try:
             item = next(it)
         except StopIteration:
+            if i == 0:
+                raise CalibrationError(f"{spec.path}: field '{field}': {ref}() yielded nothing. It must yield "
+                                       f"{what}.") from None
             return
-        except Exception as e:
-            raise CalibrationError(f"{spec.path}: field '{field}': {ref}() raised {type(e).__name__}: {e} while "
-                                   f"producing batch {i}. Fix that function.") from e
+        except (Exception, SystemExit) as e:
+            raise CalibrationError(f"{spec.path}: field '{field}': {ref}() raised {describe(e)}{where_raised(e)} "
+                                   f"while producing batch {i}. Fix that function.") from None
         where = f"{spec.path}: field '{field}': batch {i} from {ref}()"
         labels = None
         if labelled:

@@ -184,11 +184,13 @@ def observe(model: torch.nn.Module, spec: ModelSpec, inputs: dict[str, torch.Ten
     with torch.no_grad(), hooked(model, modules, spec.path) as calls, _Producers() as prod:
         try:
             out = model(**inputs)
-        except Exception as e:
+        except (Exception, SystemExit) as e:
+            from mmopt.checkpoint import describe, where_raised
+
             shapes = {k: tuple(v.shape) for k, v in inputs.items()}
             raise CaptureError(f"{spec.path}: the model's forward failed at the {size} size with inputs "
-                               f"{shapes}: {type(e).__name__}: {e}. Check [inputs] and [dims] against what "
-                               "the model accepts.") from e
+                               f"{shapes}: {describe(e)}{where_raised(e)}. Check [inputs] and [dims] against what "
+                               "the model accepts.") from None
     single = {}
     for name, got in calls.items():
         if len(got) != 1:

@@ -7,8 +7,10 @@ between the checkpoint and the model (missing, unexpected, wrong shape) is liste
 from __future__ import annotations
 
 import importlib
+import inspect
 import pickle
 import sys
+import traceback
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -33,9 +35,9 @@ def import_ref(ref: str, root: Path, field: str, config: Path) -> Callable[..., 
                               f"{module_name.replace('.', '/')}.py beside the config.") from None
         raise ConfigError(f"{config}: field '{field}': importing '{module_name}' failed because it imports "
                           f"'{e.name}', which is not installed. Install it (pip install {e.name}).") from None
-    except Exception as e:  # the user's module raised while importing
+    except (Exception, SystemExit) as e:  # the user's module raised (or called sys.exit) while importing
         raise ConfigError(f"{config}: field '{field}': importing '{module_name}' raised "
-                          f"{type(e).__name__}: {e}. Fix that module.") from e
+                          f"{describe(e)}{where_raised(e)}. Fix that module.") from None
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             have = ", ".join(n for n in dir(obj) if not n.startswith("_"))[:300]
@@ -47,14 +49,36 @@ def import_ref(ref: str, root: Path, field: str, config: Path) -> Callable[..., 
     return obj
 
 
+def describe(e: BaseException) -> str:
+    """``TypeError: message`` (``SystemExit(2)`` for an exit), for one-line error messages."""
+    if isinstance(e, SystemExit):
+        return f"SystemExit({e.code!r}) (it called sys.exit)"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def where_raised(e: BaseException) -> str:
+    """`` at file.py:12`` for the innermost frame of the user's traceback, or nothing."""
+    tb = traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
+    return f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+
+
 def build_model(spec: ModelSpec, trust_checkpoint: bool = False) -> torch.nn.Module:
     """Factory -> module -> checkpoint loaded strictly -> eval mode."""
     factory = import_ref(spec.factory, spec.root, "model.factory", spec.path)
     try:
+        inspect.signature(factory).bind(**spec.kwargs)
+    except TypeError as e:  # only a call that does not bind is the kwargs' fault
+        raise ConfigError(f"{spec.path}: field 'model.kwargs': {spec.factory} does not take these arguments "
+                          f"({e}). Make [model.kwargs] match the factory's parameters.") from None
+    except ValueError:
+        pass  # no signature to check (a builtin): the call below says what is wrong
+    try:
         model = factory(**spec.kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{spec.path}: field 'model.kwargs': calling {spec.factory} failed: {e}. "
-                          "Make [model.kwargs] match the factory's parameters.") from None
+    except (Exception, SystemExit) as e:
+        raise ConfigError(f"{spec.path}: field 'model.factory': {spec.factory}(...) raised {describe(e)}"
+                          f"{where_raised(e)}. Fix the factory (it is your code, run as `mmopt export` "
+                          "would run it).") from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{spec.path}: field 'model.factory': {spec.factory} returned "
                           f"{type(model).__name__}, not a torch.nn.Module.")
@@ -101,13 +125,18 @@ def _torch_load(path: Path, trust: bool) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
-        if not trust and "weights_only" in str(e):
+        # Only a file that really names Python code gets the --trust-checkpoint advice; random bytes and
+        # truncated files fail the weights-only unpickler too, with another reason.
+        if not trust and "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path}: needs pickled Python code to load, which could run arbitrary code. "
                 "Re-save it as safetensors or a plain state_dict, or, if you trust its origin, "
                 "pass --trust-checkpoint.") from None
-        raise CheckpointError(f"{path}: corrupt checkpoint ({e}). Re-save it.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line or "invalid" in line),
+                      str(e).splitlines()[0] if str(e) else "")
+        raise CheckpointError(f"{path}: corrupt checkpoint, not a readable torch.save file ({reason[:200]}). "
+                              "Re-save it with torch.save(model.state_dict(), ...).") from None
+    except (Exception, SystemExit) as e:  # a truncated zip, or (trusted) pickled code that raises
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e}). "
                               "Re-save it with torch.save(model.state_dict(), ...).") from None
 

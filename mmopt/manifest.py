@@ -7,22 +7,20 @@ the old one when complete: a failed run leaves the previous bundle untouched.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from mmopt import store
 from mmopt.errors import BundleError
 from mmopt.spec import ComponentSpec, TensorSpec
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
+SCHEMA_VERSION = 2  # 2: "kind" names an mmopt bundle; every document is checked against MANIFEST_SCHEMA
+MANIFEST = store.MANIFEST
 
 
 def sha256_file(path: Path) -> str:
@@ -91,7 +89,7 @@ class Manifest:
 
     def add(self, bundle: Path, component: str, stage: str, precision: str, file: str,
             parent: str | None = None, config: dict[str, Any] | None = None, **extra: Any) -> Artifact:
-        path = Path(bundle) / file
+        path = store.confine(bundle, file, f"{component}/{stage}/{precision} file")
         art = Artifact(id=f"{component}/{stage}/{precision}", component=component, stage=stage,
                        precision=precision, file=file, sha256=sha256_file(path), bytes=path.stat().st_size,
                        parent=parent, config=config or {}, extra=extra)
@@ -100,7 +98,7 @@ class Manifest:
 
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, "created": self.created, "tools": self.tools,
+        return {"schema_version": SCHEMA_VERSION, "kind": store.KIND, "created": self.created, "tools": self.tools,
                 "model": self.model,
                 "model_inputs": [t.to_json() for t in self.model_inputs],
                 "model_outputs": [t.to_json() for t in self.model_outputs],
@@ -113,35 +111,45 @@ class Manifest:
 
     @classmethod
     def read(cls, bundle: str | Path) -> "Manifest":
+        """Parse, validate against the one manifest schema, and confine every file path (nothing else
+        is opened): any manifest that gets past here names only files inside ``bundle``."""
         bundle = Path(bundle)
         path = bundle / MANIFEST
         if not path.is_file():
             raise BundleError(f"{bundle}: not an mmopt bundle (no {MANIFEST}). "
                               "Create one with `mmopt export mmopt.toml -o DIR`.")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{path}: not valid JSON ({e}). Re-run `mmopt export` to rebuild the bundle.") from None
-        version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        d = read_json(path, "Re-run `mmopt export` to rebuild the bundle.")
+        version = d.get("schema_version") if isinstance(d, dict) else None
+        if isinstance(d, dict) and d.get("kind") == store.KIND and version != SCHEMA_VERSION:
             raise BundleError(f"{path}: schema_version {version!r}, this mmopt reads {SCHEMA_VERSION}. "
                               "Re-export the bundle with this version of mmopt.")
-        try:
-            return cls(model=d["model"],
-                       model_inputs=[TensorSpec.from_json(t) for t in d["model_inputs"]],
-                       model_outputs=[TensorSpec.from_json(t) for t in d["model_outputs"]],
-                       components={k: ComponentSpec.from_json(c) for k, c in d["components"].items()},
-                       artifacts=[Artifact(**a) for a in d["artifacts"]],
-                       results=d.get("results", {}), tools=d.get("tools", {}), created=d.get("created", ""))
-        except (KeyError, TypeError) as e:
-            raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: {e}). "
-                              "Re-run `mmopt export` to rebuild the bundle.") from None
+        if isinstance(d, dict) and d.get("kind") is None and version == 1:
+            raise BundleError(f"{path}: a bundle of an older mmopt (schema_version 1), this mmopt reads "
+                              f"{SCHEMA_VERSION}. Re-export it with this version: `mmopt export mmopt.toml -o {bundle}`.")
+        validate(d, MANIFEST_SCHEMA, path, "Re-run `mmopt export` to rebuild the bundle.")
+        for i, a in enumerate(d["artifacts"]):
+            store.confine(bundle, a["file"], f"artifacts[{i}].file")
+            for key in ("engine", "source_onnx"):  # an engine's sidecar copy names files too
+                if isinstance(a["extra"].get(key), dict) and "file" in a["extra"][key]:
+                    store.confine(bundle, a["extra"][key]["file"], f"artifacts[{i}].extra.{key}.file")
+        for key in ("config", "checkpoint"):
+            external_path(path, d["model"].get(key), f"model.{key}")
+        return cls(model=d["model"],
+                   model_inputs=[TensorSpec.from_json(t) for t in d["model_inputs"]],
+                   model_outputs=[TensorSpec.from_json(t) for t in d["model_outputs"]],
+                   components={k: ComponentSpec.from_json(c) for k, c in d["components"].items()},
+                   artifacts=[Artifact(**a) for a in d["artifacts"]],
+                   results=d["results"], tools=d["tools"], created=d["created"])
+
+    def file(self, bundle: Path, artifact: Artifact) -> Path:
+        """The artifact's file, confined to ``bundle`` (the only way to turn an artifact into a path)."""
+        return store.confine(bundle, artifact.file, f"artifact '{artifact.id}' file")
 
     def check_files(self, bundle: Path) -> list[tuple[str, str]]:
         """Every artifact whose file is missing or whose sha256 differs: [(file, problem)]."""
         problems = []
         for a in self.artifacts:
-            path = Path(bundle) / a.file
+            path = self.file(Path(bundle), a)
             if not path.is_file():
                 problems.append((a.file, "missing"))
             elif sha256_file(path) != a.sha256:
@@ -171,38 +179,107 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-@contextlib.contextmanager
-def staged_bundle(target: str | Path, keep_existing: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
 
-    With ``keep_existing`` the folder starts as a copy (hard links where possible) of the current
-    bundle, for stages that add artifacts to it. On any exception the temporary folder is removed
-    and ``target`` is exactly as it was.
-    """
-    target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not target.is_dir():
-        raise BundleError(f"{target}: exists and is not a folder. Choose another output path.")
-    if target.exists() and any(target.iterdir()) and not (target / MANIFEST).exists():
-        raise BundleError(f"{target}: exists, is not empty and is not an mmopt bundle; refusing to replace it. "
-                          "Choose an empty or new output folder.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+
+# ---- the one schema a manifest must satisfy ---------------------------------------------------
+_STR = {"type": "string"}
+_OBJ = {"type": "object"}
+_SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_SHAPE = {"type": "array", "maxItems": 64, "items": {"type": "integer", "minimum": 0}}
+_TENSOR = {
+    "type": "object", "required": ["name", "dtype", "shape", "shapes"],
+    "properties": {
+        "name": _STR, "dtype": _STR,
+        "shape": {"type": "array", "maxItems": 64, "items": {"anyOf": [{"type": "integer", "minimum": 0}, _STR]}},
+        "shapes": {"type": "object", "required": ["min", "opt", "max"], "additionalProperties": _SHAPE},
+        "range": {"type": ["array", "null"], "minItems": 2, "maxItems": 2, "items": {"type": "number"}},
+    },
+}
+_TENSORS = {"type": "array", "items": _TENSOR}
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["schema_version", "kind", "created", "tools", "model", "model_inputs", "model_outputs",
+                 "components", "artifacts", "results"],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "kind": {"const": store.KIND},
+        "created": _STR,
+        "tools": {"type": "object", "additionalProperties": _STR},
+        "model": {
+            "type": "object", "required": ["config", "config_sha256", "factory", "checkpoint", "checkpoint_sha256"],
+            "properties": {"config": _STR, "config_sha256": _SHA, "factory": _STR,
+                           "checkpoint": {"type": ["string", "null"]},
+                           "checkpoint_sha256": {"anyOf": [_SHA, {"type": "null"}]},
+                           "fusion": _STR, "output_sources": {"type": "object", "additionalProperties": _STR},
+                           "dims": _OBJ},
+        },
+        "model_inputs": _TENSORS,
+        "model_outputs": _TENSORS,
+        "components": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["name", "kind", "module", "inputs", "outputs", "sources"],
+            "properties": {"name": _STR, "kind": {"enum": ["encoder", "fusion"]}, "module": _STR,
+                           "inputs": _TENSORS, "outputs": _TENSORS,
+                           "sources": {"type": "object", "additionalProperties": _STR}}}},
+        "artifacts": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False,
+            "required": ["id", "component", "stage", "precision", "file", "sha256", "bytes", "parent", "config",
+                         "parity", "extra"],
+            "properties": {"id": _STR, "component": _STR, "stage": _STR, "precision": _STR, "file": _STR,
+                           "sha256": _SHA, "bytes": {"type": "integer", "minimum": 0},
+                           "parent": {"type": ["string", "null"]}, "config": _OBJ, "parity": _OBJ,
+                           "extra": _OBJ}}},
+        "results": _OBJ,
+    },
+}
+
+
+def read_json(path: Path, fix: str, error: type[Exception] = BundleError) -> Any:
+    """``path`` parsed as JSON, or ``error`` naming the file (unreadable, not UTF-8, not JSON, too deep)."""
     try:
-        if keep_existing and target.is_dir():
-            for src in target.iterdir():
-                if src.is_file():
-                    try:
-                        os.link(src, tmp / src.name)
-                    except OSError:
-                        shutil.copy2(src, tmp / src.name)
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror}). {fix}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text, so not JSON. {fix}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e}). {fix}") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to be a manifest or report. {fix}") from None
+
+
+def validate(document: Any, schema: dict[str, Any], path: Path, fix: str, error: type[Exception] = BundleError) -> None:
+    """Check the whole ``document`` against ``schema`` (jsonschema); the first problem names its field."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    try:
+        problem = jsonschema.exceptions.best_match(validator.iter_errors(document))
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to be checked. {fix}") from None
+    if problem is not None:
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in problem.absolute_path).lstrip(".")
+        shown = problem.message if len(problem.message) < 300 else problem.message[:300] + "..."
+        raise error(f"{path}: field '{field or '(top level)'}': {shown}. {fix}")
+
+
+def external_path(manifest: Path, value: Any, field: str) -> Path | None:
+    """``model.config`` / ``model.checkpoint``: the user's own files, outside the bundle by nature. They
+    must be absolute and normalised (no ``..``, no symlink tricks in the name); their sha256 is checked
+    against the manifest before the model is built (``mmopt.reference``)."""
+    if value is None and field == "model.checkpoint":
+        return None
+    ok = isinstance(value, str) and os.path.isabs(value) and os.path.normpath(value) == value \
+        and "\x00" not in value
+    if not ok:
+        raise BundleError(f"{manifest}: field '{field}': {value!r} is not an absolute, normalised path. mmopt "
+                          "records the config and checkpoint a bundle was exported from as such; this manifest was "
+                          "edited or is not from mmopt. Re-export the bundle, or pass --config.")
+    return Path(value)
+
+
+def staged_bundle(target: str | Path, keep_existing: bool = False, log: Any = None):
+    """A write transaction on the bundle at ``target`` (see ``mmopt.store.transaction``)."""
+    return store.transaction(target, keep_existing, log)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import onnx
 
-from mmopt import calibration
+from mmopt import calibration, reference
 from mmopt.bench.compare import Check, check_all, raise_on_failures
 from mmopt.errors import BundleError, ConfigError, PrecisionError
 from mmopt.manifest import Manifest, staged_bundle
@@ -76,20 +76,6 @@ def resolve_policy(spec: ModelSpec, manifest: Manifest, override: dict[str, str]
         raise ConfigError(f"{spec.path}: [precision] converts nothing (every component is fp32). Add e.g.\n"
                           f"  [precision]\n  {comps[0]} = \"int8\"")
     return policy
-
-
-def check_bundle_matches(manifest: Manifest, spec: ModelSpec, split: Any, bundle: Path) -> None:
-    """The bundle's fp32 graphs must come from this model: same checkpoint, same captured components."""
-    want = manifest.model.get("checkpoint_sha256")
-    from mmopt.manifest import sha256_file
-
-    have = sha256_file(spec.checkpoint) if spec.checkpoint else None
-    differs = [c for c in manifest.components if c not in split.components
-               or split.components[c].to_json() != manifest.components[c].to_json()]
-    if want != have or differs or set(split.components) != set(manifest.components):
-        what = "checkpoint" if want != have else f"components {', '.join(differs) or 'set'}"
-        raise BundleError(f"{bundle}: was exported from a different model than {spec.path} describes ({what} "
-                          "differ). Re-run `mmopt export` with this config before converting precision.")
 
 
 def forget_stale(manifest: Manifest, rewritten: set[tuple[str, str]]) -> None:
@@ -210,25 +196,38 @@ def convert_component(comp: str, precision: str, proto: onnx.ModelProto, model: 
 def quantize(bundle: str | Path, spec: ModelSpec, model: Any, split: Any,
              precision: dict[str, str] | None = None, progress: Progress | None = None,
              sensitivity: bool = True) -> QuantizeResult:
-    """Convert, judge and record one precision policy in ``bundle`` (atomically)."""
+    """Convert, judge and record one precision policy in ``bundle``: one write transaction (the bundle
+    is locked from reading its manifest to the commit, and left as it was on any failure)."""
+    bundle = Path(bundle).resolve()
+    with staged_bundle(bundle, keep_existing=True) as tmp:
+        result = convert_in(tmp, spec, model, split, precision, progress, sensitivity)
+    result.bundle = bundle
+    return result
+
+
+def convert_in(tmp: Path, spec: ModelSpec, model: Any, split: Any, precision: dict[str, str] | None = None,
+               progress: Progress | None = None, sensitivity: bool = True) -> QuantizeResult:
+    """The precision stage inside an open bundle transaction: ``tmp`` is the staged folder, which this
+    reads the manifest from and writes the converted graphs and the new manifest into."""
     t0 = time.perf_counter()
     progress = progress or Progress()
-    bundle = Path(bundle).resolve()
-    manifest = Manifest.read(bundle).verified(bundle)
+    manifest = Manifest.read(tmp).verified(tmp)
     policy = resolve_policy(spec, manifest, precision)
-    check_bundle_matches(manifest, spec, split, bundle)
+    # The bundle may have been re-exported while the model was built: judge it against the locked manifest.
+    reference.check_checkpoint(tmp, manifest, spec)
+    reference.check_matches(tmp, manifest, spec, split)
     needs_cal = any(p in (*STATIC, "fp16", "auto") for p in policy.values())
     cal = calibration.load(model, spec, split) if needs_cal and spec.calibration else None
     if any(p in (*STATIC, "auto") for p in policy.values()) and cal is None:
         calibration.load(model, spec, split)  # raises the "add a [calibration] table" error
     cache: dict[tuple[str, str], tuple] = {}
-    result = QuantizeResult(bundle, manifest, policy, policy_label(policy), [])
-    with staged_bundle(bundle, keep_existing=True) as tmp, tempfile.TemporaryDirectory() as scratch:
-        files = {c: tmp / manifest.artifact(c, "fp32", stage="export").file for c in policy}
+    result = QuantizeResult(tmp, manifest, policy, policy_label(policy), [])
+    with tempfile.TemporaryDirectory() as scratch:
+        files = {c: manifest.file(tmp, manifest.artifact(c, "fp32", stage="export")) for c in policy}
 
         def converted(comp: str, prec: str) -> tuple:
             if (comp, prec) not in cache:
-                parent = tmp / manifest.artifact(comp, "fp32", stage="export").file
+                parent = manifest.file(tmp, manifest.artifact(comp, "fp32", stage="export"))
                 cache[(comp, prec)] = convert_component(comp, prec, onnx.load(str(parent)), model, spec, split, cal)
             return cache[(comp, prec)]
 
@@ -287,7 +286,7 @@ def _score(spec: ModelSpec, model: Any, split: Any, tmp: Path, manifest: Manifes
     if searched is not None:  # the policy search scored this very pipeline on the same data
         acc = searched
     else:
-        fp32_files = {c: tmp / manifest.artifact(c, "fp32", stage="export").file for c in split.components}
+        fp32_files = {c: manifest.file(tmp, manifest.artifact(c, "fp32", stage="export")) for c in split.components}
         with open_pipeline(split.components, split.output_sources, fp32_files, {}, scratch) as (fp32_pipe, _):
             acc = ev.evaluate(spec, {"eager fp32": ev.eager_predictor(model), "onnx fp32": fp32_pipe.infer,
                                      label: pipe.infer})
@@ -318,7 +317,7 @@ def _sensitivity(split: Any, tmp: Path, manifest: Manifest, policy: dict[str, st
         rows += len(next(iter(batch.values())))
         if rows >= SENSITIVITY_SAMPLES:
             break
-    fp32 = {c: onnx.load(str(tmp / manifest.artifact(c, "fp32", stage="export").file)) for c in split.components}
+    fp32 = {c: onnx.load(str(manifest.file(tmp, manifest.artifact(c, "fp32", stage="export")))) for c in split.components}
     report = {}
     for comp, prec in policy.items():
         if prec not in STATIC:

@@ -31,4 +31,6 @@ class RichProgress(Progress):
             yield lambda n=1: bar.advance(tid, n)
 
     def log(self, message: str) -> None:
-        self.console.print(message)
+        from rich.text import Text
+
+        self.console.print(Text(message), highlight=False)  # plain text: paths such as exp[lr=0.1] are no markup

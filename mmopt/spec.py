@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,10 @@ from typing import Any
 from mmopt.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
+LIMITS = {"float32": (-3.4028234663852886e38, 3.4028234663852886e38), "float16": (-65504.0, 65504.0),
+          "bfloat16": (-3.3895313892515355e38, 3.3895313892515355e38), "int64": (-2 ** 63, 2 ** 63 - 1),
+          "int32": (-2 ** 31, 2 ** 31 - 1), "bool": (0, 1)}
 # Ordered from the most to the least faithful (the pipeline is judged by its least faithful part).
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-cpu", "int8")
 CPU_ONLY = ("int8-dynamic", "int8-cpu")  # ONNX Runtime forms TensorRT cannot build
@@ -189,7 +195,10 @@ class _Fields:
         self.used.add(key)
         if key not in self.table:
             if default is ...:
-                raise self.err(key, f"is required{what and ': ' + what}.")
+                spare = [k for k in self.table if k not in self.used]
+                close = difflib.get_close_matches(key, spare, n=1, cutoff=0.6)
+                typo = f" (found '{close[0]}': did you mean '{key}'?)" if close else ""
+                raise self.err(key, f"is required{what and ': ' + what}{typo}.")
             return default
         value = self.table[key]
         if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
@@ -259,8 +268,14 @@ def _parse_inputs(path: Path, raw: Any, dims: dict[str, Dim]) -> dict[str, Input
         rng = g.get("range", list, None, what="[low, high]")
         if rng is not None:
             if len(rng) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng) \
-                    or rng[0] > rng[1]:
-                raise g.err("range", f"must be [low, high] with low <= high, got {rng!r}.")
+                    or not all(math.isfinite(v) for v in rng) or rng[0] > rng[1]:
+                raise g.err("range", f"must be [low, high], finite numbers with low <= high, got {rng!r}.")
+            lo, hi = LIMITS[dtype]
+            if rng[0] < lo or rng[1] > hi:
+                raise g.err("range", f"{rng!r} is beyond what {dtype} holds ([{lo:g}, {hi:g}]). Narrow the range "
+                                     "or choose a wider dtype.")
+            if dtype in ("int64", "int32", "bool") and not all(float(v).is_integer() for v in rng):
+                raise g.err("range", f"must hold whole numbers for a {dtype} input, got {rng!r}.")
             rng = (rng[0], rng[1])
         elif dtype in ("int64", "int32"):
             raise g.err("range", "is required for integer inputs (token ids must fit the vocabulary), "
@@ -375,7 +390,43 @@ def load_spec(path: str | Path) -> ModelSpec:
 
     tolerances, drop = _parse_tolerance(path, top.get("tolerance", dict, {}))
     top.finish()
+    check_memory(path, inputs, dims)
     return ModelSpec(path=path, factory=factory, checkpoint=ckpt_path, state_dict_key=key, kwargs=kwargs,
                      inputs=inputs, dims=dims, components=components, fusion=fusion,
                      tolerances=tolerances, max_accuracy_drop=drop, precision=precision, exclude=exclude,
                      calibration=calibration, evaluation=evaluation)
+
+
+def available_bytes() -> int | None:
+    """Memory this machine can still give (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(path: Path, inputs: dict[str, InputSpec], dims: dict[str, Dim]) -> None:
+    """Refuse [dims] whose max-size inputs alone would take more than half the memory left, before anything
+    is allocated: capture, export and calibration all run the model at the max size."""
+    have = available_bytes()
+    if not have:
+        return
+    sizes = {n: math.prod(i.concrete(dims, "max")) * ITEMSIZE[i.dtype] for n, i in inputs.items()}
+    need = sum(sizes.values())
+    if need <= have // 2:
+        return
+    biggest = max(sizes, key=sizes.get)
+    named = [d for d in inputs[biggest].shape if isinstance(d, str)]
+    dim = max(named, key=lambda d: dims[d].max) if named else None
+    where = f"field 'dims.{dim}.max'" if dim else f"field 'inputs.{biggest}.shape'"
+    raise ConfigError(f"{path}: {where}: at the max sizes the inputs alone need {need / 2**30:.1f} GiB "
+                      f"({biggest}: {list(inputs[biggest].concrete(dims, 'max'))}), and this machine has "
+                      f"{have / 2**30:.1f} GiB available; the model's activations need more. "
+                      + (f"Lower dims.{dim}.max (now {dims[dim].max})." if dim else "Use a smaller shape."))

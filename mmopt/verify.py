@@ -14,6 +14,7 @@ import torch
 
 from mmopt.bench.compare import Check, check_all
 from mmopt.capture import Split, observe, random_inputs, to_numpy
+from mmopt.errors import CaptureError
 from mmopt.runners.base import Runner
 from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import SIZES, ModelSpec
@@ -51,7 +52,21 @@ def eager_io_for(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: 
         per_comp[comp] = (feeds, {t.name: to_numpy(got[t.name]) for t in cs.outputs})
     model_in = {n: to_numpy(t) for n, t in run.inputs.items()}
     model_out = {n: to_numpy(outputs[n]) for n in split.output_sources}
+    require_finite(spec, "model", model_out, label)
+    for comp, (_, refs) in per_comp.items():
+        require_finite(spec, f"component '{comp}'", refs, label)
     return model_in, model_out, per_comp
+
+
+def require_finite(spec: ModelSpec, who: str, arrays: dict[str, np.ndarray], label: str) -> None:
+    """An eager reference holding NaN or Inf cannot prove anything equal to it: refuse it, naming it."""
+    for name, a in arrays.items():
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+            raise CaptureError(f"{spec.path}: eager PyTorch's {who} output '{name}' at the {label} size (shape "
+                               f"{list(a.shape)}) holds {nan} NaN and {inf} Inf of {a.size} values. A reference "
+                               "that is not finite cannot prove parity: fix the model, or the [inputs] ranges "
+                               "that drive it there.")
 
 
 def verify(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: dict[str, Runner],

@@ -24,6 +24,7 @@ from mmopt.runners.base import Runner
 from mmopt.runners.eager import EagerRunner
 from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import precision_rank
+from mmopt.store import confine
 
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "eager-cuda")
 ALIASES = {"ort": "onnxruntime", "ort-cpu": "onnxruntime", "onnxruntime-cpu": "onnxruntime", "cpu": "onnxruntime",
@@ -165,12 +166,12 @@ def open_variant(v: Variant, bundle: Path, model: torch.nn.Module, split: Split,
                 # Idle ORT pool threads spin by default; interleaved with PyTorch (and with the other
                 # components' pools) that steals the cores the next runner needs, so bench turns it off.
                 spin = {"session.intra_op.allow_spinning": "0"} if (threads or 0) > 1 else {}
-                r: Runner = OnnxRuntimeRunner(bundle / a.file, cs.inputs, cs.outputs, v.device, threads, name=c,
+                r: Runner = OnnxRuntimeRunner(confine(bundle, a.file, f"artifact '{a.id}' file"), cs.inputs, cs.outputs, v.device, threads, name=c,
                                               config=spin)
             else:
                 from mmopt.runners.tensorrt import TensorRTRunner
 
-                r = TensorRTRunner(bundle / a.file, cs.inputs, cs.outputs, name=c, sidecar=a.extra or None)
+                r = TensorRTRunner(confine(bundle, a.file, f"artifact '{a.id}' file"), cs.inputs, cs.outputs, name=c, sidecar=a.extra or None)
             comps[c] = stack.enter_context(r)
         pipe = Pipeline(split.components, split.output_sources, comps)
         yield Opened(v, comps, pipe.infer)

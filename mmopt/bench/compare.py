@@ -22,7 +22,7 @@ class Metrics:
     cos_min: float  # cosine per sample (first axis), worst and mean
     cos_mean: float
     argmax: float | None  # fraction of rows whose argmax agrees (score outputs only)
-    nan: int  # NaN / Inf in the candidate that the reference does not have
+    nan: int  # positions where the candidate or the reference is NaN / Inf: a gate never passes on them
     inf: int
 
     def to_json(self) -> dict[str, Any]:
@@ -52,8 +52,8 @@ def measure(name: str, ref: np.ndarray, out: np.ndarray) -> Metrics:
         return Metrics(name, tuple(ref.shape), diff, diff, same, same, None, 0, 0)
     r = ref.astype(np.float64)
     o = out.astype(np.float64)
-    bad_nan = int((np.isnan(o) & ~np.isnan(r)).sum())
-    bad_inf = int((np.isinf(o) & ~np.isinf(r)).sum())
+    bad_nan = int((np.isnan(o) | np.isnan(r)).sum())
+    bad_inf = int((np.isinf(o) | np.isinf(r)).sum())
     finite = np.isfinite(r) & np.isfinite(o)
     diff = np.abs(r - o)[finite]
     max_abs = float(diff.max()) if diff.size else 0.0

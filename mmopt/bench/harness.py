@@ -26,12 +26,10 @@ from mmopt.bench import latency
 from mmopt.bench.backends import Opened, Variant, open_variant, resolve, variants
 from mmopt.bench.compare import Check, check_all, failures, merge
 from mmopt.bench.inputs import SOURCES, InputMaker, batch_dim, batch_sizes, evaluation_chunks
-from mmopt.capture import split as capture_split
-from mmopt.checkpoint import build_model
-from mmopt.errors import BundleError
-from mmopt.manifest import Manifest, sha256_file
+from mmopt import reference
+from mmopt.manifest import Manifest
 from mmopt.progress import Progress
-from mmopt.spec import ModelSpec, load_spec, precision_rank
+from mmopt.spec import ModelSpec, precision_rank
 from mmopt.verify import summarise, verify
 
 REPORT_SCHEMA = 1
@@ -69,30 +67,6 @@ def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
             "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count(), "gpu": gpu, "hostname": platform.node()}
-
-
-def load_spec_of(bundle: Path, manifest: Manifest, config: str | Path | None) -> ModelSpec:
-    path = Path(config or manifest.model["config"])
-    if not path.exists():
-        raise BundleError(f"{bundle}: the model config it was exported from, {path}, does not exist here. "
-                          "bench rebuilds the eager model as the reference: pass --config path/to/mmopt.toml.")
-    return load_spec(path)
-
-
-def load_reference(bundle: Path, manifest: Manifest, spec: ModelSpec) -> tuple[torch.nn.Module, Any, list[str]]:
-    """Eager model and its split, checked against the bundle; notes on anything that drifted."""
-    notes = []
-    if manifest.model.get("config_sha256") and sha256_file(spec.path) != manifest.model["config_sha256"]:
-        notes.append(f"{spec.path} changed since the bundle was exported")
-    model = build_model(spec)
-    split = capture_split(model, spec)
-    ours = {c: [s.to_json()[k] for k in ("inputs", "outputs", "sources")] for c, s in split.components.items()}
-    theirs = {c: [s.to_json()[k] for k in ("inputs", "outputs", "sources")] for c, s in manifest.components.items()}
-    if ours != theirs:
-        differ = sorted(c for c in set(ours) | set(theirs) if ours.get(c) != theirs.get(c))
-        raise BundleError(f"{bundle}: the model built from {spec.path} no longer matches the bundle (components "
-                          f"{', '.join(differ)} differ). Re-export the bundle, or pass the --config it was made from.")
-    return model, split, notes
 
 
 def _tolerance(spec: ModelSpec, v: Variant):
@@ -211,7 +185,7 @@ def sweep(opened: list[Opened], maker: InputMaker, batches: list[int], comps: li
 def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int] | None = None,
         threads: int | None = None, repeats: int = 30, warmup: int = 5, inputs: str = "random",
         config: str | Path | None = None, eval_samples: int | None = None, budget_s: float | None = 30.0,
-        progress: Progress | None = None) -> dict[str, Any]:
+        progress: Progress | None = None, trust_checkpoint: bool = False) -> dict[str, Any]:
     """Measure everything and return the report dict (no gates, no baseline: see ``mmopt.bench.gates``)."""
     from mmopt.api import tool_versions
     from mmopt.errors import UsageError
@@ -223,14 +197,16 @@ def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1 (got {threads}).")
     manifest = Manifest.read(bundle).verified(bundle)
-    spec = load_spec_of(bundle, manifest, config)
+    spec = reference.config_of(bundle, manifest, config)
+    reference.check_checkpoint(bundle, manifest, spec)  # stale bundles are refused before any model code runs
     chosen, skipped = resolve(backends, manifest)  # usage errors first, before the model is built
     sizes = batch_sizes(spec, batches)
     if inputs not in SOURCES or (inputs != "random" and getattr(spec, inputs) is None):
         raise UsageError(f"--inputs {inputs}: choose random" + "".join(f", {k}" for k in SOURCES[1:]
                                                                       if getattr(spec, k) is not None)
                          + f" ({spec.path} configures {', '.join(k for k in SOURCES[1:] if getattr(spec, k)) or 'no data callables'}).")
-    model, split, notes = load_reference(bundle, manifest, spec)
+    ref = reference.build(bundle, manifest, spec, trust_checkpoint)
+    model, split, notes = ref.model, ref.split, []
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     maker = InputMaker(model, spec, split, inputs)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mmopt.capture import Split, random_inputs
-from mmopt.checkpoint import import_ref
+from mmopt.calibration import iterate
 from mmopt.errors import ConfigError, UsageError
 from mmopt.runners.eager import to_torch
 from mmopt.spec import ModelSpec
@@ -64,14 +64,9 @@ def user_batches(spec: ModelSpec, source: str) -> Iterator[tuple[dict[str, np.nd
     if conf is None:
         raise UsageError(f"--inputs {source}: {spec.path} has no [{source}] table naming a data callable. "
                          f"Add [{source}] source = \"module:function\" or use --inputs random.")
-    fn = import_ref(conf.source, spec.root, f"{source}.source", spec.path)
-    for item in fn():
-        inputs, labels = item if isinstance(item, tuple) else (item, None)
-        if not isinstance(inputs, dict) or set(inputs) != set(spec.inputs):
-            got = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
-            raise ConfigError(f"{spec.path}: field '{source}.source': {conf.source} must yield dicts with the "
-                              f"model inputs {sorted(spec.inputs)}, got {got}.")
-        yield {n: np.asarray(a) for n, a in inputs.items()}, labels
+    # The one data reader (names, dtypes, shapes, ranges, NaN checked; a callable that raises or yields
+    # nothing is a clear error), as quantize reads it.
+    yield from iterate(spec, conf.source, f"{source}.source", labelled=source == "evaluation")
 
 
 def rows(inputs: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:

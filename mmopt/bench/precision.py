@@ -24,7 +24,7 @@ from mmopt.precision import artifact_file, open_pipeline, policy_label
 
 
 def _files(bundle: Path, manifest: Manifest, policy: dict[str, str]) -> dict[str, Path]:
-    return {c: Path(bundle) / manifest.artifact(c, p).file for c, p in policy.items()}
+    return {c: manifest.file(Path(bundle), manifest.artifact(c, p)) for c, p in policy.items()}
 
 
 def _sample(spec: Any, rows: int) -> dict[str, np.ndarray]:

@@ -22,6 +22,22 @@ def _atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def check_out(out_dir: str | Path, bundle: str | Path) -> None:
+    """Refuse an output folder that cannot hold the reports, before minutes of measurement."""
+    from mmopt.errors import UsageError
+
+    out, home = Path(out_dir).absolute(), Path(bundle).absolute()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out_dir}: exists and is not a folder. Give a folder for report.json / .md / .png.")
+    if out == home or home in out.parents:
+        raise UsageError(f"--out {out_dir}: is inside the bundle {bundle}; reports go beside it, e.g. "
+                         f"--out {home.name}-bench.")
+    parent = next((p for p in (out, *out.parents) if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out_dir}: cannot be created ({parent} is not a writable folder). "
+                         "Choose another output folder.")
+
+
 def write(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,16 +28,24 @@ def bench(
     repeats: int = typer.Option(30, "--repeats", help="Timed, interleaved runs per measurement."),
     warmup: int = typer.Option(5, "--warmup", help="Untimed runs first."),
     inputs: str = typer.Option("random", "--inputs", help="random (from the captured specs), calibration or evaluation."),
-    config: Path = typer.Option(None, "--config", help="mmopt.toml, if not where the bundle was exported from."),
+    config: Path = typer.Option(None, "--config", help="mmopt.toml to rebuild the eager model from, instead of "
+                                                       "the one the bundle was exported from."),
     out: Path = typer.Option(Path("bench-report"), "--out", "-o", help="Folder for report.json, report.md, report.png."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
+                                          help="Allow a .pt checkpoint that needs pickled code (only for files "
+                                               "you trust: unpickling can run arbitrary code)."),
 ) -> None:
     """Bench eager PyTorch and every artifact of a bundle on every backend here; exit 1 when a gate fails.
+
+    The eager reference is rebuilt from the config the bundle was exported from (or --config): this imports
+    and runs the model code that config names, as `mmopt export` did. A bundle whose config or checkpoint
+    changed since export is refused as stale before any of that code runs.
 
     Example: mmopt bench build/ --baseline main-report.json --batch 1,8
     """
     run_and_print(bundle, out, baseline=baseline, max_latency_regression=parse_fraction(max_latency_regression),
                   backends=backend, batches=parse_batches(batch), threads=threads, repeats=repeats, warmup=warmup,
-                  inputs=inputs, config=config)
+                  inputs=inputs, config=config, trust_checkpoint=trust_checkpoint)
 
 
 def run_and_print(bundle: Path, out: Path, **options: Any) -> None:

@@ -53,6 +53,11 @@ def quantize(
     \[tolerance].max_accuracy_drop), and int8 nodes are ranked by the error they cause. Any failure leaves
     the bundle as it was.
 
+    The eager reference is rebuilt from the config the bundle was exported from (or --config): this imports
+    and runs the model code that config names, as `mmopt export` did. A bundle whose config or checkpoint
+    changed since export is refused as stale before any of that code runs. One writer at a time: a second
+    run on the same bundle waits for the first, then converts on top of its result.
+
     Examples: mmopt quantize build/ -p image=int8 -p text=fp16        # for TensorRT engines
               mmopt quantize build/ -p image=int8-cpu -p text=auto    # for ONNX Runtime on CPU
     """

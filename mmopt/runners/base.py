@@ -27,6 +27,7 @@ class Runner:
         self.name = name
         self.inputs = {t.name: t for t in inputs}
         self.outputs = [t.name for t in outputs]
+        self.output_specs = {t.name: t for t in outputs}
         self._active = False
 
     def __enter__(self) -> "Runner":

@@ -75,7 +75,7 @@ class TensorRTRunner(Runner):
             raise BundleError(f"{bundle}: no {precision} TensorRT engine for component '{component}'. Build it on this "
                               f"device: mmopt build {bundle} --precision {precision}")
         spec = manifest.components[component]
-        return cls(bundle / engines[-1].file, spec.inputs, spec.outputs, name=component,
+        return cls(manifest.file(bundle, engines[-1]), spec.inputs, spec.outputs, name=component,
                    sidecar=engines[-1].extra or None, **kwargs)
 
     # ---- lifecycle --------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def build_engines(bundle: str | Path, precision: str | None = None, options: Bui
         raise UsageError(f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; this "
                          f"{env.gpu.name} has compute capability {env.gpu.compute_capability}.")
     profiles = {a.component: profiles_for(manifest.components[a.component], options.profiles) for a in sources}
-    graphs = {a.id: inspect_graph(bundle / a.file) for a in sources}
+    graphs = {a.id: inspect_graph(manifest.file(bundle, a)) for a in sources}
     blocked = [unsupported_message(a.file, graphs[a.id]["unsupported_nodes"]) for a in sources
                if graphs[a.id]["unsupported_nodes"]]
     if blocked:
@@ -187,7 +187,7 @@ def build_engines(bundle: str | Path, precision: str | None = None, options: Bui
         for src in sources:
             progress.log(f"{src.component} ({src.precision}): building from {src.file}")
             t0 = time.perf_counter()
-            result = api.build_engine(stage / src.file, profiles[src.component], options, cache)
+            result = api.build_engine(out.file(stage, src), profiles[src.component], options, cache)
             seconds = time.perf_counter() - t0
             engine_file = f"{src.component}.{src.precision}.engine"
             _write_atomic(stage / engine_file, result.engine)

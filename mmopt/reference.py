@@ -1,0 +1,88 @@
+"""The eager reference of a bundle: the model it was exported from, rebuilt and proven to be that model.
+
+``mmopt bench`` and ``mmopt quantize`` both judge a bundle against eager PyTorch, so both rebuild the
+model. That imports and runs the model code that the bundle's config names (``[model].factory``), the
+same code ``mmopt export`` ran. Before anything is imported, the config and the checkpoint are checked
+against the sha256 the manifest recorded: a bundle whose model changed since export is *stale* and is
+refused rather than benched against another model. After the rebuild, the captured components must
+equal the bundle's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmopt.errors import BundleError
+from mmopt.manifest import Manifest, external_path, sha256_file
+from mmopt.spec import ModelSpec, load_spec
+
+STALE_FIX = "re-export, or pass --config to use another one"
+
+
+@dataclass
+class Reference:
+    spec: ModelSpec
+    model: torch.nn.Module
+    split: Any  # mmopt.capture.Split
+
+
+def config_of(bundle: Path, manifest: Manifest, config: str | Path | None) -> ModelSpec:
+    """The spec to rebuild the model from: ``config`` when given, else the one the bundle was exported
+    from, which must still exist and be unchanged."""
+    if config is not None:
+        return load_spec(config)
+    path = external_path(Path(bundle) / "manifest.json", manifest.model.get("config"), "model.config")
+    if not path.is_file():
+        raise BundleError(f"{bundle}: was exported from {path}, which no longer exists here. This command "
+                          "rebuilds the eager model as its reference: pass --config path/to/mmopt.toml.")
+    if sha256_file(path) != manifest.model.get("config_sha256"):
+        raise BundleError(f"{bundle}: stale bundle: {path} changed since export; {STALE_FIX}.")
+    return load_spec(path)
+
+
+def check_checkpoint(bundle: Path, manifest: Manifest, spec: ModelSpec) -> None:
+    want = manifest.model.get("checkpoint_sha256")
+    if spec.checkpoint is None:
+        if want is not None:
+            raise BundleError(f"{bundle}: stale bundle: it was exported with the checkpoint "
+                              f"{manifest.model.get('checkpoint')}, and {spec.path} names none; {STALE_FIX}.")
+        return
+    if not spec.checkpoint.is_file():
+        return  # build_model names the missing file and the field
+    if sha256_file(spec.checkpoint) != want:
+        raise BundleError(f"{bundle}: stale bundle: the checkpoint {spec.checkpoint} changed since export "
+                          f"(or is another file than the bundle was exported from); {STALE_FIX}.")
+
+
+def check_matches(bundle: Path, manifest: Manifest, spec: ModelSpec, split: Any) -> None:
+    """The rebuilt model's captured components must be the bundle's (same IO, shapes and wiring)."""
+    ours = {c: s.to_json() for c, s in split.components.items()}
+    theirs = {c: s.to_json() for c, s in manifest.components.items()}
+    if ours != theirs:
+        differ = sorted(c for c in set(ours) | set(theirs) if ours.get(c) != theirs.get(c))
+        raise BundleError(f"{bundle}: the model built from {spec.path} no longer matches the bundle (components "
+                          f"{', '.join(differ)} differ: inputs, outputs, shapes or wiring). Re-export the bundle, "
+                          "or pass the --config it was made from.")
+
+
+def load(bundle: str | Path, manifest: Manifest, config: str | Path | None = None,
+         trust_checkpoint: bool = False) -> Reference:
+    """Spec, eager model and its split for ``bundle``, refused when stale or not the bundle's model."""
+    spec = config_of(Path(bundle), manifest, config)
+    check_checkpoint(Path(bundle), manifest, spec)
+    return build(bundle, manifest, spec, trust_checkpoint)
+
+
+def build(bundle: str | Path, manifest: Manifest, spec: ModelSpec, trust_checkpoint: bool = False) -> Reference:
+    """The model of a spec that ``config_of`` and ``check_checkpoint`` accepted, built and captured."""
+    from mmopt.capture import split as capture_split
+    from mmopt.checkpoint import build_model
+
+    bundle = Path(bundle)
+    model = build_model(spec, trust_checkpoint)
+    split = capture_split(model, spec)
+    check_matches(bundle, manifest, spec, split)
+    return Reference(spec, model, split)

@@ -1,0 +1,308 @@
+"""The bundle store: where a bundle's files may be, who may write it, and how a write commits.
+
+Four guarantees, each in one place here (docs/reliability.md says how each is tested):
+
+- **Confinement.** ``confine`` is the only way a path read from a manifest becomes a file path: it
+  must be relative, normalised, free of ``..`` and resolve (symlinks included) inside the bundle.
+- **Single writer.** ``transaction`` holds an exclusive ``flock`` on the bundle folder (or, for a
+  bundle not made yet, on its parent) from before the manifest is read until the commit, and commits
+  only if ``manifest.json`` is unchanged since then. A second writer waits, saying so, then works on
+  the bundle the first one left.
+- **Atomic replace.** The new bundle is written into a hidden sibling folder, then swapped with the
+  old one in one ``renameat2(RENAME_EXCHANGE)``: at every instant OUT is either the old bundle or the
+  new one. Where the kernel or filesystem lacks the exchange, two renames are used and a crash between
+  them is repaired by the next writer (the old bundle is put back).
+- **Nothing foreign is replaced.** A folder is replaced only when it is empty or holds an mmopt
+  bundle (its manifest names mmopt's kind); anything else is refused.
+
+Writers leave hidden siblings only while they run: ``.OUT.<pid>.<random>.partial`` (the bundle being
+written, or the old one just swapped out) and ``.OUT.<pid>.old`` (fallback swap). The next writer of
+OUT removes those whose process is gone, and says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator
+
+from mmopt.errors import BundleError
+
+KIND = "mmopt-bundle"
+MANIFEST = "manifest.json"
+LOCK_TIMEOUT_ENV = "MMOPT_LOCK_TIMEOUT"  # seconds a writer waits for another one (default 600)
+Log = Callable[[str], None]
+
+
+# ---- confinement -----------------------------------------------------------------------------
+def confine(bundle: str | Path, rel: Any, field: str) -> Path:
+    """``bundle / rel`` resolved, if ``rel`` is a plain relative path that stays inside ``bundle``.
+
+    ``field`` names where ``rel`` was read (e.g. ``artifacts[2].file``) for the error message. Nothing
+    is opened: a path is refused before any file it names is touched.
+    """
+    root = Path(bundle).resolve()
+    where = f"{Path(bundle) / MANIFEST}: field '{field}'"
+    if not isinstance(rel, str) or not rel:
+        raise BundleError(f"{where}: must be a file name inside the bundle, got {rel!r}. Re-export the bundle.")
+    pure = PurePosixPath(rel)
+    problem = None
+    if "\x00" in rel or "\\" in rel:
+        problem = "holds a NUL or backslash"
+    elif pure.is_absolute():
+        problem = "is an absolute path"
+    elif ".." in pure.parts:
+        problem = "climbs out with '..'"
+    elif str(pure) != rel or rel.startswith("./"):
+        problem = f"is not normalised (write {str(pure)!r})"
+    if problem is None:
+        full = (root / rel).resolve()
+        if full == root or root not in full.parents:
+            problem = f"resolves to {full}, outside the bundle (through a symlink)"
+    if problem:
+        raise BundleError(f"{where}: {rel!r} {problem}. A bundle may only name files inside itself; this "
+                          "manifest was edited or is not from mmopt. Re-export the bundle.")
+    return full
+
+
+# ---- what may be replaced ------------------------------------------------------------------
+def is_bundle(folder: Path) -> bool:
+    """True when ``folder/manifest.json`` parses as an mmopt bundle manifest (mmopt's kind and a schema
+    version; schema 1 bundles, written before the kind field existed, are known by their tool list)."""
+    try:
+        text = (folder / MANIFEST).read_text()
+        d = json.loads(text)
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(d, dict) or not isinstance(d.get("schema_version"), int):
+        return False
+    if d.get("kind") == KIND:
+        return True
+    tools = d.get("tools")
+    return d.get("schema_version") == 1 and isinstance(tools, dict) and "mmopt" in tools \
+        and isinstance(d.get("artifacts"), list)
+
+
+def check_replaceable(target: Path) -> None:
+    if target.is_symlink():
+        raise BundleError(f"{target}: is a symlink; give the real folder as the output path.")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise BundleError(f"{target}: exists and is not a folder. Choose another output path.")
+    try:
+        empty = not any(target.iterdir())
+    except OSError as e:
+        raise BundleError(f"{target}: cannot be listed ({e.strerror}). Choose another output path.") from None
+    if not empty and not is_bundle(target):
+        what = "holds a manifest.json that is not an mmopt bundle's" if (target / MANIFEST).exists() \
+            else "is not an mmopt bundle"
+        raise BundleError(f"{target}: exists, is not empty and {what}; refusing to replace it. "
+                          "Choose an empty or new output folder.")
+
+
+def manifest_digest(folder: Path) -> str | None:
+    try:
+        return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise BundleError(f"{folder / MANIFEST}: cannot be read ({e.strerror}).") from None
+
+
+# ---- single writer -------------------------------------------------------------------------
+def _lock_timeout() -> float:
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "600")
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        raise BundleError(f"environment variable {LOCK_TIMEOUT_ENV}={raw!r}: give a number of seconds.") from None
+
+
+@contextlib.contextmanager
+def writer_lock(target: Path, log: Log) -> Iterator[None]:
+    """Exclusive lock on ``target`` (a folder) for one writer; on its parent while it does not exist.
+
+    The lock is ``flock`` on the folder itself, so it leaves no file behind and dies with its process.
+    A commit swaps the folder for a new inode: a waiter that wakes holding the old one tries again.
+    """
+    deadline = time.monotonic() + _lock_timeout()
+    said = False
+    while True:
+        exists = target.is_dir()
+        path = target if exists else target.parent
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue  # swapped away between the check and the open: look again
+        except OSError as e:
+            raise BundleError(f"{path}: cannot be opened ({e.strerror}). Choose another output path.") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if not said:
+                log(f"waiting for another mmopt process that is writing {target} ...")
+                said = True
+            if time.monotonic() > deadline:
+                raise BundleError(f"{target}: another mmopt process is still writing it after "
+                                  f"{_lock_timeout():.0f} s. Wait for it to finish (or stop it), then run "
+                                  f"again; {LOCK_TIMEOUT_ENV} sets how long to wait.") from None
+            time.sleep(0.05)
+            continue
+        try:
+            now_exists = target.is_dir()
+            same = os.fstat(fd).st_ino == os.stat(target).st_ino if exists and now_exists else not now_exists
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the folder we locked was replaced (or appeared) meanwhile
+    try:
+        if said:
+            log(f"{target}: the other writer finished; continuing")
+        yield
+    finally:
+        os.close(fd)
+
+
+# ---- stale siblings ------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(target: Path, log: Log) -> None:
+    """Repair or remove what writers of ``target`` that were killed left beside it (call under the lock)."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.(?:.+\.partial|old)$")
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return
+    stale = [p for p in siblings if (m := pattern.match(p.name)) and not _alive(int(m.group(1)))]
+    for p in sorted(stale, key=lambda p: not p.name.endswith(".old")):
+        if p.name.endswith(".old") and not target.exists() and is_bundle(p):
+            os.rename(p, target)
+            log(f"{target}: restored the earlier bundle from {p.name}, left by a run killed during its commit")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            log(f"{target}: removed {p.name}, left by an mmopt run that is gone")
+
+
+# ---- atomic replace ------------------------------------------------------------------------
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2). False where the OS or filesystem cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_in(stage: Path, target: Path) -> None:
+    """Make ``stage`` the folder at ``target``; at no instant is there no bundle at ``target``."""
+    if not target.exists():
+        os.rename(stage, target)
+    elif _exchange(stage, target):
+        shutil.rmtree(stage, ignore_errors=True)  # ``stage`` now holds the old bundle
+    else:  # two renames; a crash between them is repaired by ``recover`` (the old bundle comes back)
+        old = target.with_name(f".{target.name}.{os.getpid()}.old")
+        os.rename(target, old)
+        os.rename(stage, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Hard links where possible (later stages replace files, never write through them)."""
+    for entry in src.iterdir():
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            (dst / entry.name).mkdir()
+            _copy_tree(entry, dst / entry.name)
+        elif entry.is_file():
+            try:
+                os.link(entry, dst / entry.name)
+            except OSError:
+                shutil.copy2(entry, dst / entry.name)
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(f"note: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def transaction(target: str | Path, keep_existing: bool = False, log: Log | None = None) -> Iterator[Path]:
+    """Yield a hidden folder beside ``target``; when the block succeeds it replaces ``target`` atomically.
+
+    With ``keep_existing`` the folder starts as a copy of the current bundle (hard links) for stages that
+    add to it; read the manifest from the yielded folder, not from ``target``. The lock is held from the
+    start of the block to the commit. On any exception (KeyboardInterrupt included) the folder is removed
+    and ``target`` is exactly as it was.
+    """
+    log = log or _stderr
+    target = Path(os.path.abspath(target))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BundleError(f"{target}: cannot create its parent folder {target.parent} ({e.strerror}). "
+                          "Choose an output path in a folder you can write.") from None
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise BundleError(f"{target}: its folder {target.parent} is not writable. Choose another output path.")
+    with writer_lock(target, log):
+        recover(target, log)
+        check_replaceable(target)
+        before = manifest_digest(target)
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial",
+                                          dir=target.parent))
+        except OSError as e:
+            raise BundleError(f"{target}: cannot write beside it in {target.parent} ({e.strerror}). "
+                              "Choose an output path in a folder you can write.") from None
+        try:
+            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the bundle from a serving user
+            if keep_existing and target.is_dir():
+                _copy_tree(target, stage)
+            yield stage
+            if manifest_digest(target) != before:
+                raise BundleError(f"{target}: its manifest.json was changed by another process while this run "
+                                  "worked on it (a writer that does not take mmopt's lock). Nothing was written; "
+                                  "run again.")
+            swap_in(stage, target)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
