@@ -125,8 +125,8 @@ def iterate(spec: ModelSpec, ref: str, field: str, labelled: bool = False) -> It
                                        f"{what}.") from None
             return
         except (Exception, SystemExit) as e:
-            raise CalibrationError(f"{spec.path}: field '{field}': {ref}() raised {describe(e)}{where_raised(e)} "
-                                   f"while producing batch {i}. Fix that function.") from None
+            raise CalibrationError(f"{spec.path}: field '{field}': {ref}() raised {describe(e)} while producing "
+                                   f"batch {i}{where_raised(e)}. Fix that function.") from None
         where = f"{spec.path}: field '{field}': batch {i} from {ref}()"
         labels = None
         if labelled:

@@ -58,9 +58,9 @@ def describe(e: BaseException) -> str:
 
 
 def where_raised(e: BaseException) -> str:
-    """`` at file.py:12`` for the innermost frame of the user's traceback, or nothing."""
+    """`` (at file.py:12)`` for the innermost frame of the user's traceback, or nothing."""
     tb = traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
-    return f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+    return f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
 
 
 def build_model(spec: ModelSpec, trust_checkpoint: bool = False) -> torch.nn.Module:

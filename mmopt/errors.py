@@ -40,6 +40,11 @@ class PrecisionError(MmoptError):
     """A converted (fp16 / int8) pipeline cannot meet the configured parity or accuracy budget."""
 
 
+class Unconvertible(PrecisionError):
+    """One component cannot be converted to one precision (e.g. its graph holds Loop subgraphs); the
+    policy keeps that component at fp32 and says why, and ``auto`` skips that candidate."""
+
+
 class BundleError(MmoptError):
     """A bundle on disk is missing, incomplete or tampered with."""
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mmopt.bench.compare import raise_on_failures
-from mmopt.errors import ConfigError
+from mmopt.errors import ConfigError, Unconvertible
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
 from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import ModelSpec
@@ -82,13 +82,20 @@ def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32
         raise ConfigError(f"{spec.path}: [precision] has {len(autos)} components set to \"auto\"; at most "
                           f"{MAX_COMBINATIONS} combinations are tried. Fix the precision of some of them.")
     files: dict[tuple[str, str], Path] = {}
+    skipped: list[dict[str, str]] = []
     for comp, prec in [(c, p) for c, p in policy.items() if p != "auto"] + \
                       [(c, p) for c in autos for p in options[c]]:
         if prec == "fp32":
             files[(comp, prec)] = fp32_files[comp]
-        else:
-            files[(comp, prec)] = Path(scratch) / f"candidate.{comp}.{prec}.onnx"
-            save(converted(comp, prec)[0], files[(comp, prec)])
+            continue
+        try:
+            proto = converted(comp, prec)[0]
+        except Unconvertible as e:  # shown in the table with its reason; fp32 is always a candidate
+            options[comp].remove(prec)
+            skipped.append({"component": comp, "precision": prec, "reason": str(e)})
+            continue
+        files[(comp, prec)] = Path(scratch) / f"candidate.{comp}.{prec}.onnx"
+        save(proto, files[(comp, prec)])
 
     feeds = {c: cal.feeds[c][0][0] for c in split.components}
     with contextlib.ExitStack() as stack:
@@ -141,7 +148,7 @@ def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32
                                         sum(CANDIDATES.index(p) for p in r["policy"].values() if p in CANDIDATES)))
     if best is None:  # only the accuracy budget can reject fp32 autos: the fixed part costs too much
         best = next(r for r in rows if all(r["policy"][c] == "fp32" for c in autos))
-    table = {"candidates": [{k: v for k, v in r.items() if k != "policy"} for r in rows],
+    table = {"candidates": [{k: v for k, v in r.items() if k != "policy"} for r in rows], "skipped": skipped,
              "chosen": best["label"], "timing": "ONNX Runtime CPU, 1 thread, median of 15 interleaved runs on "
                                                 "calibration batch 0; pipeline = sum of components"}
     scores = None

@@ -19,13 +19,13 @@ import onnx
 
 from mmopt import calibration, reference
 from mmopt.bench.compare import Check, check_all, raise_on_failures
-from mmopt.errors import BundleError, ConfigError, PrecisionError
+from mmopt.errors import ConfigError, MmoptError, PrecisionError, Unconvertible
 from mmopt.manifest import Manifest, staged_bundle
 from mmopt.progress import Progress
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
 from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import PRECISIONS, ModelSpec, precision_rank
-from mmopt.stages import fp16 as fp16_stage
+from mmopt.stages import fp16 as fp16_stage, graph
 from mmopt.stages import int8 as int8_stage
 from mmopt.stages.export import save
 from mmopt.verify import VERIFY_SEED, eager_io, summarise, verify
@@ -46,6 +46,7 @@ class QuantizeResult:
     accuracy: dict[str, Any] | None = None
     sensitivity: dict[str, Any] | None = None
     seconds: float = 0.0
+    kept_fp32: dict[str, str] = field(default_factory=dict)  # component -> why it could not be converted
 
 
 def artifact_file(component: str, precision: str) -> str:
@@ -168,7 +169,25 @@ def _cases(model: Any, spec: ModelSpec, split: Any, comp: str, cal: calibration.
 
 def convert_component(comp: str, precision: str, proto: onnx.ModelProto, model: Any, spec: ModelSpec,
                       split: Any, cal: calibration.CalibrationData | None) -> tuple[onnx.ModelProto, dict, dict]:
-    """One component to ``precision``: (graph, manifest config, fp32 islands)."""
+    """One component to ``precision``: (graph, manifest config, fp32 islands). ``Unconvertible`` when this
+    graph cannot take ``precision`` (the caller keeps it at fp32, or ``auto`` skips the candidate)."""
+    held = graph.subgraph_nodes(proto)
+    if held:
+        ops = ", ".join(sorted({f"{n.op_type} ('{n.name}')" for n in held})[:3])
+        raise Unconvertible(f"{comp}: {precision} cannot convert a graph holding subgraphs ({ops}; e.g. "
+                            "nn.EmbeddingBag exports as a Loop), so it stays fp32")
+    try:
+        return _convert(comp, precision, proto, model, spec, split, cal)
+    except MmoptError:
+        raise
+    except Exception as e:  # the converter or ONNX Runtime refused this graph
+        first = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
+        raise Unconvertible(f"{comp}: {precision} conversion failed ({type(e).__name__}: {first}), so it "
+                            "stays fp32") from e
+
+
+def _convert(comp: str, precision: str, proto: onnx.ModelProto, model: Any, spec: ModelSpec,
+             split: Any, cal: calibration.CalibrationData | None) -> tuple[onnx.ModelProto, dict, dict]:
     exclude = spec.exclude.get(comp, ())
     if exclude:
         int8_stage.check_exclude(proto, exclude, comp, spec.path)
@@ -231,6 +250,18 @@ def convert_in(tmp: Path, spec: ModelSpec, model: Any, split: Any, precision: di
                 cache[(comp, prec)] = convert_component(comp, prec, onnx.load(str(parent)), model, spec, split, cal)
             return cache[(comp, prec)]
 
+        for comp in [c for c, p in policy.items() if p not in ("fp32", "auto")]:
+            try:
+                converted(comp, policy[comp])
+            except Unconvertible as e:
+                result.kept_fp32[comp] = str(e)
+                policy[comp] = "fp32"
+        if result.kept_fp32:
+            if all(p == "fp32" for p in policy.values()):
+                raise PrecisionError("; ".join(result.kept_fp32.values()) + ". Nothing else was asked for, so "
+                                     "nothing was written.")
+            result.policy, result.label = policy, policy_label(policy)
+            manifest.results.setdefault("kept_fp32", {}).update(result.kept_fp32)
         if "auto" in policy.values():
             from mmopt import policy as search_policy
 

@@ -21,7 +21,7 @@ from mmopt.spec import load_spec
 def test_bundle_contents(toy_bundle):
     b = toy_bundle.bundle
     m = json.loads((b / "manifest.json").read_text())
-    assert m["schema_version"] == 1
+    assert m["schema_version"] == 2 and m["kind"] == "mmopt-bundle"
     assert {a["file"] for a in m["artifacts"]} == {"image.onnx", "text.onnx", "fusion.onnx"}
     assert not list(b.glob("*.data")) and not [p for p in b.parent.iterdir() if p.name.endswith(".partial")]
     assert set(m["tools"]) >= {"torch", "onnx", "onnxruntime", "onnxsim"}

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mmopt.errors import UsageError
@@ -83,16 +84,16 @@ def print_result(report: dict[str, Any], files: dict[str, Path]) -> None:
     from mmopt.cli import console
 
     for sk in report.get("skipped", []):
-        console.print(f"[yellow]skipped[/] {sk['backend']}: {sk['reason']}", highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(sk['backend'])}: {escape(sk['reason'])}", highlight=False)
     console.print(bench_table(report))
     base = report.get("baseline")
     if base:
         worst = max(base["rows"], key=lambda r: r["change"] if r["gated"] else -1e9, default=None)
         if worst:
-            console.print(f"baseline {base['path']}: worst pipeline change {worst['change']:+.1%} "
-                          f"({worst['variant']}, batch {worst['batch']})", highlight=False)
+            console.print(f"baseline {escape(base['path'])}: worst pipeline change {worst['change']:+.1%} "
+                          f"({escape(worst['variant'])}, batch {worst['batch']})", highlight=False)
     if files:
-        console.print(f"reports: {', '.join(str(p) for p in files.values())}", highlight=False)
+        console.print(f"reports: {escape(', '.join(str(p) for p in files.values()))}", highlight=False)
     gates = report["gates"]
     console.print("[green]gates passed[/]" if gates["passed"] else f"[red]{len(gates['failures'])} gate(s) failed[/]")
 
@@ -112,6 +113,6 @@ def bench_table(report: dict[str, Any]) -> Table:
         parity = "ref" if v["backend"] == "eager" and v["device"] == "cpu" else \
             ("[green]pass[/]" if not v["failed"] else f"[red]{v['failed']} failed[/]")
         score = f"{v['task']['score']:.4f}" if v.get("task") and v["task"]["score"] is not None else "-"
-        t.add_row(r["variant"], str(r["batch"]), f"{r['p50']:.3f}", f"{r['p90']:.3f}",
+        t.add_row(escape(r["variant"]), str(r["batch"]), f"{r['p50']:.3f}", f"{r['p90']:.3f}",
                   f"{r['throughput']:.0f}", f"{r['ratio_vs_eager']:.2f}x", parity, score)
     return t

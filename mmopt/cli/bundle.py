@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from mmopt.cli.render import parity_table, summary_table
 from mmopt.errors import BundleError
@@ -37,4 +38,5 @@ def verify(bundle: Path = typer.Argument(Path("build"), help="Bundle folder writ
         rows = "\n".join(f"  {f}: {p}" for f, p in problems)
         raise BundleError(f"{bundle}: {len(problems)} of {len(manifest.artifacts)} artifacts failed:\n{rows}\n"
                           "Re-run `mmopt export` (or restore the files) before shipping this bundle.")
-    console.print(f"[green]ok:[/] {len(manifest.artifacts)} artifacts match their sha256 in {bundle}/manifest.json")
+    console.print(f"[green]ok:[/] {len(manifest.artifacts)} artifacts match their sha256 in "
+                  f"{escape(str(bundle / 'manifest.json'))}", highlight=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from mmopt.cli.render import parity_table, summary_table
 
@@ -46,7 +47,8 @@ def export(
     result = api.export(config, out, trust_checkpoint, progress=RichProgress(console))
     console.print(summary_table(result.manifest))
     console.print(parity_table(result.manifest.results["parity"]))
-    console.print(f"[green]bundle written:[/] {result.bundle}  ({result.seconds['total']:.1f} s)")
+    console.print(f"[green]bundle written:[/] {escape(str(result.bundle))}  ({result.seconds['total']:.1f} s)",
+                  highlight=False)
     if engine:
         from mmopt.cli.build import build
 

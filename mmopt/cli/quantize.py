@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mmopt.cli.render import parity_table
@@ -76,39 +77,44 @@ def show(result: Any) -> None:
     from mmopt.precision import artifact_file, parity_key
 
     m = result.manifest
-    t = Table(title=f"converted: {result.label}", title_justify="left")
+    t = Table(title=f"converted: {escape(result.label)}", title_justify="left")
     for col in ("component", "precision", "file", "size", "fp32 size"):
         t.add_column(col)
     for comp, prec in result.policy.items():
         if prec == "fp32":
             continue
         art, parent = m.artifact(comp, prec), m.artifact(comp, "fp32")
-        t.add_row(comp, prec, artifact_file(comp, prec), f"{art.bytes / 1024:.0f} KiB",
+        t.add_row(escape(comp), prec, escape(artifact_file(comp, prec)), f"{art.bytes / 1024:.0f} KiB",
                   f"{parent.bytes / 1024:.0f} KiB")
     console.print(t)
+    for comp, why in result.kept_fp32.items():
+        console.print(f"[yellow]kept fp32:[/] {escape(why)}", highlight=False)
+    for row in (m.results.get("policy_search") or {}).get("skipped", []):
+        console.print(f"[yellow]auto skipped[/] {escape(row['component'])}={row['precision']}: "
+                      f"{escape(row['reason'])}", highlight=False)
     console.print(parity_table({parity_key(result.policy): m.results["parity"][parity_key(result.policy)]}))
     for comp, islands in result.islands.items():
-        t = Table(title=f"{comp}: nodes kept in fp32", title_justify="left")
+        t = Table(title=f"{escape(comp)}: nodes kept in fp32", title_justify="left")
         t.add_column("node")
         t.add_column("why")
         for node, why in islands.items():
-            t.add_row(node, why)
+            t.add_row(escape(node), escape(why))
         console.print(t)
     if result.accuracy:
         console.print(accuracy_table(result.accuracy))
     if result.sensitivity:
         console.print(sensitivity_table(result.sensitivity))
-    console.print(f"[green]bundle updated:[/] {result.bundle}  ({result.seconds:.1f} s)")
+    console.print(f"[green]bundle updated:[/] {escape(str(result.bundle))}  ({result.seconds:.1f} s)", highlight=False)
 
 
 def accuracy_table(acc: dict[str, Any]) -> Table:
-    t = Table(title=f"{acc['metric']} on {acc['samples']} samples from {acc['source']}", title_justify="left")
+    t = Table(title=escape(f"{acc['metric']} on {acc['samples']} samples from {acc['source']}"), title_justify="left")
     t.add_column("pipeline")
     t.add_column("accuracy", justify="right")
     t.add_column("vs eager fp32", justify="right")
     base = acc["scores"].get("eager fp32")
     for label, score in acc["scores"].items():
-        t.add_row(label, f"{score * 100:.2f}%", "" if base is None else f"{(score - base) * 100:+.2f} pts")
+        t.add_row(escape(label), f"{score * 100:.2f}%", "" if base is None else f"{(score - base) * 100:+.2f} pts")
     return t
 
 
@@ -119,11 +125,12 @@ def sensitivity_table(report: dict[str, Any]) -> Table:
         t.add_column(col, justify="right" if col in ("max rel", "cos min", "argmax") else "left")
     for comp, r in report.items():
         w = r["whole_component"]
-        t.add_row(comp, "(all quantized nodes)", str(r["quantized_nodes"]), f"{w['max_rel']:.4f}",
+        t.add_row(escape(comp), "(all quantized nodes)", str(r["quantized_nodes"]), f"{w['max_rel']:.4f}",
                   f"{w['cos_min']:.5f}", "-" if w["argmax"] is None else f"{w['argmax']:.3f}")
         for row in r["worst_nodes"]:
-            t.add_row("", row["node"], row["op"], f"{row['max_rel']:.4f}", f"{row['cos_min']:.5f}",
+            t.add_row("", escape(row["node"]), escape(row["op"]), f"{row['max_rel']:.4f}", f"{row['cos_min']:.5f}",
                       "-" if row["argmax"] is None else f"{row['argmax']:.3f}")
         if r.get("suggest_exclude"):
-            t.add_row("", f"[yellow]to try: exclude.{comp} = {r['suggest_exclude']}[/]", "", "", "", "")
+            t.add_row("", f"[yellow]to try: exclude.{escape(comp)} = {escape(str(r['suggest_exclude']))}[/]",
+                      "", "", "", "")
     return t

@@ -18,9 +18,10 @@ def components_table(m: Manifest) -> Table:
     for col in ("component", "module", "inputs (shape, dtype, source)", "outputs"):
         t.add_column(col)
     for name, c in m.components.items():
-        ins = "\n".join(f"{i.name} {_shape(i.shape)} {i.dtype} <- {c.sources[i.name]}" for i in c.inputs)
-        outs = "\n".join(f"{o.name} {_shape(o.shape)} {o.dtype}" for o in c.outputs)
-        t.add_row(name, c.module or "(rest of forward)", ins, outs)
+        ins = "\n".join(f"{escape(i.name)} {_shape(i.shape)} {i.dtype} <- {escape(c.sources[i.name])}"
+                        for i in c.inputs)
+        outs = "\n".join(f"{escape(o.name)} {_shape(o.shape)} {o.dtype}" for o in c.outputs)
+        t.add_row(escape(name), escape(c.module or "(rest of forward)"), ins, outs)
     return t
 
 
@@ -30,7 +31,7 @@ def summary_table(m: Manifest) -> Table:
         t.add_column(col)
     for a in m.artifacts:
         note = a.config.get("simplify") or a.config.get("note") or ""
-        t.add_row(a.id, a.file, f"{a.bytes / 1024:.0f} KiB", a.sha256[:12], str(note))
+        t.add_row(escape(a.id), escape(a.file), f"{a.bytes / 1024:.0f} KiB", a.sha256[:12], escape(str(note)))
     return t
 
 
@@ -42,6 +43,6 @@ def parity_table(parity: dict[str, dict[str, dict[str, Any]]]) -> Table:
         for where, s in rows.items():
             status = "[green]pass[/]" if not s["failed"] else f"[red]{s['failed']} failed[/]"
             arg = "-" if s["argmax"] is None else f"{s['argmax']:.3f}"
-            t.add_row(precision, where, str(s["outputs"]), f"{s['cos_min']:.5f}", f"{s['max_abs']:.2e}",
+            t.add_row(escape(precision), escape(where), str(s["outputs"]), f"{s['cos_min']:.5f}", f"{s['max_abs']:.2e}",
                       f"{s['max_rel']:.2e}", arg, status)
     return t

@@ -55,3 +55,9 @@ def check_names(proto: onnx.ModelProto, names: list[str] | tuple[str, ...]) -> l
     """Names in ``names`` that are not nodes of ``proto``."""
     have = {n.name for n in proto.graph.node}
     return [n for n in names if n not in have]
+
+
+def subgraph_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes that hold subgraphs (Loop, If, Scan): the precision converters only rewrite the main graph."""
+    return [n for n in proto.graph.node
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)]

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mmopt.manifest import Manifest
+from mmopt.manifest import Manifest, sha256_file
 from mmopt.spec import ComponentSpec, TensorSpec
 from mmopt.trt import api, device
 from mmopt.trt.build import BuildEnvironment
@@ -63,9 +63,12 @@ def _text_graph(fp16: bool, extra_nodes: list | None = None) -> onnx.ModelProto:
 
 def make_bundle(folder: str | Path, precisions: tuple[str, ...] = ("fp32", "fp16")) -> Path:
     """Write the bundle into ``folder`` (created) and return it."""
-    folder = Path(folder)
+    folder = Path(folder).absolute()
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(model={"factory": "fake:model", "output_sources": {"image_emb": "image:image_emb",
+    config = folder.parent / f"{folder.name}.mmopt.toml"  # a manifest records the config it came from
+    config.write_text('[model]\nfactory = "fake:model"\n')
+    manifest = Manifest(model={"config": str(config), "config_sha256": sha256_file(config), "checkpoint": None,
+                               "checkpoint_sha256": None, "factory": "fake:model", "output_sources": {"image_emb": "image:image_emb",
                                                                           "text_hidden": "text:text_hidden"}},
                         model_inputs=[IMAGE.inputs[0], TEXT.inputs[0]],
                         model_outputs=[IMAGE.outputs[0], TEXT.outputs[0]], components=dict(COMPONENTS))
