@@ -104,7 +104,7 @@ def read_state_dict(path: Path, key: str | None, trust: bool, config: Path) -> d
     elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
         obj = _torch_load(path, trust)
     else:
-        raise CheckpointError(f"{config}: field 'model.checkpoint': unsupported file type '{suffix}'. "
+        raise CheckpointError(f"{config}: field 'model.checkpoint': {path.name}: unsupported file type '{suffix}'. "
                               "Use .safetensors, or .pt/.pth/.bin holding a state_dict.")
     if key is not None:
         if not isinstance(obj, dict) or key not in obj:

@@ -134,6 +134,7 @@ class Manifest:
                     store.confine(bundle, a["extra"][key]["file"], f"artifacts[{i}].extra.{key}.file")
         for key in ("config", "checkpoint"):
             external_path(path, d["model"].get(key), f"model.{key}")
+        _check_references(d, path)
         return cls(model=d["model"],
                    model_inputs=[TensorSpec.from_json(t) for t in d["model_inputs"]],
                    model_outputs=[TensorSpec.from_json(t) for t in d["model_outputs"]],
@@ -229,7 +230,12 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                            "sha256": _SHA, "bytes": {"type": "integer", "minimum": 0},
                            "parent": {"type": ["string", "null"]}, "config": _OBJ, "parity": _OBJ,
                            "extra": _OBJ}}},
-        "results": _OBJ,
+        "results": {"type": "object", "properties": {"parity": {
+            "type": "object", "additionalProperties": {"type": "object", "additionalProperties": {
+                "type": "object", "required": ["outputs", "failed", "cos_min", "max_abs", "max_rel", "argmax"],
+                "properties": {"outputs": {"type": "integer"}, "failed": {"type": "integer"},
+                               "cos_min": {"type": "number"}, "max_abs": {"type": "number"},
+                               "max_rel": {"type": "number"}, "argmax": {"type": ["number", "null"]}}}}}}},
     },
 }
 
@@ -283,3 +289,17 @@ def external_path(manifest: Path, value: Any, field: str) -> Path | None:
 def staged_bundle(target: str | Path, keep_existing: bool = False, log: Any = None):
     """A write transaction on the bundle at ``target`` (see ``mmopt.store.transaction``)."""
     return store.transaction(target, keep_existing, log)
+
+
+def _check_references(d: dict[str, Any], path: Path) -> None:
+    """What the schema cannot say: names that must point at each other."""
+    fix = "Re-run `mmopt export` to rebuild the bundle."
+    for name, c in d["components"].items():
+        ins = [t["name"] for t in c["inputs"]]
+        if set(c["sources"]) != set(ins):
+            raise BundleError(f"{path}: field 'components.{name}.sources': names {sorted(c['sources'])}, the "
+                              f"component's inputs are {ins}. {fix}")
+    for i, a in enumerate(d["artifacts"]):
+        if a["component"] not in d["components"]:
+            raise BundleError(f"{path}: field 'artifacts[{i}].component': '{a['component']}' is not a component "
+                              f"of this bundle ({', '.join(d['components'])}). {fix}")

@@ -74,6 +74,16 @@ def confine(bundle: str | Path, rel: Any, field: str) -> Path:
     return full
 
 
+def writable(folder: Path) -> bool:
+    """May a new entry be made in ``folder``? A folder with no write bit at all counts as read-only even
+    for root, who could write there anyway: a read-only folder is a choice to respect."""
+    try:
+        mode = folder.stat().st_mode
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK) and bool(mode & 0o222)
+
+
 # ---- what may be replaced ------------------------------------------------------------------
 def is_bundle(folder: Path) -> bool:
     """True when ``folder/manifest.json`` parses as an mmopt bundle manifest (mmopt's kind and a schema
@@ -259,6 +269,23 @@ def _copy_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(entry, dst / entry.name)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for entry in folder.rglob("*"):
+        if entry.is_file() and not entry.is_symlink():
+            _fsync(entry)
+    _fsync(folder)
+
+
 def _stderr(message: str) -> None:
     import sys
 
@@ -281,7 +308,7 @@ def transaction(target: str | Path, keep_existing: bool = False, log: Log | None
     except OSError as e:
         raise BundleError(f"{target}: cannot create its parent folder {target.parent} ({e.strerror}). "
                           "Choose an output path in a folder you can write.") from None
-    if not os.access(target.parent, os.W_OK | os.X_OK):
+    if not writable(target.parent):
         raise BundleError(f"{target}: its folder {target.parent} is not writable. Choose another output path.")
     with writer_lock(target, log):
         recover(target, log)
@@ -302,7 +329,9 @@ def transaction(target: str | Path, keep_existing: bool = False, log: Log | None
                 raise BundleError(f"{target}: its manifest.json was changed by another process while this run "
                                   "worked on it (a writer that does not take mmopt's lock). Nothing was written; "
                                   "run again.")
+            _fsync_tree(stage)  # the new bundle is on disk before any name points at it
             swap_in(stage, target)
+            _fsync(target.parent)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise

@@ -8,29 +8,53 @@ false alarms on a noisy machine. Component rows are still compared side by side 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mmopt.errors import GateError, UsageError
 
 REPORT_KIND = "mmopt-bench-report"
+_NUM = {"type": "number"}
+_OPT_NUM = {"type": ["number", "null"]}
+# What a baseline must hold for ``compare`` to read it: the whole document is checked before any use.
+BASELINE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["kind", "schema_version", "bundle", "latency", "variants", "machine", "settings"],
+    "properties": {
+        "created": {"type": ["string", "null"]},
+        "bundle": {"type": "object", "required": ["fingerprint", "artifacts"],
+                   "properties": {"fingerprint": {"type": "string"}, "factory": {"type": ["string", "null"]},
+                                  "artifacts": {"type": "object", "additionalProperties": {"type": "string"}}}},
+        "latency": {"type": "array", "items": {
+            "type": "object", "required": ["variant", "graph", "batch", "p50"],
+            "properties": {"variant": {"type": "string"}, "graph": {"type": "string"},
+                           "batch": {"type": "integer", "minimum": 0}, "p50": {**_NUM, "minimum": 0},
+                           "ratio_vs_eager": _OPT_NUM}}},
+        "variants": {"type": "array", "items": {
+            "type": "object", "required": ["id"],
+            "properties": {"id": {"type": "string"},
+                           "task": {"type": ["object", "null"], "properties": {"score": _OPT_NUM}}}}},
+        "machine": {"type": "object"},
+        "settings": {"type": "object", "properties": {"threads": {"type": ["integer", "null"]}}},
+    },
+}
 
 
 def load_baseline(path: str | Path, schema_version: int) -> dict[str, Any]:
+    from mmopt.manifest import read_json, validate
+
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--baseline {path}: no such file. Pass a report.json written by an earlier `mmopt bench`.")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"--baseline {path}: not valid JSON ({e}).") from None
+    fix = "Pass the report.json that `mmopt bench` wrote, or regenerate it."
+    data = read_json(path, fix, UsageError)
     if not isinstance(data, dict) or data.get("kind") != REPORT_KIND:
         raise UsageError(f"--baseline {path}: not an mmopt bench report (no \"kind\": \"{REPORT_KIND}\"). "
                          "Pass the report.json that `mmopt bench` wrote, not a bundle manifest.")
     if data.get("schema_version") != schema_version:
         raise UsageError(f"--baseline {path}: report schema {data.get('schema_version')!r}, this mmopt writes "
                          f"{schema_version}. Regenerate the baseline with this version of mmopt.")
+    validate(data, BASELINE_SCHEMA, path, fix, UsageError)
     return data
 
 

@@ -25,6 +25,7 @@ def _atomic(path: Path, data: bytes) -> None:
 def check_out(out_dir: str | Path, bundle: str | Path) -> None:
     """Refuse an output folder that cannot hold the reports, before minutes of measurement."""
     from mmopt.errors import UsageError
+    from mmopt.store import writable
 
     out, home = Path(out_dir).absolute(), Path(bundle).absolute()
     if out.exists() and not out.is_dir():
@@ -33,7 +34,7 @@ def check_out(out_dir: str | Path, bundle: str | Path) -> None:
         raise UsageError(f"--out {out_dir}: is inside the bundle {bundle}; reports go beside it, e.g. "
                          f"--out {home.name}-bench.")
     parent = next((p for p in (out, *out.parents) if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if parent is None or not parent.is_dir() or not writable(parent):
         raise UsageError(f"--out {out_dir}: cannot be created ({parent} is not a writable folder). "
                          "Choose another output folder.")
 

@@ -55,7 +55,16 @@ def _register() -> None:
 _register()
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # SIGTERM (CI cancelling, a container stopping) unwinds like Ctrl-C: open bundle transactions remove
+    # their staged folders on the way out and the earlier bundle stays as it was.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except MmoptError as e:

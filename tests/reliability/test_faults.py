@@ -1,0 +1,202 @@
+"""Faults: processes killed at every step of a commit, writers racing, a writer that ignores the lock.
+
+The commit protocol is driven in subprocesses (``commit_driver.py``) that SIGKILL themselves at each
+step, with the atomic exchange and with the two-rename fallback. After every kill, OUT holds a whole
+bundle (the old or the new one; with the fallback, the next writer restores the old one), and the next
+writer removes what the dead one left, saying so. Real ``mmopt`` processes are killed and raced too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import cli, litter, refused, snapshot
+
+from mmopt import store
+from mmopt.errors import BundleError
+from support import ROOT
+
+DRIVER = Path(__file__).with_name("commit_driver.py")
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def fake_bundle(folder: Path, generation: int = 0) -> Path:
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"schema_version": 2, "kind": store.KIND,
+                                                      "generation": generation}))
+    (folder / f"gen{generation}.txt").write_text("old\n")
+    return folder
+
+
+def generation(folder: Path) -> int:
+    return json.loads((folder / "manifest.json").read_text())["generation"]
+
+
+def drive(target: Path, step: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(DRIVER), str(target), step, *flags], env=ENV, capture_output=True,
+                          text=True, timeout=60)
+
+
+STEPS = [("staged", (), 0), ("written", (), 0), ("swapped", (), 1),
+         ("staged", ("--two-renames",), 0), ("written", ("--two-renames",), 0),
+         ("old-renamed", ("--two-renames",), None), ("new-renamed", ("--two-renames",), 1)]
+
+
+@pytest.mark.parametrize("step, flags, left", STEPS, ids=[f"{s}{'-two-renames' if f else ''}" for s, f, _ in STEPS])
+def test_sigkill_at_every_commit_step_leaves_a_whole_bundle_and_the_next_writer_recovers(tmp_path, step, flags, left):
+    target = fake_bundle(tmp_path / "out")
+    old = snapshot(target)
+    r = drive(target, step, *flags)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    if left is None:  # the fallback's one gap: between its renames OUT is absent, the old bundle beside it
+        assert not target.exists() and any(n.endswith(".old") for n in litter(tmp_path))
+    else:
+        assert store.is_bundle(target) and generation(target) == left
+        assert (target / f"gen{left}.txt").exists()
+        if left == 0:
+            assert snapshot(target) == old
+    assert litter(tmp_path), "a killed writer leaves its hidden folder"
+    r = drive(target, "none", *flags)  # the next writer: recovers, then commits on top
+    assert r.returncode == 0, r.stderr
+    assert "removed" in r.stderr or "restored" in r.stderr
+    if left is None:
+        assert "restored the earlier bundle" in r.stderr
+    assert generation(target) == (left or 0) + 1
+    assert litter(tmp_path) == []
+
+
+def test_a_commit_that_ran_to_the_end_leaves_nothing_beside_it(tmp_path):
+    target = fake_bundle(tmp_path / "out")
+    for flags in ((), ("--two-renames",)):
+        r = drive(target, "none", *flags)
+        assert r.returncode == 0 and "note:" not in r.stderr, r.stderr
+    assert generation(target) == 2 and litter(tmp_path) == []
+
+
+def test_a_writer_that_ignores_the_lock_makes_the_commit_fail_cleanly(tmp_path):
+    """A pause between read and commit, during which someone else rewrites manifest.json: no lost update."""
+    target = fake_bundle(tmp_path / "out")
+    with pytest.raises(BundleError, match="changed by another process"):
+        with store.transaction(target, keep_existing=True, log=lambda m: None) as stage:
+            (stage / "manifest.json").unlink()
+            (stage / "manifest.json").write_text(json.dumps({"schema_version": 2, "kind": store.KIND,
+                                                             "generation": 5}))
+            (target / "manifest.json").write_text(json.dumps({"schema_version": 2, "kind": store.KIND,
+                                                              "generation": 9}))  # the other writer
+    assert generation(target) == 9 and litter(tmp_path) == []
+
+
+def _hold_lock(folder: Path, seconds: float) -> subprocess.Popen:
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(float(sys.argv[2]))")
+    p = subprocess.Popen([sys.executable, "-c", code, str(folder), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_second_writer_waits_with_a_message_then_commits(tmp_path):
+    target = fake_bundle(tmp_path / "out")
+    holder = _hold_lock(target, 1.0)
+    said: list[str] = []
+    t0 = time.monotonic()
+    with store.transaction(target, keep_existing=True, log=said.append) as stage:
+        (stage / "x.txt").write_text("mine")
+    holder.wait()
+    assert time.monotonic() - t0 > 0.5
+    assert any("waiting for another mmopt process" in s for s in said)
+    assert (target / "x.txt").read_text() == "mine"
+
+
+def test_lock_timeout_is_a_clear_error_and_the_bundle_is_untouched(project):
+    holder = _hold_lock(project.bundle, 20)
+    try:
+        before = snapshot(project.bundle)
+        r = cli("quantize", project.bundle, "-p", "image=fp16", env={store.LOCK_TIMEOUT_ENV: "0.3"})
+        refused(r, "another mmopt process is still writing it", store.LOCK_TIMEOUT_ENV)
+        assert snapshot(project.bundle) == before and litter(project.root) == []
+    finally:
+        holder.kill()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750), (0o002, 0o775)])
+def test_new_bundles_get_the_modes_the_umask_implies(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        with store.transaction(tmp_path / "out", log=lambda m: None) as stage:
+            (stage / "manifest.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == mode
+
+
+def test_exported_bundle_is_readable_by_others(exported):
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(exported.bundle.stat().st_mode) == 0o777 & ~mask
+    for f in exported.bundle.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask
+
+
+def test_export_with_failing_precision_keeps_the_earlier_bundle(project):
+    (project.root / "badcal.py").write_text("def cal():\n    raise RuntimeError('bucket gone')\n    yield\n")
+    text = project.config.read_text().replace("toydata:calibration_batches", "badcal:cal")
+    project.config.write_text(text + '\n[precision]\nimage = "int8"\n')
+    before = snapshot(project.bundle)
+    r = cli("export", project.config, "-o", project.bundle)
+    refused(r, "calibration.source", "bucket gone")
+    assert snapshot(project.bundle) == before and litter(project.root) == []
+
+
+def _mmopt(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mmopt", *args], env={**ENV, "COLUMNS": "200"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_export_killed_mid_run_keeps_the_old_bundle_and_the_next_run_cleans_up(project):
+    before = snapshot(project.bundle)
+    p = _mmopt("export", str(project.config), "-o", str(project.bundle))
+    deadline = time.monotonic() + 120
+    while not litter(project.root) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert litter(project.root), "the export never staged its bundle"
+    time.sleep(0.5)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert snapshot(project.bundle) == before
+    assert cli("verify", project.bundle).code == 0  # readers never see the dead writer's folder
+    r = cli("export", project.config, "-o", project.bundle)
+    assert r.code == 0, r.err
+    assert "left by an mmopt run that is gone" in r.text
+    assert litter(project.root) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_export_stopped_by_a_signal_cleans_up_after_itself(project, sig):
+    before = snapshot(project.bundle)
+    p = _mmopt("export", str(project.config), "-o", str(project.bundle))
+    deadline = time.monotonic() + 120
+    while not litter(project.root) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert litter(project.root), "the export never staged its bundle"
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and "Traceback" not in err and "Aborted" in err, err
+    assert snapshot(project.bundle) == before and litter(project.root) == []
+
+
+def test_two_quantize_runs_on_one_bundle_lose_no_update(project):
+    a = _mmopt("quantize", str(project.bundle), "-p", "image=fp16", "--no-sensitivity")
+    b = _mmopt("quantize", str(project.bundle), "-p", "text=fp16", "--no-sensitivity")
+    outs = [p.communicate(timeout=300) for p in (a, b)]
+    assert a.returncode == 0 and b.returncode == 0, outs
+    assert any("waiting for another mmopt process" in err for _, err in outs)
+    ids = {x["id"] for x in json.loads(project.manifest.read_text())["artifacts"]}
+    assert {"image/fp16/fp16", "text/fp16/fp16"} <= ids
+    assert cli("verify", project.bundle).code == 0 and litter(project.root) == []
