@@ -200,7 +200,9 @@ def _alive(pid: int) -> bool:
 
 def recover(target: Path, log: Log) -> None:
     """Repair or remove what writers of ``target`` that were killed left beside it (call under the lock)."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.(?:.+\.partial|old)$")
+    # .OUT.<pid>.<8 chars from mkdtemp>.partial and .OUT.<pid>.old, nothing looser: a sibling bundle's
+    # folders (OUT.1's are .OUT.1.<pid>...) must never match.
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.(?:[A-Za-z0-9_]{{8}}\.partial|old)$")
     try:
         siblings = list(target.parent.iterdir())
     except OSError:
@@ -332,6 +334,9 @@ def transaction(target: str | Path, keep_existing: bool = False, log: Log | None
             _fsync_tree(stage)  # the new bundle is on disk before any name points at it
             swap_in(stage, target)
             _fsync(target.parent)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(stage, ignore_errors=True)
+            if isinstance(e, KeyboardInterrupt):
+                log(f"{target}: interrupted; nothing was written" + (", the earlier bundle is unchanged"
+                                                                     if before is not None else ""))
             raise
