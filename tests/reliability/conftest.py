@@ -21,25 +21,7 @@ import pytest
 
 from support import TESTS
 
-CONFIG = '''
-[model]
-factory = "toy:build"
-checkpoint = "toy.safetensors"
-[inputs.pixel_values]
-shape = ["batch", 3, 16, 16]
-[inputs.input_ids]
-shape = ["batch", "seq"]
-dtype = "int64"
-range = [0, 49]
-[inputs.attention_mask]
-shape = ["batch", "seq"]
-dtype = "bool"
-[dims]
-batch = { min = 1, opt = 8, max = 32 }
-seq = { min = 4, opt = 8, max = 16 }
-[components]
-image = "image_encoder"
-text = "text_encoder"
+CALIBRATION = '''
 [calibration]
 source = "toydata:calibration_batches"
 samples = 16
@@ -140,7 +122,9 @@ def exported(tmp_path_factory) -> Project:
 
     torch.manual_seed(7)
     save_file(toy.Toy().state_dict(), str(root / "toy.safetensors"))
-    (root / "mmopt.toml").write_text(CONFIG)
+    from models.toy import CONFIG
+
+    (root / "mmopt.toml").write_text(CONFIG.format(checkpoint='checkpoint = "toy.safetensors"', extra=CALIBRATION))
     export(root / "mmopt.toml", root / "bundle")
     _forget_modules(root)
     return Project(root, root / "bundle")

@@ -159,13 +159,19 @@ def _mmopt(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_export_killed_mid_run_keeps_the_old_bundle_and_the_next_run_cleans_up(project):
-    before = snapshot(project.bundle)
+def _export_until_staged(project) -> subprocess.Popen:
+    """A real ``mmopt export`` over the project's bundle, returned once its staged folder exists."""
     p = _mmopt("export", str(project.config), "-o", str(project.bundle))
     deadline = time.monotonic() + 120
     while not litter(project.root) and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.05)
     assert litter(project.root), "the export never staged its bundle"
+    return p
+
+
+def test_export_killed_mid_run_keeps_the_old_bundle_and_the_next_run_cleans_up(project):
+    before = snapshot(project.bundle)
+    p = _export_until_staged(project)
     time.sleep(0.5)
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -180,11 +186,7 @@ def test_export_killed_mid_run_keeps_the_old_bundle_and_the_next_run_cleans_up(p
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_export_stopped_by_a_signal_cleans_up_after_itself(project, sig):
     before = snapshot(project.bundle)
-    p = _mmopt("export", str(project.config), "-o", str(project.bundle))
-    deadline = time.monotonic() + 120
-    while not litter(project.root) and time.monotonic() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    assert litter(project.root), "the export never staged its bundle"
+    p = _export_until_staged(project)
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in err, err
