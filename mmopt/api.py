@@ -212,5 +212,6 @@ def quantize(bundle: str | Path, config: str | Path | None = None, progress: Pro
     from mmopt.precision import quantize as run_policy
 
     progress = progress or Progress()
-    ref = reference.load(bundle, Manifest.read(bundle), config, trust_checkpoint)
+    # A tampered bundle fails here, before minutes of model building; the stage re-checks under the lock.
+    ref = reference.load(bundle, Manifest.read(bundle).verified(Path(bundle)), config, trust_checkpoint)
     return run_policy(bundle, ref.spec, ref.model, ref.split, precision, progress, sensitivity)

@@ -23,7 +23,20 @@ SCHEMA_VERSION = 2  # 2: "kind" names an mmopt bundle; every document is checked
 MANIFEST = store.MANIFEST
 
 
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
 def sha256_file(path: Path) -> str:
+    """sha256 of a file, computed once per process for one version of it (a multi-GB checkpoint is
+    checked by reference.load and again inside the bundle's lock)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _sha256(path)
+    return _DIGESTS[key]
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -19,7 +19,8 @@ import onnx
 
 from mmopt import calibration, reference
 from mmopt.bench.compare import Check, check_all, raise_on_failures
-from mmopt.errors import ConfigError, MmoptError, PrecisionError, Unconvertible
+from mmopt.checkpoint import describe
+from mmopt.errors import ConfigError, PrecisionError, Unconvertible
 from mmopt.manifest import Manifest, staged_bundle
 from mmopt.progress import Progress
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
@@ -91,12 +92,6 @@ def forget_stale(manifest: Manifest, rewritten: set[tuple[str, str]]) -> None:
     acc = manifest.results.get("accuracy")
     if acc:
         acc["scores"] = {k: v for k, v in acc["scores"].items() if not uses(k)}
-
-
-def _write(proto: onnx.ModelProto, path: Path) -> None:
-    # The staged bundle hard-links the old files: replace the link, never write through it.
-    path.unlink(missing_ok=True)
-    save(proto, path)
 
 
 class CheckingRunner(OnnxRuntimeRunner):
@@ -178,12 +173,17 @@ def convert_component(comp: str, precision: str, proto: onnx.ModelProto, model: 
                             "nn.EmbeddingBag exports as a Loop), so it stays fp32")
     try:
         return _convert(comp, precision, proto, model, spec, split, cal)
-    except MmoptError:
-        raise
-    except Exception as e:  # the converter or ONNX Runtime refused this graph
-        first = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
-        raise Unconvertible(f"{comp}: {precision} conversion failed ({type(e).__name__}: {first}), so it "
-                            "stays fp32") from e
+    except _refusals() as e:  # ONNX Runtime or onnx refused the converted graph; mmopt's own bugs propagate
+        raise Unconvertible(f"{comp}: {precision} conversion failed ({describe(e)}), so it stays fp32") from e
+
+
+def _refusals() -> tuple[type[BaseException], ...]:
+    """What ONNX Runtime and onnx raise when a graph is invalid for them."""
+    import onnxruntime.capi.onnxruntime_pybind11_state as ort_errors
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "NotImplemented", "RuntimeException", "EPFail")
+    return (onnx.checker.ValidationError, onnx.shape_inference.InferenceError,
+            *(getattr(ort_errors, n) for n in names if hasattr(ort_errors, n)))
 
 
 def _convert(comp: str, precision: str, proto: onnx.ModelProto, model: Any, spec: ModelSpec,
@@ -280,7 +280,7 @@ def convert_in(tmp: Path, spec: ModelSpec, model: Any, split: Any, precision: di
                 parent = manifest.artifact(comp, "fp32", stage="export")
                 proto, config, islands = converted(comp, policy[comp])
                 files[comp] = tmp / artifact_file(comp, policy[comp])
-                _write(proto, files[comp])
+                save(proto, files[comp])  # replaces the staged hard links, never writes through them
                 manifest.add(tmp, comp, policy[comp], policy[comp], files[comp].name, parent=parent.id,
                              config=config)
                 if islands:

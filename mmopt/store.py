@@ -4,14 +4,14 @@ Four guarantees, each in one place here (docs/reliability.md says how each is te
 
 - **Confinement.** ``confine`` is the only way a path read from a manifest becomes a file path: it
   must be relative, normalised, free of ``..`` and resolve (symlinks included) inside the bundle.
-- **Single writer.** ``transaction`` holds an exclusive ``flock`` on the bundle folder (or, for a
-  bundle not made yet, on its parent) from before the manifest is read until the commit, and commits
-  only if ``manifest.json`` is unchanged since then. A second writer waits, saying so, then works on
+- **Single writer.** ``transaction`` holds an exclusive ``flock`` on the bundle folder (a bundle not
+  made yet is first created empty, under a brief lock on its parent) from before the manifest is read
+  until the commit, and commits only if ``manifest.json`` is unchanged since then. A second writer waits, saying so, then works on
   the bundle the first one left.
 - **Atomic replace.** The new bundle is written into a hidden sibling folder, then swapped with the
   old one in one ``renameat2(RENAME_EXCHANGE)``: at every instant OUT is either the old bundle or the
-  new one. Where the kernel or filesystem lacks the exchange, two renames are used and a crash between
-  them is repaired by the next writer (the old bundle is put back).
+  new one. Where the kernel or filesystem lacks the exchange, two renames are used under the parent's
+  lock, and a kill between them is repaired by the next writer (the old bundle is put back).
 - **Nothing foreign is replaced.** A folder is replaced only when it is empty or holds an mmopt
   bundle (its manifest names mmopt's kind); anything else is refused.
 
@@ -35,7 +35,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
-from mmopt.errors import BundleError
+from mmopt.errors import BundleError, MmoptError
 
 KIND = "mmopt-bundle"
 MANIFEST = "manifest.json"
@@ -107,6 +107,9 @@ def check_replaceable(target: Path) -> None:
         raise BundleError(f"{target}: is a symlink; give the real folder as the output path.")
     if not target.exists():
         return
+    if os.path.ismount(target):
+        raise BundleError(f"{target}: is a mount point, which cannot be replaced atomically. Write the bundle to "
+                          f"a folder inside it, e.g. -o {target / 'bundle'}.")
     if not target.is_dir():
         raise BundleError(f"{target}: exists and is not a folder. Choose another output path.")
     try:
@@ -138,49 +141,85 @@ def _lock_timeout() -> float:
         raise BundleError(f"environment variable {LOCK_TIMEOUT_ENV}={raw!r}: give a number of seconds.") from None
 
 
+def _flock(fd: int, blocking: bool) -> bool:
+    """flock ``fd``; False when another process holds it. A filesystem that cannot flock a folder
+    (NFS, CIFS) is a clear error rather than a traceback."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        raise BundleError(f"cannot lock the bundle folder ({e.strerror}): this filesystem does not support "
+                          "flock on folders (NFS or CIFS?). Write the bundle on a local disk, then copy it.") from None
+
+
 @contextlib.contextmanager
-def writer_lock(target: Path, log: Log) -> Iterator[None]:
-    """Exclusive lock on ``target`` (a folder) for one writer; on its parent while it does not exist.
+def _locked_dir(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _flock(fd, blocking=True)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _make_empty(target: Path) -> bool:
+    """Create ``target`` as an empty folder (modes from the umask) under a brief lock on its parent, so
+    the writer can lock the bundle folder itself. True if this call created it."""
+    with _locked_dir(target.parent):
+        if target.exists() or target.is_symlink():
+            return False
+        try:
+            target.mkdir()
+        except OSError as e:
+            raise BundleError(f"{target}: cannot be created ({e.strerror}). Choose an output path in a folder "
+                              "you can write.") from None
+        return True
+
+
+@contextlib.contextmanager
+def writer_lock(target: Path, log: Log) -> Iterator[bool]:
+    """Exclusive lock on the bundle folder ``target`` for one writer; yields whether this writer created
+    ``target`` (as an empty folder, when it did not exist).
 
     The lock is ``flock`` on the folder itself, so it leaves no file behind and dies with its process.
     A commit swaps the folder for a new inode: a waiter that wakes holding the old one tries again.
     """
     deadline = time.monotonic() + _lock_timeout()
-    said = False
+    said = created = False
     while True:
-        exists = target.is_dir()
-        path = target if exists else target.parent
+        if not target.is_dir() and not target.exists() and not target.is_symlink():
+            created = _make_empty(target) or created
+        if not target.is_dir() or target.is_symlink():
+            check_replaceable(target)  # a file or a symlink: say so
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
-            continue  # swapped away between the check and the open: look again
+            fd = None  # swapped away between the check and the open: look again
         except OSError as e:
-            raise BundleError(f"{path}: cannot be opened ({e.strerror}). Choose another output path.") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            if not said:
+            raise BundleError(f"{target}: cannot be opened ({e.strerror}). Choose another output path.") from None
+        if fd is not None:
+            if _flock(fd, blocking=False):
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(target).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+            elif not said:
                 log(f"waiting for another mmopt process that is writing {target} ...")
                 said = True
-            if time.monotonic() > deadline:
-                raise BundleError(f"{target}: another mmopt process is still writing it after "
-                                  f"{_lock_timeout():.0f} s. Wait for it to finish (or stop it), then run "
-                                  f"again; {LOCK_TIMEOUT_ENV} sets how long to wait.") from None
-            time.sleep(0.05)
-            continue
-        try:
-            now_exists = target.is_dir()
-            same = os.fstat(fd).st_ino == os.stat(target).st_ino if exists and now_exists else not now_exists
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the folder we locked was replaced (or appeared) meanwhile
+            os.close(fd)  # held by another writer, or the folder we locked was swapped meanwhile
+        if time.monotonic() > deadline:
+            raise BundleError(f"{target}: another mmopt process is still writing it after "
+                              f"{_lock_timeout():.0f} s. Wait for it to finish (or stop it), then run "
+                              f"again; {LOCK_TIMEOUT_ENV} sets how long to wait.")
+        time.sleep(0.05)
     try:
         if said:
             log(f"{target}: the other writer finished; continuing")
-        yield
+        yield created
     finally:
         os.close(fd)
 
@@ -198,23 +237,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recover(target: Path, log: Log) -> None:
-    """Repair or remove what writers of ``target`` that were killed left beside it (call under the lock)."""
+def recover(target: Path, log: Log) -> bool:
+    """Repair or remove what killed writers of ``target`` left beside it (call holding ``target``'s lock).
+
+    A dead writer's ``.old`` (the two-rename fallback, killed between its renames) is the earlier bundle:
+    it is put back when ``target`` is no bundle (the folder this writer just created, or one made by hand
+    since), and removed only once ``target`` is a bundle. Returns True when ``target`` was replaced, so
+    the caller must lock the restored folder again.
+    """
     # .OUT.<pid>.<8 chars from mkdtemp>.partial and .OUT.<pid>.old, nothing looser: a sibling bundle's
     # folders (OUT.1's are .OUT.1.<pid>...) must never match.
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.(?:[A-Za-z0-9_]{{8}}\.partial|old)$")
     try:
         siblings = list(target.parent.iterdir())
     except OSError:
-        return
+        return False
     stale = [p for p in siblings if (m := pattern.match(p.name)) and not _alive(int(m.group(1)))]
     for p in sorted(stale, key=lambda p: not p.name.endswith(".old")):
-        if p.name.endswith(".old") and not target.exists() and is_bundle(p):
-            os.rename(p, target)
-            log(f"{target}: restored the earlier bundle from {p.name}, left by a run killed during its commit")
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-            log(f"{target}: removed {p.name}, left by an mmopt run that is gone")
+        if p.name.endswith(".old") and is_bundle(p) and not is_bundle(target):
+            if target.is_dir() and not any(target.iterdir()):
+                os.rename(p, target)  # onto the empty folder: one atomic step
+                log(f"{target}: restored the earlier bundle from {p.name}, left by a run killed during its commit")
+                return True
+            log(f"{target}: kept {p.name} (the earlier bundle, left by a run killed during its commit): "
+                f"{target} is not an mmopt bundle now. Move it back by hand if you need it.")
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        log(f"{target}: removed {p.name}, left by an mmopt run that is gone")
+    return False
 
 
 # ---- atomic replace ------------------------------------------------------------------------
@@ -238,16 +288,21 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def swap_in(stage: Path, target: Path) -> None:
-    """Make ``stage`` the folder at ``target``; at no instant is there no bundle at ``target``."""
-    if not target.exists():
-        os.rename(stage, target)
-    elif _exchange(stage, target):
+    """Make ``stage`` the folder at ``target`` (which exists: the writer created it or holds its lock)."""
+    if _exchange(stage, target):
         shutil.rmtree(stage, ignore_errors=True)  # ``stage`` now holds the old bundle
-    else:  # two renames; a crash between them is repaired by ``recover`` (the old bundle comes back)
-        old = target.with_name(f".{target.name}.{os.getpid()}.old")
+        return
+    # Two renames. The parent's lock keeps new writers out of the gap between them; an exception in the
+    # gap puts the old bundle back; a kill in the gap is repaired by the next writer's ``recover``.
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
+    with _locked_dir(target.parent):
         os.rename(target, old)
-        os.rename(stage, target)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(stage, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -312,31 +367,55 @@ def transaction(target: str | Path, keep_existing: bool = False, log: Log | None
                           "Choose an output path in a folder you can write.") from None
     if not writable(target.parent):
         raise BundleError(f"{target}: its folder {target.parent} is not writable. Choose another output path.")
-    with writer_lock(target, log):
-        recover(target, log)
-        check_replaceable(target)
-        before = manifest_digest(target)
+    while True:
+        with writer_lock(target, log) as created:
+            if recover(target, log):
+                continue  # an earlier bundle was put back at target: lock that folder instead
+            with _commit(target, keep_existing, log, created) as stage:
+                yield stage
+            return
+
+
+@contextlib.contextmanager
+def _commit(target: Path, keep_existing: bool, log: Log, created: bool) -> Iterator[Path]:
+    """The transaction's body, holding ``target``'s lock: stage, yield, check, swap; or clean up."""
+    check_replaceable(target)
+    before = manifest_digest(target)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial",
+                                      dir=target.parent))
+    except OSError as e:
+        _drop_if_empty(target, created)
+        raise BundleError(f"{target}: cannot write beside it in {target.parent} ({e.strerror}). "
+                          "Choose an output path in a folder you can write.") from None
+    try:
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the bundle from a serving user
+        if keep_existing:
+            _copy_tree(target, stage)
+        yield stage
+        if manifest_digest(target) != before:
+            raise BundleError(f"{target}: its manifest.json was changed by another process while this run "
+                              "worked on it (a writer that does not take mmopt's lock). Nothing was written; "
+                              "run again.")
+        _fsync_tree(stage)  # the new bundle is on disk before any name points at it
         try:
-            stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial",
-                                          dir=target.parent))
-        except OSError as e:
-            raise BundleError(f"{target}: cannot write beside it in {target.parent} ({e.strerror}). "
-                              "Choose an output path in a folder you can write.") from None
-        try:
-            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the bundle from a serving user
-            if keep_existing and target.is_dir():
-                _copy_tree(target, stage)
-            yield stage
-            if manifest_digest(target) != before:
-                raise BundleError(f"{target}: its manifest.json was changed by another process while this run "
-                                  "worked on it (a writer that does not take mmopt's lock). Nothing was written; "
-                                  "run again.")
-            _fsync_tree(stage)  # the new bundle is on disk before any name points at it
             swap_in(stage, target)
-            _fsync(target.parent)
-        except BaseException as e:
-            shutil.rmtree(stage, ignore_errors=True)
-            if isinstance(e, KeyboardInterrupt):
-                log(f"{target}: interrupted; nothing was written" + (", the earlier bundle is unchanged"
-                                                                     if before is not None else ""))
-            raise
+        except OSError as e:
+            raise BundleError(f"{target}: the commit failed ({e.strerror}); the earlier bundle is unchanged. "
+                              "Choose another output folder.") from None
+        _fsync(target.parent)
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        _drop_if_empty(target, created)
+        if isinstance(e, KeyboardInterrupt):
+            log(f"{target}: interrupted; nothing was written" + (", the earlier bundle is unchanged"
+                                                                 if before is not None else ""))
+        elif isinstance(e, MmoptError) and str(stage) in str(e):  # name the bundle, not the hidden stage
+            e.args = (str(e).replace(str(stage), str(target)), *e.args[1:])
+        raise
+
+
+def _drop_if_empty(target: Path, created: bool) -> None:
+    if created:
+        with contextlib.suppress(OSError):
+            target.rmdir()  # only ever succeeds on the empty folder this writer made

@@ -27,7 +27,7 @@ def check_out(out_dir: str | Path, bundle: str | Path) -> None:
     from mmopt.errors import UsageError
     from mmopt.store import writable
 
-    out, home = Path(out_dir).absolute(), Path(bundle).absolute()
+    out, home = Path(out_dir).resolve(), Path(bundle).resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out_dir}: exists and is not a folder. Give a folder for report.json / .md / .png.")
     if out == home or home in out.parents:

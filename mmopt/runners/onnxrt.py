@@ -53,9 +53,10 @@ class OnnxRuntimeRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=[PROVIDERS[self.device]])
         except Exception as e:  # not ONNX, truncated, or an op this onnxruntime lacks
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            from mmopt.checkpoint import describe
+
             raise BundleError(f"{self.path}: ONNX Runtime cannot load this graph of component '{self.name}' "
-                              f"({first}). Re-export the bundle.") from None
+                              f"({describe(e)}). Re-export the bundle.") from None
         self._check_io()
         self._out_names = [o.name for o in self.session.get_outputs()]
         # InferenceSession.run re-validates input names in Python on every call; the base class has

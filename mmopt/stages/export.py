@@ -168,7 +168,11 @@ def name_dims(proto: onnx.ModelProto, spec: ComponentSpec) -> None:
 
 
 def save(proto: onnx.ModelProto, path: Path, large: bool = False) -> None:
+    """Write ``proto`` to ``path`` (with ``path.data`` beside it past 2 GB). Both names are unlinked first:
+    a staged bundle hard-links the live bundle's files, and a save must never write through them."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for old in (path, path.with_name(path.name + ".data")):
+        old.unlink(missing_ok=True)
     if large or proto.ByteSize() > TWO_GB:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data")

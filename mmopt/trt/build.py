@@ -166,40 +166,48 @@ def build_engines(bundle: str | Path, precision: str | None = None, options: Bui
     options = (options or BuildOptions()).validate()
     progress = progress or _Quiet()
     bundle = Path(bundle).resolve()
-    manifest = Manifest.read(bundle).verified(bundle)
-    sources = source_artifacts(manifest, precision)
-    check_overrides([manifest.components[c] for c in dict.fromkeys(a.component for a in sources)], options.profiles)
+    Manifest.read(bundle).verified(bundle)  # a bad bundle fails before the lock is waited for
     if options.hardware_compatibility == "ampere+" and parse_cc(env.gpu.compute_capability) < (8, 0):
         raise UsageError(f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; this "
                          f"{env.gpu.name} has compute capability {env.gpu.compute_capability}.")
-    profiles = {a.component: profiles_for(manifest.components[a.component], options.profiles) for a in sources}
-    graphs = {a.id: inspect_graph(manifest.file(bundle, a)) for a in sources}
-    blocked = [unsupported_message(a.file, graphs[a.id]["unsupported_nodes"]) for a in sources
-               if graphs[a.id]["unsupported_nodes"]]
-    if blocked:
-        raise OnnxParseError("\n".join(blocked))
-
-    cache = _read_cache(options.timing_cache)
-    built: list[Artifact] = []
-    with staged_bundle(bundle, keep_existing=True) as stage, \
-            progress.task(f"build TensorRT {env.tensorrt} engines on {env.gpu.name}", len(sources)) as advance:
-        out = Manifest.read(stage)
-        for src in sources:
-            progress.log(f"{src.component} ({src.precision}): building from {src.file}")
-            t0 = time.perf_counter()
-            result = api.build_engine(out.file(stage, src), profiles[src.component], options, cache)
-            seconds = time.perf_counter() - t0
-            engine_file = f"{src.component}.{src.precision}.engine"
-            _write_atomic(stage / engine_file, result.engine)
-            sidecar = make_sidecar(src, engine_file, result, env, profiles[src.component], options,
-                                   graphs[src.id], seconds, cache)
-            _write_atomic(stage / f"{engine_file}.json", (json.dumps(sidecar, indent=2) + "\n").encode())
-            if result.timing_cache is not None and options.timing_cache is not None:
-                cache = result.timing_cache
-                _write_atomic(Path(options.timing_cache).expanduser(), cache)
-            built.append(out.add(stage, src.component, "engine", src.precision, engine_file, parent=src.id,
-                                 config=options.to_json(), **sidecar))
-            advance(1)
+    with staged_bundle(bundle, keep_existing=True) as stage:
+        # Sources, checks and sidecar hashes come from the manifest read under the lock.
+        out = Manifest.read(stage).verified(stage)
+        sources = source_artifacts(out, precision)
+        check_overrides([out.components[c] for c in dict.fromkeys(a.component for a in sources)], options.profiles)
+        profiles = {a.component: profiles_for(out.components[a.component], options.profiles) for a in sources}
+        graphs = {a.id: inspect_graph(out.file(stage, a)) for a in sources}
+        blocked = [unsupported_message(a.file, graphs[a.id]["unsupported_nodes"]) for a in sources
+                   if graphs[a.id]["unsupported_nodes"]]
+        if blocked:
+            raise OnnxParseError("\n".join(blocked))
+        cache = _read_cache(options.timing_cache)
+        with progress.task(f"build TensorRT {env.tensorrt} engines on {env.gpu.name}", len(sources)) as advance:
+            built = _build_all(out, stage, sources, profiles, graphs, options, env, cache, progress, advance)
         out.tools["tensorrt"] = env.tensorrt
         out.write(stage)
+    return built
+
+
+def _build_all(out: Manifest, stage: Path, sources: list[Artifact], profiles: dict, graphs: dict,
+               options: BuildOptions, env: BuildEnvironment, cache: bytes | None, progress: Any,
+               advance: Any) -> list[Artifact]:
+    """Build every source's engine into ``stage`` and record it in ``out``."""
+    built = []
+    for src in sources:
+        progress.log(f"{src.component} ({src.precision}): building from {src.file}")
+        t0 = time.perf_counter()
+        result = api.build_engine(out.file(stage, src), profiles[src.component], options, cache)
+        seconds = time.perf_counter() - t0
+        engine_file = f"{src.component}.{src.precision}.engine"
+        _write_atomic(stage / engine_file, result.engine)
+        sidecar = make_sidecar(src, engine_file, result, env, profiles[src.component], options,
+                               graphs[src.id], seconds, cache)
+        _write_atomic(stage / f"{engine_file}.json", (json.dumps(sidecar, indent=2) + "\n").encode())
+        if result.timing_cache is not None and options.timing_cache is not None:
+            cache = result.timing_cache
+            _write_atomic(Path(options.timing_cache).expanduser(), cache)
+        built.append(out.add(stage, src.component, "engine", src.precision, engine_file, parent=src.id,
+                             config=options.to_json(), **sidecar))
+        advance(1)
     return built

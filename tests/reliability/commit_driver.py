@@ -46,7 +46,7 @@ def main() -> None:
             die()
 
     store._exchange = exchange
-    store.os.rename = rename  # only the store's renames (the module's reference to os)
+    os.rename = rename  # for the whole process: in this driver only the store renames anything
     with store.transaction(target, keep_existing=True) as stage:
         if step == "staged":
             die()

@@ -195,25 +195,98 @@ def test_export_stopped_by_a_signal_cleans_up_after_itself(project, sig):
 
 
 def test_two_quantize_runs_on_one_bundle_lose_no_update(project):
+    holder = _hold_lock(project.bundle, 12)  # both runs reach the lock while it is held: they must queue
     a = _mmopt("quantize", str(project.bundle), "-p", "image=fp16", "--no-sensitivity")
     b = _mmopt("quantize", str(project.bundle), "-p", "text=fp16", "--no-sensitivity")
     outs = [p.communicate(timeout=300) for p in (a, b)]
+    holder.wait()
     assert a.returncode == 0 and b.returncode == 0, outs
-    assert any("waiting for another mmopt process" in err for _, err in outs)
+    assert all("waiting for another mmopt process" in err for _, err in outs), outs
     ids = {x["id"] for x in json.loads(project.manifest.read_text())["artifacts"]}
     assert {"image/fp16/fp16", "text/fp16/fp16"} <= ids
     assert cli("verify", project.bundle).code == 0 and litter(project.root) == []
 
 
+def _dead_pid() -> int:
+    return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process can have it
+
+
 def test_recovery_never_touches_another_bundles_folders(tmp_path):
-    """``out``'s next writer removes only ``out``'s dead folders, not those of ``out.1`` beside it."""
+    """``out``'s next writer removes only ``out``'s dead folders, not those of ``out.<n>`` beside it."""
     target = fake_bundle(tmp_path / "out")
-    theirs = tmp_path / ".out.1.4000000.abcdefgh.partial"  # out.1's stage, written by a (dead) pid 4000000
+    dead = _dead_pid()
+    theirs = tmp_path / f".out.{dead}.{dead + 1}.abcdefgh.partial"  # the stage of a bundle named out.<dead>
     theirs.mkdir()
-    mine = tmp_path / ".out.4000000.abcdefgh.partial"
+    mine = tmp_path / f".out.{dead}.abcdefgh.partial"
     mine.mkdir()
     said: list[str] = []
     with store.transaction(target, keep_existing=True, log=said.append):
         pass
     assert theirs.exists() and not mine.exists()
     assert any(mine.name in s for s in said)
+
+
+def test_writers_of_two_new_bundles_in_one_folder_do_not_wait_for_each_other(tmp_path):
+    """Only the bundle folder is locked for the run; its parent only while the empty folder is made."""
+    said: list[str] = []
+    with store.transaction(tmp_path / "a", log=said.append) as stage_a:
+        (stage_a / "manifest.json").write_text("{}")
+        with store.transaction(tmp_path / "b", log=said.append) as stage_b:  # would wait forever if not
+            (stage_b / "manifest.json").write_text("{}")
+    assert not said and (tmp_path / "a" / "manifest.json").exists() and (tmp_path / "b" / "manifest.json").exists()
+
+
+def test_a_failed_first_export_leaves_no_folder_behind(tmp_path):
+    with pytest.raises(RuntimeError):
+        with store.transaction(tmp_path / "new", log=lambda m: None):
+            raise RuntimeError("export failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_between_the_fallback_renames_puts_the_old_bundle_back(tmp_path, monkeypatch):
+    target = fake_bundle(tmp_path / "out")
+    before = snapshot(target)
+    monkeypatch.setattr(store, "_exchange", lambda a, b: False)
+    real = os.rename
+    calls = []
+
+    def rename(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(BundleError, match="the earlier bundle is unchanged"):
+        with store.transaction(target, keep_existing=True, log=lambda m: None) as stage:
+            (stage / "new.txt").write_text("x")
+    monkeypatch.undo()
+    assert snapshot(target) == before and litter(tmp_path) == []
+
+
+@pytest.mark.parametrize("now", ["empty folder", "someone's files"])
+def test_an_old_bundle_left_by_a_killed_fallback_is_restored_or_kept_never_deleted(tmp_path, now):
+    old = fake_bundle(tmp_path / f".out.{_dead_pid()}.old", generation=4)
+    target = tmp_path / "out"
+    target.mkdir()  # e.g. a CI step made the folder again after the crash
+    if now != "empty folder":
+        (target / "notes.txt").write_text("mine")
+    said: list[str] = []
+    if now == "empty folder":
+        with store.transaction(target, keep_existing=True, log=said.append) as stage:
+            assert generation(stage) == 4  # the writer works on the restored bundle
+        assert generation(target) == 4 and not old.exists()
+        assert any("restored the earlier bundle" in s for s in said)
+    else:
+        with pytest.raises(BundleError, match="not an mmopt bundle"):
+            with store.transaction(target, log=said.append):
+                pass
+        assert old.exists() and (target / "notes.txt").read_text() == "mine"
+        assert any("kept" in s for s in said)
+
+
+def test_errors_name_the_bundle_not_its_hidden_stage(project):
+    (project.bundle / "text.onnx").write_bytes(b"tampered")
+    r = cli("quantize", project.bundle, "-p", "image=fp16")
+    refused(r, str(project.bundle), "text.onnx")
+    assert ".partial" not in r.text
