@@ -58,9 +58,15 @@ def describe(e: BaseException) -> str:
 
 
 def where_raised(e: BaseException) -> str:
-    """`` (at file.py:12)`` for the innermost frame of the user's traceback, or nothing."""
+    """`` (at file.py:12)`` for the innermost frame of the traceback that is the user's own code (not
+    mmopt's, not an installed library's), or nothing."""
+    import sysconfig
+
+    libraries = {str(Path(__file__).resolve().parent), sysconfig.get_paths()["purelib"],
+                 sysconfig.get_paths()["platlib"], sysconfig.get_paths()["stdlib"]}
     tb = traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
-    return f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+    own = [f for f in tb if not any(str(Path(f.filename).resolve()).startswith(lib) for lib in libraries)]
+    return f" (at {own[-1].filename}:{own[-1].lineno})" if own else ""
 
 
 def build_model(spec: ModelSpec, trust_checkpoint: bool = False) -> torch.nn.Module:

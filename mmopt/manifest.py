@@ -131,6 +131,8 @@ class Manifest:
         if not path.is_file():
             raise BundleError(f"{bundle}: not an mmopt bundle (no {MANIFEST}). "
                               "Create one with `mmopt export mmopt.toml -o DIR`.")
+        if path.is_symlink():
+            store.confine(bundle, MANIFEST, MANIFEST)  # a manifest.json linked in from elsewhere is refused
         d = read_json(path, "Re-run `mmopt export` to rebuild the bundle.")
         version = d.get("schema_version") if isinstance(d, dict) else None
         if isinstance(d, dict) and d.get("kind") == store.KIND and version != SCHEMA_VERSION:

@@ -412,7 +412,16 @@ def _commit(target: Path, keep_existing: bool, log: Log, created: bool) -> Itera
                                                                  if before is not None else ""))
         elif isinstance(e, MmoptError) and str(stage) in str(e):  # name the bundle, not the hidden stage
             e.args = (str(e).replace(str(stage), str(target)), *e.args[1:])
+        elif isinstance(e, OSError) and e.errno in _DISK_ERRORS:  # the disk, not mmopt: no traceback
+            where = str(e.filename or "").replace(str(stage), str(target))
+            raise BundleError(f"{target}: could not be written ({e.strerror}{': ' + where if where else ''}). "
+                              "Nothing was written; the earlier bundle, if any, is unchanged. Free space or "
+                              "choose another output folder.") from None
         raise
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENAMETOOLONG,
+                errno.EFBIG}
 
 
 def _drop_if_empty(target: Path, created: bool) -> None:

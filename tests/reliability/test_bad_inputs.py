@@ -67,6 +67,14 @@ def test_symlinked_artifact_leading_outside_is_refused(project, command):
     check_untouched(project, before)
 
 
+def test_manifest_linked_in_from_outside_is_refused(project):
+    outside = project.root / "evil-manifest.json"
+    outside.write_text(project.manifest.read_text())
+    project.manifest.unlink()
+    os.symlink(outside, project.manifest)
+    refused(cli("inspect", project.bundle), "manifest.json", "outside the bundle")
+
+
 def test_engine_sidecar_path_outside_is_refused(project):
     m = project.read()
     m["artifacts"][0]["extra"] = {"engine": {"file": "../../etc/passwd"}}

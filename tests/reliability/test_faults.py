@@ -290,3 +290,13 @@ def test_errors_name_the_bundle_not_its_hidden_stage(project):
     r = cli("quantize", project.bundle, "-p", "image=fp16")
     refused(r, str(project.bundle), "text.onnx")
     assert ".partial" not in r.text
+
+
+@pytest.mark.parametrize("err", [28, 122, 30], ids=["ENOSPC", "EDQUOT", "EROFS"])
+def test_a_full_disk_while_writing_is_a_clear_error(tmp_path, err):
+    target = fake_bundle(tmp_path / "out")
+    before = snapshot(target)
+    with pytest.raises(BundleError, match="could not be written"):
+        with store.transaction(target, keep_existing=True, log=lambda m: None) as stage:
+            raise OSError(err, os.strerror(err), str(stage / "image.int8.onnx"))
+    assert snapshot(target) == before and litter(tmp_path) == []
