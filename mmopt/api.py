@@ -122,7 +122,7 @@ def _verify_files(model: Any, spec: ModelSpec, split: Split, files: dict[str, Pa
         runners = {c: stack.enter_context(OnnxRuntimeRunner(p, split.components[c].inputs,
                                                             split.components[c].outputs, name=c))
                    for c, p in files.items()}
-        return verify(model, spec, split, runners, lambda comp: spec.tolerances["fp32"])
+        return verify(model, spec, split, runners, {c: "fp32" for c in files})
 
 
 def new_manifest(spec: ModelSpec, split: Split) -> Manifest:

@@ -11,7 +11,6 @@ import inspect
 import pickle
 import sys
 import traceback
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 

@@ -25,11 +25,11 @@ from mmopt.manifest import Manifest, staged_bundle
 from mmopt.progress import Progress
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
 from mmopt.runners.pipeline import Pipeline
-from mmopt.spec import PRECISIONS, ModelSpec, precision_rank
+from mmopt.spec import PRECISIONS, ModelSpec
 from mmopt.stages import fp16 as fp16_stage, graph
 from mmopt.stages import int8 as int8_stage
 from mmopt.stages.export import save
-from mmopt.verify import VERIFY_SEED, eager_io, summarise, verify
+from mmopt.verify import VERIFY_SEED, eager_io, summarise, tolerance_for, verify
 
 STATIC = {"int8", "int8-cpu"}  # calibrated Q/DQ forms
 REAL_BATCHES = 4  # calibration batches also used as parity cases (real data)
@@ -133,17 +133,8 @@ def open_pipeline(split_components: dict, output_sources: dict[str, str], files:
 def judge(model: Any, spec: ModelSpec, split: Any, runners: dict, policy: dict[str, str],
           cal: calibration.CalibrationData | None) -> list[Check]:
     """Parity per component and for the pipeline: random inputs at min / opt / max, then real batches."""
-    worst = max(policy.values(), key=precision_rank)
-
-    def tol(comp: str) -> dict[str, float]:
-        if comp == "pipeline":
-            return spec.tolerances[worst]
-        gate = dict(spec.tolerances[policy[comp]])
-        if split.components[comp].kind == "encoder":
-            gate["min_argmax"] = 0.0  # an encoder's outputs are features: argmax of a feature vector means nothing
-        return gate
-
-    checks = verify(model, spec, split, runners, tol)
+    tol = tolerance_for(spec, split, policy)
+    checks = verify(model, spec, split, runners, policy)
     if cal is not None:
         pipe = Pipeline(split.components, split.output_sources, runners)
         for i, batch in enumerate(cal.batches[:REAL_BATCHES]):

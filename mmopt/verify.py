@@ -7,7 +7,7 @@ pipeline of artifacts and are compared with the eager model's own outputs.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from mmopt.capture import Split, observe, random_inputs, to_numpy
 from mmopt.errors import CaptureError
 from mmopt.runners.base import Runner
 from mmopt.runners.pipeline import Pipeline
-from mmopt.spec import SIZES, ModelSpec
+from mmopt.spec import SIZES, ModelSpec, precision_rank
 
 VERIFY_SEED = 1000  # distinct from the capture seeds: parity is checked on inputs never traced
 
@@ -69,11 +69,28 @@ def require_finite(spec: ModelSpec, who: str, arrays: dict[str, np.ndarray], lab
                                "that drive it there.")
 
 
+def tolerance_for(spec: ModelSpec, split: Split, precisions: Mapping[str, str]) -> Callable[[str], dict[str, float]]:
+    """The one gate rule, shared by export, quantize and bench: ``gate(component)`` for a pipeline whose
+    components run at ``precisions`` (missing ones at fp32); ``gate("pipeline")`` is the gate of its least
+    faithful precision. An encoder's outputs are features, never scores: argmax agreement of a feature
+    vector means nothing, so encoders are judged by error and cosine alone, at every precision."""
+    def gate(comp: str) -> dict[str, float]:
+        if comp == "pipeline":
+            worst = max(precisions.values(), key=precision_rank, default="fp32")
+            return dict(spec.tolerances.get(worst, spec.tolerances["fp32"]))
+        out = dict(spec.tolerances.get(precisions.get(comp, "fp32"), spec.tolerances["fp32"]))
+        if split.components[comp].kind == "encoder":
+            out["min_argmax"] = 0.0
+        return out
+
+    return gate
+
+
 def verify(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: dict[str, Runner],
-           tolerance: Callable[[str], dict[str, float]], label: str = "",
-           seed: int = VERIFY_SEED) -> list[Check]:
-    """Check every component and the pipeline at min / opt / max. ``tolerance(component)`` gives
-    the gate for that component; the pipeline uses ``tolerance("pipeline")``."""
+           precisions: Mapping[str, str], label: str = "", seed: int = VERIFY_SEED) -> list[Check]:
+    """Check every component and the pipeline at min / opt / max, each gated by ``tolerance_for`` at the
+    component's precision (``precisions``: component -> precision, fp32 where missing)."""
+    tolerance = tolerance_for(spec, split, precisions)
     checks: list[Check] = []
     pipe = Pipeline(split.components, split.output_sources, runners)
     for i, size in enumerate(SIZES):

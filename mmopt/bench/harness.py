@@ -29,8 +29,8 @@ from mmopt.bench.inputs import SOURCES, InputMaker, batch_dim, batch_sizes, eval
 from mmopt import reference
 from mmopt.manifest import Manifest
 from mmopt.progress import Progress
-from mmopt.spec import ModelSpec, precision_rank
-from mmopt.verify import summarise, verify
+from mmopt.spec import ModelSpec
+from mmopt.verify import summarise, tolerance_for, verify
 
 REPORT_SCHEMA = 1
 BENCH_SEED = 3000  # parity inputs: distinct from capture and export verification
@@ -69,18 +69,17 @@ def machine() -> dict[str, Any]:
             else os.cpu_count(), "gpu": gpu, "hostname": platform.node()}
 
 
-def _tolerance(spec: ModelSpec, v: Variant):
-    worst = max((a.precision for a in v.artifacts.values()), key=precision_rank, default="fp32")
-    precisions = {c: a.precision for c, a in v.artifacts.items()}
-    return lambda comp: spec.tolerances.get(precisions.get(comp, worst), spec.tolerances["fp32"])
+def _precisions(v: Variant) -> dict[str, str]:
+    return {c: a.precision for c, a in v.artifacts.items()}
 
 
 def parity(o: Opened, model, spec: ModelSpec, split) -> list[Check]:
-    """Every component and the pipeline at the min / opt / max shapes (identical seeds for all variants)."""
-    return verify(model, spec, split, o.components, _tolerance(spec, o.variant), seed=BENCH_SEED)
+    """Every component and the pipeline at the min / opt / max shapes (identical seeds for all variants),
+    gated by the same rule as export and quantize (``verify.tolerance_for``)."""
+    return verify(model, spec, split, o.components, _precisions(o.variant), seed=BENCH_SEED)
 
 
-def task_scores(opened: list[Opened], spec: ModelSpec, max_batch: int, samples: int | None
+def task_scores(opened: list[Opened], spec: ModelSpec, split: Any, max_batch: int, samples: int | None
                 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[Check]]]:
     """Argmax accuracy of ``[evaluation] output`` on the user's data for every variant, and parity of all
     outputs on that data against eager (merged over chunks)."""
@@ -108,7 +107,7 @@ def task_scores(opened: list[Opened], spec: ModelSpec, max_batch: int, samples: 
                     "score": (n / seen if seen else None)} for vid, n in correct.items()}
     checks: dict[str, list[Check]] = {}
     for o in opened[1:]:
-        tol = _tolerance(spec, o.variant)("pipeline")
+        tol = tolerance_for(spec, split, _precisions(o.variant))("pipeline")
         checks[o.variant.id] = [Check("pipeline@data", m, failures(m, tol))
                                 for m in (merge(ms) for ms in metrics[o.variant.id].values())]
     return scores, checks
@@ -244,7 +243,7 @@ def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int
             dim = batch_dim(spec)
             cap = spec.dims[dim].max if dim else 1
             with progress.task("task score on evaluation data", 1) as advance:
-                scores, data_checks = task_scores(opened, spec, cap, eval_samples or spec.evaluation.samples)
+                scores, data_checks = task_scores(opened, spec, split, cap, eval_samples or spec.evaluation.samples)
                 advance(1)
             for entry in report["variants"]:
                 entry["task"] = scores[entry["id"]]
