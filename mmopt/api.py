@@ -165,7 +165,7 @@ class BenchResult:
 
 def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline: str | Path | None = None,
           max_latency_regression: float = 0.10, backends: list[str] | None = None, batches: list[int] | None = None,
-          threads: int | None = 1, repeats: int = 30, warmup: int = 5, inputs: str = "random",
+          threads: int | None = 1, repeats: int = 30, warmup: int = 5, inputs: str = "random", gate_on: str = "ratio",
           config: str | Path | None = None, eval_samples: int | None = None, check: bool = True,
           progress: Progress | None = None, trust_checkpoint: bool = False) -> BenchResult:
     """Parity, task score, latency and memory of eager PyTorch and every artifact of ``bundle`` on every
@@ -178,6 +178,8 @@ def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline:
         raise UsageError(f"--max-latency-regression {max_latency_regression}: give a fraction such as 0.1 (10%).")
     if out is not None:
         render.check_out(out, bundle)
+    if gate_on not in gates.GATES:
+        raise UsageError(f"--gate-on {gate_on}: choose one of {', '.join(gates.GATES)}.")
     base = None
     if baseline is not None:  # fail fast, before minutes of measurement
         base = gates.load_baseline(baseline, harness.REPORT_SCHEMA)
@@ -186,7 +188,7 @@ def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline:
         gates.check_same_model(probe, base, baseline)
     report = harness.run(bundle, backends, batches, threads, repeats, warmup, inputs, config, eval_samples,
                          progress=progress, trust_checkpoint=trust_checkpoint)
-    report["baseline"] = gates.compare(report, base, baseline, max_latency_regression) if base else None
+    report["baseline"] = gates.compare(report, base, baseline, max_latency_regression, gate_on) if base else None
     report["gates"] = gates.evaluate(report, report["settings"]["max_accuracy_drop"])
     try:
         files = render.write(report, out) if out is not None else {}

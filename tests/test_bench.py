@@ -12,6 +12,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from support import run_cli
@@ -97,19 +98,72 @@ def test_degraded_artifact_fails_parity(toy_bundle, tmp_path):
     assert "## mmopt bench: gates FAILED" in (tmp_path / "rep" / "report.md").read_text()
 
 
-def test_faster_baseline_fails_regression_gate(toy_bundle, toy_report, tmp_path):
+def test_faster_baseline_fails_the_p50_gate(toy_bundle, toy_report, tmp_path):
+    """--gate-on p50 (a dedicated runner): raw medians 4x slower than the baseline fail, eager included."""
     faster = copy.deepcopy(toy_report.report)
     for row in faster["latency"]:
         row["p50"] /= 4
     base = tmp_path / "base.json"
     base.write_text(json.dumps(faster))
     with pytest.raises(GateError, match=r"latency onnxruntime/fp32 pipeline batch 8: p50 .* vs baseline") as e:
-        bench(toy_bundle.bundle, tmp_path / "rep", baseline=base, **FAST)
+        bench(toy_bundle.bundle, tmp_path / "rep", baseline=base, gate_on="p50", **FAST)
     report = e.value.result.report
     rows = report["baseline"]["rows"]
     assert all(r["regressed"] == (r["graph"] == "pipeline") for r in rows)  # components shown, not gated
     assert "### Against baseline" in (tmp_path / "rep" / "report.md").read_text()
     assert "latency" not in " ".join(f for f in report["gates"]["failures"] if f.startswith("parity"))
+
+
+def test_a_machine_4x_slower_everywhere_is_no_regression_by_default(toy_report):
+    """The default gate is the ratio to eager from the same run: a slower (or busier) machine slows eager
+    and the artifacts alike, so raw p50 4x off the baseline is no failure."""
+    faster = copy.deepcopy(toy_report.report)
+    for row in faster["latency"]:
+        row["p50"] /= 4
+    report = copy.deepcopy(toy_report.report)
+    report["baseline"] = gates.compare(report, faster, "base.json", 0.10)
+    assert not any(r["regressed"] for r in report["baseline"]["rows"])
+    assert gates.evaluate(report, None)["passed"]
+
+
+def test_an_artifact_slower_relative_to_eager_fails_the_ratio_gate(toy_report):
+    base = copy.deepcopy(toy_report.report)
+    for row in base["latency"]:
+        if row["variant"] != row["ratio_reference"]:  # the artifact was twice as fast relative to eager
+            row["ratio_vs_eager"] /= 2
+            row["ratio_ci95"] = [v / 2 for v in row["ratio_ci95"]]
+    report = copy.deepcopy(toy_report.report)
+    report["baseline"] = gates.compare(report, base, "base.json", 0.10)
+    gated = [r for r in report["baseline"]["rows"] if r["gated"]]
+    assert gated and all(r["regressed"] for r in gated) and all(r["variant"] != "eager" for r in gated)
+    failures = gates.evaluate(report, None)["failures"]
+    assert any("beyond this run's spread" in f and "onnxruntime/fp32 pipeline" in f for f in failures)
+
+
+def test_ratio_interval_brackets_the_ratio_and_is_seeded():
+    from mmopt.bench import latency
+
+    rng = np.random.default_rng(0)
+    ref = list(rng.integers(900, 1100, 40))
+    art = [int(r * 0.5 + rng.integers(-20, 20)) for r in ref]
+    lo, hi = latency.paired_ratio_interval(art, ref)
+    assert lo <= latency.paired_ratio(art, ref) <= hi and 0.45 < lo < hi < 0.55
+    assert (lo, hi) == latency.paired_ratio_interval(art, ref)
+
+
+def test_the_same_bundle_benched_twice_on_a_loaded_machine_passes_its_own_baseline(toy_bundle, tmp_path):
+    """Two back-to-back runs with a CPU hog beside them: the second gates on the first and passes."""
+    import subprocess
+    import sys
+
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 120: pass"])
+    try:
+        first = bench(toy_bundle.bundle, tmp_path / "a", batches=[1, 8], repeats=15, warmup=2)
+        second = bench(toy_bundle.bundle, tmp_path / "b", baseline=first.files["json"], batches=[1, 8], repeats=15,
+                       warmup=2)
+    finally:
+        hog.kill()
+    assert second.passed, second.report["gates"]["failures"]
 
 
 def test_same_baseline_passes_side_by_side(toy_report):

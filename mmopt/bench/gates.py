@@ -29,7 +29,8 @@ BASELINE_SCHEMA: dict[str, Any] = {
             "type": "object", "required": ["variant", "graph", "batch", "p50"],
             "properties": {"variant": {"type": "string"}, "graph": {"type": "string"},
                            "batch": {"type": "integer", "minimum": 0}, "p50": {**_NUM, "minimum": 0},
-                           "ratio_vs_eager": _OPT_NUM}}},
+                           "ratio_vs_eager": _OPT_NUM,
+                           "ratio_ci95": {"type": ["array", "null"], "minItems": 2, "maxItems": 2, "items": _NUM}}}},
         "variants": {"type": "array", "items": {
             "type": "object", "required": ["id"],
             "properties": {"id": {"type": "string"},
@@ -71,9 +72,34 @@ def _key(row: dict[str, Any]) -> tuple[str, str, int]:
     return row["variant"], row["graph"], row["batch"]
 
 
-def compare(report: dict[str, Any], baseline: dict[str, Any], path: str | Path, max_regression: float
-            ) -> dict[str, Any]:
-    """Side-by-side rows (both runs' medians, change) and which pipeline rows regress too far."""
+GATES = ("ratio", "p50")
+
+
+def _ratio_regressed(r: dict[str, Any], b: dict[str, Any], max_regression: float) -> tuple[float, bool]:
+    """Change of the ratio to eager (measured in the same run), and whether it regressed beyond noise:
+    even the low end of this run's bootstrap interval is slower than the baseline's high end by more
+    than ``max_regression``. Runs without an interval (older reports) use the point ratio."""
+    now, then = r.get("ratio_vs_eager"), b.get("ratio_vs_eager")
+    if not now or not then:
+        return 0.0, False
+    change = now / then - 1
+    low = (r.get("ratio_ci95") or [now])[0]
+    high = (b.get("ratio_ci95") or [None, then])[-1]
+    return change, low / high - 1 > max_regression
+
+
+def compare(report: dict[str, Any], baseline: dict[str, Any], path: str | Path, max_regression: float,
+            gate_on: str = "ratio") -> dict[str, Any]:
+    """Side-by-side rows (both runs' medians, change) and which pipeline rows regress too far.
+
+    ``gate_on="ratio"`` (default) gates each variant's ratio to eager measured in the same run, and only
+    beyond that run's own spread: a loaded machine slows eager and the artifact alike, so the ratio holds
+    where raw p50 swings by tens of percent. ``gate_on="p50"`` gates raw medians, for a dedicated runner.
+    The eager reference itself (ratio 1 by definition) is gated only by p50."""
+    from mmopt.errors import UsageError
+
+    if gate_on not in GATES:
+        raise UsageError(f"--gate-on {gate_on}: choose one of {', '.join(GATES)}.")
     check_same_model(report, baseline, path)
     old = {_key(r): r for r in baseline.get("latency", [])}
     rows = []
@@ -81,12 +107,21 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], path: str | Path, 
         b = old.get(_key(r))
         if b is None:
             continue
-        change = r["p50"] / b["p50"] - 1 if b["p50"] > 0 else 0.0
+        p50_change = r["p50"] / b["p50"] - 1 if b["p50"] > 0 else 0.0
+        is_reference = r["variant"] == r.get("ratio_reference")
+        if gate_on == "p50":
+            change, beyond = p50_change, p50_change > max_regression
+        elif is_reference:
+            change, beyond = p50_change, False  # its ratio is 1 by definition: reported, not gated
+        else:
+            change, beyond = _ratio_regressed(r, b, max_regression)
+        gated = r["graph"] == "pipeline" and (gate_on == "p50" or not is_reference)
         rows.append({"variant": r["variant"], "graph": r["graph"], "batch": r["batch"],
-                     "baseline_p50": b["p50"], "p50": r["p50"], "change": round(change, 4),
+                     "baseline_p50": b["p50"], "p50": r["p50"], "p50_change": round(p50_change, 4),
+                     "change": round(change, 4),
                      "baseline_ratio_vs_eager": b.get("ratio_vs_eager"), "ratio_vs_eager": r.get("ratio_vs_eager"),
-                     "gated": r["graph"] == "pipeline",
-                     "regressed": r["graph"] == "pipeline" and change > max_regression})
+                     "baseline_ratio_ci95": b.get("ratio_ci95"), "ratio_ci95": r.get("ratio_ci95"),
+                     "gated": gated, "regressed": gated and beyond})
     now = {_key(r) for r in report["latency"]}
     unmatched = {"only_in_baseline": len(set(old) - now), "only_in_this_run": len(now - set(old))}
     old_tasks = {v["id"]: v.get("task") for v in baseline.get("variants", [])}
@@ -95,6 +130,7 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], path: str | Path, 
     same_machine = {k: baseline.get("machine", {}).get(k) for k in ("cpus", "gpu", "processor", "platform")} == \
                    {k: report["machine"].get(k) for k in ("cpus", "gpu", "processor", "platform")}
     return {"path": str(path), "created": baseline.get("created"), "max_latency_regression": max_regression,
+            "gate_on": gate_on,
             "same_machine": same_machine, "same_artifacts": baseline["bundle"].get("artifacts") ==
             report["bundle"]["artifacts"], "unmatched": unmatched, "rows": rows, "tasks": tasks,
             "baseline_threads": baseline.get("settings", {}).get("threads")}
@@ -116,10 +152,16 @@ def evaluate(report: dict[str, Any], max_accuracy_drop: float | None) -> dict[st
     base = report.get("baseline")
     if base:
         for r in base["rows"]:
-            if r["regressed"]:
+            if r["regressed"] and base.get("gate_on", "p50") == "p50":
                 failures.append(f"latency {r['variant']} {r['graph']} batch {r['batch']}: p50 {r['p50']:.3f} ms vs "
                                 f"baseline {r['baseline_p50']:.3f} ms (+{r['change']:.1%} > "
                                 f"{base['max_latency_regression']:.0%})")
+            elif r["regressed"]:
+                ci, bci = r.get("ratio_ci95") or ["?", "?"], r.get("baseline_ratio_ci95") or ["?", "?"]
+                failures.append(f"latency {r['variant']} {r['graph']} batch {r['batch']}: {r['ratio_vs_eager']:.3f}x "
+                                f"eager (95% interval {ci[0]}-{ci[1]}) vs baseline {r['baseline_ratio_vs_eager']:.3f}x "
+                                f"({bci[0]}-{bci[1]}): +{r['change']:.1%}, beyond this run's spread and "
+                                f"{base['max_latency_regression']:.0%}")
     return {"passed": not failures, "failures": failures, "max_accuracy_drop": max_accuracy_drop}
 
 

@@ -168,10 +168,11 @@ def sweep(opened: list[Opened], maker: InputMaker, batches: list[int], comps: li
                     ref = group[0].variant.id
                     for o in group:
                         vid = o.variant.id
+                        lo, hi = latency.paired_ratio_interval(samples[vid], samples[ref])
                         row = {"variant": vid, "graph": graph, "batch": n, "device": o.variant.device,
                                **latency.stats(samples[vid], n).to_json(),
                                "ratio_vs_eager": round(latency.paired_ratio(samples[vid], samples[ref]), 4),
-                               "ratio_reference": ref}
+                               "ratio_ci95": [round(lo, 4), round(hi, 4)], "ratio_reference": ref}
                         if "h2d" in samples and o.variant.device == "cuda":
                             row["h2d_ms"] = round(latency.stats(samples["h2d"], n).p50, 6)
                         if graph == "pipeline" and vid == "eager-cuda":

@@ -94,6 +94,22 @@ def paired_ratio(samples: list[int], reference: list[int]) -> float:
     return float(np.median(a / np.maximum(b, 1.0)))
 
 
+def paired_ratio_interval(samples: list[int], reference: list[int], confidence: float = 0.95,
+                          resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of ``paired_ratio``: the spread this very run measured. Rounds are resampled
+    with replacement (seeded: the same samples give the same interval)."""
+    n = min(len(samples), len(reference))
+    if n == 0:
+        return math.nan, math.nan
+    ratios = np.asarray(samples[:n], dtype=np.float64) / np.maximum(np.asarray(reference[:n], dtype=np.float64), 1.0)
+    if n == 1:
+        return float(ratios[0]), float(ratios[0])
+    picks = np.random.default_rng(seed).integers(0, n, (resamples, n))
+    medians = np.median(ratios[picks], axis=1)
+    tail = (1 - confidence) / 2 * 100
+    return float(np.percentile(medians, tail)), float(np.percentile(medians, 100 - tail))
+
+
 def cuda_event_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> list[float]:
     """Device-side time per call from CUDA events (torch), for GPU paths: what the GPU spent, without
     the host's launch jitter. Complements the synchronised wall-clock figure of ``interleaved``."""

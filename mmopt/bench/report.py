@@ -135,7 +135,9 @@ def markdown(report: dict[str, Any], png_name: str | None = "report.png") -> str
                         _f(v["memory"].get("gpu_used_delta_mb"), ".1f")] for v in report["variants"]]))
     base = report.get("baseline")
     if base:
-        out.append(f"\n### Against baseline `{base['path']}` ({base['created']}; gate: pipeline p50 within "
+        gate = ("pipeline p50 within" if base.get("gate_on") == "p50" else
+                "each variant's pipeline ratio to eager, beyond this run's 95% spread, within")
+        out.append(f"\n### Against baseline `{base['path']}` ({base['created']}; gate: {gate} "
                    f"+{base['max_latency_regression']:.0%})\n")
         if not base["same_machine"]:
             out.append("- note: the baseline was recorded on a different machine; absolute times may not compare.")

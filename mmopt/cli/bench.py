@@ -19,8 +19,12 @@ def bench(
     bundle: Path = typer.Argument(Path("build"), help="Bundle folder written by `mmopt export`."),
     baseline: Path = typer.Option(None, "--baseline", help="report.json of an earlier run to compare against."),
     max_latency_regression: str = typer.Option("10%", "--max-latency-regression",
-                                               help="Fail when a pipeline p50 is slower than the baseline's by more "
-                                                    "than this (\"10%\" or 0.1)."),
+                                               help="Fail when a pipeline is slower than the baseline's by more "
+                                                    "than this (\"10%\" or 0.1), see --gate-on."),
+    gate_on: str = typer.Option("ratio", "--gate-on",
+                                help="ratio: gate each variant's speed relative to eager measured in the same run, "
+                                     "failing only beyond the run's own 95% bootstrap spread (robust on shared "
+                                     "machines). p50: gate raw medians (a dedicated benchmark runner)."),
     backend: list[str] = typer.Option(["auto"], "--backend", "-b",
                                       help="auto, onnxruntime, onnxruntime-cuda, tensorrt, eager-cuda (repeatable). "
                                            "Eager CPU always runs: it is the reference."),
@@ -46,7 +50,7 @@ def bench(
     """
     run_and_print(bundle, out, baseline=baseline, max_latency_regression=parse_fraction(max_latency_regression),
                   backends=backend, batches=parse_batches(batch), threads=threads, repeats=repeats, warmup=warmup,
-                  inputs=inputs, config=config, trust_checkpoint=trust_checkpoint)
+                  inputs=inputs, config=config, trust_checkpoint=trust_checkpoint, gate_on=gate_on)
 
 
 def run_and_print(bundle: Path, out: Path, **options: Any) -> None:
