@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 def main() -> None:
     from models.hf import CONFIGS
 
-    from mmopt.api import export, tool_versions
+    from mmopt.api import export
+    from mmopt.provenance import tool_versions
 
     results = {"tools": tool_versions(), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:

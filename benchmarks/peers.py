@@ -6,7 +6,7 @@ separate virtual environment because its transformers pin conflicts with mmopt's
     PYTHONPATH=. python benchmarks/peers.py [--optimum-python /tmp/optimum-venv/bin/python]
 
 Every path gets the same inputs; each is parity-checked against eager before it is timed, and all
-paths of one model and batch size are timed interleaved in this process (``mmopt.bench.latency``),
+paths of one model and batch size are timed interleaved in this process (``mmopt.judge.latency``),
 so ratios are paired. A path that cannot run here is recorded with the reason, never estimated.
 Writes ``benchmarks/results/peers.json``.
 """
@@ -34,9 +34,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks" / "models"))
 
 from mmopt import api  # noqa: E402
-from mmopt.bench import latency  # noqa: E402
-from mmopt.bench.compare import measure  # noqa: E402
-from mmopt.bench.harness import machine  # noqa: E402
+from mmopt.judge import latency  # noqa: E402
+from mmopt.judge.compare import measure  # noqa: E402
+from mmopt import provenance  # noqa: E402
+from mmopt.provenance import machine  # noqa: E402
 from mmopt.capture import random_inputs, split as capture_split  # noqa: E402
 from mmopt.checkpoint import build_model  # noqa: E402
 from mmopt.manifest import Manifest  # noqa: E402
@@ -272,7 +273,7 @@ def main() -> None:
     configs = dict(MODELS, **dict(c.split("=", 1) for c in args.config))
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
-                              "tools": api.tool_versions(), "settings": {"threads": args.threads, "repeats": args.repeats,
+                              "tools": provenance.tool_versions(), "settings": {"threads": args.threads, "repeats": args.repeats,
                                                                          "warmup": args.warmup,
                                                                          "batches": args.batches},
                               "models": {}}

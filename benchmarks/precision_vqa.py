@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "precision_vqa.json")
     args = parser.parse_args()
 
-    from mmopt.api import export, quantize, tool_versions
+    from mmopt.api import export, quantize
+    from mmopt.provenance import tool_versions
     from mmopt.bench.precision import compare
     from mmopt.capture import split as capture_split
     from mmopt.checkpoint import build_model
@@ -95,7 +96,7 @@ def image_int8_forms(bundle: Path, rounds: int) -> dict:
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
     from mmopt.examples.vqa import data
-    from mmopt.policy import median_ms
+    from mmopt.judge.latency import median_ms
     from mmopt.stages import graph, ranges
 
     fp32 = graph.named(onnx.load(str(bundle / "image.onnx")))

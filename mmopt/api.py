@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -13,32 +12,17 @@ from typing import Any
 
 import onnx
 
-from mmopt import __version__
-from mmopt.bench.compare import Check, raise_on_failures
 from mmopt.capture import Split, split as capture_split
 from mmopt.checkpoint import build_model
 from mmopt.errors import ExportError
+from mmopt.judge.compare import Check, raise_on_failures
+from mmopt.judge.parity import summarise, verify
 from mmopt.manifest import Manifest, sha256_file, staged_bundle
 from mmopt.progress import Progress
+from mmopt.provenance import tool_versions
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
 from mmopt.spec import ModelSpec, load_spec
 from mmopt.stages.export import export_component, simplify
-from mmopt.verify import summarise, verify
-
-
-def tool_versions() -> dict[str, str]:
-    import numpy
-    import onnxruntime
-    import torch
-
-    out = {"mmopt": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
-    try:
-        import onnxsim
-        out["onnxsim"] = onnxsim.__version__
-    except Exception:  # onnxsim is optional at run time: export falls back to the unsimplified graph
-        pass
-    return out
 
 
 @dataclass
@@ -141,8 +125,7 @@ def inspect_bundle(bundle: str | Path) -> Manifest:
 
 def verify_bundle(bundle: str | Path) -> tuple[Manifest, list[tuple[str, str]]]:
     """Re-check every artifact's sha256; returns the manifest and [(file, problem)]."""
-    manifest = Manifest.read(bundle)
-    return manifest, manifest.check_files(Path(bundle))
+    return Manifest.read_checked(bundle)
 
 
 @dataclass
@@ -183,7 +166,7 @@ def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline:
     base = None
     if baseline is not None:  # fail fast, before minutes of measurement
         base = gates.load_baseline(baseline, harness.REPORT_SCHEMA)
-        probe = {"bundle": {"fingerprint": harness.fingerprint(Manifest.read(bundle)), "path": str(bundle),
+        probe = {"bundle": {"fingerprint": Manifest.read(bundle).fingerprint(), "path": str(bundle),
                             "factory": Manifest.read(bundle).model.get("factory")}}
         gates.check_same_model(probe, base, baseline)
     report = harness.run(bundle, backends, batches, threads, repeats, warmup, inputs, config, eval_samples,
@@ -215,5 +198,5 @@ def quantize(bundle: str | Path, config: str | Path | None = None, progress: Pro
 
     progress = progress or Progress()
     # A tampered bundle fails here, before minutes of model building; the stage re-checks under the lock.
-    ref = reference.load(bundle, Manifest.read(bundle).verified(Path(bundle)), config, trust_checkpoint)
+    ref = reference.load(bundle, Manifest.read_verified(bundle), config, trust_checkpoint)
     return run_policy(bundle, ref.spec, ref.model, ref.split, precision, progress, sensitivity)

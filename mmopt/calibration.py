@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from mmopt.capture import Split
-from mmopt.checkpoint import describe, import_ref, where_raised
-from mmopt.errors import CalibrationError
+from mmopt.checkpoint import import_ref
+from mmopt.errors import CalibrationError, describe, where_raised
+from mmopt.reference import eager_io_for
 from mmopt.spec import ModelSpec
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
@@ -173,8 +174,6 @@ class CalibrationData:
 
 def load(model: torch.nn.Module, spec: ModelSpec, split: Split) -> CalibrationData:
     """Collect ``[calibration].samples`` rows from the callable, then run them through the eager model."""
-    from mmopt.verify import eager_io_for
-
     cal = spec.calibration
     if cal is None:
         raise CalibrationError(f"{spec.path}: int8 needs calibration data: add a [calibration] table, e.g.\n"

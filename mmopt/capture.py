@@ -18,7 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from mmopt.errors import CaptureError
+from mmopt.errors import CaptureError, describe, where_raised
 from mmopt.spec import SIZES, ComponentSpec, Dim, ModelSpec, TensorSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -185,8 +185,6 @@ def observe(model: torch.nn.Module, spec: ModelSpec, inputs: dict[str, torch.Ten
         try:
             out = model(**inputs)
         except (Exception, SystemExit) as e:
-            from mmopt.checkpoint import describe, where_raised
-
             shapes = {k: tuple(v.shape) for k, v in inputs.items()}
             raise CaptureError(f"{spec.path}: the model's forward failed at the {size} size with inputs "
                                f"{shapes}: {describe(e)}{where_raised(e)}. Check [inputs] and [dims] against what "

@@ -10,13 +10,12 @@ import importlib
 import inspect
 import pickle
 import sys
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from mmopt.errors import CheckpointError, ConfigError
+from mmopt.errors import CheckpointError, ConfigError, describe, where_raised
 from mmopt.spec import ModelSpec
 
 
@@ -46,26 +45,6 @@ def import_ref(ref: str, root: Path, field: str, config: Path) -> Callable[..., 
     if not callable(obj):
         raise ConfigError(f"{config}: field '{field}': '{ref}' is not callable.")
     return obj
-
-
-def describe(e: BaseException) -> str:
-    """``TypeError: message`` (``SystemExit(2)`` for an exit), for one-line error messages."""
-    if isinstance(e, SystemExit):
-        return f"SystemExit({e.code!r}) (it called sys.exit)"
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
-
-
-def where_raised(e: BaseException) -> str:
-    """`` (at file.py:12)`` for the innermost frame of the traceback that is the user's own code (not
-    mmopt's, not an installed library's), or nothing."""
-    import sysconfig
-
-    libraries = {str(Path(__file__).resolve().parent), sysconfig.get_paths()["purelib"],
-                 sysconfig.get_paths()["platlib"], sysconfig.get_paths()["stdlib"]}
-    tb = traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
-    own = [f for f in tb if not any(str(Path(f.filename).resolve()).startswith(lib) for lib in libraries)]
-    return f" (at {own[-1].filename}:{own[-1].lineno})" if own else ""
 
 
 def build_model(spec: ModelSpec, trust_checkpoint: bool = False) -> torch.nn.Module:

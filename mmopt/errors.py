@@ -67,3 +67,26 @@ class GateError(MmoptError):
     def __init__(self, message: str, result: object = None):
         super().__init__(message)
         self.result = result
+
+
+# ---- describing an exception raised by the user's code, in one line -------------------------
+def describe(e: BaseException) -> str:
+    """``TypeError: message`` (``SystemExit(2)`` for an exit), for one-line error messages."""
+    if isinstance(e, SystemExit):
+        return f"SystemExit({e.code!r}) (it called sys.exit)"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def where_raised(e: BaseException) -> str:
+    """`` (at file.py:12)`` for the innermost frame of the traceback that is the user's own code (not
+    mmopt's, not an installed library's), or nothing."""
+    import sysconfig
+    import traceback
+    from pathlib import Path
+
+    libraries = {str(Path(__file__).resolve().parent), sysconfig.get_paths()["purelib"],
+                 sysconfig.get_paths()["platlib"], sysconfig.get_paths()["stdlib"]}
+    tb = traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
+    own = [f for f in tb if not any(str(Path(f.filename).resolve()).startswith(lib) for lib in libraries)]
+    return f" (at {own[-1].filename}:{own[-1].lineno})" if own else ""

@@ -109,6 +109,13 @@ class Manifest:
         self.artifacts = [a for a in self.artifacts if a.id != art.id] + [art]
         return art
 
+    def fingerprint(self) -> str:
+        """What makes two bundles comparable: the same model inputs, outputs and component interfaces
+        (re-exports of a retrained model keep it; another model does not)."""
+        d = self.to_json()
+        key = {k: d[k] for k in ("model_inputs", "model_outputs", "components")}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "kind": store.KIND, "created": self.created, "tools": self.tools,
@@ -120,7 +127,8 @@ class Manifest:
                 "results": self.results}
 
     def write(self, bundle: Path) -> None:
-        _write_json(Path(bundle) / MANIFEST, self.to_json())
+        data = json.dumps(self.to_json(), indent=2, sort_keys=False, default=_json_default) + "\n"
+        store.atomic_write(Path(bundle) / MANIFEST, data.encode())
 
     @classmethod
     def read(cls, bundle: str | Path) -> "Manifest":
@@ -172,19 +180,28 @@ class Manifest:
                 problems.append((a.file, "sha256 mismatch (modified after export)"))
         return problems
 
-    def verified(self, bundle: Path) -> "Manifest":
-        problems = self.check_files(bundle)
+    @classmethod
+    def read_checked(cls, bundle: str | Path) -> tuple["Manifest", list[tuple[str, str]]]:
+        """The manifest and its files' problems, from one generation of the bundle: a writer may swap a
+        new bundle in while the files are hashed, so a mismatch seen across a swap is read again."""
+        bundle = Path(bundle)
+        for _ in range(5):
+            before = _inode(bundle)
+            manifest = cls.read(bundle)
+            problems = manifest.check_files(bundle)
+            if not problems or _inode(bundle) == before:
+                return manifest, problems
+        return manifest, problems
+
+    @classmethod
+    def read_verified(cls, bundle: str | Path) -> "Manifest":
+        """``read`` with every file's sha256 checked; ``BundleError`` listing each missing or changed file."""
+        manifest, problems = cls.read_checked(bundle)
         if problems:
             rows = "\n".join(f"  {f}: {p}" for f, p in problems)
             raise BundleError(f"{bundle}: bundle failed its integrity check:\n{rows}\n"
                               "Re-run `mmopt export` (or restore the files) before using this bundle.")
-        return self
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
+        return manifest
 
 
 def _json_default(o: Any) -> Any:
@@ -253,6 +270,13 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                                "max_rel": {"type": "number"}, "argmax": {"type": ["number", "null"]}}}}}}},
     },
 }
+
+
+def _inode(folder: Path) -> int | None:
+    try:
+        return os.stat(folder).st_ino
+    except OSError:
+        return None
 
 
 def read_json(path: Path, fix: str, error: type[Exception] = BundleError) -> Any:

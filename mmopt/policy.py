@@ -15,15 +15,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import random
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from mmopt.bench.compare import raise_on_failures
 from mmopt.errors import ConfigError, Unconvertible
+from mmopt.judge import latency
+from mmopt.judge.compare import raise_on_failures
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
 from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import ModelSpec
@@ -32,23 +31,6 @@ from mmopt.stages.export import save
 CANDIDATES = ("int8-cpu", "int8-dynamic", "fp32")
 MAX_COMBINATIONS = 27
 NOISE = 0.05  # latencies within 5% of the fastest count as equal
-
-
-def median_ms(calls: dict[Any, Callable[[], Any]], rounds: int = 15, warmup: int = 2) -> dict[Any, float]:
-    """Median wall time of each call, interleaved in a shuffled order every round (fair on a noisy machine)."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[Any, list[float]] = {k: [] for k in calls}
-    order = list(calls)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for k in order:
-            t = time.perf_counter()
-            calls[k]()
-            times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) * 1000 for k, v in times.items()}
 
 
 class Memo:
@@ -71,7 +53,7 @@ def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32
            scratch: Path, cal: Any, converted: Callable[[str, str], tuple], judge: Callable,
            open_pipeline: Callable) -> tuple[dict[str, str], dict[str, Any], dict[str, Any] | None]:
     """The fastest passing policy for the components set to "auto", and the table of what was tried."""
-    from mmopt import evaluate as ev
+    from mmopt.judge import accuracy as ev
 
     autos = [c for c, p in policy.items() if p == "auto"]
     if cal is None:
@@ -103,7 +85,7 @@ def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32
         for (comp, prec), path in files.items():
             s = split.components[comp]
             runners[(comp, prec)] = stack.enter_context(OnnxRuntimeRunner(path, s.inputs, s.outputs, threads=1))
-        lat = median_ms({k: (lambda r=r, f=feeds[k[0]]: r.infer(f, check=False)) for k, r in runners.items()})
+        lat = latency.median_ms({k: (lambda r=r, f=feeds[k[0]]: r.infer(f, check=False)) for k, r in runners.items()})
 
     rows, pipes, memos = [], {}, {}
     with contextlib.ExitStack() as stack:

@@ -18,18 +18,18 @@ from typing import Any, Iterator
 import onnx
 
 from mmopt import calibration, reference
-from mmopt.bench.compare import Check, check_all, raise_on_failures
-from mmopt.checkpoint import describe
-from mmopt.errors import ConfigError, PrecisionError, Unconvertible
+from mmopt.judge.compare import Check, check_all, raise_on_failures
+from mmopt.errors import ConfigError, PrecisionError, Unconvertible, describe
 from mmopt.manifest import Manifest, staged_bundle
 from mmopt.progress import Progress
+from mmopt.reference import eager_io
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
 from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import PRECISIONS, ModelSpec
 from mmopt.stages import fp16 as fp16_stage, graph
 from mmopt.stages import int8 as int8_stage
 from mmopt.stages.export import save
-from mmopt.verify import VERIFY_SEED, eager_io, summarise, tolerance_for, verify
+from mmopt.judge.parity import VERIFY_SEED, summarise, tolerance_for, verify
 
 STATIC = {"int8", "int8-cpu"}  # calibrated Q/DQ forms
 REAL_BATCHES = 4  # calibration batches also used as parity cases (real data)
@@ -221,7 +221,7 @@ def convert_in(tmp: Path, spec: ModelSpec, model: Any, split: Any, precision: di
     reads the manifest from and writes the converted graphs and the new manifest into."""
     t0 = time.perf_counter()
     progress = progress or Progress()
-    manifest = Manifest.read(tmp).verified(tmp)
+    manifest = Manifest.read_verified(tmp)
     policy = resolve_policy(spec, manifest, precision)
     # The bundle may have been re-exported while the model was built: judge it against the locked manifest.
     reference.check_checkpoint(tmp, manifest, spec)
@@ -303,7 +303,7 @@ def convert_in(tmp: Path, spec: ModelSpec, model: Any, split: Any, precision: di
 
 def _score(spec: ModelSpec, model: Any, split: Any, tmp: Path, manifest: Manifest, pipe: Pipeline, label: str,
            scratch: Path, searched: dict[str, Any] | None = None) -> dict[str, Any]:
-    from mmopt import evaluate as ev
+    from mmopt.judge import accuracy as ev
 
     if searched is not None:  # the policy search scored this very pipeline on the same data
         acc = searched

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from mmopt.bench.compare import measure
+from mmopt.judge.compare import measure
 from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import ComponentSpec
 from mmopt.stages import graph

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -41,6 +42,21 @@ KIND = "mmopt-bundle"
 MANIFEST = "manifest.json"
 LOCK_TIMEOUT_ENV = "MMOPT_LOCK_TIMEOUT"  # seconds a writer waits for another one (default 600)
 Log = Callable[[str], None]
+
+
+# ---- one atomic writer ------------------------------------------------------------------------
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary sibling, then one rename over the old name. The
+    old name is replaced, never written through (a staged bundle hard-links the live bundle's files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---- confinement -----------------------------------------------------------------------------
@@ -141,11 +157,11 @@ def _lock_timeout() -> float:
         raise BundleError(f"environment variable {LOCK_TIMEOUT_ENV}={raw!r}: give a number of seconds.") from None
 
 
-def _flock(fd: int, blocking: bool) -> bool:
-    """flock ``fd``; False when another process holds it. A filesystem that cannot flock a folder
-    (NFS, CIFS) is a clear error rather than a traceback."""
+def _flock(fd: int) -> bool:
+    """Try to flock ``fd`` exclusively; False when another process holds it. A filesystem that cannot
+    flock a folder (NFS, CIFS) is a clear error rather than a traceback."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
@@ -154,20 +170,58 @@ def _flock(fd: int, blocking: bool) -> bool:
                           "flock on folders (NFS or CIFS?). Write the bundle on a local disk, then copy it.") from None
 
 
-@contextlib.contextmanager
-def _locked_dir(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _open_dir(path: Path) -> int | None:
     try:
-        _flock(fd, blocking=True)
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise BundleError(f"{path}: cannot be opened ({e.strerror}). Choose another output path.") from None
+
+
+class _Waiter:
+    """The one waiting policy of every lock here: poll, say once that we wait, give up at the deadline."""
+
+    def __init__(self, target: Path, log: Log):
+        self.target, self.log, self.said = target, log, False
+        self.deadline = time.monotonic() + _lock_timeout()
+
+    def wait(self, held: bool) -> None:
+        if held and not self.said:
+            self.log(f"waiting for another mmopt process that is writing {self.target} ...")
+            self.said = True
+        if time.monotonic() > self.deadline:
+            raise BundleError(f"{self.target}: another mmopt process is still writing it (or a process holds a "
+                              f"lock on {self.target.parent}) after {_lock_timeout():.0f} s. Wait for it to finish "
+                              f"(or stop it), then run again; {LOCK_TIMEOUT_ENV} sets how long to wait.")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _locked_dir(path: Path, waiter: _Waiter) -> Iterator[None]:
+    """A short exclusive lock on a folder (the bundle's parent), within the waiter's deadline."""
+    while True:
+        fd = _open_dir(path)
+        if fd is None:
+            raise BundleError(f"{path}: disappeared while mmopt was writing beside it.")
+        try:
+            if _flock(fd):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        waiter.wait(held=True)
+    try:
         yield
     finally:
         os.close(fd)
 
 
-def _make_empty(target: Path) -> bool:
+def _make_empty(target: Path, waiter: _Waiter) -> bool:
     """Create ``target`` as an empty folder (modes from the umask) under a brief lock on its parent, so
     the writer can lock the bundle folder itself. True if this call created it."""
-    with _locked_dir(target.parent):
+    with _locked_dir(target.parent, waiter):
         if target.exists() or target.is_symlink():
             return False
         try:
@@ -179,91 +233,99 @@ def _make_empty(target: Path) -> bool:
 
 
 @contextlib.contextmanager
-def writer_lock(target: Path, log: Log) -> Iterator[bool]:
+def writer_lock(target: Path, log: Log) -> Iterator[tuple[bool, _Waiter]]:
     """Exclusive lock on the bundle folder ``target`` for one writer; yields whether this writer created
-    ``target`` (as an empty folder, when it did not exist).
+    ``target`` (as an empty folder, when it did not exist) and the waiting policy for later locks.
 
     The lock is ``flock`` on the folder itself, so it leaves no file behind and dies with its process.
     A commit swaps the folder for a new inode: a waiter that wakes holding the old one tries again.
     """
-    deadline = time.monotonic() + _lock_timeout()
-    said = created = False
-    while True:
-        if not target.is_dir() and not target.exists() and not target.is_symlink():
-            created = _make_empty(target) or created
-        if not target.is_dir() or target.is_symlink():
-            check_replaceable(target)  # a file or a symlink: say so
-        try:
-            fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            fd = None  # swapped away between the check and the open: look again
-        except OSError as e:
-            raise BundleError(f"{target}: cannot be opened ({e.strerror}). Choose another output path.") from None
-        if fd is not None:
-            if _flock(fd, blocking=False):
-                try:
-                    same = os.fstat(fd).st_ino == os.stat(target).st_ino
-                except FileNotFoundError:
-                    same = False
-                if same:
-                    break
-            elif not said:
-                log(f"waiting for another mmopt process that is writing {target} ...")
-                said = True
-            os.close(fd)  # held by another writer, or the folder we locked was swapped meanwhile
-        if time.monotonic() > deadline:
-            raise BundleError(f"{target}: another mmopt process is still writing it after "
-                              f"{_lock_timeout():.0f} s. Wait for it to finish (or stop it), then run "
-                              f"again; {LOCK_TIMEOUT_ENV} sets how long to wait.")
-        time.sleep(0.05)
+    waiter = _Waiter(target, log)
+    created = False
     try:
-        if said:
+        while True:
+            if not target.exists() and not target.is_symlink():
+                created = _make_empty(target, waiter) or created
+            if not target.is_dir() or target.is_symlink():
+                check_replaceable(target)  # a file or a symlink: say so
+            fd = _open_dir(target)
+            held = False
+            if fd is not None:
+                try:
+                    if _flock(fd):
+                        try:
+                            if os.fstat(fd).st_ino == os.stat(target).st_ino:
+                                break
+                        except FileNotFoundError:
+                            pass
+                    else:
+                        held = True
+                except BaseException:
+                    os.close(fd)
+                    raise
+                os.close(fd)  # held by another writer, or the folder we locked was swapped meanwhile
+            waiter.wait(held)
+    except BaseException:
+        _drop_if_empty(target, created)
+        raise
+    try:
+        if waiter.said:
             log(f"{target}: the other writer finished; continuing")
-        yield created
+        yield created, waiter
     finally:
         os.close(fd)
 
 
 # ---- stale siblings ------------------------------------------------------------------------
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _abandoned(path: Path) -> bool:
+    """Is ``path`` a folder no live writer holds? Every writer holds a flock on its stage and on the old
+    bundle folder it swaps out for its whole life; a dead one holds nothing (pids are not trusted: they
+    are reused, and differ inside containers)."""
+    fd = _open_dir(path)
+    if fd is None:
         return False
-    except PermissionError:
-        return True
-    return True
+    try:
+        return _flock(fd)
+    except BundleError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove(p: Path, target: Path, log: Log) -> None:
+    shutil.rmtree(p, ignore_errors=True)
+    if p.exists():
+        log(f"{target}: could not remove {p.name}, left by an mmopt run that is gone; remove it by hand")
+    else:
+        log(f"{target}: removed {p.name}, left by an mmopt run that is gone")
 
 
 def recover(target: Path, log: Log) -> bool:
     """Repair or remove what killed writers of ``target`` left beside it (call holding ``target``'s lock).
 
     A dead writer's ``.old`` (the two-rename fallback, killed between its renames) is the earlier bundle:
-    it is put back when ``target`` is no bundle (the folder this writer just created, or one made by hand
-    since), and removed only once ``target`` is a bundle. Returns True when ``target`` was replaced, so
-    the caller must lock the restored folder again.
+    it is put back when ``target`` is the empty folder this writer just found or made, and removed only
+    once ``target`` is a bundle; otherwise it is kept and the log says so. Returns True when ``target``
+    was replaced, so the caller must lock the restored folder again.
     """
-    # .OUT.<pid>.<8 chars from mkdtemp>.partial and .OUT.<pid>.old, nothing looser: a sibling bundle's
-    # folders (OUT.1's are .OUT.1.<pid>...) must never match.
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.(?:[A-Za-z0-9_]{{8}}\.partial|old)$")
+    # .OUT.<pid>.<8 random chars>.partial and .OUT.<pid>.<8 random chars>.old, nothing looser: a
+    # sibling bundle's folders (OUT.1's are .OUT.1.<pid>...) must never match.
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.\d+\.[A-Za-z0-9_]{{8}}\.(partial|old)$")
     try:
-        siblings = list(target.parent.iterdir())
+        siblings = sorted(p for p in target.parent.iterdir() if pattern.match(p.name))
     except OSError:
         return False
-    stale = [p for p in siblings if (m := pattern.match(p.name)) and not _alive(int(m.group(1)))]
-    for p in sorted(stale, key=lambda p: not p.name.endswith(".old")):
-        if p.name.endswith(".old") and is_bundle(p) and not is_bundle(target):
-            if target.is_dir() and not any(target.iterdir()):
+    dead = [p for p in siblings if p.is_dir() and not p.is_symlink() and _abandoned(p)]
+    for p in sorted(dead, key=lambda p: not p.name.endswith(".old")):
+        if p.name.endswith(".old") and not is_bundle(target):
+            if is_bundle(p) and target.is_dir() and not any(target.iterdir()):
                 os.rename(p, target)  # onto the empty folder: one atomic step
                 log(f"{target}: restored the earlier bundle from {p.name}, left by a run killed during its commit")
                 return True
             log(f"{target}: kept {p.name} (the earlier bundle, left by a run killed during its commit): "
                 f"{target} is not an mmopt bundle now. Move it back by hand if you need it.")
             continue
-        shutil.rmtree(p, ignore_errors=True)
-        log(f"{target}: removed {p.name}, left by an mmopt run that is gone")
+        _remove(p, target, log)
     return False
 
 
@@ -287,22 +349,40 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def swap_in(stage: Path, target: Path) -> None:
-    """Make ``stage`` the folder at ``target`` (which exists: the writer created it or holds its lock)."""
-    if _exchange(stage, target):
-        shutil.rmtree(stage, ignore_errors=True)  # ``stage`` now holds the old bundle
+def swap_in(stage: Path, target: Path, waiter: _Waiter) -> Path:
+    """Make ``stage`` the folder at ``target`` (which exists: this writer holds its lock). Returns where the
+    old bundle folder now is, for the caller to remove. Signals are held off for the duration: a Ctrl-C
+    lands after the swap, never in its middle."""
+    with _signals_deferred():
+        if _exchange(stage, target):
+            return stage  # ``stage`` now holds the old bundle
+        # Two renames. The parent's lock keeps new writers out of the gap between them; an exception in
+        # the gap puts the old bundle back; a kill in the gap is repaired by the next writer's ``recover``.
+        old = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
+        with _locked_dir(target.parent, waiter):
+            os.rename(target, old)
+            try:
+                os.rename(stage, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+        return old
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
         return
-    # Two renames. The parent's lock keeps new writers out of the gap between them; an exception in the
-    # gap puts the old bundle back; a kill in the gap is repaired by the next writer's ``recover``.
-    old = target.with_name(f".{target.name}.{os.getpid()}.old")
-    with _locked_dir(target.parent):
-        os.rename(target, old)
-        try:
-            os.rename(stage, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-    shutil.rmtree(old, ignore_errors=True)
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _umask() -> int:
@@ -368,19 +448,24 @@ def transaction(target: str | Path, keep_existing: bool = False, log: Log | None
     if not writable(target.parent):
         raise BundleError(f"{target}: its folder {target.parent} is not writable. Choose another output path.")
     while True:
-        with writer_lock(target, log) as created:
+        with writer_lock(target, log) as (created, waiter):
             if recover(target, log):
                 continue  # an earlier bundle was put back at target: lock that folder instead
-            with _commit(target, keep_existing, log, created) as stage:
+            with _commit(target, keep_existing, log, created, waiter) as stage:
                 yield stage
             return
 
 
+def _listing(folder: Path) -> list[tuple[str, int, int]]:
+    return sorted((e.name, e.stat(follow_symlinks=False).st_ino, e.stat(follow_symlinks=False).st_mtime_ns)
+                  for e in os.scandir(folder))
+
+
 @contextlib.contextmanager
-def _commit(target: Path, keep_existing: bool, log: Log, created: bool) -> Iterator[Path]:
+def _commit(target: Path, keep_existing: bool, log: Log, created: bool, waiter: _Waiter) -> Iterator[Path]:
     """The transaction's body, holding ``target``'s lock: stage, yield, check, swap; or clean up."""
     check_replaceable(target)
-    before = manifest_digest(target)
+    before, listed = manifest_digest(target), _listing(target)
     try:
         stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial",
                                       dir=target.parent))
@@ -388,23 +473,32 @@ def _commit(target: Path, keep_existing: bool, log: Log, created: bool) -> Itera
         _drop_if_empty(target, created)
         raise BundleError(f"{target}: cannot write beside it in {target.parent} ({e.strerror}). "
                           "Choose an output path in a folder you can write.") from None
+    stage_fd = _open_dir(stage)
+    _flock(stage_fd)  # marks the stage as live for ``recover`` in other processes
+    committed = False
     try:
         os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the bundle from a serving user
         if keep_existing:
             _copy_tree(target, stage)
         yield stage
-        if manifest_digest(target) != before:
-            raise BundleError(f"{target}: its manifest.json was changed by another process while this run "
-                              "worked on it (a writer that does not take mmopt's lock). Nothing was written; "
-                              "run again.")
+        if manifest_digest(target) != before or _listing(target) != listed:
+            raise BundleError(f"{target}: was changed by another process while this run worked on it (files "
+                              "added, removed or rewritten by something that does not take mmopt's lock). "
+                              "Nothing was written; run again.")
         _fsync_tree(stage)  # the new bundle is on disk before any name points at it
         try:
-            swap_in(stage, target)
+            old = swap_in(stage, target, waiter)
         except OSError as e:
             raise BundleError(f"{target}: the commit failed ({e.strerror}); the earlier bundle is unchanged. "
                               "Choose another output folder.") from None
+        committed = True
         _fsync(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
+        if committed:  # only a signal after the swap gets here: the new bundle is in place
+            if isinstance(e, KeyboardInterrupt):
+                log(f"{target}: interrupted just after the commit; the new bundle is in place")
+            raise
         shutil.rmtree(stage, ignore_errors=True)
         _drop_if_empty(target, created)
         if isinstance(e, KeyboardInterrupt):
@@ -412,12 +506,14 @@ def _commit(target: Path, keep_existing: bool, log: Log, created: bool) -> Itera
                                                                  if before is not None else ""))
         elif isinstance(e, MmoptError) and str(stage) in str(e):  # name the bundle, not the hidden stage
             e.args = (str(e).replace(str(stage), str(target)), *e.args[1:])
-        elif isinstance(e, OSError) and e.errno in _DISK_ERRORS:  # the disk, not mmopt: no traceback
-            where = str(e.filename or "").replace(str(stage), str(target))
-            raise BundleError(f"{target}: could not be written ({e.strerror}{': ' + where if where else ''}). "
-                              "Nothing was written; the earlier bundle, if any, is unchanged. Free space or "
-                              "choose another output folder.") from None
+        elif isinstance(e, OSError) and e.errno in _DISK_ERRORS and str(stage) in str(e.filename or ""):
+            where = str(e.filename).replace(str(stage), str(target))
+            raise BundleError(f"{target}: could not be written ({e.strerror}: {where}). Nothing was written; "
+                              "the earlier bundle, if any, is unchanged. Free space or choose another output "
+                              "folder.") from None
         raise
+    finally:
+        os.close(stage_fd)
 
 
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENAMETOOLONG,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmopt.bench import latency
+from mmopt.judge import latency
 from mmopt.bench.png import Canvas, encode_png, nice_ticks
 
 

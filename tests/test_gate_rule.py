@@ -1,4 +1,4 @@
-"""One gate rule for export, quantize and bench (``verify.tolerance_for``): an int8 encoder that
+"""One gate rule for export, quantize and bench (``judge.parity.tolerance_for``): an int8 encoder that
 ``mmopt quantize`` passed is judged the same way by ``mmopt bench``."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 
 from mmopt.bench import harness
-from mmopt.bench.compare import check_all
+from mmopt.judge.compare import check_all
 from mmopt.spec import DEFAULT_TOLERANCES, load_spec
-from mmopt.verify import tolerance_for
+from mmopt.judge.parity import tolerance_for
 
 
 def test_encoders_are_never_argmax_gated_fusion_and_pipeline_are(toy_bundle):

@@ -11,62 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
-import json
-import os
-import platform
-import resource
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmopt.bench import latency
-from mmopt.bench.backends import Opened, Variant, open_variant, resolve, variants
-from mmopt.bench.compare import Check, check_all, failures, merge
-from mmopt.bench.inputs import SOURCES, InputMaker, batch_dim, batch_sizes, evaluation_chunks
 from mmopt import reference
+from mmopt.bench.backends import Opened, Variant, open_variant, resolve, variants
+from mmopt.bench.inputs import SOURCES, InputMaker, batch_dim, batch_sizes, evaluation_chunks
+from mmopt.judge import latency
+from mmopt.judge.compare import Check, check_all, failures, merge
+from mmopt.judge.parity import summarise, tolerance_for, verify
 from mmopt.manifest import Manifest
 from mmopt.progress import Progress
+from mmopt.provenance import machine, peak_rss_mb, rss_mb, tool_versions
 from mmopt.spec import ModelSpec
-from mmopt.verify import summarise, tolerance_for, verify
 
 REPORT_SCHEMA = 1
 BENCH_SEED = 3000  # parity inputs: distinct from capture and export verification
-
-
-def fingerprint(manifest: Manifest) -> str:
-    """What makes two bundles comparable: the same model inputs, outputs and component interfaces
-    (re-exports of a retrained model keep it; another model does not)."""
-    d = manifest.to_json()
-    key = {k: d[k] for k in ("model_inputs", "model_outputs", "components")}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def rss_mb() -> float:
-    """Current resident set of this process (Linux /proc; peak RSS elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
-
-
-def machine() -> dict[str, Any]:
-    gpu = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        gpu = {"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1),
-               "compute_capability": f"{p.major}.{p.minor}"}
-    return {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
-            "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "gpu": gpu, "hostname": platform.node()}
 
 
 def _precisions(v: Variant) -> dict[str, str]:
@@ -75,7 +38,7 @@ def _precisions(v: Variant) -> dict[str, str]:
 
 def parity(o: Opened, model, spec: ModelSpec, split) -> list[Check]:
     """Every component and the pipeline at the min / opt / max shapes (identical seeds for all variants),
-    gated by the same rule as export and quantize (``verify.tolerance_for``)."""
+    gated by the same rule as export and quantize (``judge.parity.tolerance_for``)."""
     return verify(model, spec, split, o.components, _precisions(o.variant), seed=BENCH_SEED)
 
 
@@ -187,7 +150,6 @@ def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int
         config: str | Path | None = None, eval_samples: int | None = None, budget_s: float | None = 30.0,
         progress: Progress | None = None, trust_checkpoint: bool = False) -> dict[str, Any]:
     """Measure everything and return the report dict (no gates, no baseline: see ``mmopt.bench.gates``)."""
-    from mmopt.api import tool_versions
     from mmopt.errors import UsageError
 
     progress = progress or Progress()
@@ -196,7 +158,7 @@ def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int
         raise UsageError(f"--repeats must be >= 1 and warm-up >= 0 (got {repeats}, {warmup}).")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1 (got {threads}).")
-    manifest = Manifest.read(bundle).verified(bundle)
+    manifest = Manifest.read_verified(bundle)
     spec = reference.config_of(bundle, manifest, config)
     reference.check_checkpoint(bundle, manifest, spec)  # stale bundles are refused before any model code runs
     chosen, skipped = resolve(backends, manifest)  # usage errors first, before the model is built
@@ -214,7 +176,7 @@ def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA, "kind": "mmopt-bench-report",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "bundle": {"path": str(bundle), "fingerprint": fingerprint(manifest), "factory": manifest.model.get("factory"),
+        "bundle": {"path": str(bundle), "fingerprint": manifest.fingerprint(), "factory": manifest.model.get("factory"),
                    "config": str(spec.path), "created": manifest.created,
                    "artifacts": {a.id: a.sha256 for a in manifest.artifacts}},
         "machine": machine(), "tools": tool_versions(),

@@ -19,7 +19,7 @@ from mmopt.calibration import iterate
 from mmopt.errors import ConfigError, UsageError
 from mmopt.runners.eager import to_torch
 from mmopt.spec import ModelSpec
-from mmopt.verify import eager_io_for
+from mmopt.reference import eager_io_for
 
 SOURCES = ("random", "calibration", "evaluation")
 LATENCY_SEED = 2000  # distinct from capture (0..) and export verification (1000..) seeds

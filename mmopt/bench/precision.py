@@ -19,7 +19,7 @@ import torch
 
 from mmopt.calibration import iterate
 from mmopt.manifest import Manifest
-from mmopt.policy import median_ms
+from mmopt.judge.latency import median_ms
 from mmopt.precision import artifact_file, open_pipeline, policy_label
 
 
@@ -44,10 +44,10 @@ def compare(bundle: str | Path, spec: Any, model: torch.nn.Module, split: Any,
             variants: dict[str, dict[str, str] | None], batches: tuple[int, ...] = (1, 32), rounds: int = 20,
             threads: int = 1, samples: int | None | str = "config") -> dict[str, Any]:
     """One row per variant: precision, bytes, accuracy, parity vs eager, latency and ratio vs eager."""
-    from mmopt import evaluate as ev
+    from mmopt.judge import accuracy as ev
 
     bundle = Path(bundle)
-    manifest = Manifest.read(bundle).verified(bundle)
+    manifest = Manifest.read_verified(bundle)
     comps = list(split.components)
     rows: dict[str, dict[str, Any]] = {}
     for name, policy in variants.items():

@@ -7,25 +7,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from mmopt.bench.png import PALETTE, Axes, Canvas, GREY, log_ticks, nice_ticks, span, text_width
+from mmopt.store import atomic_write, writable
 
 FILES = {"json": "report.json", "markdown": "report.md", "png": "report.png"}
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def check_out(out_dir: str | Path, bundle: str | Path) -> None:
     """Refuse an output folder that cannot hold the reports, before minutes of measurement."""
     from mmopt.errors import UsageError
-    from mmopt.store import writable
 
     out, home = Path(out_dir).resolve(), Path(bundle).resolve()
     if out.exists() and not out.is_dir():
@@ -43,9 +36,9 @@ def write(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / v for k, v in FILES.items()}
-    _atomic(paths["json"], (json.dumps(report, indent=1, default=_default) + "\n").encode())
-    _atomic(paths["markdown"], markdown(report, FILES["png"]).encode())
-    _atomic(paths["png"], png_bytes(report))
+    atomic_write(paths["json"], (json.dumps(report, indent=1, default=_default) + "\n").encode())
+    atomic_write(paths["markdown"], markdown(report, FILES["png"]).encode())
+    atomic_write(paths["png"], png_bytes(report))
     return paths
 
 

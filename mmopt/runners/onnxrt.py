@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmopt.errors import BackendUnavailable, BundleError
+from mmopt.errors import BackendUnavailable, BundleError, describe
 from mmopt.runners.base import Runner
 from mmopt.spec import TensorSpec
 
@@ -53,8 +53,6 @@ class OnnxRuntimeRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=[PROVIDERS[self.device]])
         except Exception as e:  # not ONNX, truncated, or an op this onnxruntime lacks
-            from mmopt.checkpoint import describe
-
             raise BundleError(f"{self.path}: ONNX Runtime cannot load this graph of component '{self.name}' "
                               f"({describe(e)}). Re-export the bundle.") from None
         self._check_io()

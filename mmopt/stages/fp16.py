@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from mmopt.bench.compare import Check, check_all
+from mmopt.judge.compare import Check, check_all
 from mmopt.errors import PrecisionError
 from mmopt.stages import graph, ranges
 

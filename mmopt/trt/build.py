@@ -11,7 +11,6 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Callable, Iterator
 from mmopt.errors import BundleError, UsageError
 from mmopt.manifest import Artifact, Manifest, staged_bundle
 from mmopt.spec import CPU_ONLY
+from mmopt.store import atomic_write
 from mmopt.trt import api, device
 from mmopt.trt.compat import parse_cc
 from mmopt.trt.errors import HOW_TO_BUILD, OnnxParseError, TensorRTUnavailable
@@ -105,14 +105,6 @@ def _read_cache(path: Path | None) -> bytes | None:
         return b""
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Never write through an existing name: staged bundles hard-link the live bundle's files.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _sha(data: bytes | None) -> str | None:
     return hashlib.sha256(data).hexdigest() if data else None
 
@@ -166,13 +158,13 @@ def build_engines(bundle: str | Path, precision: str | None = None, options: Bui
     options = (options or BuildOptions()).validate()
     progress = progress or _Quiet()
     bundle = Path(bundle).resolve()
-    Manifest.read(bundle).verified(bundle)  # a bad bundle fails before the lock is waited for
+    Manifest.read_verified(bundle)  # a bad bundle fails before the lock is waited for
     if options.hardware_compatibility == "ampere+" and parse_cc(env.gpu.compute_capability) < (8, 0):
         raise UsageError(f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; this "
                          f"{env.gpu.name} has compute capability {env.gpu.compute_capability}.")
     with staged_bundle(bundle, keep_existing=True) as stage:
         # Sources, checks and sidecar hashes come from the manifest read under the lock.
-        out = Manifest.read(stage).verified(stage)
+        out = Manifest.read_verified(stage)
         sources = source_artifacts(out, precision)
         check_overrides([out.components[c] for c in dict.fromkeys(a.component for a in sources)], options.profiles)
         profiles = {a.component: profiles_for(out.components[a.component], options.profiles) for a in sources}
@@ -200,13 +192,13 @@ def _build_all(out: Manifest, stage: Path, sources: list[Artifact], profiles: di
         result = api.build_engine(out.file(stage, src), profiles[src.component], options, cache)
         seconds = time.perf_counter() - t0
         engine_file = f"{src.component}.{src.precision}.engine"
-        _write_atomic(stage / engine_file, result.engine)
+        atomic_write(stage / engine_file, result.engine)
         sidecar = make_sidecar(src, engine_file, result, env, profiles[src.component], options,
                                graphs[src.id], seconds, cache)
-        _write_atomic(stage / f"{engine_file}.json", (json.dumps(sidecar, indent=2) + "\n").encode())
+        atomic_write(stage / f"{engine_file}.json", (json.dumps(sidecar, indent=2) + "\n").encode())
         if result.timing_cache is not None and options.timing_cache is not None:
             cache = result.timing_cache
-            _write_atomic(Path(options.timing_cache).expanduser(), cache)
+            atomic_write(Path(options.timing_cache).expanduser(), cache)
         built.append(out.add(stage, src.component, "engine", src.precision, engine_file, parent=src.id,
                              config=options.to_json(), **sidecar))
         advance(1)

@@ -6,7 +6,8 @@ The transaction is mmopt's own (``mmopt.store.transaction``): it copies the bund
 and a manifest whose ``generation`` is one higher, and commits. STEP names the instant the process
 dies: ``staged`` (copy made), ``written`` (new manifest written in the stage), ``swapped`` (after the
 atomic exchange, before the old copy is removed), ``old-renamed`` / ``new-renamed`` (the two-rename
-fallback, after its first / second rename), or ``none`` (commit normally). ``--two-renames`` makes
+fallback, after its first / second rename), ``pause-between`` (sleep 2 s between the fallback's renames),
+``slow`` (sleep 1 s before committing) or ``none`` (commit normally). ``--two-renames`` makes
 the exchange unavailable, as on a kernel or filesystem without renameat2(RENAME_EXCHANGE).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from mmopt import store
@@ -42,6 +44,9 @@ def main() -> None:
         renames.append((a, b))
         if step == "old-renamed" and len(renames) == 1 and Path(a) == target:
             die()
+        if step == "pause-between" and len(renames) == 1:
+            print("between", flush=True)
+            time.sleep(2)
         if step == "new-renamed" and len(renames) == 2:
             die()
 
@@ -57,6 +62,9 @@ def main() -> None:
         (stage / "manifest.json").write_text(json.dumps(m))
         if step == "written":
             die()
+        if step == "slow":
+            print("staged", flush=True)
+            time.sleep(1)
     print("committed", m["generation"])
 
 

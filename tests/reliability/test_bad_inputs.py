@@ -479,7 +479,7 @@ def test_non_finite_eager_output_is_an_error_naming_the_output(project, value):
 def test_parity_never_passes_on_nan():
     import numpy as np
 
-    from mmopt.bench.compare import check_all
+    from mmopt.judge.compare import check_all
 
     ref = np.array([[1.0, np.nan]], np.float32)
     (c,) = check_all("x", {"y": ref}, {"y": ref.copy()}, {"max_abs": 1, "max_rel": 1, "min_cosine": 0,

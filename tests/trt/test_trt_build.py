@@ -68,7 +68,7 @@ def test_engines_sidecars_and_manifest_entries(bundle, fake, tmp_path):
     assert fake.calls[1][2] == b"[image.fp16.onnx]"  # the cache made by one build feeds the next
     assert cache.read_bytes() == b"[image.fp16.onnx][text.fp16.onnx]"
 
-    m = Manifest.read(bundle).verified(bundle)
+    m = Manifest.read_verified(bundle)
     art = m.by_id("image/engine/fp16")
     assert (art.stage, art.parent, art.precision) == ("engine", "image/precision/fp16", "fp16")
     side = json.loads((bundle / "image.fp16.engine.json").read_text())

@@ -9,64 +9,17 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 
-from mmopt.bench.compare import Check, check_all
-from mmopt.capture import Split, observe, random_inputs, to_numpy
-from mmopt.errors import CaptureError
+from mmopt.capture import Split
+from mmopt.judge.compare import Check, check_all
+from mmopt.reference import eager_io
 from mmopt.runners.base import Runner
 from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import SIZES, ModelSpec, precision_rank
 
 VERIFY_SEED = 1000  # distinct from the capture seeds: parity is checked on inputs never traced
-
-
-def eager_io(model: torch.nn.Module, spec: ModelSpec, split: Split, size: str, seed: int
-             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[dict, dict]]]:
-    """Model inputs, model outputs and each component's (inputs, outputs) at the declared ``size``."""
-    shapes = {n: spec.input_shape(n, size) for n in spec.inputs}
-    return eager_io_for(model, spec, split, random_inputs(spec, shapes, seed), size)
-
-
-def eager_io_for(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: dict[str, torch.Tensor],
-                 label: str = "given") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
-                                               dict[str, tuple[dict, dict]]]:
-    """As ``eager_io``, for given full-model inputs (any batch size, or the user's own data)."""
-    modules = {c: s.module for c, s in split.components.items() if s.module}
-    run = observe(model, spec, inputs, label, modules)
-    values: dict[str, Any] = {f"input:{n}": t for n, t in run.inputs.items()}
-    for comp, call in run.calls.items():
-        values.update({f"{comp}:{n}": leaf for n, leaf in call.outputs})
-    outputs = dict(run.outputs)
-    values.update({f"fusion:{n}": outputs[n] for n, src in split.output_sources.items() if src.startswith("fusion:")})
-    per_comp = {}
-    for comp, cs in split.components.items():
-        if comp in run.calls:
-            given = dict(run.calls[comp].inputs)
-            feeds = {t.name: to_numpy(given[t.name]) for t in cs.inputs}
-            got = dict(run.calls[comp].outputs)
-        else:  # remainder fusion: its inputs are wired values, its outputs model outputs
-            feeds = {t.name: to_numpy(values[cs.sources[t.name]]) for t in cs.inputs}
-            got = outputs
-        per_comp[comp] = (feeds, {t.name: to_numpy(got[t.name]) for t in cs.outputs})
-    model_in = {n: to_numpy(t) for n, t in run.inputs.items()}
-    model_out = {n: to_numpy(outputs[n]) for n in split.output_sources}
-    require_finite(spec, "model", model_out, label)
-    for comp, (_, refs) in per_comp.items():
-        require_finite(spec, f"component '{comp}'", refs, label)
-    return model_in, model_out, per_comp
-
-
-def require_finite(spec: ModelSpec, who: str, arrays: dict[str, np.ndarray], label: str) -> None:
-    """An eager reference holding NaN or Inf cannot prove anything equal to it: refuse it, naming it."""
-    for name, a in arrays.items():
-        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-            nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
-            raise CaptureError(f"{spec.path}: eager PyTorch's {who} output '{name}' at the {label} size (shape "
-                               f"{list(a.shape)}) holds {nan} NaN and {inf} Inf of {a.size} values. A reference "
-                               "that is not finite cannot prove parity: fix the model, or the [inputs] ranges "
-                               "that drive it there.")
+# The eager reference (eager_io, eager_io_for) lives in mmopt.reference, below every judge and job.
 
 
 def tolerance_for(spec: ModelSpec, split: Split, precisions: Mapping[str, str]) -> Callable[[str], dict[str, float]]:

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mmopt.bench.compare import measure
+from mmopt.judge.compare import measure
 from mmopt.calibration import iterate, take
 from mmopt.capture import flatten_named, to_numpy
 from mmopt.errors import ConfigError

@@ -84,6 +84,12 @@ def interleaved(timed: dict[str, Timed], repeats: int, warmup: int = 3,
     return samples
 
 
+def median_ms(calls: dict[Any, Callable[[], Any]], rounds: int = 15, warmup: int = 2) -> dict[Any, float]:
+    """p50 in milliseconds of each call, from ``interleaved`` rounds (for choosing between candidates)."""
+    samples = interleaved({k: Timed(fn) for k, fn in calls.items()}, rounds, warmup)
+    return {k: stats(v).p50 for k, v in samples.items()}
+
+
 def paired_ratio(samples: list[int], reference: list[int]) -> float:
     """Median over rounds of sample / reference-sample from the same round."""
     n = min(len(samples), len(reference))
