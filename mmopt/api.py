@@ -56,13 +56,14 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
     # stage have both succeeded.
     with staged_bundle(out_dir) as tmp:
         with tempfile.TemporaryDirectory(dir=tmp) as scratch:
-            raw, notes = {}, {}
+            raw, notes, simplified = {}, {}, {}
             with progress.task("export + simplify", len(comps)) as advance:
                 for comp in comps:
                     t = time.perf_counter()
                     raw[comp] = export_component(model, split, comp, Path(scratch) / f"{comp}.onnx")
                     _check_graph(raw[comp], comp)
                     ok, notes[comp] = simplify(raw[comp], tmp / f"{comp}.onnx")
+                    simplified[comp] = ok
                     if not ok:
                         shutil.copy(raw[comp], tmp / f"{comp}.onnx")
                     seconds[comp] = time.perf_counter() - t
@@ -70,9 +71,9 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
             with progress.task("verify vs eager (min/opt/max)", 1) as advance:
                 checks = _verify_files(model, spec, split, {c: tmp / f"{c}.onnx" for c in comps})
                 # A simplification that broke parity is undone: the raw export is the fallback.
-                broken = {c.where.split("@")[0] for c in checks if c.failed} & set(comps)
+                broken = {c.component for c in checks if c.failed} & set(comps)
                 for comp in broken:
-                    if notes[comp].endswith("nodes"):
+                    if simplified[comp]:
                         shutil.copy(raw[comp], tmp / f"{comp}.onnx")
                         notes[comp] = "simplified graph failed parity; kept the unsimplified export"
                 if broken:

@@ -316,7 +316,8 @@ def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: Mode
             raise CaptureError(f"{config}: field '{field_name}': input '{name}' of '{path}' is computed in the "
                                f"model's forward (by {what}) between the model inputs / encoders and this "
                                f"module. {fix}")
-        rng = spec.inputs[src[6:]].range if src.startswith("input:") else None
+        origin, _, source = src.partition(":")
+        rng = spec.inputs[source].range if origin == "input" else None
         inputs.append(tensor_spec(name, {s: runs[s].calls[comp].inputs[i][1] for s in SIZES}, spec.dims,
                                   sizes, f"component '{comp}' input '{name}'", rng))
         sources[name] = src

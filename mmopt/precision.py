@@ -139,8 +139,8 @@ def judge(model: Any, spec: ModelSpec, split: Any, runners: dict, policy: dict[s
         pipe = Pipeline(split.components, split.output_sources, runners)
         for i, batch in enumerate(cal.batches[:REAL_BATCHES]):
             for comp, (feeds, refs) in ((c, cal.feeds[c][i]) for c in split.components):
-                checks += check_all(f"{comp}@real{i}", refs, runners[comp].infer(feeds), tol(comp))
-            checks += check_all(f"pipeline@real{i}", cal.model_outputs[i], pipe.infer(batch), tol("pipeline"))
+                checks += check_all(comp, f"real{i}", refs, runners[comp].infer(feeds), tol(comp))
+            checks += check_all("pipeline", f"real{i}", cal.model_outputs[i], pipe.infer(batch), tol("pipeline"))
     return checks
 
 

@@ -32,7 +32,7 @@ def test_a_feature_vector_whose_argmax_flips_passes_the_encoder_gate_in_bench(to
     variant = harness.Variant("onnxruntime/int8", "onnxruntime", "cpu", "int8",
                               {"image": dataclasses.replace(toy_bundle.manifest.artifact("image"), precision="int8")})
     gate = tolerance_for(spec_like, toy_bundle.manifest, harness._precisions(variant))
-    (c,) = check_all("image@opt", {"f": ref}, {"f": out}, gate("image"))
+    (c,) = check_all("image", "opt", {"f": ref}, {"f": out}, gate("image"))
     assert c.metrics.argmax == 0.0 and not c.failed
-    (c,) = check_all("fusion@opt", {"f": ref}, {"f": out}, gate("fusion"))
+    (c,) = check_all("fusion", "opt", {"f": ref}, {"f": out}, gate("fusion"))
     assert c.failed  # a score output with every row flipped still fails

@@ -63,7 +63,7 @@ def task_scores(opened: list[Opened], spec: ModelSpec, split: Any, max_batch: in
             got = expected if o is ref else o.whole(feeds)
             correct[o.variant.id] += int((np.asarray(got[out_name]).argmax(-1) == labels).sum())
             if o is not ref:
-                for c in check_all("pipeline@data", expected, got, {"max_abs": 0, "max_rel": 0, "min_cosine": 0,
+                for c in check_all("pipeline", "data", expected, got, {"max_abs": 0, "max_rel": 0, "min_cosine": 0,
                                                                      "min_argmax": 0}):
                     metrics[o.variant.id].setdefault(c.metrics.name, []).append(c.metrics)
     scores = {vid: {"metric": "accuracy", "output": out_name, "samples": seen,
@@ -71,7 +71,7 @@ def task_scores(opened: list[Opened], spec: ModelSpec, split: Any, max_batch: in
     checks: dict[str, list[Check]] = {}
     for o in opened[1:]:
         tol = tolerance_for(spec, split, _precisions(o.variant))("pipeline")
-        checks[o.variant.id] = [Check("pipeline@data", m, failures(m, tol))
+        checks[o.variant.id] = [Check("pipeline", "data", m, failures(m, tol))
                                 for m in (merge(ms) for ms in metrics[o.variant.id].values())]
     return scores, checks
 

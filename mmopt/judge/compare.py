@@ -85,28 +85,35 @@ def failures(m: Metrics, tol: dict[str, float]) -> list[str]:
 
 @dataclass
 class Check:
-    """One measured output in one context (component, size, precision)."""
+    """One measured output of one ``component`` (or "pipeline") in one ``case`` (a size such as "opt", a
+    real batch such as "real0", "data"). Read the fields; ``where`` is only for display."""
 
-    where: str
+    component: str
+    case: str
     metrics: Metrics
     failed: list[str]
 
+    @property
+    def where(self) -> str:
+        return f"{self.component}@{self.case}"
+
     def to_json(self) -> dict[str, Any]:
-        return {"where": self.where, **self.metrics.to_json(), "failed": self.failed}
+        return {"where": self.where, "component": self.component, "case": self.case, **self.metrics.to_json(),
+                "failed": self.failed}
 
 
-def check_all(where: str, refs: dict[str, np.ndarray], outs: dict[str, np.ndarray],
+def check_all(component: str, case: str, refs: dict[str, np.ndarray], outs: dict[str, np.ndarray],
               tol: dict[str, float]) -> list[Check]:
     checks = []
     for name, ref in refs.items():
         if name not in outs:
-            checks.append(Check(where, measure(name, ref, np.full_like(ref, np.nan)), ["output missing"]))
+            checks.append(Check(component, case, measure(name, ref, np.full_like(ref, np.nan)), ["output missing"]))
             continue
         m = measure(name, ref, outs[name])
         why = failures(m, tol)
         if m.shape != tuple(np.shape(ref)):
             why = [f"shape {m.shape} != reference {tuple(np.shape(ref))}"]
-        checks.append(Check(where, m, why))
+        checks.append(Check(component, case, m, why))
     return checks
 
 

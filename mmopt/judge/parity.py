@@ -40,7 +40,7 @@ def tolerance_for(spec: ModelSpec, split: Split, precisions: Mapping[str, str]) 
 
 
 def verify(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: dict[str, Runner],
-           precisions: Mapping[str, str], label: str = "", seed: int = VERIFY_SEED) -> list[Check]:
+           precisions: Mapping[str, str], seed: int = VERIFY_SEED) -> list[Check]:
     """Check every component and the pipeline at min / opt / max, each gated by ``tolerance_for`` at the
     component's precision (``precisions``: component -> precision, fp32 where missing)."""
     tolerance = tolerance_for(spec, split, precisions)
@@ -50,8 +50,8 @@ def verify(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: dict[
         model_in, model_out, per_comp = eager_io(model, spec, split, size, seed + i)
         for comp, (feeds, refs) in per_comp.items():
             outs = runners[comp].infer(feeds)
-            checks += check_all(f"{label}{comp}@{size}", refs, outs, tolerance(comp))
-        checks += check_all(f"{label}pipeline@{size}", model_out, pipe.infer(model_in), tolerance("pipeline"))
+            checks += check_all(comp, size, refs, outs, tolerance(comp))
+        checks += check_all("pipeline", size, model_out, pipe.infer(model_in), tolerance("pipeline"))
     return checks
 
 
@@ -59,7 +59,7 @@ def summarise(checks: list[Check]) -> dict[str, dict[str, Any]]:
     """Worst figures per component (and pipeline) over sizes and outputs, for tables and the manifest."""
     out: dict[str, dict[str, Any]] = {}
     for c in checks:
-        key = c.where.split("@")[0]
+        key = c.component
         m = c.metrics
         s = out.setdefault(key, {"outputs": 0, "failed": 0, "cos_min": 1.0, "max_abs": 0.0, "max_rel": 0.0,
                                  "argmax": None})

@@ -171,7 +171,7 @@ def check(proto: onnx.ModelProto, cases: list[tuple[dict, dict]], tolerance: dic
     checks = []
     for i, (feeds, refs) in enumerate(cases):
         outs = ranges.run_all(sess, feeds)
-        checks += check_all(f"{where}@case{i}", refs, outs, tolerance)
+        checks += check_all(where, f"case{i}", refs, outs, tolerance)
     return checks
 
 

@@ -482,7 +482,7 @@ def test_parity_never_passes_on_nan():
     from mmopt.judge.compare import check_all
 
     ref = np.array([[1.0, np.nan]], np.float32)
-    (c,) = check_all("x", {"y": ref}, {"y": ref.copy()}, {"max_abs": 1, "max_rel": 1, "min_cosine": 0,
+    (c,) = check_all("x", "opt", {"y": ref}, {"y": ref.copy()}, {"max_abs": 1, "max_rel": 1, "min_cosine": 0,
                                                           "min_argmax": 0})
     assert c.failed and "NaN" in c.failed[0]
 
