@@ -12,8 +12,7 @@ from typing import Any
 
 import onnx
 
-from mmopt.capture import Split, split as capture_split
-from mmopt.checkpoint import build_model
+from mmopt.capture import Split
 from mmopt.errors import ExportError
 from mmopt.judge.compare import Check, raise_on_failures
 from mmopt.judge.parity import summarise, verify
@@ -46,10 +45,11 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
     """mmopt.toml -> a verified bundle of one ONNX graph per component, written atomically."""
     progress = progress or Progress()
     t0 = time.perf_counter()
+    from mmopt import reference
+
     spec = load_spec(config)
-    model = build_model(spec, trust_checkpoint)
+    model, split = reference.built(spec, trust_checkpoint)  # later commands in this process reuse both
     progress.log(f"loaded {spec.factory} ({sum(p.numel() for p in model.parameters()):,} parameters)")
-    split = capture_split(model, spec)
     seconds: dict[str, float] = {"load_and_capture": time.perf_counter() - t0}
     comps = list(split.components)
     # One transaction: the earlier bundle at out_dir stays until the fp32 export *and* the [precision]

@@ -20,7 +20,7 @@ import onnx
 from mmopt import calibration, reference
 from mmopt.judge.compare import Check, check_all, raise_on_failures
 from mmopt.errors import ConfigError, PrecisionError, Unconvertible, describe
-from mmopt.manifest import Manifest, staged_bundle
+from mmopt.manifest import Manifest, sha256_file, staged_bundle
 from mmopt.progress import Progress
 from mmopt.reference import eager_io
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
@@ -115,10 +115,13 @@ class EmulatedFp16Runner(CheckingRunner):
 def open_pipeline(split_components: dict, output_sources: dict[str, str], files: dict[str, Path],
                   policy: dict[str, str], scratch: Path, threads: int | None = None,
                   emulate_fp16: bool = True) -> Iterator[tuple[Pipeline, dict[str, OnnxRuntimeRunner]]]:
-    """Runners for ``files`` (fp16 graphs as their CPU emulation unless told otherwise) and their pipeline."""
+    """Runners for ``files`` (fp16 graphs as their CPU emulation unless told otherwise) and their pipeline.
+    The pipeline's ``memo_key`` (its graphs' sha256 and how fp16 runs) lets ``judge.accuracy`` score the
+    same graphs once per process."""
     with contextlib.ExitStack() as stack:
-        runners = {}
+        runners, key = {}, []
         for comp, path in files.items():
+            key.append((comp, sha256_file(path), policy.get(comp) == "fp16" and emulate_fp16))
             cls = OnnxRuntimeRunner if threads else CheckingRunner  # given threads: timed as users run it
             if policy.get(comp) == "fp16" and emulate_fp16:
                 emu = Path(scratch) / f"{comp}.fp16.emulated.onnx"
@@ -127,7 +130,9 @@ def open_pipeline(split_components: dict, output_sources: dict[str, str], files:
                 path, cls = emu, EmulatedFp16Runner
             spec = split_components[comp]
             runners[comp] = stack.enter_context(cls(path, spec.inputs, spec.outputs, name=comp, threads=threads))
-        yield Pipeline(split_components, output_sources, runners), runners
+        pipe = Pipeline(split_components, output_sources, runners)
+        pipe.memo_key = ("onnx", tuple(sorted(key)))  # type: ignore[attr-defined]
+        yield pipe, runners
 
 
 def judge(model: Any, spec: ModelSpec, split: Any, runners: dict, policy: dict[str, str],

@@ -82,15 +82,30 @@ def load(bundle: str | Path, manifest: Manifest, config: str | Path | None = Non
     return build(bundle, manifest, spec, trust_checkpoint)
 
 
-def build(bundle: str | Path, manifest: Manifest, spec: ModelSpec, trust_checkpoint: bool = False) -> Reference:
-    """The model of a spec that ``config_of`` and ``check_checkpoint`` accepted, built and captured."""
+_BUILT: dict[tuple, tuple[torch.nn.Module, Any]] = {}  # one model per process: the last one built
+
+
+def built(spec: ModelSpec, trust_checkpoint: bool = False) -> tuple[torch.nn.Module, Any]:
+    """The eager model of ``spec`` and its capture, built once per process for one version of the config
+    and checkpoint (``mmopt demo`` quantizes, compares and benches one model: it is built and captured
+    once). The model is in eval mode and nothing in mmopt mutates it."""
     from mmopt.capture import split as capture_split
     from mmopt.checkpoint import build_model
 
-    bundle = Path(bundle)
-    model = build_model(spec, trust_checkpoint)
-    split = capture_split(model, spec)
-    check_matches(bundle, manifest, spec, split)
+    key = (str(spec.path), sha256_file(spec.path), sha256_file(spec.checkpoint) if spec.checkpoint and
+           spec.checkpoint.is_file() else None, repr(spec), trust_checkpoint)
+    if key not in _BUILT:
+        model = build_model(spec, trust_checkpoint)
+        split = capture_split(model, spec)
+        _BUILT.clear()  # hold one model at most: a long-lived process may go through many
+        _BUILT[key] = (model, split)
+    return _BUILT[key]
+
+
+def build(bundle: str | Path, manifest: Manifest, spec: ModelSpec, trust_checkpoint: bool = False) -> Reference:
+    """The model of a spec that ``config_of`` and ``check_checkpoint`` accepted, built and captured."""
+    model, split = built(spec, trust_checkpoint)
+    check_matches(Path(bundle), manifest, spec, split)
     return Reference(spec, model, split)
 
 

@@ -12,14 +12,11 @@ def run(bundle: Path, rounds: int = 10) -> dict[str, Any]:
     engine is built from) and to the CPU int8 policy (the image encoder int8-cpu, the other components
     "auto": the policy search picks among int8-cpu / int8-dynamic / fp32 on this machine), then print and
     return the side-by-side comparison."""
-    from mmopt import api
+    from mmopt import api, reference
     from mmopt.bench.precision import compare
-    from mmopt.capture import split as capture_split
-    from mmopt.checkpoint import build_model
     from mmopt.cli import console
     from mmopt.manifest import Manifest
     from mmopt.progress import RichProgress
-    from mmopt.spec import load_spec
 
     manifest = Manifest.read(bundle)
     comps = list(manifest.components)
@@ -31,10 +28,8 @@ def run(bundle: Path, rounds: int = 10) -> dict[str, Any]:
     api.quantize(bundle, precision=fp16, progress=progress, sensitivity=False)
     api.quantize(bundle, precision=int8, progress=progress, sensitivity=False)
     chosen = api.quantize(bundle, precision=cpu, progress=progress).policy
-    spec = load_spec(manifest.model["config"])
-    model = build_model(spec)
-    split = capture_split(model, spec)
-    report = compare(bundle, spec, model, split, {"eager fp32": None, "onnx fp32": {}, "fp16": fp16,
+    ref = reference.load(bundle, Manifest.read(bundle))  # the model quantize built: built once per process
+    report = compare(bundle, ref.spec, ref.model, ref.split, {"eager fp32": None, "onnx fp32": {}, "fp16": fp16,
                                                   "int8 (TensorRT form)": int8, "int8 (CPU form)": chosen},
                      batches=(32,), rounds=rounds)
     console.print(table(report))

@@ -14,7 +14,6 @@ from mmopt.judge.compare import measure
 from mmopt.calibration import iterate, take
 from mmopt.capture import flatten_named, to_numpy
 from mmopt.errors import ConfigError
-from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import ModelSpec
 
 Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -33,11 +32,55 @@ def eager_predictor(model: torch.nn.Module, threads: int | None = 1) -> Predict:
         finally:
             torch.set_num_threads(before)
         return {n: to_numpy(t) for n, t in flatten_named(out, "")[0] if isinstance(t, torch.Tensor)}
+    predict.memo_key = ("eager", id(model))  # type: ignore[attr-defined]
+    predict.keeps = model  # type: ignore[attr-defined]  # alive while memoised: its id is never reused
     return predict
 
 
-def pipeline_predictor(pipe: Pipeline) -> Predict:
-    return pipe.infer
+def memo_key(predict: Predict) -> tuple | None:
+    """What identifies a predictor's outputs: eager on one model object, or a pipeline of given graph files
+    (``Pipeline.memo_key``). None: not memoised (e.g. the policy search's shared-runner pipelines)."""
+    owner = getattr(predict, "__self__", None)
+    return getattr(predict, "memo_key", None) or getattr(owner, "memo_key", None)
+
+
+# (predictor key, data source, sample limit) -> (labels per batch, scores per batch, what keeps the key valid)
+_SCORES: dict[tuple, tuple[list[np.ndarray], list[np.ndarray], object]] = {}
+_SCORES_MAX = 16
+
+
+def _batches(spec: ModelSpec, predictors: dict[str, Predict], limit: int | None
+             ) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """Labels and each predictor's score output per batch. A predictor scored before on the same data in
+    this process (same key) is not run again; the data is read only if some predictor needs it."""
+    ev = spec.evaluation
+    keys = {label: memo_key(p) for label, p in predictors.items()}
+    done = {label: _SCORES[(k, ev.source, limit)] for label, k in keys.items() if (k, ev.source, limit) in _SCORES}
+    scores: dict[str, list[np.ndarray]] = {label: list(d[1]) for label, d in done.items()}
+    todo = {label: p for label, p in predictors.items() if label not in done}
+    if not todo:
+        return list(next(iter(done.values()))[0]), scores
+    labels_seen: list[np.ndarray] = []
+    for label in todo:
+        scores[label] = []
+    for inputs, labels in take(iterate(spec, ev.source, "evaluation.source", labelled=True), limit):
+        labels_seen.append(labels)
+        for label, predict in todo.items():
+            out = predict(inputs)
+            if ev.output not in out:
+                raise ConfigError(f"{spec.path}: field 'evaluation.output': the model has no output "
+                                  f"'{ev.output}'. Its outputs are: {', '.join(out)}.")
+            s = np.asarray(out[ev.output])
+            if s.ndim < 2 or s.shape[0] != len(labels):
+                raise ConfigError(f"{spec.path}: field 'evaluation.output': '{ev.output}' has shape "
+                                  f"{list(s.shape)}; argmax accuracy needs [batch, classes] scores.")
+            scores[label].append(s.reshape(len(labels), -1))
+    for label, p in todo.items():
+        if keys[label] is not None:
+            if len(_SCORES) >= _SCORES_MAX:
+                _SCORES.pop(next(iter(_SCORES)))
+            _SCORES[(keys[label], ev.source, limit)] = (labels_seen, scores[label], getattr(p, "keeps", p))
+    return labels_seen, scores
 
 
 def evaluate(spec: ModelSpec, predictors: dict[str, Predict], samples: int | None | str = "config",
@@ -50,28 +93,17 @@ def evaluate(spec: ModelSpec, predictors: dict[str, Predict], samples: int | Non
     ev = spec.evaluation
     if ev is None:
         raise ConfigError(f"{spec.path}: no [evaluation] table; add one to score pipelines on labelled data.")
-    correct = {k: 0 for k in predictors}
-    parity = {k: {"cos_min": 1.0, "max_abs": 0.0} for k in predictors}
-    seen = 0
     limit = ev.samples if samples == "config" else samples
-    for inputs, labels in take(iterate(spec, ev.source, "evaluation.source", labelled=True), limit):
-        ref = None
-        for label, predict in sorted(predictors.items(), key=lambda kv: kv[0] != parity_to):
-            out = predict(inputs)
-            if ev.output not in out:
-                raise ConfigError(f"{spec.path}: field 'evaluation.output': the model has no output "
-                                  f"'{ev.output}'. Its outputs are: {', '.join(out)}.")
-            scores = np.asarray(out[ev.output])
-            if scores.ndim < 2 or scores.shape[0] != len(labels):
-                raise ConfigError(f"{spec.path}: field 'evaluation.output': '{ev.output}' has shape "
-                                  f"{list(scores.shape)}; argmax accuracy needs [batch, classes] scores.")
-            correct[label] += int((scores.reshape(len(labels), -1).argmax(-1) == labels).sum())
-            if parity_to is not None:
-                ref = scores if label == parity_to else ref
-                m = measure(ev.output, ref, scores)
+    labels_seen, scores = _batches(spec, predictors, limit)
+    correct = {k: sum(int((s.argmax(-1) == y).sum()) for s, y in zip(scores[k], labels_seen)) for k in predictors}
+    parity = {k: {"cos_min": 1.0, "max_abs": 0.0} for k in predictors}
+    if parity_to is not None:
+        for label in predictors:
+            for ref, s in zip(scores[parity_to], scores[label]):
+                m = measure(ev.output, ref, s)
                 parity[label] = {"cos_min": min(parity[label]["cos_min"], m.cos_min),
                                  "max_abs": max(parity[label]["max_abs"], m.max_abs)}
-        seen += len(labels)
+    seen = sum(len(y) for y in labels_seen)
     if seen == 0:
         raise ConfigError(f"{spec.path}: field 'evaluation.source': {ev.source}() yielded no batches.")
     out = {"metric": f"argmax accuracy of '{ev.output}'", "output": ev.output, "source": ev.source,
