@@ -17,27 +17,18 @@ import numpy as np
 import torch
 
 from mmopt.capture import Split
+from mmopt import dtypes
 from mmopt.checkpoint import import_ref
+from mmopt.dtypes import to_numpy
 from mmopt.errors import CalibrationError, describe, where_raised
 from mmopt.reference import eager_io_for
 from mmopt.spec import ModelSpec
-
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-             "bool": np.bool_, "bfloat16": np.float32}
-
 
 def _batch_dim(spec: ModelSpec) -> str | None:
     """The dim every input has as axis 0 (the batch), if there is one."""
     firsts = {i.shape[0] if i.shape else None for i in spec.inputs.values()}
     dim = firsts.pop() if len(firsts) == 1 else None
     return dim if isinstance(dim, str) else None
-
-
-def _to_numpy(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        return value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
-    return value
 
 
 def check_batch(spec: ModelSpec, batch: Any, where: str) -> dict[str, np.ndarray]:
@@ -56,11 +47,11 @@ def check_batch(spec: ModelSpec, batch: Any, where: str) -> dict[str, np.ndarray
     out: dict[str, np.ndarray] = {}
     seen_dims: dict[str, tuple[int, str]] = {}
     for name in [n for n in names if n in batch]:
-        inp, arr = spec.inputs[name], _to_numpy(batch[name])
+        inp, arr = spec.inputs[name], to_numpy(batch[name])
         if not isinstance(arr, np.ndarray):
             problems.append(f"{name}: is a {type(arr).__name__}, expected a numpy array or torch tensor")
             continue
-        want = np.dtype(NP_DTYPES[inp.dtype])
+        want = np.dtype(dtypes.NUMPY[inp.dtype])
         if arr.dtype != want:
             problems.append(f"{name}: dtype {arr.dtype}, expected {want.name} (convert with .astype(np.{want.name}))")
         if arr.ndim != len(inp.shape):
@@ -133,7 +124,7 @@ def iterate(spec: ModelSpec, ref: str, field: str, labelled: bool = False) -> It
         if labelled:
             if not (isinstance(item, (tuple, list)) and len(item) == 2):
                 raise CalibrationError(f"{where} is a {type(item).__name__}; it must be an (inputs, labels) pair.")
-            item, labels = item[0], np.asarray(_to_numpy(item[1]))
+            item, labels = item[0], np.asarray(to_numpy(item[1]))
         inputs = check_batch(spec, item, where)
         if labelled:
             n = len(next(iter(inputs.values())))

@@ -13,17 +13,14 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from mmopt import dtypes
 from mmopt.errors import CaptureError, describe, where_raised
 from mmopt.spec import SIZES, ComponentSpec, Dim, ModelSpec, TensorSpec
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,17 +47,17 @@ def random_inputs(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], seed: int
             # A valid padding mask: each row keeps a prefix of at least half its length.
             length = shape[-1]
             keep = torch.randint((length + 1) // 2, length + 1, shape[:-1] + (1,), generator=g)
-            out[name] = (torch.arange(length).expand(shape) < keep).to(TORCH_DTYPES[inp.dtype])
+            out[name] = (torch.arange(length).expand(shape) < keep).to(dtypes.torch_dtype(inp.dtype))
         elif inp.dtype in ("int64", "int32"):
             lo, hi = inp.range  # type: ignore[misc]
-            out[name] = torch.randint(int(lo), int(hi) + 1, shape, generator=g, dtype=TORCH_DTYPES[inp.dtype])
+            out[name] = torch.randint(int(lo), int(hi) + 1, shape, generator=g, dtype=dtypes.torch_dtype(inp.dtype))
         else:
             if inp.range is not None:
                 lo, hi = inp.range
                 x = torch.rand(shape, generator=g) * (hi - lo) + lo
             else:
                 x = torch.randn(shape, generator=g)
-            out[name] = x.to(TORCH_DTYPES[inp.dtype])
+            out[name] = x.to(dtypes.torch_dtype(inp.dtype))
     return out
 
 
@@ -204,10 +201,11 @@ def observe(model: torch.nn.Module, spec: ModelSpec, inputs: dict[str, torch.Ten
 # From three runs to specs
 
 def _dtype(t: torch.Tensor, where: str) -> str:
-    if t.dtype not in DTYPE_NAMES:
+    name = dtypes.name_of(t.dtype)
+    if name is None:
         raise CaptureError(f"{where} has dtype {t.dtype}, which mmopt cannot export. Supported: "
-                           f"{', '.join(TORCH_DTYPES)}.")
-    return DTYPE_NAMES[t.dtype]
+                           f"{', '.join(dtypes.NAMES)}.")
+    return name
 
 
 def tensor_spec(name: str, per_size: dict[str, torch.Tensor], dims: dict[str, Dim],
@@ -397,10 +395,3 @@ def remainder_fusion(model: torch.nn.Module, spec: ModelSpec, runs: dict[str, Ru
     out_per = {n: {s: dict(runs[s].outputs)[n] for s in SIZES} for n in fusion_outputs}
     outputs = [tensor_spec(n, out_per[n], spec.dims, sizes, f"fusion output '{n}'") for n in fusion_outputs]
     return ComponentSpec("fusion", "fusion", "", tuple(inputs), tuple(outputs), fsources), sources
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.numpy()

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmopt.capture import Split, observe, random_inputs, to_numpy
+from mmopt.capture import Split, observe, random_inputs
+from mmopt.dtypes import to_numpy
 from mmopt.errors import BundleError, CaptureError
 from mmopt.manifest import Manifest, external_path, sha256_file
 from mmopt.spec import ModelSpec, load_spec

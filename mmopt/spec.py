@@ -17,11 +17,7 @@ from typing import Any
 
 from mmopt.errors import ConfigError
 
-DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
-LIMITS = {"float32": (-3.4028234663852886e38, 3.4028234663852886e38), "float16": (-65504.0, 65504.0),
-          "bfloat16": (-3.3895313892515355e38, 3.3895313892515355e38), "int64": (-2 ** 63, 2 ** 63 - 1),
-          "int32": (-2 ** 31, 2 ** 31 - 1), "bool": (0, 1)}
+from mmopt.dtypes import ITEMSIZE, LIMITS, NAMES as DTYPES  # noqa: E402  (the one dtype table)
 # Ordered from the most to the least faithful (the pipeline is judged by its least faithful part).
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-cpu", "int8")
 CPU_ONLY = ("int8-dynamic", "int8-cpu")  # ONNX Runtime forms TensorRT cannot build

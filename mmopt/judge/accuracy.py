@@ -12,7 +12,8 @@ import torch
 
 from mmopt.judge.compare import measure
 from mmopt.calibration import iterate, take
-from mmopt.capture import flatten_named, to_numpy
+from mmopt.capture import flatten_named
+from mmopt.dtypes import to_numpy
 from mmopt.errors import ConfigError
 from mmopt.spec import ModelSpec
 

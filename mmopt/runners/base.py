@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from mmopt import dtypes
 from mmopt.errors import UsageError
 from mmopt.spec import TensorSpec
 
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-             "bool": np.bool_, "bfloat16": np.float32}  # bfloat16 feeds travel as float32 in numpy
 
 
 class Runner:
@@ -58,7 +57,7 @@ class Runner:
             if name not in feeds:
                 continue
             arr = feeds[name]
-            want = NP_DTYPES[spec.dtype]
+            want = dtypes.NUMPY[spec.dtype]
             if arr.dtype != want:
                 problems.append(f"{name}: dtype {arr.dtype}, expected {np.dtype(want).name}")
             if arr.ndim != len(spec.shape):

@@ -6,13 +6,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmopt.capture import TORCH_DTYPES, flatten_named, to_numpy
+from mmopt.capture import flatten_named
+from mmopt.dtypes import to_numpy, torch_dtype
 from mmopt.runners.base import Runner
 from mmopt.spec import TensorSpec
 
 
 def to_torch(feeds: dict[str, np.ndarray], specs: dict[str, TensorSpec], device: str) -> dict[str, torch.Tensor]:
-    return {n: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=TORCH_DTYPES[specs[n].dtype])
+    return {n: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=torch_dtype(specs[n].dtype))
             for n, a in feeds.items()}
 
 

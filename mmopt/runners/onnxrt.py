@@ -5,13 +5,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mmopt import dtypes
 from mmopt.errors import BackendUnavailable, BundleError, describe
 from mmopt.runners.base import Runner
 from mmopt.spec import TensorSpec
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
 
 
 def available_devices() -> list[str]:
@@ -81,7 +81,7 @@ class OnnxRuntimeRunner(Runner):
             for name, spec in want.items():
                 if name not in have:
                     continue
-                dtype = ORT_TYPES.get(have[name].type, have[name].type)
+                dtype = dtypes.ONNXRUNTIME.get(have[name].type, have[name].type)
                 if dtype != spec.dtype:
                     problems.append(f"{kind} '{name}' is {dtype}, the component's is {spec.dtype}")
                 shape = have[name].shape

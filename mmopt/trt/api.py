@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from mmopt import dtypes
 from mmopt.trt.compat import parse_version
 from mmopt.trt.errors import (HOW_TO_BUILD, EngineBuildError, EngineLoadError, OnnxParseError,
                               TensorRTFeatureUnavailable, TensorRTUnavailable, parser_error_message)
@@ -27,9 +28,7 @@ from mmopt.trt.profiles import Profile
 # test requires every ``trt.`` name used here that a tested version lacks to be listed, and guarded.
 SINCE: dict[str, tuple[int, int]] = {"HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY": (10, 9)}
 
-# TensorRT data type name -> numpy dtype name (bfloat16 travels as float32 in numpy, see runners.base).
-DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
-          "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+DTYPES = dtypes.TENSORRT  # TensorRT data type name -> numpy dtype name (the one table: mmopt.dtypes)
 
 _state: dict[str, Any] = {}
 

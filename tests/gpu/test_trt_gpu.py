@@ -50,7 +50,7 @@ def engines(bundle, tmp_path_factory):
 
 
 def _feeds(specs, size: str = "opt", seed: int = 0) -> dict[str, np.ndarray]:
-    from mmopt.runners.base import NP_DTYPES
+    from mmopt.dtypes import NUMPY as NP_DTYPES
 
     rng = np.random.default_rng(seed)
     out = {}
