@@ -12,7 +12,8 @@ from typing import Any
 
 import onnx
 
-from mmopt.capture import Split
+from mmopt.capture import Split, split as capture_split
+from mmopt.checkpoint import build_model
 from mmopt.errors import ExportError
 from mmopt.judge.compare import Check, raise_on_failures
 from mmopt.judge.parity import summarise, verify
@@ -48,7 +49,8 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
     from mmopt import reference
 
     spec = load_spec(config)
-    model, split = reference.built(spec, trust_checkpoint)  # later commands in this process reuse both
+    model = build_model(spec, trust_checkpoint)
+    split = capture_split(model, spec)
     progress.log(f"loaded {spec.factory} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     seconds: dict[str, float] = {"load_and_capture": time.perf_counter() - t0}
     comps = list(split.components)
@@ -91,6 +93,7 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
             manifest.results["parity"] = {"fp32": summarise(checks)}
             manifest.results["export_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
             manifest.write(tmp)
+            reference.remember(spec, trust_checkpoint, manifest, model, split)  # later commands reuse it
         result = ExportResult(Path(os.path.abspath(out_dir)), manifest, checks, seconds)
         if any(p != "fp32" for p in spec.precision.values()):
             from mmopt.precision import convert_in

@@ -121,7 +121,9 @@ def open_pipeline(split_components: dict, output_sources: dict[str, str], files:
     with contextlib.ExitStack() as stack:
         runners, key = {}, []
         for comp, path in files.items():
-            key.append((comp, sha256_file(path), policy.get(comp) == "fp16" and emulate_fp16))
+            data = path.with_name(path.name + ".data")  # a graph past 2 GB keeps its weights beside it
+            key.append((comp, sha256_file(path), sha256_file(data) if data.exists() else None,
+                        policy.get(comp) == "fp16" and emulate_fp16))
             cls = OnnxRuntimeRunner if threads else CheckingRunner  # given threads: timed as users run it
             if policy.get(comp) == "fp16" and emulate_fp16:
                 emu = Path(scratch) / f"{comp}.fp16.emulated.onnx"

@@ -83,29 +83,36 @@ def load(bundle: str | Path, manifest: Manifest, config: str | Path | None = Non
     return build(bundle, manifest, spec, trust_checkpoint)
 
 
-_BUILT: dict[tuple, tuple[torch.nn.Module, Any]] = {}  # one model per process: the last one built
+_BUILT: dict[tuple, tuple[torch.nn.Module, Any]] = {}  # one model per process: the last one exported or built
 
 
-def built(spec: ModelSpec, trust_checkpoint: bool = False) -> tuple[torch.nn.Module, Any]:
-    """The eager model of ``spec`` and its capture, built once per process for one version of the config
-    and checkpoint (``mmopt demo`` quantizes, compares and benches one model: it is built and captured
-    once). The model is in eval mode and nothing in mmopt mutates it."""
-    from mmopt.capture import split as capture_split
-    from mmopt.checkpoint import build_model
+def _key(spec: ModelSpec, trust_checkpoint: bool, manifest: Manifest) -> tuple:
+    """A model is reused only for the bundle it was exported to (its fp32 graphs' sha256): weights a factory
+    loads by itself, or model code reloaded since, cannot make a later command judge against another model."""
+    exported = tuple(sorted((a.id, a.sha256) for a in manifest.artifacts if a.stage == "export"))
+    return (str(spec.path), repr(spec), trust_checkpoint, exported)
 
-    key = (str(spec.path), sha256_file(spec.path), sha256_file(spec.checkpoint) if spec.checkpoint and
-           spec.checkpoint.is_file() else None, repr(spec), trust_checkpoint)
-    if key not in _BUILT:
-        model = build_model(spec, trust_checkpoint)
-        split = capture_split(model, spec)
-        _BUILT.clear()  # hold one model at most: a long-lived process may go through many
-        _BUILT[key] = (model, split)
-    return _BUILT[key]
+
+def remember(spec: ModelSpec, trust_checkpoint: bool, manifest: Manifest, model: torch.nn.Module, split: Any) -> None:
+    """Record the model ``mmopt export`` just built and exported as ``manifest``'s, for later commands of this
+    process (``mmopt demo`` quantizes, compares and benches that bundle: the model is built and captured once)."""
+    _BUILT.clear()  # hold one model at most: a long-lived process may go through many
+    _BUILT[_key(spec, trust_checkpoint, manifest)] = (model, split)
 
 
 def build(bundle: str | Path, manifest: Manifest, spec: ModelSpec, trust_checkpoint: bool = False) -> Reference:
-    """The model of a spec that ``config_of`` and ``check_checkpoint`` accepted, built and captured."""
-    model, split = built(spec, trust_checkpoint)
+    """The model of a spec that ``config_of`` and ``check_checkpoint`` accepted, built and captured (or the
+    one this process exported this very bundle from). The model is in eval mode; nothing in mmopt mutates it."""
+    from mmopt.capture import split as capture_split
+    from mmopt.checkpoint import build_model
+
+    key = _key(spec, trust_checkpoint, manifest)
+    if key not in _BUILT:
+        model = build_model(spec, trust_checkpoint)
+        split = capture_split(model, spec)
+        _BUILT.clear()
+        _BUILT[key] = (model, split)
+    model, split = _BUILT[key]
     check_matches(Path(bundle), manifest, spec, split)
     return Reference(spec, model, split)
 

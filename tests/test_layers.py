@@ -41,3 +41,19 @@ def test_an_upward_import_breaks_the_contract(tmp_path):
         f.write("\n\ndef _upward():\n    from mmopt import api  # noqa: F401\n")
     r = _lint(tmp_path, tmp_path / "pyproject.toml")
     assert r.returncode == 1 and "mmopt.store -> mmopt.api" in r.stdout, r.stdout + r.stderr
+
+
+def test_names_from_the_trt_package_are_imported_only_by_the_cli():
+    """``mmopt.trt`` re-exports names lazily (importlib strings the contract cannot see): only the CLI may
+    use them; everything else imports TensorRT's modules by name, which the contract checks."""
+    import ast
+
+    trt = ROOT / "mmopt" / "trt"
+    hidden = []
+    for path in (ROOT / "mmopt").rglob("*.py"):
+        if "cli" in path.relative_to(ROOT / "mmopt").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "mmopt.trt":
+                hidden += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names if not (trt / f"{a.name}.py").exists()]
+    assert hidden == []

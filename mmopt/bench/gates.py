@@ -8,6 +8,7 @@ false alarms on a noisy machine. Component rows are still compared side by side 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,13 @@ def _ratio_regressed(r: dict[str, Any], b: dict[str, Any], max_regression: float
     even the low end of this run's bootstrap interval is slower than the baseline's high end by more
     than ``max_regression``. Runs without an interval (older reports) use the point ratio."""
     now, then = r.get("ratio_vs_eager"), b.get("ratio_vs_eager")
-    if not now or not then:
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in (now, then)):
         return 0.0, False
     change = now / then - 1
     low = (r.get("ratio_ci95") or [now])[0]
     high = (b.get("ratio_ci95") or [None, then])[-1]
+    if not high or high <= 0:
+        return change, False
     return change, low / high - 1 > max_regression
 
 
@@ -109,13 +112,15 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], path: str | Path, 
             continue
         p50_change = r["p50"] / b["p50"] - 1 if b["p50"] > 0 else 0.0
         is_reference = r["variant"] == r.get("ratio_reference")
+        # a ratio to another reference (eager-cuda here, CPU eager there) does not compare: shown, not gated
+        same_reference = r.get("ratio_reference") == b.get("ratio_reference")
         if gate_on == "p50":
             change, beyond = p50_change, p50_change > max_regression
-        elif is_reference:
+        elif is_reference or not same_reference:
             change, beyond = p50_change, False  # its ratio is 1 by definition: reported, not gated
         else:
             change, beyond = _ratio_regressed(r, b, max_regression)
-        gated = r["graph"] == "pipeline" and (gate_on == "p50" or not is_reference)
+        gated = r["graph"] == "pipeline" and (gate_on == "p50" or (not is_reference and same_reference))
         rows.append({"variant": r["variant"], "graph": r["graph"], "batch": r["batch"],
                      "baseline_p50": b["p50"], "p50": r["p50"], "p50_change": round(p50_change, 4),
                      "change": round(change, 4),

@@ -73,3 +73,5 @@ def main() -> None:
         # The message is plain text: brackets such as mmopt[tensorrt] must not be read as markup.
         err_console.print(Text("error: ", style="bold red") + Text(str(e)), highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside Typer's own handling: the same quiet exit
+        sys.exit(130)

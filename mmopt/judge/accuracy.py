@@ -5,6 +5,7 @@ each converted pipeline), so all scores come from exactly the same samples.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import numpy as np
@@ -45,28 +46,41 @@ def memo_key(predict: Predict) -> tuple | None:
     return getattr(predict, "memo_key", None) or getattr(owner, "memo_key", None)
 
 
-# (predictor key, data source, sample limit) -> (labels per batch, scores per batch, what keeps the key valid)
-_SCORES: dict[tuple, tuple[list[np.ndarray], list[np.ndarray], object]] = {}
+# (predictor key, data source, its folder, output, sample limit) -> (digest per batch, scores per batch, model)
+_SCORES: dict[tuple, tuple[list[str], list[np.ndarray], object]] = {}
 _SCORES_MAX = 16
+
+
+def _digest(inputs: dict[str, np.ndarray], labels: np.ndarray) -> str:
+    h = hashlib.sha1()
+    for name in sorted(inputs):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(inputs[name]).tobytes())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()
 
 
 def _batches(spec: ModelSpec, predictors: dict[str, Predict], limit: int | None
              ) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
-    """Labels and each predictor's score output per batch. A predictor scored before on the same data in
-    this process (same key) is not run again; the data is read only if some predictor needs it."""
+    """Labels and each predictor's score output per batch. The data is read every time; a predictor scored
+    before in this process on the very same batches (same key, same digest of every batch's inputs and
+    labels) is not run again."""
     ev = spec.evaluation
+    where = (ev.source, str(spec.root), ev.output, limit)
     keys = {label: memo_key(p) for label, p in predictors.items()}
-    done = {label: _SCORES[(k, ev.source, limit)] for label, k in keys.items() if (k, ev.source, limit) in _SCORES}
-    scores: dict[str, list[np.ndarray]] = {label: list(d[1]) for label, d in done.items()}
-    todo = {label: p for label, p in predictors.items() if label not in done}
-    if not todo:
-        return list(next(iter(done.values()))[0]), scores
+    cached = {label: _SCORES.get((k, *where)) for label, k in keys.items() if k is not None}
     labels_seen: list[np.ndarray] = []
-    for label in todo:
-        scores[label] = []
+    digests: list[str] = []
+    scores: dict[str, list[np.ndarray]] = {label: [] for label in predictors}
     for inputs, labels in take(iterate(spec, ev.source, "evaluation.source", labelled=True), limit):
+        i, digest = len(digests), _digest(inputs, labels)
         labels_seen.append(labels)
-        for label, predict in todo.items():
+        digests.append(digest)
+        for label, predict in predictors.items():
+            hit = cached.get(label)
+            if hit is not None and i < len(hit[0]) and hit[0][i] == digest:
+                scores[label].append(hit[1][i])
+                continue
             out = predict(inputs)
             if ev.output not in out:
                 raise ConfigError(f"{spec.path}: field 'evaluation.output': the model has no output "
@@ -76,11 +90,12 @@ def _batches(spec: ModelSpec, predictors: dict[str, Predict], limit: int | None
                 raise ConfigError(f"{spec.path}: field 'evaluation.output': '{ev.output}' has shape "
                                   f"{list(s.shape)}; argmax accuracy needs [batch, classes] scores.")
             scores[label].append(s.reshape(len(labels), -1))
-    for label, p in todo.items():
+    for label, p in predictors.items():
         if keys[label] is not None:
             if len(_SCORES) >= _SCORES_MAX:
                 _SCORES.pop(next(iter(_SCORES)))
-            _SCORES[(keys[label], ev.source, limit)] = (labels_seen, scores[label], getattr(p, "keeps", p))
+            # an eager entry keeps its model alive, so its id() is never reused; pipelines are keyed by content
+            _SCORES[(keys[label], *where)] = (digests, scores[label], getattr(p, "keeps", None))
     return labels_seen, scores
 
 

@@ -96,3 +96,4 @@ class OnnxRuntimeRunner(Runner):
 
     def _close(self) -> None:
         self.session = None
+        self._run = None  # the bound run method holds the session too
