@@ -5,12 +5,12 @@ Files are written atomically (temporary name, then rename), so a CI step never r
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from mmopt.bench.png import PALETTE, Axes, Canvas, GREY, log_ticks, nice_ticks, span, text_width
 from mmopt.store import atomic_write, writable
 
 FILES = {"json": "report.json", "markdown": "report.md", "png": "report.png"}
@@ -160,90 +160,85 @@ def markdown(report: dict[str, Any], png_name: str | None = "report.png") -> str
 # ---- PNG -----------------------------------------------------------------------------------
 
 def png_bytes(report: dict[str, Any]) -> bytes:
-    from mmopt.bench.png import encode_png
+    """Left: pipeline latency vs accuracy (or parity error) per variant. Right: latency by batch size.
+    Drawn with matplotlib's Agg canvas (no pyplot, no global backend); one legend names the variants, so
+    no label is ever printed over another."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    return encode_png(plot(report).px)
-
-
-def plot(report: dict[str, Any]) -> Canvas:
-    """Left: pipeline latency vs accuracy (or parity error) per variant. Right: latency by batch size."""
-    c = Canvas(1500, 650)
+    fig = Figure(figsize=(15, 6.5), dpi=100)
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
     ids = [v["id"] for v in report["variants"]]
-    color = {vid: PALETTE[i % len(PALETTE)] for i, vid in enumerate(ids)}
+    cycle = [f"C{i}" for i in range(10)]
+    color = {vid: cycle[i % len(cycle)] for i, vid in enumerate(ids)}
+    _scatter(left, report, color)
+    _by_batch(right, report, color)
     gates = report.get("gates", {}).get("passed")
-    title = (f"mmopt bench: {report['bundle']['factory']}  ({report['settings']['threads']} thread(s); "
-             f"gates {'passed' if gates else 'FAILED' if gates is False else 'not evaluated'})")
-    c.text(750, 12, title, anchor="center", scale=3 if text_width(title, 3) < 1480 else 2)
-    _scatter(c, report, color, (130, 110, 680, 500))
-    _by_batch(c, report, color, (890, 110, 1440, 500))
-    x, y = 130, 588  # legend, wrapping onto a second line when needed
-    for vid in ids:
-        w = text_width(vid) + 50
-        if x + w > 1480:
-            x, y = 130, y + 26
-        c.disc(x + 8, y + 7, 7, color[vid])
-        c.text(x + 22, y, vid)
-        x += w
-    return c
+    fig.suptitle(f"mmopt bench: {report['bundle']['factory']}  ({report['settings']['threads']} thread(s); "
+                 f"gates {'passed' if gates else 'FAILED' if gates is False else 'not evaluated'})", fontsize=15)
+    handles = [right.plot([], [], "o-", color=color[v], label=v + (" (reference)" if v == "eager" else ""))[0]
+               for v in ids]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(ids), 4), frameon=False, fontsize=11)
+    rows = -(-len(ids) // 4)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * rows, 1, 0.95))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
-def _scatter(c: Canvas, report: dict[str, Any], color: dict[str, tuple], box: tuple[int, int, int, int]) -> None:
+def _scatter(ax: Any, report: dict[str, Any], color: dict[str, str]) -> None:
     b = headline_batch(report)
     lat = {r["variant"]: r["p50"] for r in report["latency"] if r["graph"] == "pipeline" and r["batch"] == b}
     tasks = {v["id"]: v["task"]["score"] for v in report["variants"] if v.get("task")}
     if tasks:
         ys = tasks
-        ylabel, ylog = f"accuracy ({next(iter(report['variants']))['task']['output']})", False
+        ylabel = f"accuracy ({next(iter(report['variants']))['task']['output']})"
     else:
         ys = {v["id"]: max(v["parity"].get("pipeline", {}).get("max_rel", 0.0), 1e-9) for v in report["variants"]}
-        ylabel, ylog = "max rel error vs eager (log)", True
+        ylabel = "max rel error vs eager"
+        ax.set_yscale("log")
     pts = [(lat[k], ys[k], k) for k in ys if k in lat and ys[k] is not None and math.isfinite(ys[k])]
+    ax.set_title(f"pipeline latency vs {'accuracy' if tasks else 'parity'}, batch {b}")
+    ax.set_xlabel("p50 latency (ms)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
     if not pts:
-        c.text((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, "no latency rows", GREY, anchor="center")
+        ax.text(0.5, 0.5, "no latency rows", ha="center", va="center", transform=ax.transAxes, color="grey")
         return
-    xlim = span([0.0] + [p[0] for p in pts], False)
-    xlim = (0.0, xlim[1])
-    ylim = span([p[1] for p in pts], ylog, pad=0.15)
+    for x, y, k in pts:
+        ax.scatter([x], [y], s=90, color=color[k], zorder=3, edgecolors="white", linewidths=0.8)
+    ax.set_xlim(left=0, right=max(p[0] for p in pts) * 1.15)
     if tasks:  # an accuracy axis stops at 1 and shows at least a few points of range
-        lo = min(ylim[0], min(p[1] for p in pts) - 0.02)
-        ylim = (max(lo, 0.0), min(max(ylim[1], max(p[1] for p in pts) + 0.005), 1.0))
-    ax = Axes(c, box, xlim, ylim, ylog=ylog)
-    yt = log_ticks(*ylim) if ylog else nice_ticks(*ylim)
-    ax.frame(f"pipeline latency vs {'accuracy' if tasks else 'parity'}, batch {b}", "p50 latency (ms)", ylabel,
-             nice_ticks(*xlim), [t for t in yt if ylim[0] <= t <= ylim[1]])
-    placed: list[tuple[float, float, int]] = []
-    for x, y, k in sorted(pts, key=lambda p: (p[0], p[1])):
-        px, py = ax.xy(x, y)
-        c.disc(px, py, 8, color[k])
-        label = k + (" (reference)" if k == "eager" else "")
-        w = text_width(label)
-        lx = px + 12 if px + 12 + w < box[2] + 60 else px - 12 - w
-        ly = py - 18
-        while any(abs(ly - qy) < 18 and lx < qx + qw and qx < lx + w for qx, qy, qw in placed):
-            ly += 18  # stack labels of nearby points instead of overprinting them
-        placed.append((lx, ly, w))
-        c.text(lx, ly, label, color[k])
+        lo, hi = min(p[1] for p in pts), max(p[1] for p in pts)
+        ax.set_ylim(max(0.0, lo - max(0.02, (hi - lo) * 0.3)), min(1.0, hi + 0.005) if hi < 1 else 1.002)
 
 
-def _by_batch(c: Canvas, report: dict[str, Any], color: dict[str, tuple], box: tuple[int, int, int, int]) -> None:
+def _by_batch(ax: Any, report: dict[str, Any], color: dict[str, str]) -> None:
     rows = [r for r in report["latency"] if r["graph"] == "pipeline"]
-    batches = sorted({r["batch"] for r in rows})
+    ax.set_title("pipeline p50 latency by batch size")
+    ax.set_xlabel("batch size")
+    ax.grid(True, alpha=0.3, which="both")
     if not rows:
         return
+    batches = sorted({max(r["batch"], 1) for r in rows})
     vals = [r["p50"] for r in rows]
     ylog = max(vals) / max(min(vals), 1e-9) > 20
-    ylim = span(vals, ylog) if ylog else (0.0, span(vals, False)[1])
-    xlog = len(batches) > 1 and batches[-1] / max(batches[0], 1) > 4
-    xlim = span([max(b, 1) for b in batches], xlog, pad=0.06)
-    ax = Axes(c, box, xlim, ylim, xlog=xlog, ylog=ylog)
-    yt = log_ticks(*ylim) if ylog else nice_ticks(*ylim)
-    ax.frame("pipeline p50 latency by batch size", "batch size", "p50 latency (ms" + (", log)" if ylog else ")"),
-             [max(b, 1) for b in batches], [t for t in yt if ylim[0] <= t <= ylim[1]],
-             [str(b) for b in batches])
+    ax.set_ylabel("p50 latency (ms" + (", log)" if ylog else ")"))
+    if ylog:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, 2, 10 rather than 5x10^-1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+    if len(batches) > 1 and batches[-1] / batches[0] > 4:
+        ax.set_xscale("log", base=2)
     for vid in color:
-        pts = sorted((r["batch"], r["p50"]) for r in rows if r["variant"] == vid)
-        xy = [ax.xy(max(b, 1), y) for b, y in pts]
-        for (x0, y0), (x1, y1) in zip(xy, xy[1:]):
-            c.line(x0, y0, x1, y1, color[vid], 3)
-        for x, y in xy:
-            c.disc(x, y, 6, color[vid])
+        pts = sorted((max(r["batch"], 1), r["p50"]) for r in rows if r["variant"] == vid)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color[vid], linewidth=2.2, markersize=6)
+    ax.set_xticks(batches)
+    ax.set_xticklabels([str(b) for b in batches])
+    if not ylog:
+        ax.set_ylim(bottom=0)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,92 +14,17 @@ easy_vqa = pytest.importorskip("easy_vqa")
 
 from mmopt.examples.vqa import data  # noqa: E402
 from mmopt.examples.vqa.model import VOCAB_SIZE, build_model  # noqa: E402
-from mmopt.examples.vqa.png import read_png, read_rgb  # noqa: E402
 from mmopt.spec import load_spec  # noqa: E402
 
 HERE = Path(data.__file__).parent
 
 
-# ---------------------------------------------------------------------------------------- PNG
+# --------------------------------------------------------------------------------------- images
 
-def _write_png(path: Path, pixels: np.ndarray, colour: int, filters: list[int], depth: int = 8,
-               interlace: int = 0, palette: np.ndarray | None = None) -> None:
-    """A tiny PNG encoder that applies the given filter type to each row (cycling)."""
-    h, w, c = pixels.shape
-    bpp = c
-    rows, prev = [], np.zeros(w * c, np.int32)
-    for y in range(h):
-        line = pixels[y].reshape(-1).astype(np.int32)
-        left = np.concatenate([np.zeros(bpp, np.int32), line[:-bpp]])
-        upleft = np.concatenate([np.zeros(bpp, np.int32), prev[:-bpp]])
-        kind = filters[y % len(filters)]
-        if kind == 0:
-            pred = np.zeros_like(line)
-        elif kind == 1:
-            pred = left
-        elif kind == 2:
-            pred = prev
-        elif kind == 3:
-            pred = (left + prev) // 2
-        else:
-            p = left + prev - upleft
-            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - upleft)
-            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
-        rows.append(bytes([kind]) + ((line - pred) % 256).astype(np.uint8).tobytes())
-        prev = line
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, interlace))
-    if palette is not None:
-        out += chunk(b"PLTE", palette.astype(np.uint8).tobytes())
-    out += chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b"")
-    path.write_bytes(out)
-
-
-def test_png_matches_pillow_on_easy_vqa_images():
-    Image = pytest.importorskip("PIL.Image")
-    paths = sorted(easy_vqa.get_train_image_paths().items())[:10] + sorted(easy_vqa.get_test_image_paths().items())[:10]
-    for _, path in paths:
-        ours = read_png(path)
-        assert ours.dtype == np.uint8 and ours.shape == (64, 64, 3)
-        np.testing.assert_array_equal(ours, np.asarray(Image.open(path).convert("RGB")))
-
-
-@pytest.mark.parametrize("colour,channels", [(0, 1), (2, 3), (4, 2), (6, 4)])
-def test_png_all_filters_and_colour_types(tmp_path, colour, channels):
-    pixels = np.random.default_rng(colour).integers(0, 256, (9, 7, channels), dtype=np.uint8)
-    path = tmp_path / "x.png"
-    _write_png(path, pixels, colour, filters=[0, 1, 2, 3, 4, 4, 3, 2, 1])
-    np.testing.assert_array_equal(read_png(path), pixels)
-    assert read_rgb(path).shape == (9, 7, 3)
-
-
-def test_png_palette(tmp_path):
-    palette = np.random.default_rng(1).integers(0, 256, (5, 3), dtype=np.uint8)
-    index = np.random.default_rng(2).integers(0, 5, (6, 4, 1), dtype=np.uint8)
-    path = tmp_path / "p.png"
-    _write_png(path, index, 3, filters=[4, 3], palette=palette)
-    np.testing.assert_array_equal(read_png(path), palette[index[..., 0]])
-
-
-def test_png_rejects_corrupt_and_unsupported_files(tmp_path):
-    good = Path(easy_vqa.get_train_image_paths()[0]).read_bytes()
-    corrupt = bytearray(good)
-    corrupt[60] ^= 0xFF  # inside the IDAT payload: the CRC no longer matches
-    cases = {"corrupt.png": bytes(corrupt), "truncated.png": good[:len(good) // 2], "text.png": b"not a png"}
-    for name, content in cases.items():
-        (tmp_path / name).write_bytes(content)
-        with pytest.raises(ValueError, match=name):
-            read_png(tmp_path / name)
-    pixels = np.zeros((2, 2, 3), np.uint8)
-    _write_png(tmp_path / "deep.png", pixels, 2, [0], depth=16)
-    with pytest.raises(ValueError, match="deep.png.*bit depth 16"):
-        read_png(tmp_path / "deep.png")
-    _write_png(tmp_path / "laced.png", pixels, 2, [0], interlace=1)
-    with pytest.raises(ValueError, match="laced.png.*interlaced"):
-        read_png(tmp_path / "laced.png")
+def test_images_decode_with_pillow_to_uint8_rgb():
+    ids, pixels = data.load_images("test")
+    assert pixels.dtype == np.uint8 and pixels.shape == (len(ids), 64, 64, 3)
+    assert len(np.unique(pixels[:20])) > 2  # shapes in colours on a background, not a blank image
 
 
 # ---------------------------------------------------------------------------------- tokeniser

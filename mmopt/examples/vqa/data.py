@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mmopt.examples.vqa.png import read_rgb
 
 HERE = Path(__file__).resolve().parent
 VOCAB_PATH = HERE / "vocab.json"
@@ -87,7 +86,9 @@ def load_images(split: str) -> tuple[dict[int, int], np.ndarray]:
 
     paths = {"train": easy_vqa.get_train_image_paths, "test": easy_vqa.get_test_image_paths}[split]()
     ids = sorted(paths)
-    pixels = np.stack([read_rgb(paths[i]) for i in ids])
+    from PIL import Image
+
+    pixels = np.stack([np.asarray(Image.open(paths[i]).convert("RGB")) for i in ids])
     pixels.setflags(write=False)
     return {i: row for row, i in enumerate(ids)}, pixels
 
