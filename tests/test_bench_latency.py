@@ -1,10 +1,9 @@
-"""Pure timing helpers and the PNG writer: statistics, interleaving order, paired ratios."""
+"""Pure timing helpers: statistics, interleaving order, paired ratios."""
 from __future__ import annotations
 
 import numpy as np
 
 from mmopt.judge import latency
-from mmopt.bench.png import Canvas, encode_png, nice_ticks
 
 
 def test_stats_from_known_samples():
@@ -32,17 +31,3 @@ def test_sync_runs_around_each_call():
 
 def test_paired_ratio_is_median_of_rounds():
     assert latency.paired_ratio([2, 4, 100], [1, 2, 1]) == 2.0
-
-
-def test_png_encoder_and_ticks():
-    c = Canvas(40, 20)
-    c.text(1, 1, "ms")
-    c.line(0, 19, 39, 0, (255, 0, 0), 2)
-    data = encode_png(c.px)
-    assert data.startswith(b"\x89PNG") and b"IHDR" in data and data.endswith(b"IEND\xaeB`\x82")
-    from PIL import Image
-    import io
-
-    img = np.asarray(Image.open(io.BytesIO(data)))
-    assert img.shape == (20, 40, 3) and (img == c.px).all()
-    assert nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10] and nice_ticks(0, 1.3) == [0, 0.5, 1.0]
