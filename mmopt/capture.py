@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from mmopt import dtypes
-from mmopt.errors import CaptureError, describe, where_raised
+from mmopt.errors import CaptureError, describe, interrupted, where_raised
 from mmopt.spec import SIZES, ComponentSpec, Dim, ModelSpec, TensorSpec
 
 
@@ -182,6 +182,8 @@ def observe(model: torch.nn.Module, spec: ModelSpec, inputs: dict[str, torch.Ten
         try:
             out = model(**inputs)
         except (Exception, SystemExit) as e:
+            if interrupted():
+                raise KeyboardInterrupt from None
             shapes = {k: tuple(v.shape) for k, v in inputs.items()}
             raise CaptureError(f"{spec.path}: the model's forward failed at the {size} size with inputs "
                                f"{shapes}: {describe(e)}{where_raised(e)}. Check [inputs] and [dims] against what "

@@ -69,6 +69,21 @@ class GateError(MmoptError):
         self.result = result
 
 
+# ---- interrupts that libraries swallow -------------------------------------------------------
+_INTERRUPTED = [False]
+
+
+def note_interrupt() -> None:
+    """Called by the CLI's SIGINT / SIGTERM handler before it raises KeyboardInterrupt."""
+    _INTERRUPTED[0] = True
+
+
+def interrupted() -> bool:
+    """True once the user pressed Ctrl-C (or SIGTERM came): torch's exporter turns the KeyboardInterrupt
+    raised inside it into an unrelated RuntimeError, which must not be reported as an export failure."""
+    return _INTERRUPTED[0]
+
+
 # ---- describing an exception raised by the user's code, in one line -------------------------
 def describe(e: BaseException) -> str:
     """``TypeError: message`` (``SystemExit(2)`` for an exit), for one-line error messages."""

@@ -57,7 +57,11 @@ _register()
 
 def _terminated(signum: int, frame: object) -> None:
     # SIGTERM (CI cancelling, a container stopping) unwinds like Ctrl-C: open bundle transactions remove
-    # their staged folders on the way out and the earlier bundle stays as it was.
+    # their staged folders on the way out and the earlier bundle stays as it was. The flag lets code that
+    # wraps a library's errors tell a swallowed interrupt from a real failure.
+    from mmopt.errors import note_interrupt
+
+    note_interrupt()
     raise KeyboardInterrupt
 
 
@@ -65,6 +69,7 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _terminated)
     try:
         app()
     except MmoptError as e:

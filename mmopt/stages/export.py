@@ -19,7 +19,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from mmopt.capture import Run, Split, stubbed
-from mmopt.errors import ExportError
+from mmopt.errors import ExportError, interrupted
 from mmopt.spec import ComponentSpec
 
 TWO_GB = 2 * 1024**3
@@ -130,6 +130,8 @@ def export_component(model: torch.nn.Module, split: Split, comp: str, path: Path
                                         output_names=[t.name for t in spec.outputs],
                                         optimize=True, verbose=False)
     except Exception as e:
+        if interrupted():
+            raise KeyboardInterrupt from None  # torch's exporter turned the user's Ctrl-C into this error
         raise ExportError(f"component '{comp}' ({spec.module or 'remainder of forward'}): the ONNX export "
                           f"failed: {_summary(e)}. "
                           "If the message names a data-dependent shape or an unsupported op, simplify that "
@@ -190,6 +192,8 @@ def simplify(src: Path, dst: Path) -> tuple[bool, str]:
             simplified, ok = onnxsim.simplify(model, check_n=0)
         onnx.checker.check_model(simplified, full_check=True)
     except Exception as e:  # onnxsim raises plain RuntimeErrors from C++
+        if interrupted():
+            raise KeyboardInterrupt from None
         return False, f"onnxsim failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if not ok:
         return False, "onnxsim's own check failed"
