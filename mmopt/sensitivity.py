@@ -25,12 +25,9 @@ class SessionRunner:
     """The bare minimum Pipeline needs: ``infer(feeds, check=False)`` on an in-memory graph."""
 
     def __init__(self, proto: onnx.ModelProto):
-        import onnxruntime as ort
+        from mmopt.ort import session
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.intra_op_num_threads = 1
-        self.sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.sess = session(proto, threads=1)
         self.names = [o.name for o in self.sess.get_outputs()]
 
     def infer(self, feeds: dict[str, np.ndarray], check: bool = False) -> dict[str, np.ndarray]:

@@ -44,7 +44,7 @@ def unavailable(backend: str, manifest: Manifest) -> str | None:
     if backend == "eager-cuda":
         return None if torch.cuda.is_available() else "PyTorch sees no CUDA device"
     if backend == "onnxruntime-cuda":
-        from mmopt.runners.onnxrt import available_devices
+        from mmopt.ort import available_devices
 
         if "cuda" not in available_devices():
             return "onnxruntime here has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU machine)"

@@ -10,15 +10,7 @@ from mmopt.errors import BackendUnavailable, BundleError, describe
 from mmopt.runners.base import Runner
 from mmopt.spec import TensorSpec
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-
-def available_devices() -> list[str]:
-    import onnxruntime as ort
-
-    have = set(ort.get_available_providers())
-    return [d for d, p in PROVIDERS.items() if p in have]
+from mmopt.ort import PROVIDERS, available_devices, session
 
 
 class OnnxRuntimeRunner(Runner):
@@ -36,22 +28,12 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
 
     def _load(self) -> None:
-        import onnxruntime as ort
-
         if self.device not in available_devices():
             raise BackendUnavailable(
                 f"onnxruntime here has no {PROVIDERS[self.device]} (available: {', '.join(available_devices())}). "
                 "Install onnxruntime-gpu on a machine with an NVIDIA GPU for --device cuda.")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, self.level)
-        so.log_severity_level = 3
-        if self.threads:
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-        for key, value in self.config.items():
-            so.add_session_config_entry(key, value)
         try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=[PROVIDERS[self.device]])
+            self.session = session(self.path, self.device, self.threads, self.level, self.config)
         except Exception as e:  # not ONNX, truncated, or an op this onnxruntime lacks
             raise BundleError(f"{self.path}: ONNX Runtime cannot load this graph of component '{self.name}' "
                               f"({describe(e)}). Re-export the bundle.") from None

@@ -44,7 +44,7 @@ def float_tensors(proto: onnx.ModelProto) -> dict[str, str]:
 
 def session(proto: onnx.ModelProto, names: Iterable[str]):
     """An ORT CPU session on ``proto`` returning the graph outputs plus ``names`` (unoptimised)."""
-    import onnxruntime as ort
+    from mmopt.ort import session as ort_session
 
     exposed = onnx.ModelProto()
     exposed.CopyFrom(proto)
@@ -53,11 +53,7 @@ def session(proto: onnx.ModelProto, names: Iterable[str]):
         if name not in have:
             exposed.graph.output.append(onnx.ValueInfoProto(name=name))
             have.add(name)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(exposed.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort_session(exposed, level="ORT_DISABLE_ALL", config={"session.intra_op.allow_spinning": "0"})
 
 
 def run_all(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
