@@ -103,6 +103,10 @@ class Manifest:
     def add(self, bundle: Path, component: str, stage: str, precision: str, file: str,
             parent: str | None = None, config: dict[str, Any] | None = None, **extra: Any) -> Artifact:
         path = store.confine(bundle, file, f"{component}/{stage}/{precision} file")
+        data = path.with_name(path.name + ".data")  # a graph past 2 GB keeps its weights beside it
+        if data.is_file():
+            extra = {**extra, "external_data": {"file": f"{file}.data", "sha256": sha256_file(data),
+                                                "bytes": data.stat().st_size}}
         art = Artifact(id=f"{component}/{stage}/{precision}", component=component, stage=stage,
                        precision=precision, file=file, sha256=sha256_file(path), bytes=path.stat().st_size,
                        parent=parent, config=config or {}, extra=extra)
@@ -152,7 +156,7 @@ class Manifest:
         validate(d, MANIFEST_SCHEMA, path, "Re-run `mmopt export` to rebuild the bundle.")
         for i, a in enumerate(d["artifacts"]):
             store.confine(bundle, a["file"], f"artifacts[{i}].file")
-            for key in ("engine", "source_onnx"):  # an engine's sidecar copy names files too
+            for key in ("engine", "source_onnx", "external_data"):  # files named beside the artifact's own
                 if isinstance(a["extra"].get(key), dict) and "file" in a["extra"][key]:
                     store.confine(bundle, a["extra"][key]["file"], f"artifacts[{i}].extra.{key}.file")
         for key in ("config", "checkpoint"):
@@ -173,11 +177,16 @@ class Manifest:
         """Every artifact whose file is missing or whose sha256 differs: [(file, problem)]."""
         problems = []
         for a in self.artifacts:
-            path = self.file(Path(bundle), a)
-            if not path.is_file():
-                problems.append((a.file, "missing"))
-            elif sha256_file(path) != a.sha256:
-                problems.append((a.file, "sha256 mismatch (modified after export)"))
+            files = [(a.file, self.file(Path(bundle), a), a.sha256)]
+            data = a.extra.get("external_data")
+            if isinstance(data, dict):
+                files.append((data.get("file"), store.confine(bundle, data.get("file"), f"artifact '{a.id}' "
+                              "external data"), data.get("sha256")))
+            for name, path, want in files:
+                if not path.is_file():
+                    problems.append((name, "missing"))
+                elif sha256_file(path) != want:
+                    problems.append((name, "sha256 mismatch (modified after export)"))
         return problems
 
     @classmethod

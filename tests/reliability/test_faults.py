@@ -368,3 +368,39 @@ def test_a_held_parent_folder_times_out_clearly(tmp_path, monkeypatch):
         assert not (tmp_path / "new").exists()
     finally:
         holder.kill()
+
+
+def test_external_weights_of_a_large_graph_are_hashed_and_checked(tmp_path):
+    """A graph past 2 GB keeps its weights in FILE.data: the manifest hashes that file too, and a changed
+    or missing one fails the integrity check like the graph itself."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mmopt.manifest import Manifest
+    from mmopt.spec import ComponentSpec, TensorSpec
+    from mmopt.stages.export import save
+
+    x = TensorSpec("x", "float32", ("batch", 64), {"min": (1, 64), "opt": (2, 64), "max": (4, 64)})
+    y = TensorSpec("y", "float32", ("batch", 64), {"min": (1, 64), "opt": (2, 64), "max": (4, 64)})
+    comp = ComponentSpec("image", "encoder", "enc", (x,), (y,), {"x": "input:x"})
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")  # past onnx's 1 KiB external threshold
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])], [w])
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    save(helper.make_model(graph), bundle / "image.onnx", large=True)
+    assert (bundle / "image.onnx.data").exists()
+    cfg = tmp_path / "mmopt.toml"
+    cfg.write_text("x")
+    from mmopt.manifest import sha256_file
+
+    m = Manifest(model={"config": str(cfg), "config_sha256": sha256_file(cfg), "factory": "m:f", "checkpoint": None,
+                        "checkpoint_sha256": None}, model_inputs=[x], model_outputs=[y], components={"image": comp})
+    m.add(bundle, "image", "export", "fp32", "image.onnx")
+    m.write(bundle)
+    assert Manifest.read_checked(bundle)[1] == []
+    (bundle / "image.onnx.data").write_bytes(b"\0" * 64)
+    assert Manifest.read_checked(bundle)[1] == [("image.onnx.data", "sha256 mismatch (modified after export)")]
+    onnx.checker.check_model(str(bundle / "image.onnx"))  # the graph itself is untouched
