@@ -351,22 +351,20 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def swap_in(stage: Path, target: Path, waiter: _Waiter) -> Path:
     """Make ``stage`` the folder at ``target`` (which exists: this writer holds its lock). Returns where the
-    old bundle folder now is, for the caller to remove. Signals are held off for the duration: a Ctrl-C
-    lands after the swap, never in its middle."""
-    with _signals_deferred():
-        if _exchange(stage, target):
-            return stage  # ``stage`` now holds the old bundle
-        # Two renames. The parent's lock keeps new writers out of the gap between them; an exception in
-        # the gap puts the old bundle back; a kill in the gap is repaired by the next writer's ``recover``.
-        old = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
-        with _locked_dir(target.parent, waiter):
-            os.rename(target, old)
-            try:
-                os.rename(stage, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-        return old
+    old bundle folder now is, for the caller to remove. The caller holds signals off around it."""
+    if _exchange(stage, target):
+        return stage  # ``stage`` now holds the old bundle
+    # Two renames. The parent's lock keeps new writers out of the gap between them; an exception in the
+    # gap puts the old bundle back; a kill in the gap is repaired by the next writer's ``recover``.
+    old = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
+    with _locked_dir(target.parent, waiter):
+        os.rename(target, old)
+        try:
+            os.rename(stage, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    return old
 
 
 @contextlib.contextmanager
@@ -486,12 +484,13 @@ def _commit(target: Path, keep_existing: bool, log: Log, created: bool, waiter: 
                               "added, removed or rewritten by something that does not take mmopt's lock). "
                               "Nothing was written; run again.")
         _fsync_tree(stage)  # the new bundle is on disk before any name points at it
-        try:
-            old = swap_in(stage, target, waiter)
-        except OSError as e:
-            raise BundleError(f"{target}: the commit failed ({e.strerror}); the earlier bundle is unchanged. "
-                              "Choose another output folder.") from None
-        committed = True
+        with _signals_deferred():  # a Ctrl-C lands after the swap *and* its record, never between them
+            try:
+                old = swap_in(stage, target, waiter)
+            except OSError as e:
+                raise BundleError(f"{target}: the commit failed ({e.strerror}); the earlier bundle is unchanged. "
+                                  "Choose another output folder.") from None
+            committed = True
         _fsync(target.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:

@@ -13,7 +13,7 @@ import os
 import shutil
 
 import pytest
-from conftest import cli, litter, refused, snapshot
+from reliability_support import cli, litter, refused, snapshot
 
 BENCH = ("--batch", "1", "--repeats", "2", "--warmup", "0")
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli, litter, refused, snapshot
+from reliability_support import cli, litter, refused, snapshot
 
 from mmopt import store
 from mmopt.errors import BundleError
@@ -188,7 +188,8 @@ def test_export_stopped_by_a_signal_cleans_up_after_itself(project, sig):
     p = _export_until_staged(project)
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "Traceback" not in err, err
+    # 130, or death by SIGINT (-2) when the interpreter re-raises it on the way out: a shell shows $? = 130
+    assert p.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
     assert "interrupted; nothing was written, the earlier bundle is unchanged" in " ".join(err.split())
     assert snapshot(project.bundle) == before and litter(project.root) == []
 
