@@ -170,8 +170,9 @@ def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline:
     base = None
     if baseline is not None:  # fail fast, before minutes of measurement
         base = gates.load_baseline(baseline, harness.REPORT_SCHEMA)
-        probe = {"bundle": {"fingerprint": Manifest.read(bundle).fingerprint(), "path": str(bundle),
-                            "factory": Manifest.read(bundle).model.get("factory")}}
+        manifest = Manifest.read(bundle)
+        probe = {"bundle": {"fingerprint": manifest.fingerprint(), "path": str(bundle),
+                            "factory": manifest.model.get("factory")}}
         gates.check_same_model(probe, base, baseline)
     report = harness.run(bundle, backends, batches, threads, repeats, warmup, inputs, config, eval_samples,
                          progress=progress, trust_checkpoint=trust_checkpoint)

@@ -173,7 +173,7 @@ def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int
                                                                       if getattr(spec, k) is not None)
                          + f" ({spec.path} configures {', '.join(k for k in SOURCES[1:] if getattr(spec, k)) or 'no data callables'}).")
     ref = reference.build(bundle, manifest, spec, trust_checkpoint)
-    model, split, notes = ref.model, ref.split, []
+    model, split = ref.model, ref.split
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     maker = InputMaker(model, spec, split, inputs)
@@ -189,7 +189,7 @@ def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int
                      "batch_dim": batch_dim(spec), "threads": threads, "repeats": repeats, "warmup": warmup,
                      "inputs": inputs, "max_accuracy_drop": spec.max_accuracy_drop, "parity_inputs": "random at the min / opt / max shapes"
                      + (" + evaluation data" if spec.evaluation else ""), "time_budget_s": budget_s},
-        "skipped": skipped, "notes": notes, "variants": [], "latency": [],
+        "skipped": skipped, "notes": [], "variants": [], "latency": [],  # drift is refused now (reference.py)
         "memory": {"rss_before_mb": round(rss_mb(), 1)},
     }
     with contextlib.ExitStack() as stack:
