@@ -165,8 +165,7 @@ def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline:
         raise UsageError(f"--max-latency-regression {max_latency_regression}: give a fraction such as 0.1 (10%).")
     if out is not None:
         render.check_out(out, bundle)
-    if gate_on not in gates.GATES:
-        raise UsageError(f"--gate-on {gate_on}: choose one of {', '.join(gates.GATES)}.")
+    gates.check_gate_on(gate_on)  # before minutes of measurement
     base = None
     if baseline is not None:  # fail fast, before minutes of measurement
         base = gates.load_baseline(baseline, harness.REPORT_SCHEMA)

@@ -26,6 +26,12 @@ MANIFEST = store.MANIFEST
 _DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 
 
+def external_data(graph: Path) -> Path:
+    """Where an ONNX graph past 2 GB keeps its weights: ``FILE.onnx.data`` beside it (``stages.export.save``
+    writes it there; the manifest hashes it; caches key on it)."""
+    return graph.with_name(graph.name + ".data")
+
+
 def sha256_file(path: Path) -> str:
     """sha256 of a file, computed once per process for one version of it (a multi-GB checkpoint is
     checked by reference.load and again inside the bundle's lock)."""
@@ -103,7 +109,7 @@ class Manifest:
     def add(self, bundle: Path, component: str, stage: str, precision: str, file: str,
             parent: str | None = None, config: dict[str, Any] | None = None, **extra: Any) -> Artifact:
         path = store.confine(bundle, file, f"{component}/{stage}/{precision} file")
-        data = path.with_name(path.name + ".data")  # a graph past 2 GB keeps its weights beside it
+        data = external_data(path)
         if data.is_file():
             extra = {**extra, "external_data": {"file": f"{file}.data", "sha256": sha256_file(data),
                                                 "bytes": data.stat().st_size}}

@@ -20,7 +20,7 @@ import onnx
 from mmopt import calibration, reference
 from mmopt.judge.compare import Check, check_all, raise_on_failures
 from mmopt.errors import ConfigError, PrecisionError, Unconvertible, describe
-from mmopt.manifest import Manifest, sha256_file, staged_bundle
+from mmopt.manifest import Manifest, external_data, sha256_file, staged_bundle
 from mmopt.progress import Progress
 from mmopt.reference import eager_io
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
@@ -121,7 +121,7 @@ def open_pipeline(split_components: dict, output_sources: dict[str, str], files:
     with contextlib.ExitStack() as stack:
         runners, key = {}, []
         for comp, path in files.items():
-            data = path.with_name(path.name + ".data")  # a graph past 2 GB keeps its weights beside it
+            data = external_data(path)
             key.append((comp, sha256_file(path), sha256_file(data) if data.exists() else None,
                         policy.get(comp) == "fp16" and emulate_fp16))
             cls = OnnxRuntimeRunner if threads else CheckingRunner  # given threads: timed as users run it

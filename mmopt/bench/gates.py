@@ -76,6 +76,11 @@ def _key(row: dict[str, Any]) -> tuple[str, str, int]:
 GATES = ("ratio", "p50")
 
 
+def check_gate_on(gate_on: str) -> None:
+    if gate_on not in GATES:
+        raise UsageError(f"--gate-on {gate_on}: choose one of {', '.join(GATES)}.")
+
+
 def _ratio_regressed(r: dict[str, Any], b: dict[str, Any], max_regression: float) -> tuple[float, bool]:
     """Change of the ratio to eager (measured in the same run), and whether it regressed beyond noise:
     even the low end of this run's bootstrap interval is slower than the baseline's high end by more
@@ -99,10 +104,7 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], path: str | Path, 
     beyond that run's own spread: a loaded machine slows eager and the artifact alike, so the ratio holds
     where raw p50 swings by tens of percent. ``gate_on="p50"`` gates raw medians, for a dedicated runner.
     The eager reference itself (ratio 1 by definition) is gated only by p50."""
-    from mmopt.errors import UsageError
-
-    if gate_on not in GATES:
-        raise UsageError(f"--gate-on {gate_on}: choose one of {', '.join(GATES)}.")
+    check_gate_on(gate_on)
     check_same_model(report, baseline, path)
     old = {_key(r): r for r in baseline.get("latency", [])}
     rows = []

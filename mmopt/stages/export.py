@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 
 from mmopt.capture import Run, Split, stubbed
 from mmopt.errors import ExportError, interrupted
+from mmopt.manifest import external_data
 from mmopt.spec import ComponentSpec
 
 TWO_GB = 2 * 1024**3
@@ -173,11 +174,12 @@ def save(proto: onnx.ModelProto, path: Path, large: bool = False) -> None:
     """Write ``proto`` to ``path`` (with ``path.data`` beside it past 2 GB). Both names are unlinked first:
     a staged bundle hard-links the live bundle's files, and a save must never write through them."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for old in (path, path.with_name(path.name + ".data")):
+    data = external_data(path)
+    for old in (path, data):
         old.unlink(missing_ok=True)
     if large or proto.ByteSize() > TWO_GB:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
+                        location=data.name)
     else:
         onnx.save_model(proto, str(path))
 
