@@ -71,7 +71,7 @@ def whole_model_onnx(model: torch.nn.Module, split: Any, path: Path) -> Path:
                                  input_names=names, output_names=list(split.output_sources), optimize=True)
     raw = path.with_name("whole.raw.onnx")
     onnx.save(prog.model_proto, str(raw))
-    ok, _ = simplify(raw, path)
+    ok = simplify(raw, path).ok
     if not ok:
         shutil.copy(raw, path)
     return path

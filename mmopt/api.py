@@ -37,7 +37,7 @@ class ExportResult:
 def _check_graph(path: Path, comp: str) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"component '{comp}': the exported graph {path.name} fails onnx.checker: {e}") from e
 
 
@@ -64,9 +64,9 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
                     t = time.perf_counter()
                     raw[comp] = export_component(model, split, comp, Path(scratch) / f"{comp}.onnx")
                     _check_graph(raw[comp], comp)
-                    ok, notes[comp] = simplify(raw[comp], tmp / f"{comp}.onnx")
-                    simplified[comp] = ok
-                    if not ok:
+                    result = simplify(raw[comp], tmp / f"{comp}.onnx")
+                    notes[comp], simplified[comp] = result.note, result.ok
+                    if not result.ok:
                         shutil.copy(raw[comp], tmp / f"{comp}.onnx")
                     seconds[comp] = time.perf_counter() - t
                     advance(1)

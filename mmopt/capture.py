@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from mmopt import dtypes
-from mmopt.errors import CaptureError, describe, interrupted, where_raised
+from mmopt.errors import CaptureError, describe, forwards, interrupted, raised_by_mmopt, where_raised
 from mmopt.spec import SIZES, ComponentSpec, Dim, ModelSpec, TensorSpec
 
 
@@ -154,6 +154,7 @@ class _Producers(TorchFunctionMode):
         self.producer: dict[int, str] = {}
         self.read: set[int] = set()
 
+    @forwards
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for leaf in pytree.tree_leaves((args, kwargs)):
@@ -184,6 +185,8 @@ def observe(model: torch.nn.Module, spec: ModelSpec, inputs: dict[str, torch.Ten
         except (Exception, SystemExit) as e:
             if interrupted():
                 raise KeyboardInterrupt from None
+            if raised_by_mmopt(e):
+                raise  # a bug in mmopt's hooks keeps its traceback
             shapes = {k: tuple(v.shape) for k, v in inputs.items()}
             raise CaptureError(f"{spec.path}: the model's forward failed at the {size} size with inputs "
                                f"{shapes}: {describe(e)}{where_raised(e)}. Check [inputs] and [dims] against what "

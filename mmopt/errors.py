@@ -84,6 +84,45 @@ def interrupted() -> bool:
     return _INTERRUPTED[0]
 
 
+# ---- whose bug is it: the user's model, or mmopt's own code ---------------------------------
+_FORWARDING: set = set()  # code objects of mmopt functions that only hand the user's call on to torch
+
+
+def forwards(fn):
+    """Marks an mmopt function that merely forwards the user's torch call (a ``TorchFunctionMode``'s
+    ``__torch_function__``): an op that fails inside it failed on the user's tensors, not by mmopt's bug."""
+    _FORWARDING.add(fn.__code__)
+    return fn
+
+
+def raised_by_mmopt(e: BaseException) -> bool:
+    """True when the root cause of ``e`` was raised in mmopt's own code (its wrappers, hooks, stubs), so
+    it must keep its traceback instead of becoming a user error. The verdict is the innermost frame that
+    is not torch's (or functorch's / onnxscript's): mmopt's (outside ``mmopt.examples``, the embedded
+    user model) and not a forwarding frame. mmopt's deliberate errors (``MmoptError``) are never bugs."""
+    root, seen = e, set()
+    while id(root) not in seen:
+        seen.add(id(root))
+        nxt = root.__cause__ or root.__context__
+        if nxt is None or nxt.__traceback__ is None:
+            break
+        root = nxt
+    if isinstance(root, MmoptError) or isinstance(e, MmoptError):
+        return False
+    frames = []
+    tb = root.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        module = str(frame.f_globals.get("__name__", ""))
+        if module.split(".")[0] in ("torch", "functorch", "onnxscript", "contextlib"):
+            continue
+        return module.startswith("mmopt.") and not module.startswith("mmopt.examples") \
+            and frame.f_code not in _FORWARDING
+    return False
+
+
 # ---- describing an exception raised by the user's code, in one line -------------------------
 def describe(e: BaseException) -> str:
     """``TypeError: message`` (``SystemExit(2)`` for an exit), for one-line error messages."""

@@ -165,9 +165,6 @@ class ModelSpec:
     def input_shape(self, name: str, size: str) -> tuple[int, ...]:
         return self.inputs[name].concrete(self.dims, size)
 
-    def component_names(self) -> list[str]:
-        return [*self.components, "fusion"]
-
     def replace(self, **changes: Any) -> "ModelSpec":
         return dataclasses.replace(self, **changes)
 

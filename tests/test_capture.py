@@ -57,3 +57,23 @@ def test_forward_failure_names_sizes(toy_dir):
                                                          "seq = { min = 4, opt = 8, max = 40 }"))
     with pytest.raises(CaptureError, match="forward failed at the max size"):
         _split(cfg)
+
+
+def test_a_bug_in_mmopts_hooks_keeps_its_traceback(toy_dir, monkeypatch):
+    """mmopt's own hook failing is mmopt's bug: it surfaces as itself, not as "check [inputs]"."""
+    import mmopt.capture as capture
+
+    monkeypatch.setattr(capture, "_key_name", None)  # the injected bug: flatten_call (in a hook) calls None
+    with pytest.raises(TypeError, match="not callable"):
+        _split(toy_dir())
+
+
+def test_the_users_failing_op_is_a_user_error_though_mmopts_mode_forwards_it(toy_dir):
+    """The recording TorchFunctionMode is the innermost Python frame of a failing torch op: still the user's."""
+    from mmopt.errors import raised_by_mmopt
+
+    cfg = toy_dir(text=open(toy_dir()).read().replace("seq = { min = 4, opt = 8, max = 16 }",
+                                                         "seq = { min = 4, opt = 8, max = 40 }"))
+    with pytest.raises(CaptureError, match="forward failed") as e:
+        _split(cfg)
+    assert not raised_by_mmopt(e.value)

@@ -61,7 +61,7 @@ def test_wrong_graph_is_caught(toy_dir, tmp_path):
     files = {c: result.bundle / f"{c}.onnx" for c in s.components}
     files["fusion"] = tmp_path / "bad_fusion.onnx"
     checks = _verify_files(model, spec, s, files)
-    failed = {c.where.split("@")[0] for c in checks if c.failed}
+    failed = {c.component for c in checks if c.failed}
     assert failed == {"fusion", "pipeline"}
 
 
@@ -97,3 +97,35 @@ def test_manifest_roundtrip(toy_bundle):
     m = Manifest.read(toy_bundle.bundle)
     assert m.to_json()["components"] == toy_bundle.manifest.to_json()["components"]
     assert m.artifact("text").file == "text.onnx"
+
+
+def test_a_bug_in_mmopts_export_wrapper_is_not_blamed_on_the_model(toy_dir, monkeypatch):
+    """The dynamo export traces mmopt's CallWrapper: its bug keeps the traceback instead of an ExportError
+    that tells the user to simplify their model. A failure in the user's code stays an ExportError."""
+    from mmopt.errors import ExportError, raised_by_mmopt
+    from mmopt.stages import export as stage
+
+    spec = load_spec(toy_dir())
+    model = build_model(spec)
+    s = split(model, spec)
+
+    import types
+
+    # the injected bug: CallWrapper.forward (mmopt's own frame, traced by the exporter) calls None
+    monkeypatch.setattr(stage, "pytree", types.SimpleNamespace(tree_unflatten=None, tree_leaves=stage.pytree.tree_leaves))
+    with pytest.raises(Exception) as e:
+        stage.export_component(model, s, "image", toy_dir().parent / "image.onnx")
+    assert not isinstance(e.value, ExportError) and raised_by_mmopt(e.value)
+    chain, c = [], e.value
+    while c is not None:
+        chain.append(type(c).__name__)
+        c = c.__cause__ or c.__context__
+    assert "TypeError" in chain
+    monkeypatch.undo()
+
+    def user_bug(x):
+        raise ValueError("the user's encoder cannot run")
+
+    monkeypatch.setattr(model.image_encoder, "forward", user_bug)
+    with pytest.raises(ExportError, match="the ONNX export failed"):
+        stage.export_component(model, s, "image", toy_dir().parent / "image.onnx")

@@ -91,7 +91,7 @@ def test_int8_is_tensorrt_style_qdq_with_sensitivity_and_exclude(toy):
     m = r.manifest
     art = m.artifact("text", "int8")
     assert art.config["method"] == "entropy" and art.config["samples"] == 32
-    assert art.config["activation_ranges"] > 0 and art.parent == "text/export/fp32"
+    assert art.config["checked_activation_scales"] > 0 and art.parent == "text/export/fp32"
     q = onnx.load(str(toy.bundle / "text.int8.onnx"))
     init = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
     made = {o: n for n in q.graph.node for o in n.output}

@@ -38,17 +38,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from mmopt.cli import bundle, export
+    from mmopt.cli import bench, build, bundle, export, quantize
 
-    export.register(app)
-    bundle.register(app)
-    for optional in ("build", "quantize", "bench"):
-        try:
-            module = __import__(f"mmopt.cli.{optional}", fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != f"mmopt.cli.{optional}":
-                raise
-            continue
+    for module in (export, bundle, build, quantize, bench):
         module.register(app)
 
 

@@ -48,18 +48,18 @@ def build(
 
     Example: mmopt build out/ --precision fp16 --profile batch=1
     """
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    from mmopt.cli import console
+    from mmopt.progress import RichProgress
     from mmopt.trt import BuildOptions, build_engines, parse_profile
 
-    console = Console()
     options = BuildOptions(workspace_mib=workspace_mib, profiles=tuple(parse_profile(p) for p in profile),
                            timing_cache=None if no_timing_cache else (timing_cache or default_timing_cache()),
                            sparse_weights=sparse, hardware_compatibility=hardware_compat,
                            version_compatible=version_compatible, optimization_level=opt_level)
-    artifacts = build_engines(bundle, precision, options, progress=_progress(console))
+    artifacts = build_engines(bundle, precision, options, progress=RichProgress(console))
     table = Table(title=f"TensorRT engines in {escape(str(bundle))}")
     for col in ("component", "precision (graph)", "engine", "MiB", "profiles", "build s", "TensorRT / GPU"):
         table.add_column(col)
@@ -74,12 +74,6 @@ def build(
             console.print(f"[yellow]warning[/yellow] {escape(a.component)}: {escape(str(w))}")
 
 
-def _progress(console: object) -> object | None:
-    try:  # the shared rich progress of the main CLI, where it exists
-        from mmopt.progress import RichProgress
-    except ImportError:
-        return None
-    return RichProgress(console)
 
 
 def register(app: typer.Typer) -> None:

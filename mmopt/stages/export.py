@@ -12,6 +12,7 @@ import io
 import logging
 import warnings
 from contextlib import redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -19,7 +20,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from mmopt.capture import Run, Split, stubbed
-from mmopt.errors import ExportError, interrupted
+from mmopt.errors import ExportError, interrupted, raised_by_mmopt
 from mmopt.manifest import external_data
 from mmopt.spec import ComponentSpec
 
@@ -133,6 +134,8 @@ def export_component(model: torch.nn.Module, split: Split, comp: str, path: Path
     except Exception as e:
         if interrupted():
             raise KeyboardInterrupt from None  # torch's exporter turned the user's Ctrl-C into this error
+        if raised_by_mmopt(e):
+            raise  # a bug in mmopt's wrappers keeps its traceback: it is not the user's to fix
         raise ExportError(f"component '{comp}' ({spec.module or 'remainder of forward'}): the ONNX export "
                           f"failed: {_summary(e)}. "
                           "If the message names a data-dependent shape or an unsupported op, simplify that "
@@ -184,20 +187,36 @@ def save(proto: onnx.ModelProto, path: Path, large: bool = False) -> None:
         onnx.save_model(proto, str(path))
 
 
-def simplify(src: Path, dst: Path) -> tuple[bool, str]:
-    """onnxsim on ``src`` into ``dst``. Returns (ok, note); on failure ``dst`` is not written."""
+@dataclass(frozen=True)
+class Simplified:
+    """What onnxsim did to one graph: ``ok`` (``dst`` written), node counts, or why not."""
+
+    ok: bool
+    before: int
+    after: int | None = None
+    reason: str = ""
+
+    @property
+    def note(self) -> str:
+        return f"{self.before} -> {self.after} nodes" if self.ok else self.reason
+
+
+def simplify(src: Path, dst: Path) -> Simplified:
+    """onnxsim on ``src`` into ``dst``; on failure ``dst`` is not written. Only onnxsim (it raises plain
+    RuntimeErrors from C++) and the check of its output are caught: loading mmopt's own export is not."""
     import onnxsim
 
+    model = onnx.load(str(src))
     try:
-        model = onnx.load(str(src))
         with redirect_stdout(io.StringIO()):
             simplified, ok = onnxsim.simplify(model, check_n=0)
         onnx.checker.check_model(simplified, full_check=True)
-    except Exception as e:  # onnxsim raises plain RuntimeErrors from C++
+    except (RuntimeError, ValueError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         if interrupted():
             raise KeyboardInterrupt from None
-        return False, f"onnxsim failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return Simplified(False, len(model.graph.node),
+                          reason=f"onnxsim failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     if not ok:
-        return False, "onnxsim's own check failed"
+        return Simplified(False, len(model.graph.node), reason="onnxsim's own check failed")
     save(simplified, dst)
-    return True, f"{len(model.graph.node)} -> {len(simplified.graph.node)} nodes"
+    return Simplified(True, len(model.graph.node), len(simplified.graph.node))

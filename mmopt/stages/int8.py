@@ -234,10 +234,10 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
         th, sparse = thresholds_and_fallbacks(hists, m)
         if form == "tensorrt":
             return qdq(proto, th, exclude), th, sparse, {n: t / 127.0 for n, t in th.items()}
-        used = clipped(proto, lohi, th, skip)
+        clipped_ranges = clipped(proto, lohi, th, skip)
         # uint8 over the range widened to include 0; an all-zero tensor gets onnxruntime's scale 1.0
-        scales = {n: (max(hi, 0.0) - min(lo, 0.0)) / 255.0 or 1.0 for n, (lo, hi) in used.items()}
-        return qdq_cpu(proto, used, skip), th, sparse, scales
+        scales = {n: (max(hi, 0.0) - min(lo, 0.0)) / 255.0 or 1.0 for n, (lo, hi) in clipped_ranges.items()}
+        return qdq_cpu(proto, clipped_ranges, skip), th, sparse, scales
 
     if method == "auto":
         tried = {}
@@ -251,7 +251,7 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
     else:
         out, th, sparse, scales = quantized(method)
         method_used = method
-    used = check_scales(out, scales, symmetric=form == "tensorrt")
+    checked = check_scales(out, scales, symmetric=form == "tensorrt")  # how many scales were checked
     if form == "cpu":
         fmt = ("QDQ for ONNX Runtime CPU (uint8 asymmetric activations, 7-bit per-channel int8 weights, "
                "Relu / MaxPool quantized; not a TensorRT input)")
@@ -260,7 +260,7 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
         fmt, ops = "QDQ (symmetric int8, per-channel weights, float bias)", list(COMPUTE_OPS)
     quantized_nodes = [n.name for n in out.graph.node if n.op_type in COMPUTE_OPS and _reads_dq(out, n)]
     config = {"format": fmt, "method": method_used, "samples": samples, "op_types": ops,
-              "quantized_nodes": len(quantized_nodes), "activation_ranges": used, "excluded_nodes": list(exclude),
+              "quantized_nodes": len(quantized_nodes), "checked_activation_scales": checked, "excluded_nodes": list(exclude),
               **({"fp32_stem_nodes": list(stems)} if stems else {}), **config}
     if method_used == "percentile":
         config["percentile"] = ranges.PERCENTILE

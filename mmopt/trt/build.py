@@ -7,17 +7,17 @@ records everything the runtime checks before loading it. The bundle is updated a
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from mmopt.errors import BundleError, UsageError
 from mmopt.manifest import Artifact, Manifest, staged_bundle
+from mmopt.progress import Progress
 from mmopt.spec import CPU_ONLY
 from mmopt.store import atomic_write
 from mmopt.trt import api, device
@@ -55,17 +55,6 @@ def preflight() -> BuildEnvironment:
         raise TensorRTUnavailable("mmopt build needs TensorRT and an NVIDIA GPU on this machine:\n  - "
                                   + "\n  - ".join(problems) + "\n" + HOW_TO_BUILD)
     return BuildEnvironment(version, gpu, device.platform_tag(), device.l4t_release())
-
-
-class _Quiet:
-    """Progress that says nothing (the API default; the CLI passes a rich one)."""
-
-    @contextlib.contextmanager
-    def task(self, description: str, total: int) -> Iterator[Callable[..., None]]:
-        yield lambda n=1: None
-
-    def log(self, message: str) -> None:
-        pass
 
 
 def source_artifacts(manifest: Manifest, precision: str | None) -> list[Artifact]:
@@ -156,7 +145,7 @@ def build_engines(bundle: str | Path, precision: str | None = None, options: Bui
     """
     env = preflight()
     options = (options or BuildOptions()).validate()
-    progress = progress or _Quiet()
+    progress = progress or Progress()
     bundle = Path(bundle).resolve()
     Manifest.read_verified(bundle)  # a bad bundle fails before the lock is waited for
     if options.hardware_compatibility == "ampere+" and parse_cc(env.gpu.compute_capability) < (8, 0):
