@@ -9,10 +9,14 @@ equal the bundle's.
 
 Below that, the eager reference itself: ``eager_io`` / ``eager_io_for`` run the model with hooks and
 return what every component really receives and returns, for every judge (export, quantize, bench) and
-for calibration.
+for calibration. The model is in eval mode and never mutated, so its IO on given inputs is deterministic:
+it is computed once per process and shared (keyed by the model, its capture and a digest of the inputs).
+Callers must not write into the arrays they get back.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +132,39 @@ def eager_io(model: torch.nn.Module, spec: ModelSpec, split: Split, size: str, s
 def eager_io_for(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: dict[str, torch.Tensor],
                  label: str = "given") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
                                                dict[str, tuple[dict, dict]]]:
-    """As ``eager_io``, for given full-model inputs (any batch size, or the user's own data)."""
+    """As ``eager_io``, for given full-model inputs (any batch size, or the user's own data). Memoised:
+    the same inputs through the same model and capture run once per process."""
+    key = (id(model), id(split), id(spec), _digest(inputs))
+    hit = _IO.get(key)
+    if hit is not None:
+        _IO.move_to_end(key)
+        return hit[0]
+    io = _run_eager(model, spec, split, inputs, label)
+    nbytes = sum(a.nbytes for a in (*io[0].values(), *io[1].values())) + \
+        sum(a.nbytes for feeds, outs in io[2].values() for a in (*feeds.values(), *outs.values()))
+    _IO[key] = (io, nbytes, (model, split, spec))  # the owners stay alive: their ids are never reused
+    while len(_IO) > 1 and sum(v[1] for v in _IO.values()) > _IO_MAX_BYTES:
+        _IO.popitem(last=False)
+    return io
+
+
+# (model, capture, spec, digest of the inputs) -> (io, bytes, owners); least recently used dropped first
+_IO: "OrderedDict[tuple, tuple[Any, int, tuple]]" = OrderedDict()
+_IO_MAX_BYTES = 512 * 2**20
+
+
+def _digest(inputs: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha1()
+    for name in sorted(inputs):
+        t = inputs[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16
+                 else t.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _run_eager(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: dict[str, torch.Tensor],
+               label: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[dict, dict]]]:
     modules = {c: s.module for c, s in split.components.items() if s.module}
     run = observe(model, spec, inputs, label, modules)
     values: dict[str, Any] = {f"input:{n}": t for n, t in run.inputs.items()}

@@ -78,3 +78,30 @@ def test_a_pipeline_of_other_weights_is_not_taken_from_the_cache():
     np.testing.assert_equal(accuracy._digest({"x": np.ones(3)}, np.zeros(3)), accuracy._digest({"x": np.ones(3)},
                                                                                                   np.zeros(3)))
     assert accuracy._digest({"x": np.ones(3)}, np.zeros(3)) != accuracy._digest({"x": np.ones(3)}, np.ones(3))
+
+
+def test_eager_io_runs_the_model_once_per_inputs(toy_dir):
+    """judge, the fp16 cases, the auto search and every bench variant ask for the same (size, seed): the
+    model runs once; other inputs, or another capture of the model, run again."""
+    from mmopt.capture import split as capture_split
+    from mmopt.checkpoint import build_model
+
+    spec = load_spec(toy_dir())
+    model = build_model(spec)
+    s = capture_split(model, spec)
+    calls = [0]
+    model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    first = reference.eager_io(model, spec, s, "opt", 4242)
+    assert calls == [1]
+    again = reference.eager_io(model, spec, s, "opt", 4242)
+    assert calls == [1] and again[1] is first[1]
+    reference.eager_io(model, spec, s, "opt", 4243)  # other inputs
+    assert calls == [2]
+    other = capture_split(model, spec)
+    calls[0] = 0
+    reference.eager_io(model, spec, other, "opt", 4242)  # the capture is part of the key
+    assert calls == [1]
+    fresh = reference._run_eager(model, spec, s, reference.random_inputs(
+        spec, {n: spec.input_shape(n, "opt") for n in spec.inputs}, 4242), "opt")
+    for name, a in fresh[1].items():
+        assert np.array_equal(a, first[1][name])  # what the memo holds is what the model gives
