@@ -5,11 +5,13 @@ Writes benchmarks/results/precision_vqa.json. Run from the repository root:
 
 Variants (one bundle): eager PyTorch fp32, ONNX Runtime fp32, fp16 everywhere, static int8 in TensorRT's
 form (everywhere, and on the image encoder alone), dynamic int8 on the text encoder and fusion head, and
-the CPU int8 policy (image encoder int8-cpu, text encoder and fusion head chosen by `auto` on this CPU). Accuracy is over the whole easy-vqa test split
-(9,673 questions) for every variant on the same batches; parity is each variant's logits against eager
-fp32 on those batches. Latency: the recomposed pipeline on ONNX Runtime CPU vs eager PyTorch, both at one
-thread, batch 1 and 32, median of shuffled interleaved repeats. fp16 is scored on its CPU emulation and
-timed as written (ONNX Runtime computes it in fp32 on CPU: no speed-up expected).
+the CPU int8 policy (image encoder int8-cpu, text encoder and fusion head chosen by `auto` on this CPU).
+Every variant is measured by `mmopt bench` itself (api.bench, the code `mmopt demo` uses): one variant per
+precision in the bundle and one per mixed policy quantize judged. Accuracy is over the whole easy-vqa test
+split (9,673 questions) for every variant on the same batches; "vs_eager" is each variant's logits against
+eager fp32 on those batches. Latency: the recomposed pipeline on ONNX Runtime CPU vs eager PyTorch, both at
+one thread, batch 1 and 32, medians and paired ratios of interleaved repeats. fp16 is scored on its CPU
+emulation and timed as written (ONNX Runtime computes it in fp32 on CPU: no speed-up expected).
 """
 from __future__ import annotations
 
@@ -29,12 +31,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "precision_vqa.json")
     args = parser.parse_args()
 
-    from mmopt.api import export, quantize
+    from mmopt.api import bench, export, quantize
     from mmopt.provenance import tool_versions
-    from mmopt.bench.precision import compare
-    from mmopt.capture import split as capture_split
-    from mmopt.checkpoint import build_model
-    from mmopt.spec import load_spec
 
     results: dict = {"tools": tool_versions(), "config": str(CONFIG.relative_to(ROOT)), "seconds": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,35 +45,39 @@ def main() -> None:
                 "int8 image (TensorRT form)": {"image": "int8"},
                 "int8-dynamic (text, fusion)": {"text": "int8-dynamic", "fusion": "int8-dynamic"},
                 "int8-cpu policy": {"image": "int8-cpu", "text": "auto", "fusion": "auto"}}
-        policies, conversions = {}, {}
+        conversions = {}
         for name, policy in runs.items():
             t = time.perf_counter()
             r = quantize(bundle, precision=policy, sensitivity=name == "int8-cpu policy")
             results["seconds"][f"quantize {name}"] = round(time.perf_counter() - t, 1)
-            policies[name] = r.policy
             conversions[name] = {
+                "policy": r.policy,
                 "artifacts": {c: r.manifest.artifact(c, p).config for c, p in r.policy.items() if p != "fp32"},
                 "accuracy_on_evaluation": r.accuracy["scores"].get(r.label) if r.accuracy else None}
             if name == "int8-cpu policy":
                 results["policy_search"] = r.manifest.results.get("policy_search")
                 results["sensitivity"] = r.sensitivity
-        spec = load_spec(CONFIG)
-        model = build_model(spec)
-        split = capture_split(model, spec)
         t = time.perf_counter()
-        report = compare(bundle, spec, model, split,
-                         {"eager fp32": None, "onnx fp32": {}, **policies}, batches=(1, 32),
-                         rounds=args.rounds, threads=1, samples=None)
-        results["seconds"]["compare"] = round(time.perf_counter() - t, 1)
-        results.update(report)
-        for name, conv in conversions.items():
-            results["variants"][name]["conversion"] = conv
+        report = bench(bundle, None, backends=["onnxruntime"], batches=[1, 32], threads=1, repeats=args.rounds,
+                       eval_samples=None, check=False).report
+        results["seconds"]["bench"] = round(time.perf_counter() - t, 1)
+        results["conversions"] = conversions
+        results["variants"] = {}
+        for v in report["variants"]:
+            lat = {r["batch"]: r for r in report["latency"] if r["graph"] == "pipeline" and r["variant"] == v["id"]}
+            results["variants"][v["id"]] = {
+                "precisions": v.get("precisions"), "bytes": v.get("bytes"), "accuracy": v["task"]["score"],
+                "vs_eager": v["task"]["vs_eager"], "parity": v["parity"], "failed": v["failed"],
+                "latency_ms": {str(b): r["p50"] for b, r in lat.items()},
+                "latency_vs_eager": {str(b): r["ratio_vs_eager"] for b, r in lat.items()},
+                "latency_vs_eager_ci95": {str(b): r["ratio_ci95"] for b, r in lat.items()}}
+        results["evaluation"] = {k: report["variants"][0]["task"][k] for k in ("metric", "output", "samples")}
+        results["latency"] = {"batches": [1, 32], "threads": 1, "repeats": args.rounds, "how": "mmopt bench"}
         results["image_encoder_int8_forms"] = image_int8_forms(bundle, args.rounds * 2)
-    fp32 = results["variants"]["onnx fp32"]["latency_ms"]
+    fp32 = results["variants"]["onnxruntime/fp32"]["latency_ms"]
     for name, row in results["variants"].items():
         row["latency_vs_onnx_fp32"] = {b: round(ms / fp32[b], 3) for b, ms in row["latency_ms"].items()}
-        acc = row.get("accuracy")
-        print(f"{name:30s} acc {acc * 100:6.2f}%  cos {row.get('parity_vs_eager', {}).get('cos_min', 1):.5f}  "
+        print(f"{name:48s} acc {row['accuracy'] * 100:6.2f}%  cos {row['vs_eager']['cos_min']:.5f}  "
               f"b1 {row['latency_ms']['1']:7.3f} ms ({row['latency_vs_eager']['1']:.2f}x eager)  "
               f"b32 {row['latency_ms']['32']:7.3f} ms ({row['latency_vs_eager']['32']:.2f}x eager, "
               f"{row['latency_vs_onnx_fp32']['32']:.2f}x onnx fp32)")

@@ -16,10 +16,11 @@ import contextlib
 import itertools
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from mmopt.convert import Converter, judge, open_pipeline, policy_label
 from mmopt.errors import ConfigError, Unconvertible
 from mmopt.judge import latency
 from mmopt.judge.compare import raise_on_failures
@@ -50,8 +51,8 @@ class Memo:
 
 
 def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32_files: dict[str, Path],
-           scratch: Path, cal: Any, converted: Callable[[str, str], tuple], judge: Callable,
-           open_pipeline: Callable) -> tuple[dict[str, str], dict[str, Any], dict[str, Any] | None]:
+           scratch: Path, cal: Any, converter: Converter
+           ) -> tuple[dict[str, str], dict[str, Any], dict[str, Any] | None]:
     """The fastest passing policy for the components set to "auto", and the table of what was tried."""
     from mmopt.judge import accuracy as ev
 
@@ -71,7 +72,7 @@ def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32
             files[(comp, prec)] = fp32_files[comp]
             continue
         try:
-            proto = converted(comp, prec)[0]
+            proto = converter.get(comp, prec)[0]
         except Unconvertible as e:  # shown in the table with its reason; fp32 is always a candidate
             options[comp].remove(prec)
             skipped.append({"component": comp, "precision": prec, "reason": str(e)})
@@ -93,7 +94,7 @@ def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32
         combos = sorted(itertools.product(*(options[c] for c in autos)), key=lambda c: c != ("fp32",) * len(c))
         for combo in combos:
             trial = {**policy, **dict(zip(autos, combo))}
-            label = " ".join(f"{c}={p}" for c, p in trial.items())
+            label = policy_label(trial)
             pipe, trial_runners = stack.enter_context(open_pipeline(
                 split.components, split.output_sources, {c: files[(c, p)] for c, p in trial.items()}, trial,
                 Path(scratch)))

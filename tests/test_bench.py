@@ -291,9 +291,12 @@ def test_task_score_and_user_data(toy_dir, tmp_path):
     eager, ort = r["variants"][0], r["variants"][1]
     assert eager["task"] == {"metric": "accuracy", "output": "output", "samples": 80, "score": 1.0}
     assert ort["task"]["score"] == 1.0 and ort["parity"]["pipeline"]["failed"] == 0
-    assert ort["parity"]["pipeline"]["outputs"] == 3 and ort["parity"]["pipeline on data"]["outputs"] == 1
-    data = [c for c in ort["checks"] if c["where"] == "pipeline@data"]
-    assert [c["shape"] for c in data] == [[80, 5]]
+    # the first evaluation batches are parity cases, every component and the pipeline, as in quantize
+    data = [c for c in ort["checks"] if c["where"].startswith("pipeline@data")]
+    assert ort["parity"]["pipeline"]["outputs"] == 3 and ort["parity"]["pipeline on data"]["outputs"] == len(data)
+    assert 1 <= len(data) <= 4 and all(c["shape"][1:] == [5] for c in data)
+    assert any(c["where"].startswith("image@data") for c in ort["checks"])
+    assert ort["task"]["vs_eager"]["cos_min"] > 0.9999
     assert r["settings"]["inputs"] == "evaluation"
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "### Task score (accuracy of `output`, 80 samples)" in md
@@ -327,3 +330,46 @@ def test_every_precision_in_the_bundle_is_benched(toy_bundle, tmp_path):
     fp16 = by_id["onnxruntime/fp16"]
     assert fp16["failed"] == 0 and fp16["parity"]["pipeline"]["max_abs"] > 1e-6  # really ran in fp16
     assert {x["variant"] for x in r["latency"]} == set(by_id)
+
+
+def test_bench_measures_the_mixed_policies_quantize_judged(toy_dir, tmp_path):
+    """A mixed policy quantize judged is a bench variant; re-converting one of its artifacts forgets it
+    (the policy is stored as a mapping in the manifest, never parsed back from its label)."""
+    from mmopt.api import export, quantize
+
+    export(toy_dir(), tmp_path / "b")
+    quantize(tmp_path / "b", precision={"image": "int8-dynamic", "text": "fp16"}, sensitivity=False)
+    policies = json.loads((tmp_path / "b" / "manifest.json").read_text())["results"]["policies"]
+    assert list(policies.values()) == [{"image": "int8-dynamic", "text": "fp16", "fusion": "fp32"}]
+    r = bench(tmp_path / "b", None, batches=[2], repeats=1, warmup=0).report
+    by_id = {v["id"]: v for v in r["variants"]}
+    mixed = by_id["onnxruntime/image=int8-dynamic+text=fp16"]
+    assert mixed["precision"] == "mixed" and mixed["failed"] == 0
+    assert mixed["precisions"] == {"image": "int8-dynamic", "text": "fp16", "fusion": "fp32"}
+    assert {"onnxruntime/fp32", "onnxruntime/fp16", "onnxruntime/int8-dynamic"} <= set(by_id)
+    assert any(row["variant"] == mixed["id"] and row["graph"] == "pipeline" for row in r["latency"])
+
+    quantize(tmp_path / "b", precision={"text": "fp16"}, sensitivity=False)  # rewrites text.fp16.onnx
+    policies = json.loads((tmp_path / "b" / "manifest.json").read_text())["results"]["policies"]
+    assert list(policies.values()) == [{"image": "fp32", "text": "fp16", "fusion": "fp32"}]
+    r = bench(tmp_path / "b", None, batches=[2], repeats=1, warmup=0).report
+    assert not [v for v in r["variants"] if v["precision"] == "mixed"]
+
+
+def test_fp16_on_onnxruntime_cpu_is_judged_on_its_emulation(toy_dir, tmp_path):
+    """ONNX Runtime CPU computes much of an fp16 graph in fp32; bench judges the emulation that keeps fp16
+    rounding (as quantize does) and times the graph as written."""
+    from mmopt.api import export, quantize
+    from mmopt.bench import backends
+    from mmopt.manifest import Manifest
+    from mmopt.reference import load
+    from mmopt.runners.onnxrt import OnnxRuntimeRunner
+
+    export(toy_dir(), tmp_path / "b")
+    quantize(tmp_path / "b", precision={"text": "fp16"}, sensitivity=False)
+    m = Manifest.read(tmp_path / "b")
+    ref = load(tmp_path / "b", m)
+    (v,) = [v for v in backends.variants(m, ["onnxruntime"]) if v.id == "onnxruntime/fp16"]
+    with backends.open_variant(v, tmp_path / "b", ref.model, ref.split, 1, tmp_path) as o:
+        assert type(o.components["text"]) is OnnxRuntimeRunner and o.components["text"].path.name == "text.fp16.onnx"
+        assert o.judged["text"].path.name.endswith(".emulated.onnx") and o.judged_whole is not o.whole

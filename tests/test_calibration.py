@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from support import TESTS
 
-from mmopt import calibration
+from mmopt import calibration, data
 from mmopt.capture import split as capture_split
 from mmopt.checkpoint import build_model
 from mmopt.errors import CalibrationError, ConfigError
@@ -87,8 +87,8 @@ def test_missing_callable_and_missing_table(toy):
 def test_evaluation_batches_need_integer_labels(toy):
     write, _, _ = toy
     spec = write()
-    got = list(calibration.take(calibration.iterate(spec, "toydata:evaluation_batches", "evaluation.source",
+    got = list(data.take(data.iterate(spec, "toydata:evaluation_batches", "evaluation.source",
                                                     labelled=True), 40))
     assert [len(lab) for _, lab in got] == [32, 8]
     with pytest.raises(CalibrationError, match=r"labels must be integer class ids of shape \[8\]"):
-        list(calibration.iterate(spec, "toydata:bad_labels", "evaluation.source", labelled=True))
+        list(data.iterate(spec, "toydata:bad_labels", "evaluation.source", labelled=True))

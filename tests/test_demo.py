@@ -26,3 +26,12 @@ def test_demo_writes_a_verified_bundle(tmp_path):
     assert "bench: pipeline latency" in r.stdout and "gates passed" in r.stdout
     report = json.loads((tmp_path / "demo-bench" / "report.json").read_text())
     assert report["variants"][0]["task"]["score"] > 0.95 and report["gates"]["passed"]
+    # the precision table comes from that same bench report: one variant per precision and the mixed
+    # policy quantize judged, each scored on the full test split
+    assert "precision variants: accuracy on 9673 test samples" in r.stdout and "mixed policy" in r.stdout
+    by_id = {v["id"]: v for v in report["variants"]}
+    chosen = next(iter(v for v in by_id.values() if v["precision"] == "mixed"))
+    assert chosen["precisions"]["image"] == "int8-cpu" and chosen["task"]["samples"] == 9673
+    # fp16 is judged on its CPU emulation: its error shows, where ONNX Runtime's fp32 compute would hide it
+    fp16, fp32 = by_id["onnxruntime/fp16"]["task"]["vs_eager"], by_id["onnxruntime/fp32"]["task"]["vs_eager"]
+    assert fp16["max_abs"] > 100 * fp32["max_abs"]

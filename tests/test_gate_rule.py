@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from mmopt.bench import harness
+from mmopt.bench import backends
 from mmopt.judge.compare import check_all
 from mmopt.spec import DEFAULT_TOLERANCES, load_spec
 from mmopt.judge.parity import tolerance_for
@@ -29,9 +29,9 @@ def test_a_feature_vector_whose_argmax_flips_passes_the_encoder_gate_in_bench(to
     ref = np.tile(np.array([[1.0, 0.999, 0.5, 0.2]], np.float32), (8, 1))
     out = ref.copy()
     out[:, [0, 1]] = out[:, [1, 0]]  # argmax flips in every row, cosine ~1
-    variant = harness.Variant("onnxruntime/int8", "onnxruntime", "cpu", "int8",
+    variant = backends.Variant("onnxruntime/int8", "onnxruntime", "cpu", "int8",
                               {"image": dataclasses.replace(toy_bundle.manifest.artifact("image"), precision="int8")})
-    gate = tolerance_for(spec_like, toy_bundle.manifest, harness._precisions(variant))
+    gate = tolerance_for(spec_like, toy_bundle.manifest, variant.precisions)
     (c,) = check_all("image", "opt", {"f": ref}, {"f": out}, gate("image"))
     assert c.metrics.argmax == 0.0 and not c.failed
     (c,) = check_all("fusion", "opt", {"f": ref}, {"f": out}, gate("fusion"))

@@ -1,5 +1,10 @@
-"""Which backends can run here, the variants to bench (eager + each artifact precision per backend),
-and opening a variant's runners: one per component plus its whole-model callable.
+"""Which backends can run here, the variants to bench, and opening a variant's runners: one per
+component plus its whole-model callable.
+
+Variants: eager, then per backend one per artifact precision (components without it at fp32) and one
+per mixed policy that ``mmopt quantize`` judged and recorded (``results.policies``). On ONNX Runtime CPU
+an fp16 graph is judged on its CPU emulation (ONNX Runtime would silently compute it in fp32, hiding
+fp16's error) and timed as written.
 
 ``eager`` (CPU PyTorch) is always present: it is the parity reference and the latency baseline of
 the CPU group. GPU backends (``eager-cuda``, ``onnxruntime-cuda``, ``tensorrt``) form their own group
@@ -103,9 +108,14 @@ class Variant:
     def is_eager(self) -> bool:
         return self.backend == "eager"
 
+    @property
+    def precisions(self) -> dict[str, str]:
+        return {c: a.precision for c, a in self.artifacts.items()}
+
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "backend": self.backend, "device": self.device, "precision": self.precision,
-                "artifacts": {c: a.id for c, a in self.artifacts.items()}}
+                "artifacts": {c: a.id for c, a in self.artifacts.items()},
+                "precisions": self.precisions, "bytes": sum(a.bytes for a in self.artifacts.values())}
 
 
 def variants(manifest: Manifest, backends: list[str]) -> list[Variant]:
@@ -129,22 +139,42 @@ def variants(manifest: Manifest, backends: list[str]) -> list[Variant]:
                     chosen[comp] = found[-1]
             if len(chosen) == len(comps):
                 out.append(Variant(f"{backend}/{prec}", backend.split("-")[0], device, prec, chosen))
+        if backend == "tensorrt":
+            continue
+        for policy in manifest.results.get("policies", {}).values():  # mixed policies quantize judged
+            if len({p for p in policy.values() if p != "fp32"}) < 2:
+                continue  # one precision (the rest fp32) is that precision's variant above
+            found = {c: [a for a in pool if a.component == c and a.precision == p] for c, p in policy.items()}
+            if set(found) == set(comps) and all(found.values()):
+                name = "+".join(f"{c}={p}" for c, p in policy.items() if p != "fp32")
+                out.append(Variant(f"{backend}/{name}", backend.split("-")[0], device, "mixed",
+                                   {c: found[c][-1] for c in comps}))
     return out
 
 
 @dataclass
 class Opened:
-    """A variant ready to run: component runners, and ``whole(feeds)`` for the full model / pipeline."""
+    """A variant ready to run: component runners and ``whole(feeds)`` (the full model / pipeline) as timed,
+    and ``judged`` / ``judged_whole``, what parity and the task score run (the fp16 CPU emulation where
+    that differs, else the same runners)."""
 
     variant: Variant
     components: dict[str, Runner]
     whole: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     whole_runner: Runner | None = None
+    judged: dict[str, Runner] = field(default_factory=dict)
+    judged_whole: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+
+    def __post_init__(self) -> None:
+        self.judged = self.judged or self.components
+        self.judged_whole = self.judged_whole or self.whole
 
 
 @contextlib.contextmanager
 def open_variant(v: Variant, bundle: Path, model: torch.nn.Module, split: Split,
-                 threads: int | None) -> Iterator[Opened]:
+                 threads: int | None, scratch: Path) -> Iterator[Opened]:
+    from mmopt.convert import open_pipeline, pipeline_key
+    from mmopt.judge.accuracy import eager_predictor
     from mmopt.stages.export import component_module
 
     with contextlib.ExitStack() as stack:
@@ -156,8 +186,11 @@ def open_variant(v: Variant, bundle: Path, model: torch.nn.Module, split: Split,
             for c, cs in split.components.items():
                 comps[c] = stack.enter_context(EagerRunner(component_module(model, split, c, "opt"), cs.inputs,
                                                            cs.outputs, v.device, positional=True, name=c))
-            yield Opened(v, comps, lambda feeds: full.infer(feeds, check=False), full)
+            # the task score runs the one eager predictor (one thread, memoised with quantize's scores)
+            judged = eager_predictor(model) if v.device == "cpu" else None
+            yield Opened(v, comps, lambda feeds: full.infer(feeds, check=False), full, judged_whole=judged)
             return
+        files = {c: confine(bundle, a.file, f"artifact '{a.id}' file") for c, a in v.artifacts.items()}
         for c, a in v.artifacts.items():
             cs = split.components[c]
             if v.backend == "onnxruntime":
@@ -166,12 +199,19 @@ def open_variant(v: Variant, bundle: Path, model: torch.nn.Module, split: Split,
                 # Idle ORT pool threads spin by default; interleaved with PyTorch (and with the other
                 # components' pools) that steals the cores the next runner needs, so bench turns it off.
                 spin = {"session.intra_op.allow_spinning": "0"} if (threads or 0) > 1 else {}
-                r: Runner = OnnxRuntimeRunner(confine(bundle, a.file, f"artifact '{a.id}' file"), cs.inputs, cs.outputs, v.device, threads, name=c,
+                r: Runner = OnnxRuntimeRunner(files[c], cs.inputs, cs.outputs, v.device, threads, name=c,
                                               config=spin)
             else:
                 from mmopt.runners.tensorrt import TensorRTRunner
 
-                r = TensorRTRunner(confine(bundle, a.file, f"artifact '{a.id}' file"), cs.inputs, cs.outputs, name=c, sidecar=a.extra or None)
+                r = TensorRTRunner(files[c], cs.inputs, cs.outputs, name=c, sidecar=a.extra or None)
             comps[c] = stack.enter_context(r)
         pipe = Pipeline(split.components, split.output_sources, comps)
+        if v.backend == "onnxruntime":
+            pipe.memo_key = pipeline_key(files, set(), v.device)  # type: ignore[attr-defined]
+        if v.backend == "onnxruntime" and v.device == "cpu" and "fp16" in v.precisions.values():
+            judged_pipe, judged = stack.enter_context(open_pipeline(split.components, split.output_sources, files,
+                                                                    v.precisions, scratch))
+            yield Opened(v, comps, pipe.infer, judged=judged, judged_whole=judged_pipe.infer)
+            return
         yield Opened(v, comps, pipe.infer)

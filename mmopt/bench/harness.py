@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,13 @@ import numpy as np
 import torch
 
 from mmopt import reference
-from mmopt.bench.backends import Opened, Variant, open_variant, resolve, variants
-from mmopt.bench.inputs import SOURCES, InputMaker, batch_dim, batch_sizes, evaluation_chunks
+from mmopt.bench.backends import Opened, open_variant, resolve, variants
+from mmopt.bench.inputs import SOURCES, InputMaker, batch_sizes
+from mmopt.data import batch_dim, read
 from mmopt.judge import latency
-from mmopt.judge.compare import Check, check_all, failures, merge
-from mmopt.judge.parity import summarise, tolerance_for, verify
+from mmopt.judge.accuracy import evaluate
+from mmopt.judge.compare import Check
+from mmopt.judge.parity import REAL_BATCHES, summarise, verify, verify_real
 from mmopt.manifest import Manifest
 from mmopt.progress import Progress
 from mmopt.provenance import machine, peak_rss_mb, rss_mb, tool_versions
@@ -37,48 +41,24 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def _precisions(v: Variant) -> dict[str, str]:
-    return {c: a.precision for c, a in v.artifacts.items()}
+def parity(o: Opened, model, spec: ModelSpec, split, real: list[dict[str, np.ndarray]]) -> list[Check]:
+    """Every component and the pipeline at the min / opt / max shapes (identical seeds for all variants)
+    and on the first evaluation batches, gated by the one rule of export and quantize
+    (``judge.parity.tolerance_for``)."""
+    precisions = o.variant.precisions
+    return verify(model, spec, split, o.judged, precisions, seed=BENCH_SEED) + \
+        verify_real(model, spec, split, o.judged, precisions, real, case="data")
 
 
-def parity(o: Opened, model, spec: ModelSpec, split) -> list[Check]:
-    """Every component and the pipeline at the min / opt / max shapes (identical seeds for all variants),
-    gated by the same rule as export and quantize (``judge.parity.tolerance_for``)."""
-    return verify(model, spec, split, o.components, _precisions(o.variant), seed=BENCH_SEED)
-
-
-def task_scores(opened: list[Opened], spec: ModelSpec, split: Any, max_batch: int, samples: int | None
-                ) -> tuple[dict[str, dict[str, Any]], dict[str, list[Check]]]:
-    """Argmax accuracy of ``[evaluation] output`` on the user's data for every variant, and parity of all
-    outputs on that data against eager (merged over chunks)."""
-    out_name = spec.evaluation.output  # type: ignore[union-attr]
-    correct = {o.variant.id: 0 for o in opened}
-    metrics: dict[str, dict[str, list]] = {o.variant.id: {} for o in opened}
-    seen = 0
-    ref = opened[0]
-    for feeds, labels in evaluation_chunks(spec, max_batch, samples):
-        expected = ref.whole(feeds)
-        if out_name not in expected:
-            from mmopt.errors import ConfigError
-
-            raise ConfigError(f"{spec.path}: field 'evaluation.output': the model has no output '{out_name}'. "
-                              f"Outputs: {', '.join(expected)}.")
-        seen += len(labels)
-        for o in opened:
-            got = expected if o is ref else o.whole(feeds)
-            correct[o.variant.id] += int((np.asarray(got[out_name]).argmax(-1) == labels).sum())
-            if o is not ref:
-                for c in check_all("pipeline", "data", expected, got, {"max_abs": 0, "max_rel": 0, "min_cosine": 0,
-                                                                     "min_argmax": 0}):
-                    metrics[o.variant.id].setdefault(c.metrics.name, []).append(c.metrics)
-    scores = {vid: {"metric": "accuracy", "output": out_name, "samples": seen,
-                    "score": (n / seen if seen else None)} for vid, n in correct.items()}
-    checks: dict[str, list[Check]] = {}
-    for o in opened[1:]:
-        tol = tolerance_for(spec, split, _precisions(o.variant))("pipeline")
-        checks[o.variant.id] = [Check("pipeline", "data", m, failures(m, tol))
-                                for m in (merge(ms) for ms in metrics[o.variant.id].values())]
-    return scores, checks
+def task_scores(opened: list[Opened], spec: ModelSpec, samples: int | None) -> dict[str, dict[str, Any]]:
+    """``judge.accuracy`` (the one task-accuracy function, as in quantize) for every variant on the same
+    evaluation batches, with each one's agreement with eager on the score output."""
+    acc = evaluate(spec, {o.variant.id: o.judged_whole for o in opened if o.judged_whole is not None},
+                   samples=samples, parity_to=opened[0].variant.id)
+    ref = opened[0].variant.id
+    return {vid: {"metric": "accuracy", "output": acc["output"], "samples": acc["samples"], "score": score,
+                  **({} if vid == ref else {"vs_eager": acc["parity"][vid]})}
+            for vid, score in acc["scores"].items()}
 
 
 def _sync(device: str):
@@ -188,38 +168,39 @@ def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int
         "settings": {"backends": chosen, "batches": [b for b in sizes if b] or None,
                      "batch_dim": batch_dim(spec), "threads": threads, "repeats": repeats, "warmup": warmup,
                      "inputs": inputs, "max_accuracy_drop": spec.max_accuracy_drop, "parity_inputs": "random at the min / opt / max shapes"
-                     + (" + evaluation data" if spec.evaluation else ""), "time_budget_s": budget_s},
+                     + (f" + the first {REAL_BATCHES} evaluation batches" if spec.evaluation else ""), "time_budget_s": budget_s},
         "skipped": skipped, "notes": [], "variants": [], "latency": [],  # drift is refused now (reference.py)
         "memory": {"rss_before_mb": round(rss_mb(), 1)},
     }
+    samples = eval_samples or (spec.evaluation.samples if spec.evaluation else None)
+    real = [b for b, _ in itertools.islice(read(spec, "evaluation"), REAL_BATCHES)] if spec.evaluation else []
     with contextlib.ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))  # fp16 CPU emulations
         opened: list[Opened] = []
         with progress.task("open runners + parity", len(vs)) as advance:
             for v in vs:
                 before = rss_mb()
                 gpu_before = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
-                o = stack.enter_context(open_variant(v, bundle, model, split, threads))
+                o = stack.enter_context(open_variant(v, bundle, model, split, threads, scratch))
                 opened.append(o)
-                checks = [] if v.id == "eager" else parity(o, model, spec, split)
+                checks = [] if v.id == "eager" else parity(o, model, spec, split, real)
                 mem = {"host_rss_delta_mb": round(rss_mb() - before, 1)}
                 if gpu_before is not None:
                     mem["gpu_used_delta_mb"] = round((gpu_before - torch.cuda.mem_get_info()[0]) / 2**20, 1)
+                summary = summarise([c for c in checks if not c.case.startswith("data")])
+                on_data = [c for c in checks if c.case.startswith("data")]
+                if on_data:  # its own row: the shapes of real data, beside the random min / opt / max checks
+                    summary["pipeline on data"] = summarise(on_data)["pipeline"]
                 report["variants"].append({**v.to_json(), "memory": mem, "checks": [c.to_json() for c in checks],
-                                           "parity": summarise(checks), "failed": sum(bool(c.failed) for c in checks)})
+                                           "parity": summary, "failed": sum(bool(c.failed) for c in checks)})
                 advance(1)
         if spec.evaluation is not None:
-            dim = batch_dim(spec)
-            cap = spec.dims[dim].max if dim else 1
             with progress.task("task score on evaluation data", 1) as advance:
-                scores, data_checks = task_scores(opened, spec, split, cap, eval_samples or spec.evaluation.samples)
+                scores = task_scores(opened, spec, samples)
                 advance(1)
             for entry in report["variants"]:
-                entry["task"] = scores[entry["id"]]
-                extra = data_checks.get(entry["id"], [])
-                entry["checks"] += [c.to_json() for c in extra]
-                if extra:  # its own row: the shapes of real data, beside the random min / opt / max checks
-                    entry["parity"]["pipeline on data"] = summarise(extra)["pipeline"]
-                entry["failed"] += sum(bool(c.failed) for c in extra)
+                if entry["id"] in scores:
+                    entry["task"] = scores[entry["id"]]
         report["latency"] = sweep(opened, maker, sizes, list(split.components), repeats, warmup, budget_s, progress)
     report["memory"]["rss_peak_mb"] = round(peak_rss_mb(), 1)
     if torch.cuda.is_available():

@@ -7,29 +7,20 @@ its declared range (powers of two plus min / opt / max).
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from mmopt.capture import Split, random_inputs
-from mmopt.calibration import iterate
-from mmopt.errors import ConfigError, UsageError
+from mmopt.data import batch_dim, read
+from mmopt.errors import UsageError
 from mmopt.runners.eager import to_torch
 from mmopt.spec import ModelSpec
 from mmopt.reference import eager_io_for
 
 SOURCES = ("random", "calibration", "evaluation")
 LATENCY_SEED = 2000  # distinct from capture (0..) and export verification (1000..) seeds
-
-
-def batch_dim(spec: ModelSpec) -> str | None:
-    """The dim that is the first axis of every model input, if there is one."""
-    firsts = {i.shape[0] if i.shape else None for i in spec.inputs.values()}
-    (first,) = firsts if len(firsts) == 1 else (None,)
-    return first if isinstance(first, str) else None
 
 
 def batch_sizes(spec: ModelSpec, requested: list[int] | None) -> list[int]:
@@ -58,21 +49,6 @@ def _shapes(spec: ModelSpec, batch: int) -> dict[str, tuple[int, ...]]:
                      for d in i.shape) for n, i in spec.inputs.items()}
 
 
-def user_batches(spec: ModelSpec, source: str) -> Iterator[tuple[dict[str, np.ndarray], Any]]:
-    """``(inputs, labels or None)`` from the configured calibration or evaluation callable."""
-    conf = spec.calibration if source == "calibration" else spec.evaluation
-    if conf is None:
-        raise UsageError(f"--inputs {source}: {spec.path} has no [{source}] table naming a data callable. "
-                         f"Add [{source}] source = \"module:function\" or use --inputs random.")
-    # The one data reader (names, dtypes, shapes, ranges, NaN checked; a callable that raises or yields
-    # nothing is a clear error), as quantize reads it.
-    yield from iterate(spec, conf.source, f"{source}.source", labelled=source == "evaluation")
-
-
-def rows(inputs: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
-    return {n: np.ascontiguousarray(a[start:stop]) for n, a in inputs.items()}
-
-
 @dataclass
 class Feeds:
     """One comparison's inputs: full-model arrays, each component's arrays, and eager's outputs."""
@@ -95,7 +71,7 @@ class InputMaker:
         if self.source == "random":
             return random_inputs(self.spec, _shapes(self.spec, batch), LATENCY_SEED + batch)
         if self._sample is None:
-            self._sample = next(iter(user_batches(self.spec, self.source)))[0]
+            self._sample = next(iter(read(self.spec, self.source)))[0]
         n = len(next(iter(self._sample.values())))
         take = np.resize(np.arange(n), batch) if batch else np.arange(n)  # tile when the batch is short
         return to_torch({k: np.ascontiguousarray(a[take]) for k, a in self._sample.items()}, self._specs, "cpu")
@@ -104,21 +80,3 @@ class InputMaker:
         model_in, model_out, per = eager_io_for(self.model, self.spec, self.split, self.model_inputs(batch),
                                                 f"batch {batch}")
         return Feeds(batch, model_in, model_out, {c: f for c, (f, _) in per.items()})
-
-
-def evaluation_chunks(spec: ModelSpec, max_batch: int, samples: int | None
-                      ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """The evaluation set re-cut into chunks that fit the exported batch range, up to ``samples``."""
-    seen = 0
-    for inputs, labels in user_batches(spec, "evaluation"):
-        if labels is None:
-            raise ConfigError(f"{spec.path}: field 'evaluation.source': must yield (inputs, labels) pairs.")
-        labels = np.asarray(labels)
-        for start in itertools.count(0, max_batch):
-            if start >= len(labels) or (samples is not None and seen >= samples):
-                break
-            stop = min(start + max_batch, len(labels), start + (samples - seen if samples else max_batch))
-            seen += stop - start
-            yield rows(inputs, start, stop), labels[start:stop]
-        if samples is not None and seen >= samples:
-            return

@@ -6,7 +6,6 @@ from typing import Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from mmopt.errors import UsageError
 
@@ -85,11 +84,11 @@ def parse_batches(values: list[str] | None) -> list[int] | None:
 
 
 def print_result(report: dict[str, Any], files: dict[str, Path]) -> None:
-    from mmopt.cli import console
+    from mmopt.cli import console, tables
 
     for sk in report.get("skipped", []):
         console.print(f"[yellow]skipped[/] {escape(sk['backend'])}: {escape(sk['reason'])}", highlight=False)
-    console.print(bench_table(report))
+    console.print(tables.bench_table(report))
     base = report.get("baseline")
     if base:
         worst = max(base["rows"], key=lambda r: r["change"] if r["gated"] else -1e9, default=None)
@@ -100,23 +99,3 @@ def print_result(report: dict[str, Any], files: dict[str, Path]) -> None:
         console.print(f"reports: {escape(', '.join(str(p) for p in files.values()))}", highlight=False)
     gates = report["gates"]
     console.print("[green]gates passed[/]" if gates["passed"] else f"[red]{len(gates['failures'])} gate(s) failed[/]")
-
-
-def bench_table(report: dict[str, Any]) -> Table:
-    from rich import box
-
-    t = Table(title=f"bench: pipeline latency (ms, {report['settings']['threads']} thread(s)) and parity vs eager",
-              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("variant", "batch", "p50", "p90", "samp/s", "×eager", "parity", "score"):
-        t.add_column(col, justify="left" if col in ("variant", "parity") else "right", no_wrap=col == "variant")
-    by_id = {v["id"]: v for v in report["variants"]}
-    for r in report["latency"]:
-        if r["graph"] != "pipeline":
-            continue
-        v = by_id[r["variant"]]
-        parity = "ref" if v["backend"] == "eager" and v["device"] == "cpu" else \
-            ("[green]pass[/]" if not v["failed"] else f"[red]{v['failed']} failed[/]")
-        score = f"{v['task']['score']:.4f}" if v.get("task") and v["task"]["score"] is not None else "-"
-        t.add_row(escape(r["variant"]), str(r["batch"]), f"{r['p50']:.3f}", f"{r['p90']:.3f}",
-                  f"{r['throughput']:.0f}", f"{r['ratio_vs_eager']:.2f}x", parity, score)
-    return t

@@ -49,9 +49,8 @@ def build(
     Example: mmopt build out/ --precision fp16 --profile batch=1
     """
     from rich.markup import escape
-    from rich.table import Table
 
-    from mmopt.cli import console
+    from mmopt.cli import console, tables
     from mmopt.progress import RichProgress
     from mmopt.trt import BuildOptions, build_engines, parse_profile
 
@@ -60,20 +59,10 @@ def build(
                            sparse_weights=sparse, hardware_compatibility=hardware_compat,
                            version_compatible=version_compatible, optimization_level=opt_level)
     artifacts = build_engines(bundle, precision, options, progress=RichProgress(console))
-    table = Table(title=f"TensorRT engines in {escape(str(bundle))}")
-    for col in ("component", "precision (graph)", "engine", "MiB", "profiles", "build s", "TensorRT / GPU"):
-        table.add_column(col)
-    for a in artifacts:
-        e = a.extra
-        table.add_row(escape(a.component), f"{a.precision} ({e['graph_precision']['found']})", escape(a.file), f"{a.bytes / 2**20:.1f}",
-                      ", ".join(p["name"] for p in e["profiles"]), f"{e['build_seconds']:.1f}",
-                      f"{e['tensorrt']['version']} / {e['gpu']['name']} (sm {e['gpu']['compute_capability']})")
-    console.print(table)
+    console.print(tables.engines_table(bundle, artifacts))
     for a in artifacts:
         for w in a.extra.get("warnings", []):
             console.print(f"[yellow]warning[/yellow] {escape(a.component)}: {escape(str(w))}")
-
-
 
 
 def register(app: typer.Typer) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from mmopt.cli.render import parity_table, summary_table
+from mmopt.cli.tables import parity_table, summary_table
 from mmopt.errors import BundleError
 
 
@@ -19,7 +19,7 @@ def inspect(bundle: Path = typer.Argument(Path("build"), help="Bundle folder wri
     """Show a bundle: components with their inputs, outputs, dynamic axes and wiring, artifacts, parity."""
     from mmopt import api
     from mmopt.cli import console
-    from mmopt.cli.render import components_table
+    from mmopt.cli.tables import components_table
 
     manifest = api.inspect_bundle(bundle)
     console.print(components_table(manifest))

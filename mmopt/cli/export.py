@@ -6,10 +6,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from mmopt.cli.render import parity_table, summary_table
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "vqa" / "mmopt.toml"
-
+from mmopt.cli.tables import parity_table, summary_table
 
 def register(app: typer.Typer) -> None:
     app.command()(export)
@@ -64,12 +61,23 @@ def demo(
 
     Needs no input: the model code, its trained checkpoint and mmopt.toml ship inside mmopt. After the
     fp32 export it converts the bundle to fp16, to TensorRT's int8 form and to the CPU int8 policy
-    (int8-cpu image encoder, the rest chosen by the policy search), prints them side by side, and ends with
-    `mmopt bench` on the bundle (reports beside it in OUT-bench/).
+    (int8-cpu image encoder, the rest chosen by the policy search), then benches every variant against
+    eager PyTorch (reports in OUT-bench/). The steps are mmopt/examples/vqa/demo.py: read it to script
+    your own model.
     """
-    from mmopt.cli import demo_precision
-    from mmopt.cli.bench import run_and_print
+    from mmopt.cli import console, tables
+    from mmopt.cli.bench import print_result
+    from mmopt.examples.vqa import demo as steps
+    from mmopt.progress import RichProgress
 
-    export(DEMO_CONFIG, out, trust_checkpoint=False, engine=False)
-    demo_precision.run(out)
-    run_and_print(out, out.with_name(out.name + "-bench"), batches=[1, 8], repeats=20)
+    progress = RichProgress(console)
+    exported = steps.export(out, progress)
+    console.print(summary_table(exported.manifest))
+    console.print(parity_table(exported.manifest.results["parity"]))
+    console.print(f"[green]bundle written:[/] {escape(str(exported.bundle))}  ({exported.seconds['total']:.1f} s)",
+                  highlight=False)
+    steps.quantize(out, list(exported.manifest.components), progress)
+    result = steps.bench(out, out.with_name(out.name + "-bench"), progress)
+    console.print(tables.variants_table(result.report))
+    print_result(result.report, result.files)
+    result.raise_for_gates()

@@ -6,9 +6,8 @@ from typing import Any, Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from mmopt.cli.render import parity_table
+from mmopt.cli import tables
 from mmopt.errors import UsageError
 
 
@@ -74,63 +73,20 @@ def quantize(
 def show(result: Any) -> None:
     """Print what a ``QuantizeResult`` holds: artifacts, parity, fp32 islands, accuracy, sensitivity."""
     from mmopt.cli import console
-    from mmopt.precision import artifact_file, parity_key
+    from mmopt.convert import parity_key
 
     m = result.manifest
-    t = Table(title=f"converted: {escape(result.label)}", title_justify="left")
-    for col in ("component", "precision", "file", "size", "fp32 size"):
-        t.add_column(col)
-    for comp, prec in result.policy.items():
-        if prec == "fp32":
-            continue
-        art, parent = m.artifact(comp, prec), m.artifact(comp, "fp32")
-        t.add_row(escape(comp), prec, escape(artifact_file(comp, prec)), f"{art.bytes / 1024:.0f} KiB",
-                  f"{parent.bytes / 1024:.0f} KiB")
-    console.print(t)
+    console.print(tables.converted_table(result))
     for comp, why in result.kept_fp32.items():
         console.print(f"[yellow]kept fp32:[/] {escape(why)}", highlight=False)
     for row in (m.results.get("policy_search") or {}).get("skipped", []):
         console.print(f"[yellow]auto skipped[/] {escape(row['component'])}={row['precision']}: "
                       f"{escape(row['reason'])}", highlight=False)
-    console.print(parity_table({parity_key(result.policy): m.results["parity"][parity_key(result.policy)]}))
+    console.print(tables.parity_table({parity_key(result.policy): m.results["parity"][parity_key(result.policy)]}))
     for comp, islands in result.islands.items():
-        t = Table(title=f"{escape(comp)}: nodes kept in fp32", title_justify="left")
-        t.add_column("node")
-        t.add_column("why")
-        for node, why in islands.items():
-            t.add_row(escape(node), escape(why))
-        console.print(t)
+        console.print(tables.islands_table(comp, islands))
     if result.accuracy:
-        console.print(accuracy_table(result.accuracy))
+        console.print(tables.accuracy_table(result.accuracy))
     if result.sensitivity:
-        console.print(sensitivity_table(result.sensitivity))
+        console.print(tables.sensitivity_table(result.sensitivity))
     console.print(f"[green]bundle updated:[/] {escape(str(result.bundle))}  ({result.seconds:.1f} s)", highlight=False)
-
-
-def accuracy_table(acc: dict[str, Any]) -> Table:
-    t = Table(title=escape(f"{acc['metric']} on {acc['samples']} samples from {acc['source']}"), title_justify="left")
-    t.add_column("pipeline")
-    t.add_column("accuracy", justify="right")
-    t.add_column("vs eager fp32", justify="right")
-    base = acc["scores"].get("eager fp32")
-    for label, score in acc["scores"].items():
-        t.add_row(escape(label), f"{score * 100:.2f}%", "" if base is None else f"{(score - base) * 100:+.2f} pts")
-    return t
-
-
-def sensitivity_table(report: dict[str, Any]) -> Table:
-    t = Table(title="int8 sensitivity: pipeline error with only this node quantized (worst first)",
-              title_justify="left")
-    for col in ("component", "node", "op", "max rel", "cos min", "argmax"):
-        t.add_column(col, justify="right" if col in ("max rel", "cos min", "argmax") else "left")
-    for comp, r in report.items():
-        w = r["whole_component"]
-        t.add_row(escape(comp), "(all quantized nodes)", str(r["quantized_nodes"]), f"{w['max_rel']:.4f}",
-                  f"{w['cos_min']:.5f}", "-" if w["argmax"] is None else f"{w['argmax']:.3f}")
-        for row in r["worst_nodes"]:
-            t.add_row("", escape(row["node"]), escape(row["op"]), f"{row['max_rel']:.4f}", f"{row['cos_min']:.5f}",
-                      "-" if row["argmax"] is None else f"{row['argmax']:.3f}")
-        if r.get("suggest_exclude"):
-            t.add_row("", f"[yellow]to try: exclude.{escape(comp)} = {escape(str(r['suggest_exclude']))}[/]",
-                      "", "", "", "")
-    return t

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mmopt.judge.compare import measure
-from mmopt.calibration import iterate, take
+from mmopt.data import read
 from mmopt.capture import flatten_named
 from mmopt.dtypes import to_numpy
 from mmopt.errors import ConfigError
@@ -72,7 +72,7 @@ def _batches(spec: ModelSpec, predictors: dict[str, Predict], limit: int | None
     labels_seen: list[np.ndarray] = []
     digests: list[str] = []
     scores: dict[str, list[np.ndarray]] = {label: [] for label in predictors}
-    for inputs, labels in take(iterate(spec, ev.source, "evaluation.source", labelled=True), limit):
+    for inputs, labels in read(spec, "evaluation", limit):
         i, digest = len(digests), _digest(inputs, labels)
         labels_seen.append(labels)
         digests.append(digest)

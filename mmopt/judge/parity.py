@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
 from mmopt.capture import Split
 from mmopt.judge.compare import Check, check_all
-from mmopt.reference import eager_io
+from mmopt.reference import eager_io, eager_io_for
 from mmopt.runners.base import Runner
 from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import SIZES, ModelSpec, precision_rank
 
 VERIFY_SEED = 1000  # distinct from the capture seeds: parity is checked on inputs never traced
+REAL_BATCHES = 4  # the user's batches (calibration in quantize, evaluation in bench) checked like random ones
 # The eager reference (eager_io, eager_io_for) lives in mmopt.reference, below every judge and job.
 
 
@@ -52,6 +54,23 @@ def verify(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: dict[
             outs = runners[comp].infer(feeds)
             checks += check_all(comp, size, refs, outs, tolerance(comp))
         checks += check_all("pipeline", size, model_out, pipe.infer(model_in), tolerance("pipeline"))
+    return checks
+
+
+def verify_real(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: dict[str, Runner],
+                precisions: Mapping[str, str], batches: list[dict[str, np.ndarray]], case: str = "real"
+                ) -> list[Check]:
+    """As ``verify``, on the user's own full-model batches (cases ``real0``, ``real1``, ...): every
+    component on what it really receives from them, and the pipeline, under the same gate."""
+    tolerance = tolerance_for(spec, split, precisions)
+    pipe = Pipeline(split.components, split.output_sources, runners)
+    checks: list[Check] = []
+    for i, batch in enumerate(batches):
+        tensors = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in batch.items()}
+        model_in, model_out, per_comp = eager_io_for(model, spec, split, tensors, f"{case} batch {i}")
+        for comp, (feeds, refs) in per_comp.items():
+            checks += check_all(comp, f"{case}{i}", refs, runners[comp].infer(feeds), tolerance(comp))
+        checks += check_all("pipeline", f"{case}{i}", model_out, pipe.infer(model_in), tolerance("pipeline"))
     return checks
 
 

@@ -1,0 +1,165 @@
+"""Every rich table of the CLI. Rendering only: every figure comes from a manifest, a result or a report."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from mmopt.manifest import Manifest
+
+
+def _shape(shape: Any) -> str:
+    return escape("[" + ", ".join(map(str, shape)) + "]")
+
+
+def components_table(m: Manifest) -> Table:
+    t = Table(title="components", title_justify="left")
+    for col in ("component", "module", "inputs (shape, dtype, source)", "outputs"):
+        t.add_column(col)
+    for name, c in m.components.items():
+        ins = "\n".join(f"{escape(i.name)} {_shape(i.shape)} {i.dtype} <- {escape(c.sources[i.name])}"
+                        for i in c.inputs)
+        outs = "\n".join(f"{escape(o.name)} {_shape(o.shape)} {o.dtype}" for o in c.outputs)
+        t.add_row(escape(name), escape(c.module or "(rest of forward)"), ins, outs)
+    return t
+
+
+def summary_table(m: Manifest) -> Table:
+    t = Table(title="artifacts", title_justify="left")
+    for col in ("artifact", "file", "size", "sha256", "note"):
+        t.add_column(col)
+    for a in m.artifacts:
+        note = a.config.get("simplify") or a.config.get("note") or ""
+        t.add_row(escape(a.id), escape(a.file), f"{a.bytes / 1024:.0f} KiB", a.sha256[:12], escape(str(note)))
+    return t
+
+
+def parity_table(parity: dict[str, dict[str, dict[str, Any]]]) -> Table:
+    t = Table(title="parity vs eager PyTorch (worst over min/opt/max shapes and outputs)", title_justify="left")
+    for col in ("precision", "graph", "outputs", "cos min", "max abs", "max rel", "argmax", "status"):
+        t.add_column(col, justify="right" if col not in ("precision", "graph", "status") else "left")
+    for precision, rows in parity.items():
+        for where, s in rows.items():
+            status = "[green]pass[/]" if not s["failed"] else f"[red]{s['failed']} failed[/]"
+            arg = "-" if s["argmax"] is None else f"{s['argmax']:.3f}"
+            t.add_row(escape(precision), escape(where), str(s["outputs"]), f"{s['cos_min']:.5f}", f"{s['max_abs']:.2e}",
+                      f"{s['max_rel']:.2e}", arg, status)
+    return t
+
+
+def converted_table(result: Any) -> Table:
+    """The artifacts a ``QuantizeResult`` wrote, beside their fp32 parents."""
+    from mmopt.convert import artifact_file
+
+    m = result.manifest
+    t = Table(title=f"converted: {escape(result.label)}", title_justify="left")
+    for col in ("component", "precision", "file", "size", "fp32 size"):
+        t.add_column(col)
+    for comp, prec in result.policy.items():
+        if prec == "fp32":
+            continue
+        art, parent = m.artifact(comp, prec), m.artifact(comp, "fp32")
+        t.add_row(escape(comp), prec, escape(artifact_file(comp, prec)), f"{art.bytes / 1024:.0f} KiB",
+                  f"{parent.bytes / 1024:.0f} KiB")
+    return t
+
+
+def islands_table(comp: str, islands: dict[str, str]) -> Table:
+    t = Table(title=f"{escape(comp)}: nodes kept in fp32", title_justify="left")
+    t.add_column("node")
+    t.add_column("why")
+    for node, why in islands.items():
+        t.add_row(escape(node), escape(why))
+    return t
+
+
+def accuracy_table(acc: dict[str, Any]) -> Table:
+    t = Table(title=escape(f"{acc['metric']} on {acc['samples']} samples from {acc['source']}"), title_justify="left")
+    t.add_column("pipeline")
+    t.add_column("accuracy", justify="right")
+    t.add_column("vs eager fp32", justify="right")
+    base = acc["scores"].get("eager fp32")
+    for label, score in acc["scores"].items():
+        t.add_row(escape(label), f"{score * 100:.2f}%", "" if base is None else f"{(score - base) * 100:+.2f} pts")
+    return t
+
+
+def sensitivity_table(report: dict[str, Any]) -> Table:
+    t = Table(title="int8 sensitivity: pipeline error with only this node quantized (worst first)",
+              title_justify="left")
+    for col in ("component", "node", "op", "max rel", "cos min", "argmax"):
+        t.add_column(col, justify="right" if col in ("max rel", "cos min", "argmax") else "left")
+    for comp, r in report.items():
+        w = r["whole_component"]
+        t.add_row(escape(comp), "(all quantized nodes)", str(r["quantized_nodes"]), f"{w['max_rel']:.4f}",
+                  f"{w['cos_min']:.5f}", "-" if w["argmax"] is None else f"{w['argmax']:.3f}")
+        for row in r["worst_nodes"]:
+            t.add_row("", escape(row["node"]), escape(row["op"]), f"{row['max_rel']:.4f}", f"{row['cos_min']:.5f}",
+                      "-" if row["argmax"] is None else f"{row['argmax']:.3f}")
+        if r.get("suggest_exclude"):
+            t.add_row("", f"[yellow]to try: exclude.{escape(comp)} = {escape(str(r['suggest_exclude']))}[/]",
+                      "", "", "", "")
+    return t
+
+
+def bench_table(report: dict[str, Any]) -> Table:
+    t = Table(title=f"bench: pipeline latency (ms, {report['settings']['threads']} thread(s)) and parity vs eager",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("variant", "batch", "p50", "p90", "samp/s", "×eager", "parity", "score"):
+        t.add_column(col, justify="left" if col in ("variant", "parity") else "right", no_wrap=col == "variant")
+    by_id = {v["id"]: v for v in report["variants"]}
+    for r in report["latency"]:
+        if r["graph"] != "pipeline":
+            continue
+        v = by_id[r["variant"]]
+        parity = "ref" if v["backend"] == "eager" and v["device"] == "cpu" else \
+            ("[green]pass[/]" if not v["failed"] else f"[red]{v['failed']} failed[/]")
+        score = f"{v['task']['score']:.4f}" if v.get("task") and v["task"]["score"] is not None else "-"
+        t.add_row(escape(r["variant"]), str(r["batch"]), f"{r['p50']:.3f}", f"{r['p90']:.3f}",
+                  f"{r['throughput']:.0f}", f"{r['ratio_vs_eager']:.2f}x", parity, score)
+    return t
+
+
+def variants_table(report: dict[str, Any]) -> Table:
+    """A bench report's variants side by side: precision per component, size, agreement with eager on the
+    evaluation data's scores, task accuracy and pipeline latency at the largest batch."""
+    pipeline = [r for r in report["latency"] if r["graph"] == "pipeline"]
+    b = max(r["batch"] for r in pipeline)
+    at_b = {r["variant"]: r for r in pipeline if r["batch"] == b}
+    task = next((v["task"] for v in report["variants"] if v.get("task")), None)
+    t = Table(title=f"precision variants: accuracy on {task['samples'] if task else '?'} test samples, CPU latency "
+                    f"at batch {b}, {report['settings']['threads']} thread", title_justify="left")
+    comps = list(next(v for v in report["variants"] if v["backend"] != "eager")["precisions"]) \
+        if any(v["backend"] != "eager" for v in report["variants"]) else []
+    t.add_column("variant", no_wrap=True)
+    for c in comps:
+        t.add_column(escape(c))
+    for col in ("size", "cos min", "max err", "accuracy", "latency", "vs eager"):
+        t.add_column(col, justify="right")
+    for v in report["variants"]:
+        if v["id"] not in at_b:
+            continue
+        eager = v["backend"] == "eager"
+        vs = (v.get("task") or {}).get("vs_eager", {})
+        acc = (v.get("task") or {}).get("score")
+        name = "mixed policy" if v["precision"] == "mixed" else v["id"].removeprefix("onnxruntime/")
+        t.add_row(escape(name), *[("PyTorch" if eager else v["precisions"][c]) for c in comps],
+                  "-" if eager else f"{v['bytes'] / 1024:.0f} KiB", f"{vs.get('cos_min', 1.0):.5f}",
+                  f"{vs.get('max_abs', 0.0):.2e}", "-" if acc is None else f"{acc * 100:.2f}%",
+                  f"{at_b[v['id']]['p50']:.2f} ms", f"{at_b[v['id']]['ratio_vs_eager']:.2f}x")
+    return t
+
+
+def engines_table(bundle: Any, artifacts: list[Any]) -> Table:
+    """The TensorRT engines ``mmopt build`` wrote."""
+    table = Table(title=f"TensorRT engines in {escape(str(bundle))}")
+    for col in ("component", "precision (graph)", "engine", "MiB", "profiles", "build s", "TensorRT / GPU"):
+        table.add_column(col)
+    for a in artifacts:
+        e = a.extra
+        table.add_row(escape(a.component), f"{a.precision} ({e['graph_precision']['found']})", escape(a.file),
+                      f"{a.bytes / 2**20:.1f}", ", ".join(p["name"] for p in e["profiles"]), f"{e['build_seconds']:.1f}",
+                      f"{e['tensorrt']['version']} / {e['gpu']['name']} (sm {e['gpu']['compute_capability']})")
+    return table
