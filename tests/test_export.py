@@ -9,7 +9,8 @@ import onnx
 import pytest
 from support import run_cli
 
-from mmopt.api import _verify_files, export
+from mmopt.api import export
+from mmopt.jobs.export import _verify_files
 from mmopt.capture import split
 from mmopt.checkpoint import build_model
 from mmopt.errors import ParityError

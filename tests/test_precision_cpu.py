@@ -13,7 +13,7 @@ from mmopt import api
 from mmopt.errors import UsageError
 from mmopt.manifest import Manifest
 from mmopt.stages import int8 as int8_stage
-from mmopt.trt.build import source_artifacts
+from mmopt.jobs.build import source_artifacts
 
 from test_precision import heavy_tailed_matmul, toy  # noqa: F401  (toy: the module-scoped bundle fixture)
 

@@ -173,7 +173,7 @@ class Opened:
 @contextlib.contextmanager
 def open_variant(v: Variant, bundle: Path, model: torch.nn.Module, split: Split,
                  threads: int | None, scratch: Path) -> Iterator[Opened]:
-    from mmopt.convert import open_pipeline, pipeline_key
+    from mmopt.precision.convert import open_pipeline, pipeline_key
     from mmopt.judge.accuracy import eager_predictor
     from mmopt.stages.export import component_module
 

@@ -1,35 +1,24 @@
-"""``mmopt bench``'s measurements: parity, task score, latency sweep and memory for eager and every
-artifact on every backend, assembled into the report dict (``mmopt.bench.report`` renders it).
+"""``mmopt bench``'s measurements of opened variants: parity, task score and the latency sweep (the job
+that composes them into a report is ``mmopt.jobs.bench``).
 
-Order: check the bundle's hashes, rebuild the eager model from the bundle's config, re-capture and
-confirm it is the model the bundle was exported from, open every variant's runners, then measure.
-Parity and latency use identical inputs for all variants (``mmopt.bench.inputs``). Latency of a
-group (CPU: eager + ONNX Runtime; GPU: eager-cuda + ONNX Runtime CUDA + TensorRT) is taken from
-interleaved runs in this one process, so ratios against eager stay fair on a noisy machine.
+Parity and latency use identical inputs for all variants (``mmopt.bench.inputs``). Latency of a group
+(CPU: eager + ONNX Runtime; GPU: eager-cuda + ONNX Runtime CUDA + TensorRT) is taken from interleaved
+runs in this one process, so ratios against eager stay fair on a noisy machine.
 """
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import itertools
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmopt import reference
-from mmopt.bench.backends import Opened, open_variant, resolve, variants
-from mmopt.bench.inputs import SOURCES, InputMaker, batch_sizes
-from mmopt.data import batch_dim, read
+from mmopt.bench.backends import Opened
+from mmopt.bench.inputs import InputMaker
 from mmopt.judge import latency
 from mmopt.judge.accuracy import evaluate
 from mmopt.judge.compare import Check
-from mmopt.judge.parity import REAL_BATCHES, summarise, verify, verify_real
-from mmopt.manifest import Manifest
+from mmopt.judge.parity import verify, verify_real
 from mmopt.progress import Progress
-from mmopt.provenance import machine, peak_rss_mb, rss_mb, tool_versions
 from mmopt.spec import ModelSpec
 
 REPORT_SCHEMA = 1
@@ -128,81 +117,3 @@ def sweep(opened: list[Opened], maker: InputMaker, batches: list[int], comps: li
                         rows.append(row)
                     advance(1)
     return rows
-
-
-def run(bundle: str | Path, backends: list[str] | None = None, batches: list[int] | None = None,
-        threads: int | None = None, repeats: int = 30, warmup: int = 5, inputs: str = "random",
-        config: str | Path | None = None, eval_samples: int | None = None, budget_s: float | None = 30.0,
-        progress: Progress | None = None, trust_checkpoint: bool = False) -> dict[str, Any]:
-    """Measure everything and return the report dict (no gates, no baseline: see ``mmopt.bench.gates``)."""
-    from mmopt.errors import UsageError
-
-    progress = progress or Progress()
-    bundle = Path(bundle).resolve()
-    if repeats < 1 or warmup < 0:
-        raise UsageError(f"--repeats must be >= 1 and warm-up >= 0 (got {repeats}, {warmup}).")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be >= 1 (got {threads}).")
-    manifest = Manifest.read_verified(bundle)
-    spec = reference.config_of(bundle, manifest, config)
-    reference.check_checkpoint(bundle, manifest, spec)  # stale bundles are refused before any model code runs
-    chosen, skipped = resolve(backends, manifest)  # usage errors first, before the model is built
-    sizes = batch_sizes(spec, batches)
-    if inputs not in SOURCES or (inputs != "random" and getattr(spec, inputs) is None):
-        raise UsageError(f"--inputs {inputs}: choose random" + "".join(f", {k}" for k in SOURCES[1:]
-                                                                      if getattr(spec, k) is not None)
-                         + f" ({spec.path} configures {', '.join(k for k in SOURCES[1:] if getattr(spec, k)) or 'no data callables'}).")
-    ref = reference.build(bundle, manifest, spec, trust_checkpoint)
-    model, split = ref.model, ref.split
-    threads = threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    maker = InputMaker(model, spec, split, inputs)
-    vs = variants(manifest, chosen)
-    report: dict[str, Any] = {
-        "schema_version": REPORT_SCHEMA, "kind": "mmopt-bench-report",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "bundle": {"path": str(bundle), "fingerprint": manifest.fingerprint(), "factory": manifest.model.get("factory"),
-                   "config": str(spec.path), "created": manifest.created,
-                   "artifacts": {a.id: a.sha256 for a in manifest.artifacts}},
-        "machine": machine(), "tools": tool_versions(),
-        "settings": {"backends": chosen, "batches": [b for b in sizes if b] or None,
-                     "batch_dim": batch_dim(spec), "threads": threads, "repeats": repeats, "warmup": warmup,
-                     "inputs": inputs, "max_accuracy_drop": spec.max_accuracy_drop, "parity_inputs": "random at the min / opt / max shapes"
-                     + (f" + the first {REAL_BATCHES} evaluation batches" if spec.evaluation else ""), "time_budget_s": budget_s},
-        "skipped": skipped, "notes": [], "variants": [], "latency": [],  # drift is refused now (reference.py)
-        "memory": {"rss_before_mb": round(rss_mb(), 1)},
-    }
-    samples = eval_samples or (spec.evaluation.samples if spec.evaluation else None)
-    real = [b for b, _ in itertools.islice(read(spec, "evaluation"), REAL_BATCHES)] if spec.evaluation else []
-    with contextlib.ExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))  # fp16 CPU emulations
-        opened: list[Opened] = []
-        with progress.task("open runners + parity", len(vs)) as advance:
-            for v in vs:
-                before = rss_mb()
-                gpu_before = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
-                o = stack.enter_context(open_variant(v, bundle, model, split, threads, scratch))
-                opened.append(o)
-                checks = [] if v.id == "eager" else parity(o, model, spec, split, real)
-                mem = {"host_rss_delta_mb": round(rss_mb() - before, 1)}
-                if gpu_before is not None:
-                    mem["gpu_used_delta_mb"] = round((gpu_before - torch.cuda.mem_get_info()[0]) / 2**20, 1)
-                summary = summarise([c for c in checks if not c.case.startswith("data")])
-                on_data = [c for c in checks if c.case.startswith("data")]
-                if on_data:  # its own row: the shapes of real data, beside the random min / opt / max checks
-                    summary["pipeline on data"] = summarise(on_data)["pipeline"]
-                report["variants"].append({**v.to_json(), "memory": mem, "checks": [c.to_json() for c in checks],
-                                           "parity": summary, "failed": sum(bool(c.failed) for c in checks)})
-                advance(1)
-        if spec.evaluation is not None:
-            with progress.task("task score on evaluation data", 1) as advance:
-                scores = task_scores(opened, spec, samples)
-                advance(1)
-            for entry in report["variants"]:
-                if entry["id"] in scores:
-                    entry["task"] = scores[entry["id"]]
-        report["latency"] = sweep(opened, maker, sizes, list(split.components), repeats, warmup, budget_s, progress)
-    report["memory"]["rss_peak_mb"] = round(peak_rss_mb(), 1)
-    if torch.cuda.is_available():
-        report["memory"]["gpu_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return report

@@ -52,13 +52,14 @@ def build(
 
     from mmopt.cli import console, tables
     from mmopt.progress import RichProgress
-    from mmopt.trt import BuildOptions, build_engines, parse_profile
+    from mmopt import api
+    from mmopt.trt import BuildOptions, parse_profile
 
     options = BuildOptions(workspace_mib=workspace_mib, profiles=tuple(parse_profile(p) for p in profile),
                            timing_cache=None if no_timing_cache else (timing_cache or default_timing_cache()),
                            sparse_weights=sparse, hardware_compatibility=hardware_compat,
                            version_compatible=version_compatible, optimization_level=opt_level)
-    artifacts = build_engines(bundle, precision, options, progress=RichProgress(console))
+    artifacts = api.build(bundle, precision, options, progress=RichProgress(console))
     console.print(tables.engines_table(bundle, artifacts))
     for a in artifacts:
         for w in a.extra.get("warnings", []):

@@ -38,9 +38,7 @@ def export(
     from mmopt.progress import RichProgress
 
     if engine:
-        from mmopt.trt import preflight
-
-        preflight()  # fail before a long export, not after it
+        api.preflight()  # fail before a long export, not after it
     result = api.export(config, out, trust_checkpoint, progress=RichProgress(console))
     console.print(summary_table(result.manifest))
     console.print(parity_table(result.manifest.results["parity"]))

@@ -73,7 +73,7 @@ def quantize(
 def show(result: Any) -> None:
     """Print what a ``QuantizeResult`` holds: artifacts, parity, fp32 islands, accuracy, sensitivity."""
     from mmopt.cli import console
-    from mmopt.convert import parity_key
+    from mmopt.precision.convert import parity_key
 
     m = result.manifest
     console.print(tables.converted_table(result))

@@ -51,7 +51,7 @@ def parity_table(parity: dict[str, dict[str, dict[str, Any]]]) -> Table:
 
 def converted_table(result: Any) -> Table:
     """The artifacts a ``QuantizeResult`` wrote, beside their fp32 parents."""
-    from mmopt.convert import artifact_file
+    from mmopt.precision.convert import artifact_file
 
     m = result.manifest
     t = Table(title=f"converted: {escape(result.label)}", title_justify="left")

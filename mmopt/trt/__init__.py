@@ -1,4 +1,5 @@
-"""TensorRT engines from an mmopt bundle: ``build_engines`` and what it needs.
+"""TensorRT's mechanics: the bindings (``api``), memory, profiles, compatibility, device, build options.
+The build job that uses them is ``mmopt.jobs.build``.
 
 Importing this package never imports ``tensorrt`` (nor torch): TensorRT is loaded by
 ``mmopt.trt.api.load()`` only when an engine is built or run, so ``import mmopt`` and ``mmopt --help``
@@ -10,8 +11,6 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "build_engines": "mmopt.trt.build",
-    "preflight": "mmopt.trt.build",
     "BuildOptions": "mmopt.trt.options",
     "default_timing_cache": "mmopt.trt.options",
     "parse_profile": "mmopt.trt.profiles",

@@ -40,7 +40,8 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(bundle, tmp_path_factory):
-    from mmopt.trt import BuildOptions, build_engines
+    from mmopt.jobs.build import build_engines
+    from mmopt.trt import BuildOptions
 
     cache = tmp_path_factory.mktemp("cache") / "trt-timing.cache"
     arts = build_engines(bundle, "fp32", BuildOptions(profiles=({"batch": 1},), timing_cache=cache))
@@ -144,7 +145,8 @@ def test_fp16_engines_stay_within_fp16_tolerance(bundle):
     from mmopt.runners.onnxrt import OnnxRuntimeRunner
     from mmopt.runners.tensorrt import TensorRTRunner
     from mmopt.spec import DEFAULT_TOLERANCES
-    from mmopt.trt import BuildOptions, build_engines
+    from mmopt.jobs.build import build_engines
+    from mmopt.trt import BuildOptions
 
     assert "fp16" in Manifest.read(bundle).precisions()  # the fixture converted every component
     arts = build_engines(bundle, "fp16", BuildOptions(timing_cache=None))
@@ -184,7 +186,8 @@ def test_cuda_graph_replay_equals_plain_enqueue(engines, memory):
 
 def test_version_compatible_engine_loads(bundle):
     from mmopt.runners.tensorrt import TensorRTRunner
-    from mmopt.trt import BuildOptions, build_engines
+    from mmopt.jobs.build import build_engines
+    from mmopt.trt import BuildOptions
 
     arts = build_engines(bundle, "fp32", BuildOptions(version_compatible=True, timing_cache=None))
     with TensorRTRunner.from_bundle(bundle, arts[0].component, "fp32") as r:

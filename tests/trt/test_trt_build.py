@@ -10,8 +10,9 @@ import pytest
 
 from mmopt.errors import BundleError, UsageError
 from mmopt.manifest import Manifest
-from mmopt.trt import api, build, device
-from mmopt.trt.build import BuildEnvironment, build_engines, preflight, source_artifacts
+from mmopt.jobs import build
+from mmopt.trt import api, device
+from mmopt.jobs.build import BuildEnvironment, build_engines, preflight, source_artifacts
 from mmopt.trt.errors import OnnxParseError, TensorRTUnavailable
 from mmopt.trt.options import BuildOptions
 from trt_fake_bundle import FAKE_ENV, FakeEngineWriter, add_int8_dynamic_text, make_bundle

@@ -81,8 +81,8 @@ def test_memory_needs_torch_cuda_or_cuda_python():
 
 def test_import_mmopt_trt_imports_neither_tensorrt_nor_torch():
     code = ("import sys; before = set(sys.modules); "  # a .pth file may import e.g. cuda at start-up
-            "import mmopt.trt, mmopt.trt.build, mmopt.runners.tensorrt, mmopt.cli.build; "
-            "from mmopt.trt import BuildOptions, build_engines; "
+            "import mmopt.trt, mmopt.jobs.build, mmopt.runners.tensorrt, mmopt.cli.build; "
+            "from mmopt.trt import BuildOptions; from mmopt.jobs.build import build_engines; "
             "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
             "print(sorted(new & {'tensorrt', 'torch', 'cuda'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,

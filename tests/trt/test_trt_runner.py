@@ -13,8 +13,9 @@ import pytest
 
 from mmopt.errors import BundleError, UsageError
 from mmopt.runners import tensorrt as trt_runner
-from mmopt.trt import api, build
-from mmopt.trt.build import build_engines
+from mmopt.jobs import build
+from mmopt.trt import api
+from mmopt.jobs.build import build_engines
 from mmopt.trt.compat import Environment
 from mmopt.trt.errors import EngineIncompatible, EngineLoadError
 from mmopt.trt.options import BuildOptions

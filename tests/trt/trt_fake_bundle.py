@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from mmopt.manifest import Manifest, sha256_file
 from mmopt.spec import ComponentSpec, TensorSpec
 from mmopt.trt import api, device
-from mmopt.trt.build import BuildEnvironment
+from mmopt.jobs.build import BuildEnvironment
 
 IMAGE = ComponentSpec(
     "image", "encoder", "image_encoder",

@@ -172,7 +172,7 @@ def run_all(checker: Checker) -> dict[str, Any]:
 
     from mmopt.runners.tensorrt import TensorRTRunner
     from mmopt.trt import api, device
-    from mmopt.trt.build import build_engines
+    from mmopt.jobs.build import build_engines
     from mmopt.trt.options import BuildOptions
 
     real = checker.real

@@ -17,7 +17,7 @@ from typing import Any
 import onnx
 
 from mmopt import calibration, reference
-from mmopt.convert import STATIC, Converter, artifact_file, judge, open_pipeline, parity_key, policy_label
+from mmopt.precision.convert import STATIC, Converter, artifact_file, judge, open_pipeline, parity_key, policy_label
 from mmopt.errors import ConfigError, PrecisionError, Unconvertible
 from mmopt.judge.compare import Check, raise_on_failures
 from mmopt.judge.parity import summarise
@@ -123,7 +123,7 @@ def convert_in(tmp: Path, spec: ModelSpec, model: Any, split: Any, precision: di
             result.policy, result.label = policy, policy_label(policy)
             manifest.results.setdefault("kept_fp32", {}).update(result.kept_fp32)
         if "auto" in policy.values():
-            from mmopt import policy as search_policy
+            from mmopt.precision import search as search_policy
 
             with progress.task("search precision policy", 1) as advance:
                 policy, table, searched = search_policy.search(spec, model, split, policy, files, Path(scratch),
@@ -201,7 +201,7 @@ def _score(spec: ModelSpec, model: Any, split: Any, tmp: Path, manifest: Manifes
 
 def _sensitivity(split: Any, tmp: Path, manifest: Manifest, policy: dict[str, str],
                  cal: calibration.CalibrationData) -> dict[str, Any]:
-    from mmopt import sensitivity as sens
+    from mmopt.precision import sensitivity as sens
 
     cases, rows = [], 0
     for batch, out in zip(cal.batches, cal.model_outputs):

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mmopt.convert import Converter, judge, open_pipeline, policy_label
+from mmopt.precision.convert import Converter, judge, open_pipeline, policy_label
 from mmopt.errors import ConfigError, Unconvertible
 from mmopt.judge import latency
 from mmopt.judge.compare import raise_on_failures
