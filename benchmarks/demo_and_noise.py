@@ -3,7 +3,7 @@
 1. `mmopt demo` from a clean shell: wall time of the whole command (export, three quantize runs, bench of
    every variant on the full test split), run as a user runs it, in a fresh process each time.
 2. bench's latency gate on noise: the demo bundle benched twice in a row, the second run gated against
-   the first as its baseline, while a CPU-burning process loads the machine during the second run. The
+   the first as its baseline, while CPU-burning processes (one per core) load the machine during the second run. The
    default gate (`--gate-on ratio`: each variant's ratio to eager measured in the same run, failing only
    beyond the run's bootstrap spread) must pass; the raw p50 changes are recorded beside it, with what
    `--gate-on p50` would have said.
@@ -49,12 +49,14 @@ def noise(bundle: Path, work: Path) -> dict:
     common = dict(backends=["onnxruntime"], batches=[1, 8, 32], repeats=30, check=False)
     first = bench(bundle, work / "first", **common).report
     stop = time.time() + 600
-    burner = mp.Process(target=_burn, args=(stop,), daemon=True)
-    burner.start()  # one of the two cores busy for the whole second run
+    burners = [mp.Process(target=_burn, args=(stop,), daemon=True) for _ in range(os.cpu_count() or 2)]
+    for b in burners:  # every core busy for the whole second run: bench competes for each one
+        b.start()
     try:
         r = bench(bundle, work / "second", baseline=work / "first" / "report.json", **common).report
     finally:
-        burner.terminate()
+        for b in burners:
+            b.terminate()
     gate_rows = [{k: x[k] for k in ("variant", "batch", "p50_change", "change", "ratio_ci95", "baseline_ratio_ci95",
                                     "regressed")} for x in r["baseline"]["rows"] if x["gated"]]
     by = {(x["variant"], x["batch"]): x for x in first["latency"] if x["graph"] == "pipeline"}

@@ -44,7 +44,6 @@ def random_inputs(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], seed: int
     for name, inp in spec.inputs.items():
         shape = shapes[name]
         if inp.dtype == "bool" or (inp.range is not None and tuple(inp.range) == (0, 1)):
-            # A valid padding mask: each row keeps a prefix of at least half its length.
             length = shape[-1]
             keep = torch.randint((length + 1) // 2, length + 1, shape[:-1] + (1,), generator=g)
             out[name] = (torch.arange(length).expand(shape) < keep).to(dtypes.torch_dtype(inp.dtype))

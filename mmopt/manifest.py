@@ -82,16 +82,22 @@ class Manifest:
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     # ---- lookup by name -------------------------------------------------------------------
-    def artifact(self, component: str, precision: str = "fp32", stage: str | None = None) -> Artifact:
-        """The newest ONNX artifact of ``component`` at ``precision``; ``stage="engine"`` (or another
-        stage name) selects that stage instead. Engines are never returned for a plain ONNX lookup."""
+    def find(self, component: str, precision: str = "fp32", stage: str | None = None) -> Artifact | None:
+        """The one artifact lookup: the newest ONNX artifact of ``component`` at ``precision``, or None;
+        ``stage="engine"`` (or another stage name) selects that stage instead. Engines are never returned
+        for a plain ONNX lookup."""
         found = [a for a in self.artifacts if a.component == component and a.precision == precision
                  and (a.stage == stage if stage is not None else a.stage != "engine")]
-        if not found:
+        return found[-1] if found else None
+
+    def artifact(self, component: str, precision: str = "fp32", stage: str | None = None) -> Artifact:
+        """As ``find``, raising a ``BundleError`` that lists what the bundle has when there is none."""
+        found = self.find(component, precision, stage)
+        if found is None:
             have = sorted({f"{a.component}/{a.precision}" for a in self.artifacts})
             raise BundleError(f"bundle has no {precision} artifact for component '{component}'"
                               f"{' from stage ' + stage if stage else ''}. It has: {', '.join(have) or 'nothing'}.")
-        return found[-1]
+        return found
 
     def by_id(self, artifact_id: str) -> Artifact:
         for a in self.artifacts:

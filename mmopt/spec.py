@@ -296,8 +296,7 @@ def _parse_tolerance(path: Path, raw: Any) -> tuple[dict[str, dict[str, float]],
     return tol, (float(drop) if drop is not None else None)
 
 
-def load_spec(path: str | Path) -> ModelSpec:
-    """Parse and check ``mmopt.toml``. Relative paths resolve against the file's folder."""
+def _read_toml(path: str | Path) -> tuple[Path, dict[str, Any]]:
     path = Path(path).resolve()
     if path.is_dir():
         path = path / "mmopt.toml"
@@ -305,32 +304,22 @@ def load_spec(path: str | Path) -> ModelSpec:
         raise ConfigError(f"{path}: no such config file. Write an mmopt.toml (see docs/config.md) "
                           "or pass the path to an existing one.")
     try:
-        raw = tomllib.loads(path.read_text())
+        return path, tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}. Fix the syntax at that line.") from None
-    top = _Fields(path, raw, "")
-    for key in raw:
-        if key not in TOP_LEVEL:
-            raise unknown_key(top, key, list(TOP_LEVEL))
 
-    m = _Fields(path, top.get("model", dict, what="a [model] table with factory = \"module:attr\""), "model")
-    factory = _callable_ref(m, "factory")
+
+def _parse_model(path: Path, raw: Any) -> dict[str, Any]:
+    m = _Fields(path, raw, "model")
     ckpt = m.get("checkpoint", str, None)
-    ckpt_path = (path.parent / ckpt).resolve() if ckpt else None
-    key = m.get("state_dict_key", str, None)
-    kwargs = m.get("kwargs", dict, {})
+    out = {"factory": _callable_ref(m, "factory"), "checkpoint": (path.parent / ckpt).resolve() if ckpt else None,
+           "state_dict_key": m.get("state_dict_key", str, None), "kwargs": m.get("kwargs", dict, {})}
     m.finish()
+    return out
 
-    dims = _parse_dims(path, top.get("dims", dict, {}))
-    inputs = _parse_inputs(path, top.get("inputs", dict, what="one [inputs.<name>] table per forward argument"),
-                           dims)
-    unused = set(dims) - {d for i in inputs.values() for d in i.shape if isinstance(d, str)}
-    if unused:
-        raise ConfigError(f"{path}: field 'dims.{sorted(unused)[0]}': no input uses this dim. "
-                          "Remove it or use it in an [inputs.*] shape.")
 
-    c = _Fields(path, top.get("components", dict, what='e.g. [components] image = "vision_encoder"'),
-                "components")
+def _parse_components(path: Path, raw: Any) -> tuple[dict[str, str], str | None]:
+    c = _Fields(path, raw, "components")
     components: dict[str, str] = {}
     fusion = None
     for name in c.table:
@@ -343,49 +332,74 @@ def load_spec(path: str | Path) -> ModelSpec:
             components[name] = value
     if not components:
         raise ConfigError(f"{path}: [components] names no encoder. Add e.g. image = \"vision_encoder\".")
+    return components, fusion
 
-    p = _Fields(path, top.get("precision", dict, {}), "precision")
+
+def _parse_precision(path: Path, raw: Any, names: list[str]) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    p = _Fields(path, raw, "precision")
     precision, exclude = {}, {}
     for name in p.table:
         if name == "exclude":
             ex = _Fields(path, p.get(name, dict), "precision.exclude")
             for comp in ex.table:
                 nodes = ex.get(comp, list)
-                if comp not in [*components, "fusion"] or not all(isinstance(n, str) for n in nodes):
+                if comp not in names or not all(isinstance(n, str) for n in nodes):
                     raise ex.err(comp, "must be a component name with a list of ONNX node names.")
                 exclude[comp] = tuple(nodes)
             continue
         value = p.get(name, str)
-        if name not in [*components, "fusion"]:
-            raise p.err(name, f"is not a component. Components: {', '.join([*components, 'fusion'])}.")
+        if name not in names:
+            raise p.err(name, f"is not a component. Components: {', '.join(names)}.")
         if value not in (*PRECISIONS, "auto"):
             raise p.err(name, f"must be one of {', '.join(PRECISIONS)} or auto (the fastest that meets the "
                               f"budget), got {value!r}.")
         precision[name] = value
+    return precision, exclude
 
-    calibration = None
-    if "calibration" in raw:
-        k = _Fields(path, top.get("calibration", dict), "calibration")
-        calibration = CalibrationSpec(_callable_ref(k, "source"), k.get("samples", int, 512),
-                                      k.get("method", str, "entropy"))
-        if calibration.method not in CALIBRATION_METHODS:
-            raise k.err("method", f"must be one of {', '.join(CALIBRATION_METHODS)}, got {calibration.method!r}.")
-        if calibration.samples < 1:
-            raise k.err("samples", f"must be positive, got {calibration.samples}.")
-        k.finish()
 
-    evaluation = None
-    if "evaluation" in raw:
-        e = _Fields(path, top.get("evaluation", dict), "evaluation")
-        evaluation = EvaluationSpec(_callable_ref(e, "source"), e.get("output", str),
-                                    e.get("samples", int, None))
-        e.finish()
+def _parse_calibration(path: Path, raw: Any) -> CalibrationSpec:
+    k = _Fields(path, raw, "calibration")
+    calibration = CalibrationSpec(_callable_ref(k, "source"), k.get("samples", int, 512),
+                                  k.get("method", str, "entropy"))
+    if calibration.method not in CALIBRATION_METHODS:
+        raise k.err("method", f"must be one of {', '.join(CALIBRATION_METHODS)}, got {calibration.method!r}.")
+    if calibration.samples < 1:
+        raise k.err("samples", f"must be positive, got {calibration.samples}.")
+    k.finish()
+    return calibration
 
+
+def _parse_evaluation(path: Path, raw: Any) -> EvaluationSpec:
+    e = _Fields(path, raw, "evaluation")
+    evaluation = EvaluationSpec(_callable_ref(e, "source"), e.get("output", str), e.get("samples", int, None))
+    e.finish()
+    return evaluation
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Parse and check ``mmopt.toml``. Relative paths resolve against the file's folder."""
+    path, raw = _read_toml(path)
+    top = _Fields(path, raw, "")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise unknown_key(top, key, list(TOP_LEVEL))
+    model = _parse_model(path, top.get("model", dict, what="a [model] table with factory = \"module:attr\""))
+    dims = _parse_dims(path, top.get("dims", dict, {}))
+    inputs = _parse_inputs(path, top.get("inputs", dict, what="one [inputs.<name>] table per forward argument"),
+                           dims)
+    unused = set(dims) - {d for i in inputs.values() for d in i.shape if isinstance(d, str)}
+    if unused:
+        raise ConfigError(f"{path}: field 'dims.{sorted(unused)[0]}': no input uses this dim. "
+                          "Remove it or use it in an [inputs.*] shape.")
+    components, fusion = _parse_components(
+        path, top.get("components", dict, what='e.g. [components] image = "vision_encoder"'))
+    precision, exclude = _parse_precision(path, top.get("precision", dict, {}), [*components, "fusion"])
+    calibration = _parse_calibration(path, top.get("calibration", dict)) if "calibration" in raw else None
+    evaluation = _parse_evaluation(path, top.get("evaluation", dict)) if "evaluation" in raw else None
     tolerances, drop = _parse_tolerance(path, top.get("tolerance", dict, {}))
     top.finish()
     check_memory(path, inputs, dims)
-    return ModelSpec(path=path, factory=factory, checkpoint=ckpt_path, state_dict_key=key, kwargs=kwargs,
-                     inputs=inputs, dims=dims, components=components, fusion=fusion,
+    return ModelSpec(path=path, **model, inputs=inputs, dims=dims, components=components, fusion=fusion,
                      tolerances=tolerances, max_accuracy_drop=drop, precision=precision, exclude=exclude,
                      calibration=calibration, evaluation=evaluation)
 

@@ -123,32 +123,25 @@ def variants(manifest: Manifest, backends: list[str]) -> list[Variant]:
     out = [Variant("eager", "eager", "cpu", "fp32")]
     if "eager-cuda" in backends:
         out.append(Variant("eager-cuda", "eager", "cuda", "fp32"))
-    graphs = [a for a in manifest.artifacts if a.stage != "engine"]
-    engines = [a for a in manifest.artifacts if a.stage == "engine"]
-    for backend, device, pool in (("onnxruntime", "cpu", graphs), ("onnxruntime-cuda", "cuda", graphs),
-                                  ("tensorrt", "cuda", engines)):
+    for backend, device in (("onnxruntime", "cpu"), ("onnxruntime-cuda", "cuda"), ("tensorrt", "cuda")):
         if backend not in backends:
             continue
-        precisions = sorted({a.precision for a in pool}, key=precision_rank)
-        for prec in precisions:
-            chosen = {}
-            for comp in comps:  # a component without this precision keeps its fp32 artifact
-                found = [a for a in pool if a.component == comp and a.precision == prec] or \
-                        [a for a in pool if a.component == comp and a.precision == "fp32"]
-                if found:
-                    chosen[comp] = found[-1]
-            if len(chosen) == len(comps):
+        stage = "engine" if backend == "tensorrt" else None
+        pool = [a for a in manifest.artifacts if (a.stage == "engine") == (stage == "engine")]
+        for prec in sorted({a.precision for a in pool}, key=precision_rank):
+            # a component without this precision keeps its fp32 artifact
+            chosen = {c: manifest.find(c, prec, stage) or manifest.find(c, "fp32", stage) for c in comps}
+            if all(chosen.values()):
                 out.append(Variant(f"{backend}/{prec}", backend.split("-")[0], device, prec, chosen))
         if backend == "tensorrt":
             continue
         for policy in manifest.results.get("policies", {}).values():  # mixed policies quantize judged
             if len({p for p in policy.values() if p != "fp32"}) < 2:
                 continue  # one precision (the rest fp32) is that precision's variant above
-            found = {c: [a for a in pool if a.component == c and a.precision == p] for c, p in policy.items()}
-            if set(found) == set(comps) and all(found.values()):
+            found = {c: manifest.find(c, policy.get(c, "fp32")) for c in comps}
+            if all(found.values()):
                 name = "+".join(f"{c}={p}" for c, p in policy.items() if p != "fp32")
-                out.append(Variant(f"{backend}/{name}", backend.split("-")[0], device, "mixed",
-                                   {c: found[c][-1] for c in comps}))
+                out.append(Variant(f"{backend}/{name}", backend.split("-")[0], device, "mixed", found))
     return out
 
 
@@ -187,7 +180,7 @@ def open_variant(v: Variant, bundle: Path, model: torch.nn.Module, split: Split,
                 comps[c] = stack.enter_context(EagerRunner(component_module(model, split, c, "opt"), cs.inputs,
                                                            cs.outputs, v.device, positional=True, name=c))
             # the task score runs the one eager predictor (one thread, memoised with quantize's scores)
-            judged = eager_predictor(model) if v.device == "cpu" else None
+            judged = eager_predictor(model, split) if v.device == "cpu" else None
             yield Opened(v, comps, lambda feeds: full.infer(feeds, check=False), full, judged_whole=judged)
             return
         files = {c: confine(bundle, a.file, f"artifact '{a.id}' file") for c, a in v.artifacts.items()}

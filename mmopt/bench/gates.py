@@ -172,7 +172,7 @@ def evaluate(report: dict[str, Any], max_accuracy_drop: float | None) -> dict[st
     return {"passed": not failures, "failures": failures, "max_accuracy_drop": max_accuracy_drop}
 
 
-def raise_on_failures(report: dict[str, Any], result: object = None) -> None:
+def raise_for_gates(report: dict[str, Any], result: object = None) -> None:
     gates = report["gates"]
     if gates["passed"]:
         return

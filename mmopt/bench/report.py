@@ -71,6 +71,16 @@ def headline_batch(report: dict[str, Any]) -> int | None:
 
 
 def markdown(report: dict[str, Any], png_name: str | None = "report.png") -> str:
+    """The report for a CI step summary: one section per part, in the order a reader checks them."""
+    out = _md_header(report) + _md_parity(report) + _md_task(report) + _md_latency(report) + _md_memory(report)
+    if report.get("baseline"):
+        out += _md_baseline(report)
+    if png_name:
+        out.append(f"\n![latency vs parity and by batch size]({png_name})\n")
+    return "\n".join(out) + "\n"
+
+
+def _md_header(report: dict[str, Any]) -> list[str]:
     gates = report.get("gates", {"passed": None, "failures": []})
     verdict = {True: "passed", False: "FAILED", None: "not evaluated"}[gates["passed"]]
     s, m = report["settings"], report["machine"]
@@ -79,39 +89,46 @@ def markdown(report: dict[str, Any], png_name: str | None = "report.png") -> str
            f"Bundle `{report['bundle']['path']}` ({report['bundle']['factory']}, fingerprint "
            f"`{report['bundle']['fingerprint']}`) on {m['cpus']} CPUs, {gpu}; {s['threads']} thread(s), "
            f"{s['repeats']} interleaved repeats after {s['warmup']} warm-up, {s['inputs']} inputs.\n"]
-    for sk in report.get("skipped", []):
-        out.append(f"- skipped **{sk['backend']}**: {sk['reason']}")
-    for note in report.get("notes", []):
-        out.append(f"- note: {note}")
+    out += [f"- skipped **{sk['backend']}**: {sk['reason']}" for sk in report.get("skipped", [])]
+    out += [f"- note: {note}" for note in report.get("notes", [])]
     if gates["failures"]:
         out.append("\n### Gate failures\n")
         out += [f"- {f}" for f in gates["failures"]]
-    out.append("\n### Parity vs eager PyTorch (worst over min/opt/max shapes and outputs)\n")
+    return out
+
+
+def _md_parity(report: dict[str, Any]) -> list[str]:
     rows = []
     for v in report["variants"]:
         for graph, p in v["parity"].items():
             rows.append([v["id"], graph, str(p["outputs"]), _f(p["cos_min"], ".6f"), _f(p["max_abs"], ".2e"),
                          _f(p["max_rel"], ".2e"), _f(p["argmax"]), "pass" if not p["failed"] else
                          f"**{p['failed']} failed**"])
-    out.append(_table(["variant", "graph", "outputs", "cos min", "max abs", "max rel", "argmax", "status"], rows)
-               if rows else "Only eager ran: nothing to compare.\n")
+    return ["\n### Parity vs eager PyTorch (worst over min/opt/max shapes and outputs)\n",
+            _table(["variant", "graph", "outputs", "cos min", "max abs", "max rel", "argmax", "status"], rows)
+            if rows else "Only eager ran: nothing to compare.\n"]
+
+
+def _md_task(report: dict[str, Any]) -> list[str]:
     tasks = [v for v in report["variants"] if v.get("task")]
-    if tasks:
-        ref = tasks[0]["task"]["score"]
-        out.append(f"\n### Task score ({tasks[0]['task']['metric']} of `{tasks[0]['task']['output']}`, "
-                   f"{tasks[0]['task']['samples']} samples)\n")
-        out.append(_table(["variant", "score", "vs eager"],
-                          [[v["id"], _f(v["task"]["score"], ".4f"), _f(v["task"]["score"] - ref, "+.4f")]
-                           for v in tasks]))
+    if not tasks:
+        return []
+    ref, t0 = tasks[0]["task"]["score"], tasks[0]["task"]
+    return [f"\n### Task score ({t0['metric']} of `{t0['output']}`, {t0['samples']} samples)\n",
+            _table(["variant", "score", "vs eager"],
+                   [[v["id"], _f(v["task"]["score"], ".4f"), _f(v["task"]["score"] - ref, "+.4f")] for v in tasks])]
+
+
+def _md_latency(report: dict[str, Any]) -> list[str]:
     lat = report["latency"]
-    out.append("\n### Pipeline latency (ms per call; ratio = paired median vs eager on the same device)\n")
     pipe = [r for r in lat if r["graph"] == "pipeline"]
     has_h2d = any("h2d_ms" in r for r in pipe)
-    out.append(_table(["variant", "batch", "p50", "p90", "p99", "mean", "std", "samples/s", "vs eager"]
-                      + (["h2d p50"] if has_h2d else []),
-                      [[r["variant"], str(r["batch"]), _f(r["p50"]), _f(r["p90"]), _f(r["p99"]), _f(r["mean"]),
-                        _f(r["std"]), _f(r["throughput"], ".0f"), _f(r["ratio_vs_eager"], ".2f") + "x"]
-                       + ([_f(r.get("h2d_ms"))] if has_h2d else []) for r in pipe]))
+    out = ["\n### Pipeline latency (ms per call; ratio = paired median vs eager on the same device)\n",
+           _table(["variant", "batch", "p50", "p90", "p99", "mean", "std", "samples/s", "vs eager"]
+                  + (["h2d p50"] if has_h2d else []),
+                  [[r["variant"], str(r["batch"]), _f(r["p50"]), _f(r["p90"]), _f(r["p99"]), _f(r["mean"]),
+                    _f(r["std"]), _f(r["throughput"], ".0f"), _f(r["ratio_vs_eager"], ".2f") + "x"]
+                   + ([_f(r.get("h2d_ms"))] if has_h2d else []) for r in pipe])]
     b = headline_batch(report)
     comp = [r for r in lat if r["graph"] != "pipeline" and r["batch"] == b]
     if comp:
@@ -119,42 +136,46 @@ def markdown(report: dict[str, Any], png_name: str | None = "report.png") -> str
         out.append(_table(["variant", "component", "p50", "p90", "p99", "std", "vs eager"],
                           [[r["variant"], r["graph"], _f(r["p50"]), _f(r["p90"]), _f(r["p99"]), _f(r["std"]),
                             _f(r["ratio_vs_eager"], ".2f") + "x"] for r in comp]))
+    return out
+
+
+def _md_memory(report: dict[str, Any]) -> list[str]:
     mem = report.get("memory", {})
-    out.append(f"\n### Memory\n\nProcess peak RSS {_f(mem.get('rss_peak_mb'), '.0f')} MB"
-               + (f", GPU peak allocated (torch) {_f(mem.get('gpu_peak_allocated_mb'), '.0f')} MB"
-                  if "gpu_peak_allocated_mb" in mem else "") + ". Per variant, growth on loading:\n")
-    out.append(_table(["variant", "host RSS +MB", "GPU +MB"],
-                      [[v["id"], _f(v["memory"].get("host_rss_delta_mb"), ".1f"),
-                        _f(v["memory"].get("gpu_used_delta_mb"), ".1f")] for v in report["variants"]]))
-    base = report.get("baseline")
-    if base:
-        gate = ("pipeline p50 within" if base.get("gate_on") == "p50" else
-                "each variant's pipeline ratio to eager, beyond this run's 95% spread, within")
-        out.append(f"\n### Against baseline `{base['path']}` ({base['created']}; gate: {gate} "
-                   f"+{base['max_latency_regression']:.0%})\n")
-        if not base["same_machine"]:
-            out.append("- note: the baseline was recorded on a different machine; absolute times may not compare.")
-        if any(base.get("unmatched", {}).values()):
-            u = base["unmatched"]
-            out.append(f"- note: {u['only_in_baseline']} baseline row(s) have no counterpart here and "
-                       f"{u['only_in_this_run']} row(s) here are new (other variants or batch sizes): not compared.")
-        if base.get("baseline_threads") not in (None, s["threads"]):
-            out.append(f"- note: the baseline ran with {base['baseline_threads']} thread(s), this run with "
-                       f"{s['threads']}.")
-        out.append(_table(["variant", "graph", "batch", "baseline p50", "p50", "change", "baseline vs eager",
-                           "vs eager", "status"],
-                          [[r["variant"], r["graph"], str(r["batch"]), _f(r["baseline_p50"]), _f(r["p50"]),
-                            _f(r["change"], "+.1%"), _f(r["baseline_ratio_vs_eager"], ".2f") + "x",
-                            _f(r["ratio_vs_eager"], ".2f") + "x",
-                            "**regressed**" if r["regressed"] else ("ok" if r["gated"] else "info")]
-                           for r in base["rows"]]))
-        if base["tasks"]:
-            out.append(_table(["variant", "baseline score", "score"],
-                              [[t["variant"], _f(t["baseline_score"], ".4f"), _f(t["score"], ".4f")]
-                               for t in base["tasks"]]))
-    if png_name:
-        out.append(f"\n![latency vs parity and by batch size]({png_name})\n")
-    return "\n".join(out) + "\n"
+    return [f"\n### Memory\n\nProcess peak RSS {_f(mem.get('rss_peak_mb'), '.0f')} MB"
+            + (f", GPU peak allocated (torch) {_f(mem.get('gpu_peak_allocated_mb'), '.0f')} MB"
+               if "gpu_peak_allocated_mb" in mem else "") + ". Per variant, growth on loading:\n",
+            _table(["variant", "host RSS +MB", "GPU +MB"],
+                   [[v["id"], _f(v["memory"].get("host_rss_delta_mb"), ".1f"),
+                     _f(v["memory"].get("gpu_used_delta_mb"), ".1f")] for v in report["variants"]])]
+
+
+def _md_baseline(report: dict[str, Any]) -> list[str]:
+    base, s = report["baseline"], report["settings"]
+    gate = ("pipeline p50 within" if base.get("gate_on") == "p50" else
+            "each variant's pipeline ratio to eager, beyond this run's 95% spread, within")
+    out = [f"\n### Against baseline `{base['path']}` ({base['created']}; gate: {gate} "
+           f"+{base['max_latency_regression']:.0%})\n"]
+    if not base["same_machine"]:
+        out.append("- note: the baseline was recorded on a different machine; absolute times may not compare.")
+    if any(base.get("unmatched", {}).values()):
+        u = base["unmatched"]
+        out.append(f"- note: {u['only_in_baseline']} baseline row(s) have no counterpart here and "
+                   f"{u['only_in_this_run']} row(s) here are new (other variants or batch sizes): not compared.")
+    if base.get("baseline_threads") not in (None, s["threads"]):
+        out.append(f"- note: the baseline ran with {base['baseline_threads']} thread(s), this run with "
+                   f"{s['threads']}.")
+    out.append(_table(["variant", "graph", "batch", "baseline p50", "p50", "change", "baseline vs eager",
+                       "vs eager", "status"],
+                      [[r["variant"], r["graph"], str(r["batch"]), _f(r["baseline_p50"]), _f(r["p50"]),
+                        _f(r["change"], "+.1%"), _f(r["baseline_ratio_vs_eager"], ".2f") + "x",
+                        _f(r["ratio_vs_eager"], ".2f") + "x",
+                        "**regressed**" if r["regressed"] else ("ok" if r["gated"] else "info")]
+                       for r in base["rows"]]))
+    if base["tasks"]:
+        out.append(_table(["variant", "baseline score", "score"],
+                          [[t["variant"], _f(t["baseline_score"], ".4f"), _f(t["score"], ".4f")]
+                           for t in base["tasks"]]))
+    return out
 
 
 # ---- PNG -----------------------------------------------------------------------------------

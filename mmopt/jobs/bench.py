@@ -82,7 +82,7 @@ class BenchResult:
 
     def raise_for_gates(self) -> None:
         """``GateError`` (exit code 1) listing every failed parity, accuracy and latency gate."""
-        gates.raise_on_failures(self.report, self)
+        gates.raise_for_gates(self.report, self)
 
 
 def bench(bundle: str | Path, out: str | Path | None, settings: BenchSettings, baseline: str | Path | None = None,

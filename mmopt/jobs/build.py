@@ -71,10 +71,9 @@ def source_artifacts(manifest: Manifest, precision: str | None) -> list[Artifact
     found, missing = [], []
     for comp in manifest.components:
         for prec in wanted:
-            arts = [a for a in manifest.artifacts
-                    if a.component == comp and a.precision == prec and a.stage != "engine"]
-            if arts:
-                found.append(arts[-1])
+            art = manifest.find(comp, prec)
+            if art is not None:
+                found.append(art)
             elif precision:
                 missing.append(comp)
     if missing or not found:

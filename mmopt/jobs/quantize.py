@@ -19,9 +19,11 @@ import onnx
 from mmopt import calibration, reference
 from mmopt.precision.convert import STATIC, Converter, artifact_file, judge, open_pipeline, parity_key, policy_label
 from mmopt.errors import ConfigError, PrecisionError, Unconvertible
+from mmopt.judge import accuracy as ev
 from mmopt.judge.compare import Check, raise_on_failures
 from mmopt.judge.parity import summarise
 from mmopt.manifest import Manifest, staged_bundle
+from mmopt.precision import search, sensitivity as sens
 from mmopt.progress import Progress
 from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import PRECISIONS, ModelSpec
@@ -101,86 +103,110 @@ def convert_in(tmp: Path, spec: ModelSpec, model: Any, split: Any, precision: di
     # The bundle may have been re-exported while the model was built: judge it against the locked manifest.
     reference.check_checkpoint(tmp, manifest, spec)
     reference.check_matches(tmp, manifest, spec, split)
-    needs_cal = any(p in (*STATIC, "fp16", "auto") for p in policy.values())
-    cal = calibration.load(model, spec, split) if needs_cal and spec.calibration else None
-    if any(p in (*STATIC, "auto") for p in policy.values()) and cal is None:
-        calibration.load(model, spec, split)  # raises the "add a [calibration] table" error
+    cal = _calibration(model, spec, split, policy)
     result = QuantizeResult(tmp, manifest, policy, policy_label(policy), [])
     with tempfile.TemporaryDirectory() as scratch:
         files = {c: manifest.file(tmp, manifest.artifact(c, "fp32", stage="export")) for c in policy}
         converter = Converter(dict(files), model, spec, split, cal)
-
-        for comp in [c for c, p in policy.items() if p not in ("fp32", "auto")]:
-            try:
-                converter.get(comp, policy[comp])
-            except Unconvertible as e:
-                result.kept_fp32[comp] = str(e)
-                policy[comp] = "fp32"
-        if result.kept_fp32:
-            if all(p == "fp32" for p in policy.values()):
-                raise PrecisionError("; ".join(result.kept_fp32.values()) + ". Nothing else was asked for, so "
-                                     "nothing was written.")
-            result.policy, result.label = policy, policy_label(policy)
-            manifest.results.setdefault("kept_fp32", {}).update(result.kept_fp32)
-        if "auto" in policy.values():
-            from mmopt.precision import search as search_policy
-
-            with progress.task("search precision policy", 1) as advance:
-                policy, table, searched = search_policy.search(spec, model, split, policy, files, Path(scratch),
-                                                               cal, converter)
-                manifest.results["policy_search"] = table
-                advance(1)
-            result.policy, result.label = policy, policy_label(policy)
-        else:
-            searched = None
-        label = result.label
-        converted_comps = [c for c, p in policy.items() if p != "fp32"]
-        with progress.task("convert precision", len(converted_comps)) as advance:
-            for comp in converted_comps:
-                parent = manifest.artifact(comp, "fp32", stage="export")
-                proto, config, islands = converter.get(comp, policy[comp])
-                files[comp] = tmp / artifact_file(comp, policy[comp])
-                save(proto, files[comp])  # replaces the staged hard links, never writes through them
-                manifest.add(tmp, comp, policy[comp], policy[comp], files[comp].name, parent=parent.id,
-                             config=config)
-                if islands:
-                    result.islands[comp] = islands
-                advance(1)
-        forget_stale(manifest, {(c, policy[c]) for c in converted_comps})
-        with open_pipeline(split.components, split.output_sources, files, policy, Path(scratch)) as (pipe, runners):
-            result.checks = judge(model, spec, split, runners, policy, cal)
-            method = spec.calibration.method if spec.calibration else None
-            raise_on_failures(result.checks, f"{label} pipeline vs eager PyTorch",
-                              "Nothing was written. Exclude the worst nodes ([precision.exclude], see the "
-                              "sensitivity report of a passing run), keep a component at higher precision, "
-                              + (f"try another [calibration].method (this run used {method}; \"auto\" picks the "
-                                 "best per component), " if STATIC & set(policy.values()) and method != "auto" else "")
-                              + "or loosen the gate under [tolerance.<precision>].")
-            rows = {where: {**row, "precision": policy.get(where, label)}
-                    for where, row in summarise(result.checks).items() if policy.get(where) != "fp32"}
-            manifest.results.setdefault("parity", {})[parity_key(policy)] = rows
-            manifest.results.setdefault("policies", {})[label] = dict(policy)  # what bench measures
-            if spec.evaluation is not None:
-                result.accuracy = _score(spec, model, split, tmp, manifest, pipe, label, Path(scratch), searched)
-        if sensitivity and cal is not None and STATIC & set(policy.values()):
-            result.sensitivity = _sensitivity(split, tmp, manifest, policy, cal)
+        keep_unconvertible_fp32(result, converter)
+        searched = None
+        if "auto" in result.policy.values():
+            searched = search_autos(result, spec, model, split, files, Path(scratch), cal, converter, progress)
+        write_converted(result, tmp, converter, files, progress)
+        judge_and_record(result, spec, model, split, tmp, files, Path(scratch), cal, searched)
+        if sensitivity and cal is not None and STATIC & set(result.policy.values()):
+            result.sensitivity = _sensitivity(split, tmp, manifest, result.policy, cal)
             manifest.results.setdefault("sensitivity", {}).update(result.sensitivity)
         result.seconds = time.perf_counter() - t0
-        manifest.results.setdefault("precision_seconds", {})[label] = round(result.seconds, 2)
+        manifest.results.setdefault("precision_seconds", {})[result.label] = round(result.seconds, 2)
         manifest.write(tmp)
     return result
 
 
+def _calibration(model: Any, spec: ModelSpec, split: Any, policy: dict[str, str]) -> Any:
+    """Calibration data when the policy needs it (int8 ranges, fp16 overflow statistics, auto timing)."""
+    if any(p in (*STATIC, "auto") for p in policy.values()) and spec.calibration is None:
+        calibration.load(model, spec, split)  # raises the "add a [calibration] table" error
+    needs = any(p in (*STATIC, "fp16", "auto") for p in policy.values())
+    return calibration.load(model, spec, split) if needs and spec.calibration else None
+
+
+def keep_unconvertible_fp32(result: QuantizeResult, converter: Converter) -> None:
+    """A component whose graph cannot take its precision stays fp32 (said in the result and manifest)."""
+    policy = result.policy
+    for comp in [c for c, p in policy.items() if p not in ("fp32", "auto")]:
+        try:
+            converter.get(comp, policy[comp])
+        except Unconvertible as e:
+            result.kept_fp32[comp] = str(e)
+            policy[comp] = "fp32"
+    if result.kept_fp32:
+        if all(p == "fp32" for p in policy.values()):
+            raise PrecisionError("; ".join(result.kept_fp32.values()) + ". Nothing else was asked for, so "
+                                 "nothing was written.")
+        result.label = policy_label(policy)
+        result.manifest.results.setdefault("kept_fp32", {}).update(result.kept_fp32)
+
+
+def search_autos(result: QuantizeResult, spec: ModelSpec, model: Any, split: Any, files: dict[str, Path],
+                 scratch: Path, cal: Any, converter: Converter, progress: Progress) -> dict[str, Any] | None:
+    """The "auto" components chosen by the policy search; returns its scores (reused for the record)."""
+    with progress.task("search precision policy", 1) as advance:
+        policy, table, searched = search.search(spec, model, split, result.policy, files, scratch, cal, converter)
+        result.manifest.results["policy_search"] = table
+        advance(1)
+    result.policy, result.label = policy, policy_label(policy)
+    return searched
+
+
+def write_converted(result: QuantizeResult, tmp: Path, converter: Converter, files: dict[str, Path],
+                    progress: Progress) -> None:
+    """Each converted graph saved beside its fp32 parent and added to the manifest with its lineage."""
+    manifest, policy = result.manifest, result.policy
+    converted = [c for c, p in policy.items() if p != "fp32"]
+    with progress.task("convert precision", len(converted)) as advance:
+        for comp in converted:
+            parent = manifest.artifact(comp, "fp32", stage="export")
+            proto, config, islands = converter.get(comp, policy[comp])
+            files[comp] = tmp / artifact_file(comp, policy[comp])
+            save(proto, files[comp])  # replaces the staged hard links, never writes through them
+            manifest.add(tmp, comp, policy[comp], policy[comp], files[comp].name, parent=parent.id, config=config)
+            if islands:
+                result.islands[comp] = islands
+            advance(1)
+    forget_stale(manifest, {(c, policy[c]) for c in converted})
+
+
+def judge_and_record(result: QuantizeResult, spec: ModelSpec, model: Any, split: Any, tmp: Path,
+                     files: dict[str, Path], scratch: Path, cal: Any, searched: dict[str, Any] | None) -> None:
+    """The policy's pipeline judged (parity gates, then the accuracy budget) and recorded in the manifest:
+    its parity, the policy itself (what bench measures) and its accuracy."""
+    manifest, policy, label = result.manifest, result.policy, result.label
+    with open_pipeline(split.components, split.output_sources, files, policy, scratch) as (pipe, runners):
+        result.checks = judge(model, spec, split, runners, policy, cal)
+        method = spec.calibration.method if spec.calibration else None
+        raise_on_failures(result.checks, f"{label} pipeline vs eager PyTorch",
+                          "Nothing was written. Exclude the worst nodes ([precision.exclude], see the "
+                          "sensitivity report of a passing run), keep a component at higher precision, "
+                          + (f"try another [calibration].method (this run used {method}; \"auto\" picks the "
+                             "best per component), " if STATIC & set(policy.values()) and method != "auto" else "")
+                          + "or loosen the gate under [tolerance.<precision>].")
+        rows = {where: {**row, "precision": policy.get(where, label)}
+                for where, row in summarise(result.checks).items() if policy.get(where) != "fp32"}
+        manifest.results.setdefault("parity", {})[parity_key(policy)] = rows
+        manifest.results.setdefault("policies", {})[label] = dict(policy)
+        if spec.evaluation is not None:
+            result.accuracy = _score(spec, model, split, tmp, manifest, pipe, label, scratch, searched)
+
+
 def _score(spec: ModelSpec, model: Any, split: Any, tmp: Path, manifest: Manifest, pipe: Pipeline, label: str,
            scratch: Path, searched: dict[str, Any] | None = None) -> dict[str, Any]:
-    from mmopt.judge import accuracy as ev
-
     if searched is not None:  # the policy search scored this very pipeline on the same data
         acc = searched
     else:
         fp32_files = {c: manifest.file(tmp, manifest.artifact(c, "fp32", stage="export")) for c in split.components}
         with open_pipeline(split.components, split.output_sources, fp32_files, {}, scratch) as (fp32_pipe, _):
-            acc = ev.evaluate(spec, {"eager fp32": ev.eager_predictor(model), "onnx fp32": fp32_pipe.infer,
+            acc = ev.evaluate(spec, {"eager fp32": ev.eager_predictor(model, split), "onnx fp32": fp32_pipe.infer,
                                      label: pipe.infer})
     scores = acc["scores"]
     drop = scores["eager fp32"] - scores[label]
@@ -201,8 +227,6 @@ def _score(spec: ModelSpec, model: Any, split: Any, tmp: Path, manifest: Manifes
 
 def _sensitivity(split: Any, tmp: Path, manifest: Manifest, policy: dict[str, str],
                  cal: calibration.CalibrationData) -> dict[str, Any]:
-    from mmopt.precision import sensitivity as sens
-
     cases, rows = [], 0
     for batch, out in zip(cal.batches, cal.model_outputs):
         cases.append((batch, out))

@@ -13,27 +13,28 @@ import torch
 
 from mmopt.judge.compare import measure
 from mmopt.data import read
-from mmopt.capture import flatten_named
-from mmopt.dtypes import to_numpy
+from mmopt.capture import Split
 from mmopt.errors import ConfigError
+from mmopt.runners.eager import EagerRunner
 from mmopt.spec import ModelSpec
 
 Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-def eager_predictor(model: torch.nn.Module, threads: int | None = 1) -> Predict:
-    """Eager PyTorch on numpy inputs. One intra-op thread by default: on a shared 2-core machine a
-    second busy process makes PyTorch's multi-threaded kernels up to ~8x slower, one thread never."""
+def eager_predictor(model: torch.nn.Module, split: Split, threads: int | None = 1) -> Predict:
+    """Eager PyTorch (an ``EagerRunner`` of the whole model) as a predictor on numpy inputs. One intra-op
+    thread by default: on a shared 2-core machine a second busy process makes PyTorch's multi-threaded
+    kernels up to ~8x slower, one thread never."""
+    runner = EagerRunner(model, split.model_inputs, split.model_outputs).__enter__()  # holds no resources
+
     def predict(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         before = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
         try:
-            with torch.inference_mode():
-                out = model(**{n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in inputs.items()})
+            return runner.infer(inputs, check=False)
         finally:
             torch.set_num_threads(before)
-        return {n: to_numpy(t) for n, t in flatten_named(out, "")[0] if isinstance(t, torch.Tensor)}
     predict.memo_key = ("eager", id(model))  # type: ignore[attr-defined]
     predict.keeps = model  # type: ignore[attr-defined]  # alive while memoised: its id is never reused
     return predict

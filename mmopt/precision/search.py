@@ -53,10 +53,26 @@ class Memo:
 def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32_files: dict[str, Path],
            scratch: Path, cal: Any, converter: Converter
            ) -> tuple[dict[str, str], dict[str, Any], dict[str, Any] | None]:
-    """The fastest passing policy for the components set to "auto", and the table of what was tried."""
-    from mmopt.judge import accuracy as ev
-
+    """The fastest passing policy for the components set to "auto", the table of what was tried, and the
+    scores of eager, ONNX fp32 and the chosen policy (None without [evaluation])."""
     autos = [c for c, p in policy.items() if p == "auto"]
+    options = _options(spec, autos, cal)
+    files, skipped = _candidates(policy, autos, options, fp32_files, scratch, converter)
+    lat = _time(split, files, cal)
+    with contextlib.ExitStack() as stack:
+        rows, pipes = _judge_all(stack, spec, model, split, policy, autos, options, files, lat, scratch, cal)
+        acc = _score(stack, spec, model, split, rows, pipes, fp32_files, scratch) if spec.evaluation else None
+    best = _choose(rows, autos)
+    table = {"candidates": [{k: v for k, v in r.items() if k != "policy"} for r in rows], "skipped": skipped,
+             "chosen": best["label"], "timing": "ONNX Runtime CPU, 1 thread, median of 15 interleaved runs on "
+                                                "calibration batch 0; pipeline = sum of components"}
+    scores = None
+    if acc is not None:  # reused for the chosen policy's accuracy record
+        scores = {**acc, "scores": {k: acc["scores"][k] for k in ("eager fp32", "onnx fp32", best["label"])}}
+    return best["policy"], table, scores
+
+
+def _options(spec: ModelSpec, autos: list[str], cal: Any) -> dict[str, list[str]]:
     if cal is None:
         raise ConfigError(f"{spec.path}: [precision] {autos[0]} = \"auto\" needs a [calibration] table: "
                           "candidates are calibrated and timed on real data.")
@@ -64,6 +80,14 @@ def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32
     if math.prod(len(v) for v in options.values()) > MAX_COMBINATIONS:
         raise ConfigError(f"{spec.path}: [precision] has {len(autos)} components set to \"auto\"; at most "
                           f"{MAX_COMBINATIONS} combinations are tried. Fix the precision of some of them.")
+    return options
+
+
+def _candidates(policy: dict[str, str], autos: list[str], options: dict[str, list[str]],
+                fp32_files: dict[str, Path], scratch: Path, converter: Converter
+                ) -> tuple[dict[tuple[str, str], Path], list[dict[str, str]]]:
+    """Each (component, precision) candidate's graph file; candidates that cannot convert are dropped from
+    ``options`` and listed with their reason."""
     files: dict[tuple[str, str], Path] = {}
     skipped: list[dict[str, str]] = []
     for comp, prec in [(c, p) for c, p in policy.items() if p != "auto"] + \
@@ -79,62 +103,73 @@ def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32
             continue
         files[(comp, prec)] = Path(scratch) / f"candidate.{comp}.{prec}.onnx"
         save(proto, files[(comp, prec)])
+    return files, skipped
 
+
+def _time(split: Any, files: dict[tuple[str, str], Path], cal: Any) -> dict[tuple[str, str], float]:
+    """Each candidate graph alone, one thread, interleaved, on calibration batch 0 (ms)."""
     feeds = {c: cal.feeds[c][0][0] for c in split.components}
     with contextlib.ExitStack() as stack:
         runners = {}
         for (comp, prec), path in files.items():
             s = split.components[comp]
             runners[(comp, prec)] = stack.enter_context(OnnxRuntimeRunner(path, s.inputs, s.outputs, threads=1))
-        lat = latency.median_ms({k: (lambda r=r, f=feeds[k[0]]: r.infer(f, check=False)) for k, r in runners.items()})
+        return latency.median_ms({k: (lambda r=r, f=feeds[k[0]]: r.infer(f, check=False)) for k, r in runners.items()})
 
+
+def _judge_all(stack: contextlib.ExitStack, spec: ModelSpec, model: Any, split: Any, policy: dict[str, str],
+               autos: list[str], options: dict[str, list[str]], files: dict[tuple[str, str], Path],
+               lat: dict[tuple[str, str], float], scratch: Path, cal: Any) -> tuple[list[dict], dict[str, Any]]:
+    """Every combination judged like any policy (rows), and its pipeline on shared memoised runners."""
     rows, pipes, memos = [], {}, {}
-    with contextlib.ExitStack() as stack:
-        # The fixed components with every "auto" one at fp32 first: if that fails, no combination can pass.
-        combos = sorted(itertools.product(*(options[c] for c in autos)), key=lambda c: c != ("fp32",) * len(c))
-        for combo in combos:
-            trial = {**policy, **dict(zip(autos, combo))}
-            label = policy_label(trial)
-            pipe, trial_runners = stack.enter_context(open_pipeline(
-                split.components, split.output_sources, {c: files[(c, p)] for c, p in trial.items()}, trial,
-                Path(scratch)))
-            checks = judge(model, spec, split, trial_runners, trial, cal)
-            failed = [c for c in checks if c.failed]
-            if not rows and failed:
-                fixed = " ".join(f"{c}={p}" for c, p in policy.items() if p != "auto")
-                raise_on_failures(checks, f"{label} (the fixed part of the policy, {fixed}, with every auto "
-                                          "component at fp32)",
-                                  "No \"auto\" choice can pass when the fixed components fail. Try another "
-                                  "[calibration].method (\"auto\" picks the best per component), exclude the "
-                                  "worst nodes, or keep those components at higher precision.")
-            ms = sum(lat.get((c, p), float("nan")) for c, p in trial.items())
-            rows.append({"policy": trial, "label": label, "latency_ms": round(ms, 4), "parity_ok": not failed,
-                         "parity_failures": len(failed)})
-            shared = {c: memos.setdefault((c, p), Memo(trial_runners[c])) for c, p in trial.items()}
-            pipes[label] = Pipeline(split.components, split.output_sources, shared).infer
-        if spec.evaluation is not None:
-            fp32_pipe, _ = stack.enter_context(open_pipeline(split.components, split.output_sources, fp32_files,
-                                                             {}, Path(scratch)))
-            acc = ev.evaluate(spec, {"eager fp32": ev.eager_predictor(model), "onnx fp32": fp32_pipe.infer,
-                                     **pipes})
-            base = acc["scores"]["eager fp32"]
-            for row in rows:
-                row["accuracy"] = acc["scores"][row["label"]]
-                budget = spec.max_accuracy_drop
-                row["accuracy_ok"] = budget is None or base - row["accuracy"] <= budget
+    # The fixed components with every "auto" one at fp32 first: if that fails, no combination can pass.
+    combos = sorted(itertools.product(*(options[c] for c in autos)), key=lambda c: c != ("fp32",) * len(c))
+    for combo in combos:
+        trial = {**policy, **dict(zip(autos, combo))}
+        label = policy_label(trial)
+        pipe, trial_runners = stack.enter_context(open_pipeline(
+            split.components, split.output_sources, {c: files[(c, p)] for c, p in trial.items()}, trial,
+            Path(scratch)))
+        checks = judge(model, spec, split, trial_runners, trial, cal)
+        failed = [c for c in checks if c.failed]
+        if not rows and failed:
+            fixed = " ".join(f"{c}={p}" for c, p in policy.items() if p != "auto")
+            raise_on_failures(checks, f"{label} (the fixed part of the policy, {fixed}, with every auto "
+                                      "component at fp32)",
+                              "No \"auto\" choice can pass when the fixed components fail. Try another "
+                              "[calibration].method (\"auto\" picks the best per component), exclude the "
+                              "worst nodes, or keep those components at higher precision.")
+        ms = sum(lat.get((c, p), float("nan")) for c, p in trial.items())
+        rows.append({"policy": trial, "label": label, "latency_ms": round(ms, 4), "parity_ok": not failed,
+                     "parity_failures": len(failed)})
+        shared = {c: memos.setdefault((c, p), Memo(trial_runners[c])) for c, p in trial.items()}
+        pipes[label] = Pipeline(split.components, split.output_sources, shared).infer
+    return rows, pipes
+
+
+def _score(stack: contextlib.ExitStack, spec: ModelSpec, model: Any, split: Any, rows: list[dict],
+           pipes: dict[str, Any], fp32_files: dict[str, Path], scratch: Path) -> dict[str, Any]:
+    """Every combination's accuracy beside eager and ONNX fp32 on the same batches, and its budget verdict."""
+    from mmopt.judge import accuracy as ev
+
+    fp32_pipe, _ = stack.enter_context(open_pipeline(split.components, split.output_sources, fp32_files,
+                                                     {}, Path(scratch)))
+    acc = ev.evaluate(spec, {"eager fp32": ev.eager_predictor(model, split), "onnx fp32": fp32_pipe.infer, **pipes})
+    base = acc["scores"]["eager fp32"]
+    for row in rows:
+        row["accuracy"] = acc["scores"][row["label"]]
+        budget = spec.max_accuracy_drop
+        row["accuracy_ok"] = budget is None or base - row["accuracy"] <= budget
+    return acc
+
+
+def _choose(rows: list[dict], autos: list[str]) -> dict[str, Any]:
+    """The fastest passing row; within timing noise of it, the more accurate (then the less quantized)."""
     ok = [r for r in rows if r["parity_ok"] and r.get("accuracy_ok", True)]
-    best = None
-    if ok:  # within timing noise of the fastest, prefer the more accurate (then the less quantized)
+    if ok:
         fastest = min(r["latency_ms"] for r in ok)
         near = [r for r in ok if r["latency_ms"] <= fastest * (1 + NOISE)]
-        best = max(near, key=lambda r: (r.get("accuracy", 0.0),
+        return max(near, key=lambda r: (r.get("accuracy", 0.0),
                                         sum(CANDIDATES.index(p) for p in r["policy"].values() if p in CANDIDATES)))
-    if best is None:  # only the accuracy budget can reject fp32 autos: the fixed part costs too much
-        best = next(r for r in rows if all(r["policy"][c] == "fp32" for c in autos))
-    table = {"candidates": [{k: v for k, v in r.items() if k != "policy"} for r in rows], "skipped": skipped,
-             "chosen": best["label"], "timing": "ONNX Runtime CPU, 1 thread, median of 15 interleaved runs on "
-                                                "calibration batch 0; pipeline = sum of components"}
-    scores = None
-    if spec.evaluation is not None:  # reused for the chosen policy's accuracy record
-        scores = {**acc, "scores": {k: acc["scores"][k] for k in ("eager fp32", "onnx fp32", best["label"])}}
-    return best["policy"], table, scores
+    # only the accuracy budget can reject fp32 autos: the fixed part costs too much
+    return next(r for r in rows if all(r["policy"][c] == "fp32" for c in autos))

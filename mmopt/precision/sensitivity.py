@@ -34,12 +34,6 @@ class SessionRunner:
         return dict(zip(self.names, self.sess.run(self.names, feeds)))
 
 
-def quantized_nodes(qdq: onnx.ModelProto) -> list[onnx.NodeProto]:
-    made = graph.producers(qdq.graph)
-    return [n for n in qdq.graph.node if n.op_type in COMPUTE_OPS
-            and any(made.get(i) is not None and made[i].op_type == "DequantizeLinear" for i in n.input)]
-
-
 def only(fp32: onnx.ModelProto, qdq: onnx.ModelProto, name: str) -> onnx.ModelProto:
     """``fp32`` with the Q/DQ that ``qdq`` puts in front of node ``name``, and no other."""
     out = onnx.ModelProto()
@@ -105,7 +99,7 @@ def int8_sensitivity(comp: str, fp32: onnx.ModelProto, qdq: onnx.ModelProto,
         pipe = Pipeline(components, output_sources, {**others, comp: SessionRunner(proto)})
         return _error(refs, [pipe.infer(inp) for inp, _ in cases])
 
-    nodes = quantized_nodes(qdq)
+    nodes = graph.quantized_nodes(qdq, COMPUTE_OPS)
     rows = []
     for node in nodes:
         rows.append({"node": node.name, "op": node.op_type, **pipeline_error(only(fp32, qdq, node.name))})

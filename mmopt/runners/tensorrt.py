@@ -69,14 +69,13 @@ class TensorRTRunner(Runner):
         """The engine ``mmopt build`` made for ``component`` at ``precision`` in ``bundle``."""
         bundle = Path(bundle)
         manifest = Manifest.read(bundle)
-        engines = [a for a in manifest.artifacts if a.component == component and a.precision == precision
-                   and a.stage == "engine"]
-        if not engines:
+        engine = manifest.find(component, precision, stage="engine")
+        if engine is None:
             raise BundleError(f"{bundle}: no {precision} TensorRT engine for component '{component}'. Build it on this "
                               f"device: mmopt build {bundle} --precision {precision}")
         spec = manifest.components[component]
-        return cls(manifest.file(bundle, engines[-1]), spec.inputs, spec.outputs, name=component,
-                   sidecar=engines[-1].extra or None, **kwargs)
+        return cls(manifest.file(bundle, engine), spec.inputs, spec.outputs, name=component,
+                   sidecar=engine.extra or None, **kwargs)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def _load(self) -> None:

@@ -37,6 +37,13 @@ def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {name: node for node in graph.node for name in node.output if name}
 
 
+def quantized_nodes(proto: onnx.ModelProto, ops: tuple[str, ...]) -> list[onnx.NodeProto]:
+    """Nodes of type ``ops`` that read a DequantizeLinear: what a Q/DQ graph really computes in int8."""
+    made = producers(proto.graph)
+    return [n for n in proto.graph.node if n.op_type in ops
+            and any(made.get(i) is not None and made[i].op_type == "DequantizeLinear" for i in n.input)]
+
+
 def prune(graph: onnx.GraphProto) -> None:
     """Drop nodes whose outputs nothing reads (and initializers nothing uses), repeatedly."""
     while True:

@@ -258,7 +258,7 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
         ops = list(CPU_OPS)
     else:
         fmt, ops = "QDQ (symmetric int8, per-channel weights, float bias)", list(COMPUTE_OPS)
-    quantized_nodes = [n.name for n in out.graph.node if n.op_type in COMPUTE_OPS and _reads_dq(out, n)]
+    quantized_nodes = graph.quantized_nodes(out, COMPUTE_OPS)
     config = {"format": fmt, "method": method_used, "samples": samples, "op_types": ops,
               "quantized_nodes": len(quantized_nodes), "checked_activation_scales": checked, "excluded_nodes": list(exclude),
               **({"fp32_stem_nodes": list(stems)} if stems else {}), **config}
@@ -268,11 +268,6 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
         config["minmax_fallback"] = {"tensors": sparse, "why": f"seen in fewer than {ranges.MIN_VALUES} "
                                      f"calibration values: too few for a {method_used} histogram"}
     return Int8Result(out, config, th)
-
-
-def _reads_dq(proto: onnx.ModelProto, node: onnx.NodeProto) -> bool:
-    made = graph.producers(proto.graph)
-    return any(made.get(i) is not None and made[i].op_type == "DequantizeLinear" for i in node.input)
 
 
 def check_scales(proto: onnx.ModelProto, scales: dict[str, float], symmetric: bool) -> int:

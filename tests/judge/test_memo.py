@@ -59,11 +59,14 @@ def test_cached_scores_are_used_only_on_the_same_batches(toy_dir, tmp_path):
     sys.path.insert(0, str(toy_dir.dir))
     from toy import build
 
+    from mmopt.capture import split as capture_split
+
     model = build()
-    eager = accuracy.eager_predictor(model)
-    first = accuracy.evaluate(spec, {"eager": eager, "copy": accuracy.eager_predictor(build())},
+    s = capture_split(model, spec)
+    eager = accuracy.eager_predictor(model, s)
+    first = accuracy.evaluate(spec, {"eager": eager, "copy": accuracy.eager_predictor(build(), s)},
                               parity_to="eager")
-    second = accuracy.evaluate(spec, {"eager": eager, "copy": accuracy.eager_predictor(build())},
+    second = accuracy.evaluate(spec, {"eager": eager, "copy": accuracy.eager_predictor(build(), s)},
                                parity_to="eager")
     assert first["scores"]["eager"] == second["scores"]["eager"] == 1.0  # labels are what eager predicts
     assert second["parity"]["copy"]["cos_min"] > 0.99999
