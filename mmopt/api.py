@@ -39,7 +39,7 @@ def quantize(bundle: str | Path, config: str | Path | None = None, progress: Pro
     return quantize_job(bundle, ref.spec, ref.model, ref.split, precision, progress or Progress(), sensitivity)
 
 
-def bench(bundle: str | Path, out: str | Path | None = "bench-report", baseline: str | Path | None = None,
+def bench(bundle: str | Path, out: str | Path | None = "bench-report", *, baseline: str | Path | None = None,
           config: str | Path | None = None, check: bool = True, progress: Progress | None = None,
           trust_checkpoint: bool = False, **settings: Any) -> BenchResult:
     """Parity, task score, latency and memory of eager PyTorch and every artifact of ``bundle`` on every

@@ -114,6 +114,9 @@ def raised_by_mmopt(e: BaseException) -> bool:
     while tb is not None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
+    # The first frame is where the exception was caught (mmopt's own ``try``): it called into the user's
+    # model or torch and is no evidence. Raised in that very frame, with nothing below it, it is.
+    frames = frames[1:] or frames
     for frame in reversed(frames):
         module = str(frame.f_globals.get("__name__", ""))
         if module.split(".")[0] in ("torch", "functorch", "onnxscript", "contextlib"):

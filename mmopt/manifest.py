@@ -283,7 +283,10 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                            "sha256": _SHA, "bytes": {"type": "integer", "minimum": 0},
                            "parent": {"type": ["string", "null"]}, "config": _OBJ, "parity": _OBJ,
                            "extra": _OBJ}}},
-        "results": {"type": "object", "properties": {"parity": {
+        "results": {"type": "object", "properties": {
+            "policies": {"type": "object", "additionalProperties": {
+                "type": "object", "additionalProperties": {"type": "string"}}},
+            "parity": {
             "type": "object", "additionalProperties": {"type": "object", "additionalProperties": {
                 "type": "object", "required": ["outputs", "failed", "cos_min", "max_abs", "max_rel", "argmax"],
                 "properties": {"outputs": {"type": "integer"}, "failed": {"type": "integer"},

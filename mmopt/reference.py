@@ -100,8 +100,15 @@ def _key(spec: ModelSpec, trust_checkpoint: bool, manifest: Manifest) -> tuple:
 def remember(spec: ModelSpec, trust_checkpoint: bool, manifest: Manifest, model: torch.nn.Module, split: Any) -> None:
     """Record the model ``mmopt export`` just built and exported as ``manifest``'s, for later commands of this
     process (``mmopt demo`` quantizes, compares and benches that bundle: the model is built and captured once)."""
-    _BUILT.clear()  # hold one model at most: a long-lived process may go through many
+    _forget(keep=model)  # hold one model at most: a long-lived process may go through many
     _BUILT[_key(spec, trust_checkpoint, manifest)] = (model, split)
+
+
+def _forget(keep: torch.nn.Module | None = None) -> None:
+    """Let go of the remembered model and of every eager IO computed with a model other than ``keep``."""
+    _BUILT.clear()
+    for key in [k for k, v in _IO.items() if v[2][0] is not keep]:
+        del _IO[key]
 
 
 def build(bundle: str | Path, manifest: Manifest, spec: ModelSpec, trust_checkpoint: bool = False) -> Reference:
@@ -114,7 +121,7 @@ def build(bundle: str | Path, manifest: Manifest, spec: ModelSpec, trust_checkpo
     if key not in _BUILT:
         model = build_model(spec, trust_checkpoint)
         split = capture_split(model, spec)
-        _BUILT.clear()
+        _forget(keep=model)
         _BUILT[key] = (model, split)
     model, split = _BUILT[key]
     check_matches(Path(bundle), manifest, spec, split)
@@ -134,7 +141,7 @@ def eager_io_for(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: 
                                                dict[str, tuple[dict, dict]]]:
     """As ``eager_io``, for given full-model inputs (any batch size, or the user's own data). Memoised:
     the same inputs through the same model and capture run once per process."""
-    key = (id(model), id(split), id(spec), _digest(inputs))
+    key = (id(model), id(split), _digest(inputs))  # the spec only names things in error messages
     hit = _IO.get(key)
     if hit is not None:
         _IO.move_to_end(key)
@@ -142,13 +149,14 @@ def eager_io_for(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: 
     io = _run_eager(model, spec, split, inputs, label)
     nbytes = sum(a.nbytes for a in (*io[0].values(), *io[1].values())) + \
         sum(a.nbytes for feeds, outs in io[2].values() for a in (*feeds.values(), *outs.values()))
-    _IO[key] = (io, nbytes, (model, split, spec))  # the owners stay alive: their ids are never reused
+    _IO[key] = (io, nbytes, (model, split))  # the owners stay alive: their ids are never reused
     while len(_IO) > 1 and sum(v[1] for v in _IO.values()) > _IO_MAX_BYTES:
         _IO.popitem(last=False)
     return io
 
 
-# (model, capture, spec, digest of the inputs) -> (io, bytes, owners); least recently used dropped first
+# (model, capture, digest of the inputs) -> (io, bytes, owners); least recently used dropped first;
+# emptied when the remembered model changes (``_forget``), so models are not kept alive by it
 _IO: "OrderedDict[tuple, tuple[Any, int, tuple]]" = OrderedDict()
 _IO_MAX_BYTES = 512 * 2**20
 

@@ -77,3 +77,11 @@ def test_the_users_failing_op_is_a_user_error_though_mmopts_mode_forwards_it(toy
     with pytest.raises(CaptureError, match="forward failed") as e:
         _split(cfg)
     assert not raised_by_mmopt(e.value)
+
+
+def test_an_input_the_forward_does_not_take_is_the_users_error(toy_dir):
+    """torch raises it before the user's forward has a frame: the only mmopt frame is the one that caught it."""
+    cfg = toy_dir(text=open(toy_dir()).read().replace("[inputs.pixel_values]", "[inputs.image]"))
+    assert "[inputs.image]" in open(cfg).read()
+    with pytest.raises(CaptureError, match="forward failed.*unexpected keyword argument 'image'"):
+        _split(cfg)

@@ -1,5 +1,5 @@
 """Render a bench report: JSON (the record), Markdown (a CI step summary) and a PNG. Computes nothing:
-every figure comes from the report dict that ``mmopt.bench.harness`` and ``mmopt.bench.gates`` built.
+every figure comes from the report dict that ``mmopt.jobs.bench`` (with ``mmopt.bench.gates``) built.
 
 Files are written atomically (temporary name, then rename), so a CI step never reads half a report.
 """

@@ -45,11 +45,12 @@ def export(
     console.print(f"[green]bundle written:[/] {escape(str(result.bundle))}  ({result.seconds['total']:.1f} s)",
                   highlight=False)
     if engine:
-        from mmopt.cli.build import build
+        from mmopt.cli.tables import engines_table
+        from mmopt.trt import BuildOptions, default_timing_cache
 
-        build(result.bundle, precision=None, workspace_mib=None, profile=[], timing_cache=None,
-              no_timing_cache=False, sparse=False, hardware_compat="none", version_compatible=False,
-              opt_level=None)
+        artifacts = api.build(result.bundle, None, BuildOptions(timing_cache=default_timing_cache()),
+                              progress=RichProgress(console))
+        console.print(engines_table(result.bundle, artifacts))
 
 
 def demo(

@@ -129,8 +129,8 @@ def variants_table(report: dict[str, Any]) -> Table:
     b = max(r["batch"] for r in pipeline)
     at_b = {r["variant"]: r for r in pipeline if r["batch"] == b}
     task = next((v["task"] for v in report["variants"] if v.get("task")), None)
-    t = Table(title=f"precision variants: accuracy on {task['samples'] if task else '?'} test samples, CPU latency "
-                    f"at batch {b}, {report['settings']['threads']} thread", title_justify="left")
+    t = Table(title=f"precision variants: accuracy on {task['samples'] if task else '?'} test samples, latency "
+                    f"at batch {b}, {report['settings']['threads']} thread(s)", title_justify="left")
     comps = list(next(v for v in report["variants"] if v["backend"] != "eager")["precisions"]) \
         if any(v["backend"] != "eager" for v in report["variants"]) else []
     t.add_column("variant", no_wrap=True)
@@ -144,7 +144,7 @@ def variants_table(report: dict[str, Any]) -> Table:
         eager = v["backend"] == "eager"
         vs = (v.get("task") or {}).get("vs_eager", {})
         acc = (v.get("task") or {}).get("score")
-        name = "mixed policy" if v["precision"] == "mixed" else v["id"].removeprefix("onnxruntime/")
+        name = v["id"].removeprefix("onnxruntime/")
         t.add_row(escape(name), *[("PyTorch" if eager else v["precisions"][c]) for c in comps],
                   "-" if eager else f"{v['bytes'] / 1024:.0f} KiB", f"{vs.get('cos_min', 1.0):.5f}",
                   f"{vs.get('max_abs', 0.0):.2e}", "-" if acc is None else f"{acc * 100:.2f}%",

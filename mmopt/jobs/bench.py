@@ -26,6 +26,7 @@ from mmopt.bench.harness import BENCH_SEED, REPORT_SCHEMA, parity, sweep, task_s
 from mmopt.bench.inputs import SOURCES, InputMaker, batch_sizes
 from mmopt.data import batch_dim, read
 from mmopt.errors import UsageError
+from mmopt.judge import latency
 from mmopt.judge.parity import REAL_BATCHES, summarise
 from mmopt.manifest import Manifest
 from mmopt.progress import Progress
@@ -130,9 +131,10 @@ def measure(bundle: str | Path, settings: BenchSettings, config: str | Path | No
     _check_inputs(spec, settings.inputs)  # usage errors first, before the model is built
     ref = reference.build(bundle, manifest, spec, trust_checkpoint)
     threads = settings.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
     report = _header(bundle, manifest, spec, settings, chosen, skipped, sizes, threads)
     with contextlib.ExitStack() as stack:
+        stack.callback(torch.set_num_threads, torch.get_num_threads())  # the caller's setting, restored
+        torch.set_num_threads(threads)
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))  # fp16 CPU emulations
         opened = open_and_judge(report, manifest, chosen, bundle, ref, threads, scratch, stack, progress)
         if spec.evaluation is not None:
@@ -168,7 +170,8 @@ def _header(bundle: Path, manifest: Manifest, spec: ModelSpec, settings: BenchSe
                      "parity_inputs": "random at the min / opt / max shapes"
                      + (f" + the first {REAL_BATCHES} evaluation batches" if spec.evaluation else ""),
                      "time_budget_s": settings.budget_s, "gate_on": settings.gate_on,
-                     "max_latency_regression": settings.max_latency_regression},
+                     "max_latency_regression": settings.max_latency_regression,
+                     "allocator": latency.steady_allocator()},
         "skipped": skipped, "notes": [], "variants": [], "latency": [],
         "memory": {"rss_before_mb": round(rss_mb(), 1)},
     }
@@ -194,8 +197,8 @@ def open_and_judge(report: dict[str, Any], manifest: Manifest, chosen: list[str]
                 mem["gpu_used_delta_mb"] = round((gpu_before - torch.cuda.mem_get_info()[0]) / 2**20, 1)
             summary = summarise([c for c in checks if not c.case.startswith("data")])
             on_data = [c for c in checks if c.case.startswith("data")]
-            if on_data:  # its own row: the shapes of real data, beside the random min / opt / max checks
-                summary["pipeline on data"] = summarise(on_data)["pipeline"]
+            # rows of their own: the shapes of real data, beside the random min / opt / max checks
+            summary.update({f"{where} on data": row for where, row in summarise(on_data).items()})
             report["variants"].append({**v.to_json(), "memory": mem, "checks": [c.to_json() for c in checks],
                                        "parity": summary, "failed": sum(bool(c.failed) for c in checks)})
             advance(1)

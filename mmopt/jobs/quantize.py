@@ -77,7 +77,11 @@ def forget_stale(manifest: Manifest, rewritten: set[tuple[str, str]]) -> None:
             del parity[key]
     acc = manifest.results.get("accuracy")
     if acc:
-        acc["scores"] = {k: v for k, v in acc["scores"].items() if k not in stale}
+        # A score is kept only under a label whose policy is known and current (eager and ONNX fp32 always):
+        # a bundle written before results.policies existed loses its older policies' scores rather than
+        # keep ones that may describe a replaced graph.
+        known = set(policies) | {"eager fp32", "onnx fp32"}
+        acc["scores"] = {k: v for k, v in acc["scores"].items() if k in known and k not in stale}
 
 
 def quantize(bundle: str | Path, spec: ModelSpec, model: Any, split: Any,

@@ -1,5 +1,5 @@
 """Converting one component to a precision, running the converted graphs, and judging a policy's pipeline:
-what the quantize job (``mmopt.precision``) and the ``auto`` search (``mmopt.precision.search``) both use.
+what the quantize job (``mmopt.jobs.quantize``) and the ``auto`` search (``mmopt.precision.search``) both use.
 
 A policy maps every component to a precision. Its pipeline runs on ONNX Runtime CPU, fp16 graphs as
 their CPU emulation (ONNX Runtime would silently compute fp16 in fp32), and is judged against eager

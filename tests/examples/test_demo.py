@@ -28,7 +28,7 @@ def test_demo_writes_a_verified_bundle(tmp_path):
     assert report["variants"][0]["task"]["score"] > 0.95 and report["gates"]["passed"]
     # the precision table comes from that same bench report: one variant per precision and the mixed
     # policy quantize judged, each scored on the full test split
-    assert "precision variants: accuracy on 9673 test samples" in r.stdout and "mixed policy" in r.stdout
+    assert "precision variants: accuracy on 9673 test samples" in r.stdout and "image=int8-cpu+" in r.stdout
     by_id = {v["id"]: v for v in report["variants"]}
     chosen = next(iter(v for v in by_id.values() if v["precision"] == "mixed"))
     assert chosen["precisions"]["image"] == "int8-cpu" and chosen["task"]["samples"] == 9673

@@ -1,5 +1,5 @@
 """What one process computes once, and when it must compute again: the eager reference of a bundle and
-the task scores of a predictor (``mmopt demo`` runs export, quantize x3, compare and bench in one process)."""
+the task scores of a predictor (``mmopt demo`` runs export, quantize x3 and bench in one process)."""
 from __future__ import annotations
 
 import numpy as np
@@ -108,3 +108,17 @@ def test_eager_io_runs_the_model_once_per_inputs(toy_dir):
         spec, {n: spec.input_shape(n, "opt") for n in spec.inputs}, 4242), "opt")
     for name, a in fresh[1].items():
         assert np.array_equal(a, first[1][name])  # what the memo holds is what the model gives
+
+
+def test_eager_io_lets_go_of_a_model_the_process_no_longer_holds(toy_dir):
+    from mmopt.capture import split as capture_split
+    from mmopt.checkpoint import build_model
+
+    spec = load_spec(toy_dir())
+    model, other = build_model(spec), build_model(spec)
+    s = capture_split(model, spec)
+    reference.eager_io(model, spec, s, "opt", 7)
+    reference.eager_io(other, spec, capture_split(other, spec), "opt", 7)
+    reference._forget(keep=model)  # what building or remembering a model does
+    owners = [v[2][0] for v in reference._IO.values()]
+    assert any(o is model for o in owners) and not any(o is other for o in owners)

@@ -21,11 +21,10 @@ REPEATS = 20
 
 
 def policies(components: list[str]) -> dict[str, dict[str, str]]:
-    """The three precision policies of the demo (the image encoder is the first component)."""
-    image = components[0]
+    """The three precision policies of the demo, for its components (image, text, fusion)."""
     return {"fp16": {c: "fp16" for c in components},
-            "int8 (TensorRT form)": {image: "int8"},
-            "int8 (CPU form)": {c: ("int8-cpu" if c == image else "auto") for c in components}}
+            "int8 (TensorRT form)": {"image": "int8"},
+            "int8 (CPU form)": {c: ("int8-cpu" if c == "image" else "auto") for c in components}}
 
 
 def export(out: Path, progress: Progress) -> api.ExportResult:
