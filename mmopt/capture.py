@@ -294,6 +294,10 @@ def split(model: torch.nn.Module, spec: ModelSpec, seed: int = 0) -> Split:
     components["fusion"] = fusion
     model_outputs = [tensor_spec(n, {s: dict(runs[s].outputs)[n] for s in SIZES}, spec.dims, sizes,
                                  f"model output '{n}'") for n in out_names]
+    unknown = [n for n in spec.scores if n not in out_names]
+    if unknown:
+        raise CaptureError(f"{spec.path}: field 'tolerance.scores': the model has no output "
+                           f"{', '.join(repr(n) for n in unknown)}. Its outputs are: {', '.join(out_names)}.")
     return Split(components, model_inputs, model_outputs, sources, runs, spec.fusion)
 
 

@@ -157,10 +157,17 @@ class ModelSpec:
     exclude: dict[str, tuple[str, ...]] = field(default_factory=dict)
     calibration: CalibrationSpec | None = None
     evaluation: EvaluationSpec | None = None
+    scores: tuple[str, ...] = ()  # [tolerance] scores: model outputs whose argmax is gated, besides [evaluation]
 
     @property
     def root(self) -> Path:
         return self.path.parent
+
+    @property
+    def score_outputs(self) -> frozenset[str]:
+        """Model outputs that are class scores: argmax agreement is gated on these and on nothing else
+        (an embedding's, a hidden state's or a feature's argmax means nothing)."""
+        return frozenset(self.scores) | ({self.evaluation.output} if self.evaluation else set())
 
     def input_shape(self, name: str, size: str) -> tuple[int, ...]:
         return self.inputs[name].concrete(self.dims, size)
@@ -278,9 +285,13 @@ def _parse_inputs(path: Path, raw: Any, dims: dict[str, Dim]) -> dict[str, Input
     return out
 
 
-def _parse_tolerance(path: Path, raw: Any) -> tuple[dict[str, dict[str, float]], float | None]:
+def _parse_tolerance(path: Path, raw: Any) -> tuple[dict[str, dict[str, float]], float | None, tuple[str, ...]]:
     tol = {k: dict(v) for k, v in DEFAULT_TOLERANCES.items()}
     f = _Fields(path, raw, "tolerance")
+    scores = f.get("scores", list, [])
+    if not all(isinstance(x, str) and x for x in scores):
+        raise f.err("scores", "is a list of model output names whose argmax is a prediction, e.g. "
+                              '["logits"].')
     drop = f.get("max_accuracy_drop", (int, float), None)
     if drop is not None and not 0 <= drop <= 1:
         raise f.err("max_accuracy_drop", f"is a fraction of the score in [0, 1] (0.01 = one point), got {drop!r}.")
@@ -293,7 +304,7 @@ def _parse_tolerance(path: Path, raw: Any) -> tuple[dict[str, dict[str, float]],
                     tol[prec][key] = float(value)
             g.finish()
     f.finish()
-    return tol, (float(drop) if drop is not None else None)
+    return tol, (float(drop) if drop is not None else None), tuple(scores)
 
 
 def _read_toml(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -396,12 +407,12 @@ def load_spec(path: str | Path) -> ModelSpec:
     precision, exclude = _parse_precision(path, top.get("precision", dict, {}), [*components, "fusion"])
     calibration = _parse_calibration(path, top.get("calibration", dict)) if "calibration" in raw else None
     evaluation = _parse_evaluation(path, top.get("evaluation", dict)) if "evaluation" in raw else None
-    tolerances, drop = _parse_tolerance(path, top.get("tolerance", dict, {}))
+    tolerances, drop, scores = _parse_tolerance(path, top.get("tolerance", dict, {}))
     top.finish()
     check_memory(path, inputs, dims)
     return ModelSpec(path=path, **model, inputs=inputs, dims=dims, components=components, fusion=fusion,
                      tolerances=tolerances, max_accuracy_drop=drop, precision=precision, exclude=exclude,
-                     calibration=calibration, evaluation=evaluation)
+                     calibration=calibration, evaluation=evaluation, scores=scores)
 
 
 def available_bytes() -> int | None:

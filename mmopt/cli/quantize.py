@@ -89,4 +89,7 @@ def show(result: Any) -> None:
         console.print(tables.accuracy_table(result.accuracy))
     if result.sensitivity:
         console.print(tables.sensitivity_table(result.sensitivity))
+    if result.sensitivity_error:
+        console.print(f"[yellow]no sensitivity report:[/] {escape(result.sensitivity_error)} (the conversion "
+                      "stands; it was judged before the report)", highlight=False)
     console.print(f"[green]bundle updated:[/] {escape(str(result.bundle))}  ({result.seconds:.1f} s)", highlight=False)

@@ -22,7 +22,7 @@ import torch
 from mmopt import reference
 from mmopt.bench import gates, report as render
 from mmopt.bench.backends import Opened, open_variant, resolve, variants
-from mmopt.bench.harness import BENCH_SEED, REPORT_SCHEMA, parity, sweep, task_scores
+from mmopt.bench.harness import REPORT_SCHEMA, parity, sweep, task_scores
 from mmopt.bench.inputs import SOURCES, InputMaker, batch_sizes
 from mmopt.data import batch_dim, read
 from mmopt.errors import UsageError
@@ -33,7 +33,7 @@ from mmopt.progress import Progress
 from mmopt.provenance import machine, peak_rss_mb, rss_mb, tool_versions
 from mmopt.spec import ModelSpec
 
-__all__ = ["BENCH_SEED", "BenchResult", "BenchSettings", "bench"]
+__all__ = ["BenchResult", "BenchSettings", "bench"]
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from typing import Any
 import onnx
 
 from mmopt import calibration, reference
-from mmopt.precision.convert import STATIC, Converter, artifact_file, judge, open_pipeline, parity_key, policy_label
-from mmopt.errors import ConfigError, PrecisionError, Unconvertible
+from mmopt.precision.convert import (STATIC, Converter, artifact_file, judge, open_pipeline, parity_key,
+                                     policy_label, refusals)
+from mmopt.errors import ConfigError, PrecisionError, Unconvertible, describe
 from mmopt.judge import accuracy as ev
 from mmopt.judge.compare import Check, raise_on_failures
 from mmopt.judge.parity import summarise
@@ -44,6 +45,7 @@ class QuantizeResult:
     sensitivity: dict[str, Any] | None = None
     seconds: float = 0.0
     kept_fp32: dict[str, str] = field(default_factory=dict)  # component -> why it could not be converted
+    sensitivity_error: str | None = None  # why the sensitivity report could not be made (the conversion stands)
 
 
 def resolve_policy(spec: ModelSpec, manifest: Manifest, override: dict[str, str] | None) -> dict[str, str]:
@@ -119,8 +121,11 @@ def convert_in(tmp: Path, spec: ModelSpec, model: Any, split: Any, precision: di
         write_converted(result, tmp, converter, files, progress)
         judge_and_record(result, spec, model, split, tmp, files, Path(scratch), cal, searched)
         if sensitivity and cal is not None and STATIC & set(result.policy.values()):
-            result.sensitivity = _sensitivity(split, tmp, manifest, result.policy, cal)
-            manifest.results.setdefault("sensitivity", {}).update(result.sensitivity)
+            try:  # a report never takes a conversion down: it is written without it, and says why
+                result.sensitivity = _sensitivity(split, tmp, manifest, result.policy, cal, spec.score_outputs)
+                manifest.results.setdefault("sensitivity", {}).update(result.sensitivity)
+            except (ValueError, *refusals()) as e:
+                result.sensitivity_error = manifest.results["sensitivity_error"] = describe(e)
         result.seconds = time.perf_counter() - t0
         manifest.results.setdefault("precision_seconds", {})[result.label] = round(result.seconds, 2)
         manifest.write(tmp)
@@ -230,7 +235,7 @@ def _score(spec: ModelSpec, model: Any, split: Any, tmp: Path, manifest: Manifes
 
 
 def _sensitivity(split: Any, tmp: Path, manifest: Manifest, policy: dict[str, str],
-                 cal: calibration.CalibrationData) -> dict[str, Any]:
+                 cal: calibration.CalibrationData, scores: frozenset[str] = frozenset()) -> dict[str, Any]:
     cases, rows = [], 0
     for batch, out in zip(cal.batches, cal.model_outputs):
         cases.append((batch, out))
@@ -243,7 +248,8 @@ def _sensitivity(split: Any, tmp: Path, manifest: Manifest, policy: dict[str, st
         if prec not in STATIC:
             continue
         qdq = onnx.load(str(tmp / artifact_file(comp, prec)))
-        r = sens.int8_sensitivity(comp, fp32[comp], qdq, split.components, split.output_sources, fp32, cases)
+        r = sens.int8_sensitivity(comp, fp32[comp], qdq, split.components, split.output_sources, fp32, cases,
+                                  scores)
         r["samples"] = rows
         r["suggest_exclude"] = sens.suggest_exclude(r)
         report[comp] = r

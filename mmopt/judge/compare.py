@@ -6,7 +6,7 @@ once with the whole table (``ParityError``), never at the first bad output.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
@@ -40,11 +40,13 @@ def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, cos)
 
 
-def measure(name: str, ref: np.ndarray, out: np.ndarray) -> Metrics:
+def measure(name: str, ref: np.ndarray, out: np.ndarray, score: bool = False) -> Metrics:
+    """Errors and cosine of ``out`` against ``ref``; argmax agreement only for a ``score`` output (class
+    scores: the argmax is a prediction), never for embeddings, hidden states or features."""
     ref = np.asarray(ref)
     out = np.asarray(out)
     if ref.shape != out.shape:
-        return Metrics(name, tuple(out.shape), float("inf"), float("inf"), -1.0, -1.0, 0.0 if ref.ndim else None,
+        return Metrics(name, tuple(out.shape), float("inf"), float("inf"), -1.0, -1.0, 0.0 if score else None,
                        0, 0)
     if ref.dtype == np.bool_ or np.issubdtype(ref.dtype, np.integer):
         same = float((ref == out).mean()) if ref.size else 1.0
@@ -61,12 +63,19 @@ def measure(name: str, ref: np.ndarray, out: np.ndarray) -> Metrics:
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
     cos = _cosines(np.where(finite, r, 0), np.where(finite, o, 0)) if r.size else np.ones(1)
     argmax = None
-    if r.ndim >= 2 and r.shape[-1] > 1:
+    if score and r.ndim >= 2 and r.shape[-1] > 1:
         argmax = float((r.argmax(-1) == o.argmax(-1)).mean())
     if bad_nan or bad_inf:
         cos = np.minimum(cos, -1.0)
     return Metrics(name, tuple(r.shape), max_abs, max_rel, float(cos.min()), float(cos.mean()), argmax,
                    bad_nan, bad_inf)
+
+
+def _row_size(shape: tuple[int, ...]) -> int:
+    """Elements per cosine row: per sample (first axis) for rank >= 2, the whole vector for rank 1."""
+    if len(shape) >= 2:
+        return int(np.prod(shape[1:]))
+    return int(shape[0]) if shape else 1
 
 
 def failures(m: Metrics, tol: dict[str, float]) -> list[str]:
@@ -76,7 +85,8 @@ def failures(m: Metrics, tol: dict[str, float]) -> list[str]:
         why.append(f"{m.nan} NaN / {m.inf} Inf")
     if m.max_abs > tol["max_abs"] and m.max_rel > tol["max_rel"]:
         why.append(f"max_abs {m.max_abs:.3g} > {tol['max_abs']:.3g} and max_rel {m.max_rel:.3g} > {tol['max_rel']:.3g}")
-    if m.cos_min < tol["min_cosine"]:
+    # the cosine of a one-element row is a sign test: such outputs are judged by their error alone
+    if m.cos_min < tol["min_cosine"] and _row_size(m.shape) > 1:
         why.append(f"cosine {m.cos_min:.6f} < {tol['min_cosine']}")
     if m.argmax is not None and m.argmax < tol["min_argmax"]:
         why.append(f"argmax agreement {m.argmax:.3f} < {tol['min_argmax']}")
@@ -103,13 +113,15 @@ class Check:
 
 
 def check_all(component: str, case: str, refs: dict[str, np.ndarray], outs: dict[str, np.ndarray],
-              tol: dict[str, float]) -> list[Check]:
+              tol: dict[str, float], scores: Collection[str] = ()) -> list[Check]:
+    """Every output of ``refs`` measured and gated; argmax agreement only on the outputs in ``scores``."""
     checks = []
     for name, ref in refs.items():
         if name not in outs:
-            checks.append(Check(component, case, measure(name, ref, np.full_like(ref, np.nan)), ["output missing"]))
+            checks.append(Check(component, case, measure(name, ref, np.full_like(ref, np.nan), name in scores),
+                                ["output missing"]))
             continue
-        m = measure(name, ref, outs[name])
+        m = measure(name, ref, outs[name], name in scores)
         why = failures(m, tol)
         if m.shape != tuple(np.shape(ref)):
             why = [f"shape {m.shape} != reference {tuple(np.shape(ref))}"]

@@ -27,18 +27,24 @@ REAL_BATCHES = 4  # the user's batches (calibration in quantize, evaluation in b
 def tolerance_for(spec: ModelSpec, split: Split, precisions: Mapping[str, str]) -> Callable[[str], dict[str, float]]:
     """The one gate rule, shared by export, quantize and bench: ``gate(component)`` for a pipeline whose
     components run at ``precisions`` (missing ones at fp32); ``gate("pipeline")`` is the gate of its least
-    faithful precision. An encoder's outputs are features, never scores: argmax agreement of a feature
-    vector means nothing, so encoders are judged by error and cosine alone, at every precision."""
+    faithful precision. Argmax agreement is gated only on score outputs (``scores_of``)."""
     def gate(comp: str) -> dict[str, float]:
         if comp == "pipeline":
             worst = max(precisions.values(), key=precision_rank, default="fp32")
             return dict(spec.tolerances.get(worst, spec.tolerances["fp32"]))
-        out = dict(spec.tolerances.get(precisions.get(comp, "fp32"), spec.tolerances["fp32"]))
-        if split.components[comp].kind == "encoder":
-            out["min_argmax"] = 0.0
-        return out
+        return dict(spec.tolerances.get(precisions.get(comp, "fp32"), spec.tolerances["fp32"]))
 
     return gate
+
+
+def scores_of(spec: ModelSpec, split: Split, comp: str) -> frozenset[str]:
+    """The outputs of ``comp`` ("pipeline": the model) that are class scores: the model outputs named by
+    ``[evaluation].output`` and ``[tolerance] scores``, under the name the component gives them."""
+    scores = spec.score_outputs & set(split.output_sources)
+    if comp == "pipeline":
+        return frozenset(scores)
+    prefix = f"{comp}:"
+    return frozenset(split.output_sources[s][len(prefix):] for s in scores if split.output_sources[s].startswith(prefix))
 
 
 def verify(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: dict[str, Runner],
@@ -52,8 +58,9 @@ def verify(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: dict[
         model_in, model_out, per_comp = eager_io(model, spec, split, size, seed + i)
         for comp, (feeds, refs) in per_comp.items():
             outs = runners[comp].infer(feeds)
-            checks += check_all(comp, size, refs, outs, tolerance(comp))
-        checks += check_all("pipeline", size, model_out, pipe.infer(model_in), tolerance("pipeline"))
+            checks += check_all(comp, size, refs, outs, tolerance(comp), scores_of(spec, split, comp))
+        checks += check_all("pipeline", size, model_out, pipe.infer(model_in), tolerance("pipeline"),
+                            scores_of(spec, split, "pipeline"))
     return checks
 
 
@@ -69,8 +76,10 @@ def verify_real(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: 
         tensors = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in batch.items()}
         model_in, model_out, per_comp = eager_io_for(model, spec, split, tensors, f"{case} batch {i}")
         for comp, (feeds, refs) in per_comp.items():
-            checks += check_all(comp, f"{case}{i}", refs, runners[comp].infer(feeds), tolerance(comp))
-        checks += check_all("pipeline", f"{case}{i}", model_out, pipe.infer(model_in), tolerance("pipeline"))
+            checks += check_all(comp, f"{case}{i}", refs, runners[comp].infer(feeds), tolerance(comp),
+                                scores_of(spec, split, comp))
+        checks += check_all("pipeline", f"{case}{i}", model_out, pipe.infer(model_in), tolerance("pipeline"),
+                            scores_of(spec, split, "pipeline"))
     return checks
 
 

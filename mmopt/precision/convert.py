@@ -16,7 +16,7 @@ import onnx
 from mmopt import calibration
 from mmopt.errors import ConfigError, Unconvertible, describe
 from mmopt.judge.compare import Check
-from mmopt.judge.parity import REAL_BATCHES, VERIFY_SEED, verify, verify_real
+from mmopt.judge.parity import REAL_BATCHES, VERIFY_SEED, scores_of, verify, verify_real
 from mmopt.manifest import external_data, sha256_file
 from mmopt.reference import eager_io
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
@@ -122,11 +122,11 @@ def convert_component(comp: str, precision: str, proto: onnx.ModelProto, model: 
                             "nn.EmbeddingBag exports as a Loop), so it stays fp32")
     try:
         return _convert(comp, precision, proto, model, spec, split, cal)
-    except _refusals() as e:  # ONNX Runtime or onnx refused the converted graph; mmopt's own bugs propagate
+    except refusals() as e:  # ONNX Runtime or onnx refused the converted graph; mmopt's own bugs propagate
         raise Unconvertible(f"{comp}: {precision} conversion failed ({describe(e)}), so it stays fp32") from e
 
 
-def _refusals() -> tuple[type[BaseException], ...]:
+def refusals() -> tuple[type[BaseException], ...]:
     """What ONNX Runtime and onnx raise when a graph is invalid for them."""
     import onnxruntime.capi.onnxruntime_pybind11_state as ort_errors
 
@@ -143,7 +143,8 @@ def _convert(comp: str, precision: str, proto: onnx.ModelProto, model: Any, spec
     if precision == "fp16":
         cases = _cases(model, spec, split, comp, cal)
         stats = [f for f, _ in cases] + ([f for f, _ in cal.feeds[comp]] if cal else [])
-        res = fp16_stage.to_fp16(proto, stats, cases, spec.tolerances["fp16"], comp)
+        res = fp16_stage.to_fp16(proto, stats, cases, spec.tolerances["fp16"], comp,
+                                 scores=scores_of(spec, split, comp))
         ops = {n.name: n.op_type for n in res.proto.graph.node}
         islands = {n: f"{ops.get(n, '?')}: {why}" for n, why in res.islands.items()}
         config = {"converter": "onnxruntime.transformers.float16 (keep_io_types) + joined fp32 islands",

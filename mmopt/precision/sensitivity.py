@@ -7,7 +7,7 @@ most are the ones to list under ``[precision.exclude]``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import onnx
@@ -43,6 +43,7 @@ def only(fp32: onnx.ModelProto, qdq: onnx.ModelProto, name: str) -> onnx.ModelPr
     have = {t.name for t in out.graph.initializer}
     qnode = next(n for n in qdq.graph.node if n.name == name)
     pos, target = next((i, n) for i, n in enumerate(out.graph.node) if n.name == name)
+    known = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input} | have
     added = []
     for i, tensor in enumerate(qnode.input):
         dq = made.get(tensor)
@@ -60,6 +61,7 @@ def only(fp32: onnx.ModelProto, qdq: onnx.ModelProto, name: str) -> onnx.ModelPr
             for j, o in enumerate(copy.output):
                 rename[o] = copy.output[j] = f"{o}__only_{name}"
             for j, inp in enumerate(copy.input):
+                inp = _fp32_name(inp, known) if inp not in rename and inp not in qinit else inp
                 copy.input[j] = rename.get(inp, inp)
                 if inp in qinit and inp not in have:
                     out.graph.initializer.append(qinit[inp])
@@ -72,11 +74,23 @@ def only(fp32: onnx.ModelProto, qdq: onnx.ModelProto, name: str) -> onnx.ModelPr
     return out
 
 
-def _error(refs: list[dict[str, np.ndarray]], outs: list[dict[str, np.ndarray]]) -> dict[str, float]:
+def _fp32_name(tensor: str, known: set[str]) -> str:
+    """The fp32 graph's name of a tensor the quantizer renamed: onnxruntime's quantizer renames a graph
+    output it quantizes to ``<name>_QuantizeLinear_Input`` (the fusion head of every CLIP-style model)."""
+    if tensor in known:
+        return tensor
+    base = tensor.removesuffix("_QuantizeLinear_Input")
+    if base in known:
+        return base
+    raise ValueError(f"tensor '{tensor}' of the int8 graph has no counterpart in the fp32 graph")
+
+
+def _error(refs: list[dict[str, np.ndarray]], outs: list[dict[str, np.ndarray]],
+           scores: Collection[str]) -> dict[str, float]:
     rel, cos, agree, rows = 0.0, 1.0, 0.0, 0
     for r, o in zip(refs, outs):
         for name, ref in r.items():
-            m = measure(name, ref, o[name])
+            m = measure(name, ref, o[name], name in scores)
             rel, cos = max(rel, m.max_rel), min(cos, m.cos_min)
             if m.argmax is not None:
                 n = int(np.prod(ref.shape[:-1]))
@@ -89,23 +103,34 @@ def _error(refs: list[dict[str, np.ndarray]], outs: list[dict[str, np.ndarray]])
 def int8_sensitivity(comp: str, fp32: onnx.ModelProto, qdq: onnx.ModelProto,
                      components: dict[str, ComponentSpec], output_sources: dict[str, str],
                      fp32_protos: dict[str, onnx.ModelProto],
-                     cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]) -> dict[str, Any]:
-    """Pipeline error with all of ``comp`` int8, and with each quantized node alone int8 (worst first)."""
+                     cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+                     scores: Collection[str] = ()) -> dict[str, Any]:
+    """Pipeline error with all of ``comp`` int8, and with each quantized node alone int8 (worst first);
+    argmax agreement on the model's score outputs (``scores``) only. A node that cannot be isolated is
+    listed under ``not_isolated`` with the reason instead of failing the report."""
     fp32 = graph.named(fp32)
     others = {c: SessionRunner(p) for c, p in fp32_protos.items() if c != comp}
     refs = [out for _, out in cases]
 
     def pipeline_error(proto: onnx.ModelProto) -> dict[str, float]:
         pipe = Pipeline(components, output_sources, {**others, comp: SessionRunner(proto)})
-        return _error(refs, [pipe.infer(inp) for inp, _ in cases])
+        return _error(refs, [pipe.infer(inp) for inp, _ in cases], scores)
 
     nodes = graph.quantized_nodes(qdq, COMPUTE_OPS)
-    rows = []
+    rows, not_isolated = [], []
     for node in nodes:
-        rows.append({"node": node.name, "op": node.op_type, **pipeline_error(only(fp32, qdq, node.name))})
+        try:
+            isolated = only(fp32, qdq, node.name)
+        except (ValueError, StopIteration) as e:
+            not_isolated.append({"node": node.name, "op": node.op_type, "reason": str(e) or "not in the fp32 graph"})
+            continue
+        rows.append({"node": node.name, "op": node.op_type, **pipeline_error(isolated)})
     rows.sort(key=lambda r: (-r["max_rel"], r["cos_min"]))
     whole = pipeline_error(qdq)
-    return {"whole_component": whole, "quantized_nodes": len(nodes), "worst_nodes": rows[:TOP]}
+    out = {"whole_component": whole, "quantized_nodes": len(nodes), "worst_nodes": rows[:TOP]}
+    if not_isolated:
+        out["not_isolated"] = not_isolated
+    return out
 
 
 def suggest_exclude(report: dict[str, Any], share: float = 0.5, worth: float = 0.999) -> list[str]:

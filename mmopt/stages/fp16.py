@@ -165,13 +165,13 @@ def emulate(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def check(proto: onnx.ModelProto, cases: list[tuple[dict, dict]], tolerance: dict[str, float],
-          where: str) -> list[Check]:
+          where: str, scores: frozenset[str] = frozenset()) -> list[Check]:
     """Parity of the (emulated) fp16 graph against the references of each (feeds, refs) case."""
     sess = ranges.session(emulate(proto), [])
     checks = []
     for i, (feeds, refs) in enumerate(cases):
         outs = ranges.run_all(sess, feeds)
-        checks += check_all(where, f"case{i}", refs, outs, tolerance)
+        checks += check_all(where, f"case{i}", refs, outs, tolerance, scores)
     return checks
 
 
@@ -212,7 +212,7 @@ def added_error(proto: onnx.ModelProto, fp16: onnx.ModelProto, floats: dict[str,
 
 def to_fp16(proto: onnx.ModelProto, stats_feeds: list[dict[str, np.ndarray]], cases: list[tuple[dict, dict]],
             tolerance: dict[str, float], component: str, guard: bool = True, fragile: bool = True,
-            widen: bool = True) -> Fp16Result:
+            widen: bool = True, scores: frozenset[str] = frozenset()) -> Fp16Result:
     """Convert ``proto`` to fp16, keeping fp32 islands, widened until ``cases`` meet ``tolerance``."""
     proto = graph.named(proto)
     floats = ranges.float_tensors(proto)
@@ -223,7 +223,7 @@ def to_fp16(proto: onnx.ModelProto, stats_feeds: list[dict[str, np.ndarray]], ca
     while True:
         islands = legalise(proto, islands)
         fp16 = convert(proto, islands)
-        checks = check(fp16, cases, tolerance, component)
+        checks = check(fp16, cases, tolerance, component, scores)
         failed = [c for c in checks if c.failed]
         rounds.append({"fp32_nodes": len(islands), "failed_outputs": len(failed)})
         if not failed or not widen:

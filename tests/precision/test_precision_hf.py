@@ -28,7 +28,6 @@ samples = 32
 method = "percentile"
 [tolerance.int8]
 min_cosine = 0.8   # random weights: logits are scaled dot products of near-orthogonal embeddings, ~0
-min_argmax = 0.0   # argmax of an embedding is meaningless
 """
 
 
@@ -63,3 +62,15 @@ def test_clip_int8_quantizes_compute_ops_only(clip):
                if any(made.get(i) is not None and made[i].op_type == "DequantizeLinear" for i in n.input)}
     assert readers == {"MatMul", "Gemm"} or readers == {"MatMul"}
     assert r.manifest.artifact("text", "int8").config["method"] == "percentile"
+
+
+def test_clip_fusion_int8_with_its_sensitivity_report(clip):
+    """CLIP's fusion head quantizes tensors that are also graph outputs (image_embeds, text_embeds): the
+    quantizer renames them, which crashed the per-node report after parity had passed. The embeddings are
+    features: no argmax gate applies to them (the default int8 gate, no min_argmax override)."""
+    r = api.quantize(clip, precision={"fusion": "int8"})
+    assert r.sensitivity["fusion"]["quantized_nodes"] >= 1
+    worst = r.sensitivity["fusion"]["worst_nodes"]
+    assert worst and all(row["argmax"] is None for row in worst)  # no score outputs declared
+    parity = r.manifest.results["parity"]["int8"]
+    assert parity["fusion"]["argmax"] is None and parity["fusion"]["failed"] == 0
