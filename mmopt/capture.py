@@ -9,6 +9,7 @@ dynamic when its size differs between captures, and is named after the dim whose
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -74,7 +75,34 @@ def _key_name(k: Any) -> str:
     return str(k)
 
 
+def register_containers(obj: Any) -> None:
+    """Plain ``@dataclass`` types in ``obj`` (at any depth) become pytree containers, as NamedTuples and
+    Hugging Face ``ModelOutput``s already are, so their tensor fields are outputs with their field names
+    (``torch.export.register_dataclass``: the exporter rebuilds them too)."""
+    seen: set[int] = set()
+
+    def walk(x: Any) -> None:
+        if id(x) in seen or isinstance(x, (torch.Tensor, str, bytes, int, float, bool)) or x is None:
+            return
+        seen.add(id(x))
+        cls = type(x)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type) and cls not in pytree.SUPPORTED_NODES:
+            torch.export.register_dataclass(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            for f in dataclasses.fields(x):
+                walk(getattr(x, f.name, None))
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(obj)
+
+
 def flatten_named(obj: Any, prefix: str) -> tuple[list[tuple[str, Any]], pytree.TreeSpec]:
+    register_containers(obj)
     leaves, treespec = pytree.tree_flatten_with_path(obj)
     named = [(".".join([prefix, *(_key_name(k) for k in path)]) if prefix else
               ".".join(_key_name(k) for k in path) or "output", leaf) for path, leaf in leaves]
@@ -84,6 +112,7 @@ def flatten_named(obj: Any, prefix: str) -> tuple[list[tuple[str, Any]], pytree.
 def flatten_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[list[tuple[str, Any]], pytree.TreeSpec]:
     """Flatten a call's (args, kwargs) naming each leaf after the forward's parameter names."""
     params = list(inspect.signature(module.forward).parameters)
+    register_containers((args, kwargs))
     leaves, treespec = pytree.tree_flatten_with_path((args, kwargs))
     named = []
     for path, leaf in leaves:
@@ -339,14 +368,33 @@ def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: Mode
 # Remainder fusion: the parent's forward with the encoders replaced by their outputs
 
 class EncoderStub(torch.nn.Module):
-    """Stands in for an encoder: ignores its arguments, returns the outputs it is given."""
+    """Stands in for an encoder: ignores its arguments, returns the outputs it is given. Everything else
+    the parent's forward reads of the encoder (``self.encoder.config``, ``.dtype``, a submodule's shape,
+    its parameters) comes from the original, which is held without being registered as a submodule, so
+    the fusion graph does not take the encoder's weights along."""
 
-    def __init__(self, slot: dict[str, Any], name: str):
+    def __init__(self, slot: dict[str, Any], name: str, original: torch.nn.Module):
         super().__init__()
         self._slot, self._name = slot, name
+        self.__dict__["_original"] = original
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._slot[self._name]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)
+
+    def parameters(self, recurse: bool = True):  # type: ignore[override]
+        return self.__dict__["_original"].parameters(recurse)
+
+    def named_parameters(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        return self.__dict__["_original"].named_parameters(*args, **kwargs)
+
+    def buffers(self, recurse: bool = True):  # type: ignore[override]
+        return self.__dict__["_original"].buffers(recurse)
 
 
 @contextlib.contextmanager
@@ -357,7 +405,7 @@ def stubbed(model: torch.nn.Module, paths: dict[str, str], slot: dict[str, Any])
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         originals[comp] = (parent, attr, getattr(parent, attr))
-        setattr(parent, attr, EncoderStub(slot, comp))
+        setattr(parent, attr, EncoderStub(slot, comp, originals[comp][2]))
     try:
         yield
     finally:
@@ -371,7 +419,18 @@ def remainder_fusion(model: torch.nn.Module, spec: ModelSpec, runs: dict[str, Ru
     slot = {c: pytree.tree_unflatten([leaf for _, leaf in opt.calls[c].outputs], opt.calls[c].out_tree)
             for c in spec.components}
     with torch.no_grad(), stubbed(model, spec.components, slot), _Producers() as prod:
-        out = model(**opt.inputs)
+        try:
+            out = model(**opt.inputs)
+        except (Exception, SystemExit) as e:
+            if interrupted():
+                raise KeyboardInterrupt from None
+            if raised_by_mmopt(e):
+                raise
+            raise CaptureError(f"{spec.path}: the rest of the forward (the fusion graph: everything but the "
+                               f"encoders {', '.join(spec.components.values())}) failed with the encoders "
+                               f"replaced by their outputs: {describe(e)}{where_raised(e)}. It may use an encoder "
+                               "in a way other than calling it once; set [components] fusion to a submodule "
+                               "that takes the encoders' outputs instead.") from None
     leaves, _ = flatten_named(out, "")
     sources, fusion_outputs = {}, []
     for name, leaf in leaves:

@@ -1,0 +1,144 @@
+"""Realistic custom multimodal models, written the way users write them, one per failure class seen on
+real architectures: dataclass / NamedTuple outputs, a parent forward that reads its encoders' attributes,
+tied weights saved by ``safetensors.torch.save_model``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ImageOut:
+    features: torch.Tensor
+    pooled: torch.Tensor
+
+
+class TextOut(NamedTuple):
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+
+
+@dataclass
+class Prediction:
+    logits: torch.Tensor
+    image_embeds: torch.Tensor
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, pixel_values):
+        f = torch.relu(self.conv(pixel_values))
+        return ImageOut(features=f, pooled=self.proj(f.mean((2, 3))))
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, vocab: int = 50, width: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.layer = nn.Linear(width, width)
+
+    def forward(self, input_ids, attention_mask):
+        t = torch.tanh(self.layer(self.embed(input_ids)))
+        m = attention_mask.unsqueeze(-1).to(t.dtype)
+        return TextOut(tokens=t, pooled=(t * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+class Containers(nn.Module):
+    """Encoders return a @dataclass and a NamedTuple; the model returns a @dataclass."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.image_encoder = ImageEncoder(width)
+        self.text_encoder = TextEncoder(width=width)
+        self.head = nn.Linear(2 * width, 5)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        img = self.image_encoder(pixel_values)
+        txt = self.text_encoder(input_ids, attention_mask)
+        return Prediction(logits=self.head(torch.cat([img.pooled, txt.pooled], -1)), image_embeds=img.pooled)
+
+
+class ReadsAttributes(Containers):
+    """The parent forward reads its encoders' configuration and parameter dtype (``self.encoder.config``,
+    ``.dtype`` in Hugging Face models)."""
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        img = self.image_encoder(pixel_values)
+        txt = self.text_encoder(input_ids, attention_mask)
+        width = self.image_encoder.proj.out_features
+        dtype = next(self.text_encoder.parameters()).dtype
+        joined = torch.cat([img.pooled[:, :width], txt.pooled.to(dtype)], -1)
+        return Prediction(logits=self.head(joined), image_embeds=img.pooled)
+
+
+class TiedText(nn.Module):
+    """A text encoder whose output head shares the embedding matrix (GPT-2 / BERT-MLM style)."""
+
+    def __init__(self, vocab: int = 50, width: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+
+    def forward(self, input_ids, attention_mask):
+        t = self.embed(input_ids)
+        m = attention_mask.unsqueeze(-1).to(t.dtype)
+        pooled = (t * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.lm_head(pooled)
+
+
+class Tied(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.image_encoder = ImageEncoder(width)
+        self.text_encoder = TiedText(width=width)
+        self.head = nn.Linear(width + 50, 5)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        return self.head(torch.cat([self.image_encoder(pixel_values).pooled,
+                                    self.text_encoder(input_ids, attention_mask)], -1))
+
+
+def containers() -> nn.Module:
+    torch.manual_seed(0)
+    return Containers().eval()
+
+
+def reads_attributes() -> nn.Module:
+    torch.manual_seed(0)
+    return ReadsAttributes().eval()
+
+
+def tied() -> nn.Module:
+    torch.manual_seed(0)
+    return Tied().eval()
+
+
+CONFIG = '''
+[model]
+factory = "models.custom:{factory}"
+{checkpoint}
+[inputs.pixel_values]
+shape = ["batch", 3, 16, 16]
+[inputs.input_ids]
+shape = ["batch", "seq"]
+dtype = "int64"
+range = [0, 49]
+[inputs.attention_mask]
+shape = ["batch", "seq"]
+dtype = "bool"
+[dims]
+batch = {{ min = 1, opt = 4, max = 16 }}
+seq = {{ min = 4, opt = 8, max = 16 }}
+[components]
+image = "image_encoder"
+text = "text_encoder"
+{extra}
+'''
