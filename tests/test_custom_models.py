@@ -51,3 +51,30 @@ def test_a_checkpoint_without_tied_aliases_loads(project):
     save_model(tied(), str(project.dir / "tied.safetensors"))  # drops lm_head.weight (an alias of embed)
     r = api.export(project("tied", checkpoint='checkpoint = "tied.safetensors"'), project.dir / "b")
     assert r.manifest.results["parity"]["fp32"]["pipeline"]["failed"] == 0
+
+
+def test_a_component_with_nothing_to_quantize_is_not_labelled_int8(project):
+    """A weightless fusion (late voting) has no Conv / MatMul / Gemm: it stays fp32 and says so, instead of
+    a fusion.int8-dynamic.onnx with 0 quantized nodes benched as int8."""
+    from mmopt.errors import PrecisionError
+
+    api.export(project("voting"), project.dir / "b")
+    with pytest.raises(PrecisionError, match="fusion: int8-dynamic found nothing to quantize"):
+        api.quantize(project.dir / "b", precision={"fusion": "int8-dynamic"})
+    r = api.quantize(project.dir / "b", precision={"image": "int8-dynamic", "fusion": "int8-dynamic"})
+    assert r.policy == {"image": "int8-dynamic", "text": "fp32", "fusion": "fp32"}
+    assert "nothing to quantize" in r.kept_fp32["fusion"]
+    assert not (project.dir / "b" / "fusion.int8-dynamic.onnx").exists()
+
+
+def test_an_export_failure_names_the_users_line_and_the_fix_without_an_fx_dump(project, capfd):
+    from mmopt.errors import ExportError
+
+    with pytest.raises(ExportError) as e:
+        api.export(project("data_dependent"), project.dir / "b")
+    msg = str(e.value)
+    assert "component 'text'" in msg and "custom.py:" in msg and "if bool(attention_mask.all())" in msg
+    assert "Fix: a Python `if`" in msg
+    out, err = capfd.readouterr()
+    assert "def forward(self, arg0_1" not in out + err  # torch's 60-180-line graph dump stays out
+    assert not (project.dir / "b").exists()

@@ -30,7 +30,7 @@ from mmopt.progress import Progress
 from mmopt.provenance import tool_versions
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
 from mmopt.spec import ModelSpec, load_spec
-from mmopt.stages.export import export_component, simplify
+from mmopt.stages.export import export_component, name_dims, save, simplify
 
 
 @dataclass
@@ -77,7 +77,11 @@ def export_graphs(model: Any, split: Split, tmp: Path, scratch: Path, seconds: d
             _check_graph(raw[comp], comp)
             result = simplify(raw[comp], tmp / f"{comp}.onnx")
             notes[comp] = result.note
-            if not result.ok:
+            if result.ok:  # onnxsim may bring back the exporter's s0 / s26: the captured names go on last
+                proto = onnx.load(str(tmp / f"{comp}.onnx"))
+                name_dims(proto, split.components[comp])
+                save(proto, tmp / f"{comp}.onnx")
+            else:
                 shutil.copy(raw[comp], tmp / f"{comp}.onnx")
                 raw.pop(comp)  # nothing to fall back to: the graph in the bundle is the raw export
             seconds[comp] = time.perf_counter() - t

@@ -136,7 +136,8 @@ def _calibration(model: Any, spec: ModelSpec, split: Any, policy: dict[str, str]
     """Calibration data when the policy needs it (int8 ranges, fp16 overflow statistics, auto timing)."""
     if any(p in (*STATIC, "auto") for p in policy.values()) and spec.calibration is None:
         calibration.load(model, spec, split)  # raises the "add a [calibration] table" error
-    needs = any(p in (*STATIC, "fp16", "auto") for p in policy.values())
+    # int8-dynamic needs none, but is judged on real batches too where [calibration] names them
+    needs = any(p in (*STATIC, "fp16", "auto", "int8-dynamic") for p in policy.values())
     return calibration.load(model, spec, split) if needs and spec.calibration else None
 
 

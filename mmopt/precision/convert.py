@@ -157,9 +157,18 @@ def _convert(comp: str, precision: str, proto: onnx.ModelProto, model: Any, spec
         res = int8_stage.quantize_static_qdq(proto, [f for f, _ in cal.feeds[comp]], spec.calibration.method,
                                              exclude, cal.samples,
                                              form="cpu" if precision == "int8-cpu" else "tensorrt")
+        _require_quantized(comp, precision, res.config)
         return res.proto, {**res.config, "calibration_source": cal.source}, {}
     res = int8_stage.quantize_dynamic_int8(proto, exclude)
+    _require_quantized(comp, precision, res.config)
     return res.proto, res.config, {}
+
+
+def _require_quantized(comp: str, precision: str, config: dict) -> None:
+    """A graph with nothing int8 in it is no int8 artifact: it is not written or benched under that name."""
+    if not config.get("quantized_nodes"):
+        raise Unconvertible(f"{comp}: {precision} found nothing to quantize (no Conv / MatMul / Gemm with a "
+                            "quantizable input outside [precision.exclude]), so it stays fp32")
 
 
 class Converter:

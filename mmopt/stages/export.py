@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import logging
 import warnings
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def export_component(model: torch.nn.Module, split: Split, comp: str, path: Path
     dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in t.dynamic_axes} or None for t in spec.inputs)
     nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
     try:
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             logging.getLogger("torch").setLevel(logging.ERROR)
             program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=(dynamic,),
@@ -136,23 +137,50 @@ def export_component(model: torch.nn.Module, split: Split, comp: str, path: Path
             raise KeyboardInterrupt from None  # torch's exporter turned the user's Ctrl-C into this error
         if raised_by_mmopt(e):
             raise  # a bug in mmopt's wrappers keeps its traceback: it is not the user's to fix
+        summary = _summary(e)
         raise ExportError(f"component '{comp}' ({spec.module or 'remainder of forward'}): the ONNX export "
-                          f"failed: {_summary(e)}. "
-                          "If the message names a data-dependent shape or an unsupported op, simplify that "
-                          "part of the model or export a different submodule.") from e
+                          f"failed: {summary}" + ("" if "Fix:" in summary else
+                                                  ". If the message names a data-dependent shape or an unsupported "
+                                                  "op, simplify that part of the model or export a different "
+                                                  "submodule.")) from e
     proto = program.model_proto
     name_dims(proto, spec)
     save(proto, path, large=nbytes > TWO_GB)
     return path
 
 
+_HINTS = (  # (what the exporter says, what the user can do)
+    ("data-dependent", "a Python `if` / `bool()` / `.item()` on tensor values cannot be exported: branch on "
+                       "shapes, compute both branches with torch.where, or use torch.cond (for an attention "
+                       "mask built at run time, pass is_causal=True instead)"),
+    ("pack_padded_sequence", "pack_padded_sequence does not export: run the RNN on the padded batch and mask "
+                             "its outputs"),
+    ("aten.mode", "torch.mode does not export: a vote over a few classes can use one_hot(...).sum(...).argmax()"),
+)
+
+
 def _summary(e: Exception) -> str:
-    """The exporter's own one-line cause, without its boilerplate."""
-    text = str(e)
-    if "## Exception summary" in text:
-        text = text.split("## Exception summary", 1)[1]
+    """The exporter's own one-line cause, the user's file and line it names, and the known fix."""
+    texts = []
+    c: BaseException | None = e
+    while c is not None and len(texts) < 5:
+        texts.append(str(c))
+        c = c.__cause__ or c.__context__
+    text = texts[-1] if texts else str(e)  # the root cause says it most directly
+    if "## Exception summary" in str(e):
+        text = str(e).split("## Exception summary", 1)[1]
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:400]
+    out = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>:\s*", r"\1: ", lines[0] if lines else type(e).__name__)[:300]
+    joined = "\n".join(texts)
+    call = re.search(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in (\S+)\s*\n\s*(.+)',
+                     joined)
+    if call:
+        out += f" (at {call.group(1)}:{call.group(2)} in {call.group(3)}: `{call.group(4).strip()[:120]}`)"
+    for needle, hint in _HINTS:
+        if needle in joined:
+            out += f". Fix: {hint}"
+            break
+    return out
 
 
 def name_dims(proto: onnx.ModelProto, spec: ComponentSpec) -> None:

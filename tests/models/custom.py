@@ -106,6 +106,40 @@ class Tied(nn.Module):
                                     self.text_encoder(input_ids, attention_mask)], -1))
 
 
+class VotingFusion(Containers):
+    """Late fusion with no weights of its own: the average of two views' scores."""
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        img = self.image_encoder(pixel_values).pooled
+        txt = self.text_encoder(input_ids, attention_mask).pooled
+        return (img.softmax(-1) + txt.softmax(-1)) / 2
+
+
+class GuardedText(TextEncoder):
+    """Branches on the data (a run-time check such as "is there any padding?"): not exportable as is."""
+
+    def forward(self, input_ids, attention_mask):
+        if bool(attention_mask.all()):  # data-dependent guard
+            return super().forward(input_ids, attention_mask)
+        return super().forward(input_ids, attention_mask)
+
+
+class DataDependent(Containers):
+    def __init__(self, width: int = 16):
+        super().__init__(width)
+        self.text_encoder = GuardedText(width=width)
+
+
+def data_dependent() -> nn.Module:
+    torch.manual_seed(0)
+    return DataDependent().eval()
+
+
+def voting() -> nn.Module:
+    torch.manual_seed(0)
+    return VotingFusion().eval()
+
+
 def containers() -> nn.Module:
     torch.manual_seed(0)
     return Containers().eval()
