@@ -78,3 +78,17 @@ def test_an_export_failure_names_the_users_line_and_the_fix_without_an_fx_dump(p
     out, err = capfd.readouterr()
     assert "def forward(self, arg0_1" not in out + err  # torch's 60-180-line graph dump stays out
     assert not (project.dir / "b").exists()
+
+
+def test_fp16_on_a_pre_layernorm_transformer(project):
+    """nn.TransformerEncoderLayer(norm_first=True): LayerNorm stays fp32, and the Transpose after it used to
+    meet the fp16 in-projection MatMul through a Cast, which segfaulted onnxruntime's optimiser (exit -11)
+    and lost the component."""
+    import onnxruntime as ort
+
+    api.export(project("pre_ln"), project.dir / "b")
+    r = api.quantize(project.dir / "b", precision={"text": "fp16"}, sensitivity=False)
+    assert r.policy["text"] == "fp16" and not r.kept_fp32
+    assert r.manifest.results["parity"]["fp16"]["text"]["failed"] == 0
+    assert any("Cast between it and the fp16 MatMul" in why for why in r.islands["text"].values())
+    ort.InferenceSession(str(project.dir / "b" / "text.fp16.onnx"), providers=["CPUExecutionProvider"])

@@ -75,17 +75,29 @@ def plan_islands(proto: onnx.ModelProto, floats: dict[str, str], top: dict[str, 
 
 
 def legalise(proto: onnx.ModelProto, islands: dict[str, str]) -> dict[str, str]:
-    """Islands plus the fp16 Transposes feeding an fp32 MatMul / Gemm: onnxruntime 1.32's CPU optimiser
-    (MatmulTransposeFusion + NchwcTransformer) crashes on Transpose(fp16) -> Cast -> MatMul(fp32)."""
+    """Islands plus the Transposes that sit between fp32 and fp16 in front of a MatMul / Gemm. onnxruntime
+    1.32's CPU optimiser (MatmulTransposeFusion + NchwcTransformer) crashes on a Cast between a Transpose
+    and the MatMul it feeds, in both directions: Transpose(fp16) -> Cast -> MatMul(fp32), and, in every
+    pre-LayerNorm transformer (``nn.TransformerEncoderLayer(norm_first=True)``, ViT), LayerNorm(fp32) ->
+    Cast -> Transpose(fp16) -> MatMul(fp16). A Transpose is exact at either precision, so it joins the fp32
+    side and the Cast moves past the MatMul's own input."""
     made = graph.producers(proto.graph)
     out = dict(islands)
     for node in proto.graph.node:
-        if node.name in out and node.op_type in ("MatMul", "Gemm"):
-            for name in node.input:
-                src = made.get(name)
-                if src is not None and src.op_type == "Transpose" and src.name not in out:
-                    out[src.name] = (f"joins the fp32 {node.op_type} it feeds (onnxruntime's CPU optimiser "
-                                     "crashes on the mixed pattern)")
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        for name in node.input:
+            src = made.get(name)
+            if src is None or src.op_type != "Transpose" or src.name in out:
+                continue
+            if node.name in out:
+                out[src.name] = (f"joins the fp32 {node.op_type} it feeds (onnxruntime's CPU optimiser "
+                                 "crashes on the mixed pattern)")
+                continue
+            before = made.get(src.input[0])
+            if before is not None and before.name in out:
+                out[src.name] = (f"joins the fp32 {before.op_type} that feeds it (onnxruntime's CPU optimiser "
+                                 f"crashes on a Cast between it and the fp16 {node.op_type})")
     return out
 
 

@@ -135,6 +135,32 @@ def data_dependent() -> nn.Module:
     return DataDependent().eval()
 
 
+class PreLNText(nn.Module):
+    """The ViT / BERT layout in plain PyTorch: pre-LayerNorm transformer layers."""
+
+    def __init__(self, vocab: int = 50, width: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        layer = nn.TransformerEncoderLayer(width, 4, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, input_ids, attention_mask):
+        t = self.encoder(self.embed(input_ids), src_key_padding_mask=~attention_mask)
+        m = attention_mask.unsqueeze(-1).to(t.dtype)
+        return TextOut(tokens=t, pooled=(t * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+class PreLN(Containers):
+    def __init__(self, width: int = 16):
+        super().__init__(width)
+        self.text_encoder = PreLNText(width=width)
+
+
+def pre_ln() -> nn.Module:
+    torch.manual_seed(0)
+    return PreLN().eval()
+
+
 def voting() -> nn.Module:
     torch.manual_seed(0)
     return VotingFusion().eval()
