@@ -75,6 +75,19 @@ def _key_name(k: Any) -> str:
     return str(k)
 
 
+def nest(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Model keyword arguments from flat input names: ``batch.pixel_values`` becomes
+    ``batch={"pixel_values": ...}`` (a ``forward(batch)`` taking one dict); other names pass as they are."""
+    out: dict[str, Any] = {}
+    for name, value in inputs.items():
+        head, dot, rest = name.partition(".")
+        if dot:
+            out.setdefault(head, {})[rest] = value
+        else:
+            out[name] = value
+    return {k: nest(v) if isinstance(v, dict) else v for k, v in out.items()}
+
+
 def register_containers(obj: Any) -> None:
     """Plain ``@dataclass`` types in ``obj`` (at any depth) become pytree containers, as NamedTuples and
     Hugging Face ``ModelOutput``s already are, so their tensor fields are outputs with their field names
@@ -209,7 +222,7 @@ def observe(model: torch.nn.Module, spec: ModelSpec, inputs: dict[str, torch.Ten
             modules: dict[str, str]) -> Run:
     with torch.no_grad(), hooked(model, modules, spec.path) as calls, _Producers() as prod:
         try:
-            out = model(**inputs)
+            out = model(**nest(inputs))
         except (Exception, SystemExit) as e:
             if interrupted():
                 raise KeyboardInterrupt from None
@@ -420,7 +433,7 @@ def remainder_fusion(model: torch.nn.Module, spec: ModelSpec, runs: dict[str, Ru
             for c in spec.components}
     with torch.no_grad(), stubbed(model, spec.components, slot), _Producers() as prod:
         try:
-            out = model(**opt.inputs)
+            out = model(**nest(opt.inputs))
         except (Exception, SystemExit) as e:
             if interrupted():
                 raise KeyboardInterrupt from None

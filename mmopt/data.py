@@ -26,9 +26,19 @@ def batch_dim(spec: ModelSpec) -> str | None:
     return dim if isinstance(dim, str) else None
 
 
+def _flatten(batch: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in batch.items():
+        name = f"{prefix}{k}"
+        out.update(_flatten(v, name + ".") if isinstance(v, dict) else {name: v})
+    return out
+
+
 def check_batch(spec: ModelSpec, batch: Any, where: str) -> dict[str, np.ndarray]:
     """One batch of full-model inputs as numpy arrays, or a ``CalibrationError`` listing every problem."""
     names = list(spec.inputs)
+    if isinstance(batch, dict):  # a forward(batch) model's data may yield {"batch": {"pixel_values": ...}}
+        batch = _flatten(batch)
     if not isinstance(batch, dict):
         raise CalibrationError(f"{where} is a {type(batch).__name__}; it must be a dict of full-model inputs "
                                f"with keys {names} (numpy arrays or torch tensors).")

@@ -253,8 +253,16 @@ def _parse_inputs(path: Path, raw: Any, dims: dict[str, Dim]) -> dict[str, Input
         raise ConfigError(f"{path}: [inputs] is empty: declare each argument of the model's forward, "
                           'e.g. [inputs.pixel_values] shape = ["batch", 3, 224, 224], dtype = "float32".')
     out = {}
+    tables = {}
     for name in raw:
-        g = _Fields(path, f.get(name, dict), f"inputs.{name}")
+        table = f.get(name, dict)
+        if "shape" not in table and table and all(isinstance(v, dict) for v in table.values()):
+            # forward(batch) taking one dict: [inputs.batch.pixel_values] names the entry batch["pixel_values"]
+            tables.update({f"{name}.{key}": value for key, value in table.items()})
+        else:
+            tables[name] = table
+    for name, table in tables.items():
+        g = _Fields(path, table, f"inputs.{name}")
         shape = g.get("shape", list, what='e.g. ["batch", 3, 224, 224]')
         for d in shape:
             if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and d < 1):

@@ -92,3 +92,70 @@ def test_fp16_on_a_pre_layernorm_transformer(project):
     assert r.manifest.results["parity"]["fp16"]["text"]["failed"] == 0
     assert any("Cast between it and the fp16 MatMul" in why for why in r.islands["text"].values())
     ort.InferenceSession(str(project.dir / "b" / "text.fp16.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_a_forward_taking_one_dict(tmp_path):
+    """Lightning style forward(batch): [inputs.batch.pixel_values] names batch["pixel_values"], and the data
+    callable may yield the nested dict the model takes."""
+    (tmp_path / "dictmodel.py").write_text(DICT_MODEL)
+    cfg = tmp_path / "mmopt.toml"
+    cfg.write_text(DICT_CONFIG)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        r = api.export(cfg, tmp_path / "b")
+        assert [t.name for t in r.manifest.model_inputs] == ["batch.pixel_values", "batch.input_ids"]
+        assert r.manifest.components["image"].sources == {"input": "input:batch.pixel_values"}
+        q = api.quantize(tmp_path / "b", precision={"image": "int8"}, sensitivity=False)
+        assert q.manifest.results["parity"]["int8"]["image"]["failed"] == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("dictmodel", None)
+
+
+DICT_MODEL = """
+import numpy as np
+import torch
+from torch import nn
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.text = nn.EmbeddingBag(20, 8, mode="mean")
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, batch):
+        return self.head(torch.cat([self.image(batch["pixel_values"]), self.text(batch["input_ids"])], -1))
+
+
+def build():
+    torch.manual_seed(0)
+    return M().eval()
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        yield {"batch": {"pixel_values": rng.standard_normal((4, 3, 8, 8)).astype(np.float32),
+                         "input_ids": rng.integers(0, 20, (4, 5))}}
+"""
+
+DICT_CONFIG = """
+[model]
+factory = "dictmodel:build"
+[inputs.batch.pixel_values]
+shape = ["batch", 3, 8, 8]
+[inputs.batch.input_ids]
+shape = ["batch", 5]
+dtype = "int64"
+range = [0, 19]
+[dims]
+batch = { min = 1, opt = 4, max = 8 }
+[components]
+image = "image"
+text = "text"
+[calibration]
+source = "dictmodel:batches"
+samples = 16
+"""

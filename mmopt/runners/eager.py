@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmopt.capture import flatten_named
+from mmopt.capture import flatten_named, nest
 from mmopt.dtypes import to_numpy, torch_dtype
 from mmopt.runners.base import Runner
 from mmopt.spec import TensorSpec
@@ -43,6 +43,6 @@ class EagerRunner(Runner):
         if self.positional:
             flat: Any = self.module(*(tensors[n] for n in self.inputs))
             return dict(zip(self.outputs, flat))
-        named, _ = flatten_named(self.module(**tensors), "")
+        named, _ = flatten_named(self.module(**nest(tensors)), "")
         got = dict(named)
         return {n: got[n] for n in self.outputs}

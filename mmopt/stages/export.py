@@ -20,7 +20,7 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
-from mmopt.capture import Run, Split, stubbed
+from mmopt.capture import Run, Split, nest, stubbed
 from mmopt.errors import ExportError, interrupted, raised_by_mmopt
 from mmopt.manifest import external_data
 from mmopt.spec import ComponentSpec
@@ -72,7 +72,7 @@ class RemainderWrapper(torch.nn.Module):
             slot[comp] = pytree.tree_unflatten(leaves, call.out_tree)
         kwargs = {n: by_source.get(f"input:{n}", t) for n, t in self.run_inputs.items()}
         with stubbed(self.model, self.encoders, slot):
-            flat = pytree.tree_leaves(self.model(**kwargs))
+            flat = pytree.tree_leaves(self.model(**nest(kwargs)))
         return tuple(flat[i] for i in self.out_index)
 
 
