@@ -187,6 +187,24 @@ def hooked(model: torch.nn.Module, modules: dict[str, str], config: Any) -> Iter
             h.remove()
 
 
+_OPERATORS = {"__truediv__": "/", "__mul__": "*", "__add__": "+", "__sub__": "-", "__matmul__": "@",
+              "__rtruediv__": "/", "__rmul__": "*", "__radd__": "+", "__rsub__": "-", "__getitem__": "[...]"}
+
+
+def public_name(func: Any) -> str:
+    """How the user wrote the op: ``torch.ones``, ``Tensor.div``, ``/`` (not ``_VariableFunctionsClass.ones``)."""
+    qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
+    owner, _, attr = qual.rpartition(".")
+    if attr in _OPERATORS and owner in ("TensorBase", "Tensor", "_TensorBase"):
+        return f"the operator `{_OPERATORS[attr]}` (Tensor.{attr})"
+    if owner in ("TensorBase", "_TensorBase"):
+        return f"Tensor.{attr}"
+    if owner == "_VariableFunctionsClass":
+        return f"torch.{attr}"
+    module = getattr(func, "__module__", None)
+    return f"{module}.{qual}" if module and not owner and module.startswith("torch") else qual
+
+
 class _Producers(TorchFunctionMode):
     """Records which torch function produced each tensor (by id), and which tensors were read."""
 
@@ -205,7 +223,7 @@ class _Producers(TorchFunctionMode):
         for leaf in pytree.tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 # ids of freed temporaries get reused: the latest producer of a live tensor is its own
-                self.producer[id(leaf)] = getattr(func, "__qualname__", getattr(func, "__name__", str(func)))
+                self.producer[id(leaf)] = public_name(func)
         return out
 
 

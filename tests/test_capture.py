@@ -85,3 +85,14 @@ def test_an_input_the_forward_does_not_take_is_the_users_error(toy_dir):
     assert "[inputs.image]" in open(cfg).read()
     with pytest.raises(CaptureError, match="forward failed.*unexpected keyword argument 'image'"):
         _split(cfg)
+
+
+def test_ops_are_named_as_the_user_wrote_them():
+    import torch
+
+    from mmopt.capture import public_name
+
+    assert public_name(torch.ones) == "torch.ones"
+    assert public_name(torch.Tensor.div) == "Tensor.div"
+    assert "`/`" in public_name(torch.Tensor.__truediv__)
+    assert public_name(torch.nn.functional.layer_norm) == "torch.nn.functional.layer_norm"
