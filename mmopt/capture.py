@@ -333,7 +333,7 @@ def split(model: torch.nn.Module, spec: ModelSpec, seed: int = 0) -> Split:
                                 f"{spec.path}: input '{n}'", spec.inputs[n].range) for n in spec.inputs]
     components: dict[str, ComponentSpec] = {}
     for comp, path in spec.components.items():
-        components[comp] = _component(comp, "encoder", path, runs, spec, sizes, ids, spec.path)
+        components[comp] = _component(comp, "encoder", path, runs, spec, sizes, ids, spec.path, model_inputs)
     out_names = [n for n, leaf in opt.outputs if isinstance(leaf, torch.Tensor)]
 
     if spec.fusion:
@@ -362,7 +362,8 @@ def split(model: torch.nn.Module, spec: ModelSpec, seed: int = 0) -> Split:
 
 
 def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: ModelSpec,
-               sizes: dict[str, dict[str, int]], ids: dict[int, str], config: Any) -> ComponentSpec:
+               sizes: dict[str, dict[str, int]], ids: dict[int, str], config: Any,
+               glue_inputs: list[TensorSpec] | None = None) -> ComponentSpec:
     opt = runs["opt"].calls[comp]
     inputs, sources = [], {}
     for i, (name, leaf) in enumerate(opt.inputs):
@@ -373,6 +374,11 @@ def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: Mode
                                    "changes with the input size; mmopt can only bake in constants.")
             continue
         src = ids.get(id(leaf))
+        if (src is None or src.startswith(f"{comp}:")) and kind == "encoder" and glue_inputs is not None:
+            # computed in the parent's forward: the graph starts at the model inputs, glue included
+            return ComponentSpec(comp, kind, path, tuple(glue_inputs),
+                                 tuple(_outputs(comp, path, runs, spec, sizes, config)),
+                                 {t.name: f"input:{t.name}" for t in glue_inputs}, glue=True)
         if src is None or src == f"{comp}:" or src.startswith(f"{comp}:"):
             what = runs["opt"].producers.get(id(leaf), "an operation")
             field_name = "components.fusion" if kind == "fusion" else f"components.{comp}"
@@ -387,12 +393,19 @@ def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: Mode
         inputs.append(tensor_spec(name, {s: runs[s].calls[comp].inputs[i][1] for s in SIZES}, spec.dims,
                                   sizes, f"component '{comp}' input '{name}'", rng))
         sources[name] = src
+    return ComponentSpec(comp, kind, path, tuple(inputs), tuple(_outputs(comp, path, runs, spec, sizes, config)),
+                         sources)
+
+
+def _outputs(comp: str, path: str, runs: dict[str, Run], spec: ModelSpec, sizes: dict[str, dict[str, int]],
+             config: Any) -> list[TensorSpec]:
+    opt = runs["opt"].calls[comp]
     outputs = [tensor_spec(name, {s: runs[s].calls[comp].outputs[i][1] for s in SIZES}, spec.dims, sizes,
                            f"component '{comp}' output '{name}'")
                for i, (name, leaf) in enumerate(opt.outputs) if isinstance(leaf, torch.Tensor)]
     if not outputs:
         raise CaptureError(f"{config}: component '{comp}' ({path}) returns no tensor.")
-    return ComponentSpec(comp, kind, path, tuple(inputs), tuple(outputs), sources)
+    return outputs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -274,7 +274,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "type": "object", "required": ["name", "kind", "module", "inputs", "outputs", "sources"],
             "properties": {"name": _STR, "kind": {"enum": ["encoder", "fusion"]}, "module": _STR,
                            "inputs": _TENSORS, "outputs": _TENSORS,
-                           "sources": {"type": "object", "additionalProperties": _STR}}}},
+                           "sources": {"type": "object", "additionalProperties": _STR},
+                           "glue": {"type": "boolean"}}}},
         "artifacts": {"type": "array", "items": {
             "type": "object", "additionalProperties": False,
             "required": ["id", "component", "stage", "precision", "file", "sha256", "bytes", "parent", "config",

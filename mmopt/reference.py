@@ -182,7 +182,10 @@ def _run_eager(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: di
     values.update({f"fusion:{n}": outputs[n] for n, src in split.output_sources.items() if src.startswith("fusion:")})
     per_comp = {}
     for comp, cs in split.components.items():
-        if comp in run.calls:
+        if cs.glue:  # the graph starts at the model inputs; its outputs are the encoder's
+            feeds = {t.name: to_numpy(run.inputs[t.name]) for t in cs.inputs}
+            got = dict(run.calls[comp].outputs)
+        elif comp in run.calls:
             given = dict(run.calls[comp].inputs)
             feeds = {t.name: to_numpy(given[t.name]) for t in cs.inputs}
             got = dict(run.calls[comp].outputs)

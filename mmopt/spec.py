@@ -100,7 +100,9 @@ class ComponentSpec:
     """One exported graph: an encoder, or the fusion remainder / head.
 
     ``sources`` maps each input name to where its value comes from in the pipeline:
-    ``"input:<model input>"`` or ``"<component>:<output name>"``.
+    ``"input:<model input>"`` or ``"<component>:<output name>"``. ``glue``: the parent's forward computes
+    the encoder's inputs from the model inputs (pixel normalisation, a mask made with ``torch.ones``), so
+    the graph takes the model inputs and holds that computation before the encoder.
     """
 
     name: str
@@ -109,19 +111,20 @@ class ComponentSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     sources: dict[str, str]
+    glue: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "module": self.module,
                 "inputs": [t.to_json() for t in self.inputs],
                 "outputs": [t.to_json() for t in self.outputs],
-                "sources": dict(self.sources)}
+                "sources": dict(self.sources), **({"glue": True} if self.glue else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ComponentSpec":
         return cls(d["name"], d["kind"], d["module"],
                    tuple(TensorSpec.from_json(t) for t in d["inputs"]),
                    tuple(TensorSpec.from_json(t) for t in d["outputs"]),
-                   dict(d["sources"]))
+                   dict(d["sources"]), bool(d.get("glue", False)))
 
 
 @dataclass(frozen=True)

@@ -159,3 +159,21 @@ text = "text"
 source = "dictmodel:batches"
 samples = 16
 """
+
+
+def test_glue_in_the_parent_goes_into_the_consuming_encoders_graph(project):
+    """Pixel normalisation before the image encoder, and a mask built with torch.ones from the image
+    features before the text encoder, were refused ("computed in the model's forward"). Each encoder's
+    graph now starts at the model inputs and holds that glue; the wiring names the real sources."""
+    import onnx
+
+    r = api.export(project("glue"), project.dir / "b")
+    m = r.manifest
+    assert m.components["image"].glue and m.components["text"].glue
+    assert set(m.components["image"].sources.values()) >= {"input:pixel_values"}
+    assert m.results["parity"]["fp32"]["pipeline"]["failed"] == 0
+    image = onnx.load(str(project.dir / "b" / "image.onnx"))
+    assert "Embedding" not in {n.op_type for n in image.graph.node}  # the text path is not in it
+    assert not any(n.op_type == "Gather" for n in image.graph.node)
+    q = api.quantize(project.dir / "b", precision={"image": "int8-dynamic", "text": "fp16"}, sensitivity=False)
+    assert all(row["failed"] == 0 for row in q.manifest.results["parity"]["mixed"].values())

@@ -15,6 +15,7 @@ import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -46,6 +47,41 @@ class CallWrapper(torch.nn.Module):
             leaves[pos] = t
         args, kwargs = pytree.tree_unflatten(leaves, self.tree)
         flat = pytree.tree_leaves(self.module(*args, **kwargs))
+        return tuple(flat[i] for i in self.out_pos)
+
+
+class _Keeping(torch.nn.Module):
+    """In place of a glued encoder inside the parent: runs it and keeps what it returned."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.kept: Any = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.kept = self.encoder(*args, **kwargs)
+        return self.kept
+
+
+class GlueWrapper(torch.nn.Module):
+    """An encoder whose inputs the parent's forward computes: takes the model inputs, runs the parent's
+    forward and returns what the encoder returned there. The graph holds only what those outputs depend
+    on: the glue and the encoder (the exporter drops the rest of the forward as dead code). ``model`` is
+    a private copy whose encoder is wrapped to keep its outputs."""
+
+    def __init__(self, model: torch.nn.Module, spec: ComponentSpec, run: Run):
+        super().__init__()
+        parent_path, _, attr = spec.module.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        self.keeping = _Keeping(getattr(parent, attr))
+        setattr(parent, attr, self.keeping)
+        self.model = model
+        self.names = [t.name for t in spec.inputs]
+        self.out_pos = [i for i, (_, leaf) in enumerate(run.calls[spec.name].outputs) if isinstance(leaf, torch.Tensor)]
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.model(**nest(dict(zip(self.names, tensors))))
+        flat = pytree.tree_leaves(self.keeping.kept)
         return tuple(flat[i] for i in self.out_pos)
 
 
@@ -97,6 +133,8 @@ def component_module(model: torch.nn.Module, split: Split, comp: str, size: str)
     fresh = copy.deepcopy(model).eval()
     run = split.runs[size]
     spec = split.components[comp]
+    if spec.glue:
+        return GlueWrapper(fresh, spec, run)
     if spec.kind == "encoder" or split.fusion_module:
         return CallWrapper(fresh.get_submodule(spec.module), run, comp)
     encoders = {c: s.module for c, s in split.components.items() if s.kind == "encoder"}

@@ -161,6 +161,26 @@ def pre_ln() -> nn.Module:
     return PreLN().eval()
 
 
+class Glue(Containers):
+    """Computation in the parent between the model inputs and the encoders: pixel normalisation, and a
+    mask made with torch.ones from another encoder's output shape (BLIP-style cross-attending text)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__(width)
+        self.register_buffer("mean", torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1))
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        img = self.image_encoder((pixel_values - self.mean) / 0.25)
+        mask = attention_mask & torch.ones(img.pooled.shape[0], 1, dtype=torch.bool)
+        txt = self.text_encoder(input_ids, mask)
+        return self.head(torch.cat([img.pooled, txt.pooled], -1))
+
+
+def glue() -> nn.Module:
+    torch.manual_seed(0)
+    return Glue().eval()
+
+
 def voting() -> nn.Module:
     torch.manual_seed(0)
     return VotingFusion().eval()
