@@ -332,8 +332,28 @@ def split(model: torch.nn.Module, spec: ModelSpec, seed: int = 0) -> Split:
     model_inputs = [tensor_spec(n, {s: runs[s].inputs[n] for s in SIZES}, spec.dims, sizes,
                                 f"{spec.path}: input '{n}'", spec.inputs[n].range) for n in spec.inputs]
     components: dict[str, ComponentSpec] = {}
+    glued = []
     for comp, path in spec.components.items():
-        components[comp] = _component(comp, "encoder", path, runs, spec, sizes, ids, spec.path, model_inputs)
+        c = _component(comp, "encoder", path, runs, spec, sizes, ids, spec.path, glue_inputs=[])
+        (glued.append(comp) if c.glue else components.__setitem__(comp, c))
+    # An encoder whose inputs the parent computes takes the model inputs and the other encoders' outputs
+    # (the glue may read them: a mask from the image features' shape, BLIP's encoder_hidden_states), and
+    # runs after them in the pipeline.
+    offered: tuple[list[TensorSpec], dict[str, str]] = (list(model_inputs),
+                                                        {t.name: f"input:{t.name}" for t in model_inputs})
+
+    def offer(c: ComponentSpec) -> None:
+        for t in c.outputs:
+            name = f"{c.name}.{t.name}"
+            offered[0].append(dataclasses.replace(t, name=name))
+            offered[1][name] = f"{c.name}:{t.name}"
+
+    for c in list(components.values()):
+        offer(c)
+    for comp in glued:  # each may read the encoders before it, glued ones included
+        components[comp] = _component(comp, "encoder", spec.components[comp], runs, spec, sizes, ids, spec.path,
+                                      glue_inputs=(list(offered[0]), dict(offered[1])))
+        offer(components[comp])
     out_names = [n for n, leaf in opt.outputs if isinstance(leaf, torch.Tensor)]
 
     if spec.fusion:
@@ -363,7 +383,7 @@ def split(model: torch.nn.Module, spec: ModelSpec, seed: int = 0) -> Split:
 
 def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: ModelSpec,
                sizes: dict[str, dict[str, int]], ids: dict[int, str], config: Any,
-               glue_inputs: list[TensorSpec] | None = None) -> ComponentSpec:
+               glue_inputs: Any = None) -> ComponentSpec:
     opt = runs["opt"].calls[comp]
     inputs, sources = [], {}
     for i, (name, leaf) in enumerate(opt.inputs):
@@ -375,10 +395,11 @@ def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: Mode
             continue
         src = ids.get(id(leaf))
         if (src is None or src.startswith(f"{comp}:")) and kind == "encoder" and glue_inputs is not None:
-            # computed in the parent's forward: the graph starts at the model inputs, glue included
-            return ComponentSpec(comp, kind, path, tuple(glue_inputs),
-                                 tuple(_outputs(comp, path, runs, spec, sizes, config)),
-                                 {t.name: f"input:{t.name}" for t in glue_inputs}, glue=True)
+            # computed in the parent's forward: the graph starts at the model inputs (and the other
+            # encoders' outputs), glue included
+            ins, srcs = glue_inputs if glue_inputs else ([], {})
+            return ComponentSpec(comp, kind, path, tuple(ins), tuple(_outputs(comp, path, runs, spec, sizes, config)),
+                                 dict(srcs), glue=True)
         if src is None or src == f"{comp}:" or src.startswith(f"{comp}:"):
             what = runs["opt"].producers.get(id(leaf), "an operation")
             field_name = "components.fusion" if kind == "fusion" else f"components.{comp}"

@@ -125,19 +125,12 @@ def _torch_load(path: Path, trust: bool) -> Any:
                               "Re-save it with torch.save(model.state_dict(), ...).") from None
 
 
-def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
-    """Each state-dict name of a tensor shared with an earlier name (tied weights) -> that earlier name."""
-    first: dict[int, str] = {}
-    out = {}
+def tied_groups(model: torch.nn.Module) -> list[list[str]]:
+    """State-dict names that share one tensor in the built model (tied weights), groups of two or more."""
+    groups: dict[int, list[str]] = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        key = id(t)
-        if key in first:
-            out[name] = first[key]
-        else:
-            first[key] = name
-    # either name of a tied pair may be the one a checkpoint kept
-    out.update({b: a for a, b in list(out.items()) if b not in out})
-    return out
+        groups.setdefault(id(t), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -145,8 +138,11 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
     lacks is not missing when it is a tied alias of one it has (the same tensor in the built model:
     ``safetensors.torch.save_model`` and ``save_pretrained`` write one name per shared tensor)."""
     own = model.state_dict()
-    tied = tied_aliases(model)
-    state = {**state, **{alias: state[name] for alias, name in tied.items() if alias not in state and name in state}}
+    state = dict(state)
+    for group in tied_groups(model):  # one kept name fills every other name of its group
+        kept = next((n for n in group if n in state), None)
+        if kept is not None:
+            state.update({n: state[kept] for n in group if n not in state})
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))

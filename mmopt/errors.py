@@ -40,6 +40,10 @@ class PrecisionError(MmoptError):
     """A converted (fp16 / int8) pipeline cannot meet the configured parity or accuracy budget."""
 
 
+class NothingToConvert(PrecisionError):
+    """No component the policy names can take its precision (each stays fp32): nothing to write."""
+
+
 class Unconvertible(PrecisionError):
     """One component cannot be converted to one precision (e.g. its graph holds Loop subgraphs); the
     policy keeps that component at fp32 and says why, and ``auto`` skips that candidate."""

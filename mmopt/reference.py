@@ -182,8 +182,8 @@ def _run_eager(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: di
     values.update({f"fusion:{n}": outputs[n] for n, src in split.output_sources.items() if src.startswith("fusion:")})
     per_comp = {}
     for comp, cs in split.components.items():
-        if cs.glue:  # the graph starts at the model inputs; its outputs are the encoder's
-            feeds = {t.name: to_numpy(run.inputs[t.name]) for t in cs.inputs}
+        if cs.glue:  # the graph starts at the model inputs and other encoders' outputs; ends at the encoder's
+            feeds = {t.name: to_numpy(values[cs.sources[t.name]]) for t in cs.inputs}
             got = dict(run.calls[comp].outputs)
         elif comp in run.calls:
             given = dict(run.calls[comp].inputs)

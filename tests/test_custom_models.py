@@ -171,9 +171,18 @@ def test_glue_in_the_parent_goes_into_the_consuming_encoders_graph(project):
     m = r.manifest
     assert m.components["image"].glue and m.components["text"].glue
     assert set(m.components["image"].sources.values()) >= {"input:pixel_values"}
+    # the text encoder reads the image features by value: wired from the image graph, not recomputed
+    assert m.components["text"].sources["image.pooled"] == "image:pooled"
     assert m.results["parity"]["fp32"]["pipeline"]["failed"] == 0
     image = onnx.load(str(project.dir / "b" / "image.onnx"))
-    assert "Embedding" not in {n.op_type for n in image.graph.node}  # the text path is not in it
-    assert not any(n.op_type == "Gather" for n in image.graph.node)
+    assert not any(n.op_type == "Gather" for n in image.graph.node)  # the text path is not in it
+    text = onnx.load(str(project.dir / "b" / "text.onnx"))
+    assert not any(n.op_type == "Conv" for n in text.graph.node)  # nor the image encoder in the text graph
     q = api.quantize(project.dir / "b", precision={"image": "int8-dynamic", "text": "fp16"}, sensitivity=False)
     assert all(row["failed"] == 0 for row in q.manifest.results["parity"]["mixed"].values())
+
+
+def test_an_export_whose_precision_table_converts_nothing_still_writes_the_fp32_bundle(project):
+    r = api.export(project("voting", extra='[precision]\nfusion = "int8-dynamic"\n'), project.dir / "b")
+    assert r.precision is None and "nothing to quantize" in r.manifest.results["kept_fp32"]["[precision]"]
+    assert (project.dir / "b" / "fusion.onnx").exists() and not (project.dir / "b" / "fusion.int8-dynamic.onnx").exists()

@@ -21,7 +21,7 @@ import onnx
 from mmopt import reference
 from mmopt.capture import Split, split as capture_split
 from mmopt.checkpoint import build_model
-from mmopt.errors import ExportError
+from mmopt.errors import ExportError, NothingToConvert
 from mmopt.jobs.quantize import QuantizeResult, convert_in
 from mmopt.judge.compare import Check, raise_on_failures
 from mmopt.judge.parity import summarise, verify
@@ -59,9 +59,15 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
             reference.remember(spec, trust_checkpoint, manifest, model, split)  # later commands reuse it
         result = ExportResult(Path(os.path.abspath(out_dir)), manifest, checks, seconds)
         if any(p != "fp32" for p in spec.precision.values()):
-            result.precision = convert_in(tmp, spec, model, split, None, progress)
-            result.precision.bundle = result.bundle
-            result.manifest = result.precision.manifest
+            try:
+                result.precision = convert_in(tmp, spec, model, split, None, progress)
+            except NothingToConvert as e:  # the fp32 bundle stands; [precision] had nothing it could do
+                progress.log(f"[precision] converted nothing: {e}")
+                manifest.results["kept_fp32"] = {"[precision]": str(e)}
+                manifest.write(tmp)
+            else:
+                result.precision.bundle = result.bundle
+                result.manifest = result.precision.manifest
     return result
 
 

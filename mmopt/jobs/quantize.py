@@ -19,7 +19,7 @@ import onnx
 from mmopt import calibration, reference
 from mmopt.precision.convert import (STATIC, Converter, artifact_file, judge, open_pipeline, parity_key,
                                      policy_label, refusals)
-from mmopt.errors import ConfigError, PrecisionError, Unconvertible, describe
+from mmopt.errors import ConfigError, NothingToConvert, PrecisionError, Unconvertible, describe
 from mmopt.judge import accuracy as ev
 from mmopt.judge.compare import Check, raise_on_failures
 from mmopt.judge.parity import summarise
@@ -152,8 +152,8 @@ def keep_unconvertible_fp32(result: QuantizeResult, converter: Converter) -> Non
             policy[comp] = "fp32"
     if result.kept_fp32:
         if all(p == "fp32" for p in policy.values()):
-            raise PrecisionError("; ".join(result.kept_fp32.values()) + ". Nothing else was asked for, so "
-                                 "nothing was written.")
+            raise NothingToConvert("; ".join(result.kept_fp32.values()) + ". Nothing else was asked for, so "
+                                   "nothing was written.")
         result.label = policy_label(policy)
         result.manifest.results.setdefault("kept_fp32", {}).update(result.kept_fp32)
 

@@ -30,7 +30,9 @@ class Metrics:
 
 
 def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
-    r = ref.reshape(ref.shape[0], -1) if ref.ndim > 1 else ref.reshape(1, -1)
+    """Cosine per sample (first axis); over the whole tensor for rank 1 and for one-element rows (a
+    [batch, 1] logit or gate), whose per-row cosine would only be a sign test."""
+    r = ref.reshape(ref.shape[0], -1) if ref.ndim > 1 and _row_size(ref.shape) > 1 else ref.reshape(1, -1)
     o = out.reshape(r.shape)
     num = (r * o).sum(1)
     den = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
@@ -85,8 +87,8 @@ def failures(m: Metrics, tol: dict[str, float]) -> list[str]:
         why.append(f"{m.nan} NaN / {m.inf} Inf")
     if m.max_abs > tol["max_abs"] and m.max_rel > tol["max_rel"]:
         why.append(f"max_abs {m.max_abs:.3g} > {tol['max_abs']:.3g} and max_rel {m.max_rel:.3g} > {tol['max_rel']:.3g}")
-    # the cosine of a one-element row is a sign test: such outputs are judged by their error alone
-    if m.cos_min < tol["min_cosine"] and _row_size(m.shape) > 1:
+    # the cosine of a single value is a sign test: such an output is judged by its error alone
+    if m.cos_min < tol["min_cosine"] and int(np.prod(m.shape)) > 1:
         why.append(f"cosine {m.cos_min:.6f} < {tol['min_cosine']}")
     if m.argmax is not None and m.argmax < tol["min_argmax"]:
         why.append(f"argmax agreement {m.argmax:.3f} < {tol['min_argmax']}")

@@ -167,8 +167,13 @@ def _convert(comp: str, precision: str, proto: onnx.ModelProto, model: Any, spec
 def _require_quantized(comp: str, precision: str, config: dict) -> None:
     """A graph with nothing int8 in it is no int8 artifact: it is not written or benched under that name."""
     if not config.get("quantized_nodes"):
-        raise Unconvertible(f"{comp}: {precision} found nothing to quantize (no Conv / MatMul / Gemm with a "
-                            "quantizable input outside [precision.exclude]), so it stays fp32")
+        what = {"int8-dynamic": "int8-dynamic quantizes MatMul / Gemm only (convolutions need int8 or int8-cpu "
+                                "with [calibration])",
+                "int8-cpu": "int8-cpu quantizes Conv / MatMul / Gemm, keeping <= 4-channel stem convolutions "
+                            "in fp32",
+                "int8": "int8 quantizes the inputs of Conv / MatMul / Gemm"}[precision]
+        raise Unconvertible(f"{comp}: {precision} found nothing to quantize ({what}; none here outside "
+                            "[precision.exclude]), so it stays fp32")
 
 
 class Converter:

@@ -64,23 +64,32 @@ class _Keeping(torch.nn.Module):
 
 
 class GlueWrapper(torch.nn.Module):
-    """An encoder whose inputs the parent's forward computes: takes the model inputs, runs the parent's
-    forward and returns what the encoder returned there. The graph holds only what those outputs depend
-    on: the glue and the encoder (the exporter drops the rest of the forward as dead code). ``model`` is
-    a private copy whose encoder is wrapped to keep its outputs."""
+    """An encoder whose inputs the parent's forward computes: takes the model inputs and the other
+    encoders' outputs, runs the parent's forward with those encoders replaced by their given outputs, and
+    returns what this encoder returned there. The graph holds only what those outputs depend on: the glue
+    and the encoder (the exporter drops the rest of the forward as dead code). ``model`` is a private
+    copy whose encoder is wrapped to keep its outputs."""
 
-    def __init__(self, model: torch.nn.Module, spec: ComponentSpec, run: Run):
+    def __init__(self, model: torch.nn.Module, split: Split, spec: ComponentSpec, run: Run):
         super().__init__()
         parent_path, _, attr = spec.module.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         self.keeping = _Keeping(getattr(parent, attr))
         setattr(parent, attr, self.keeping)
         self.model = model
-        self.names = [t.name for t in spec.inputs]
+        self.spec = spec
+        self.others = {c: s.module for c, s in split.components.items()
+                       if s.kind == "encoder" and c != spec.name and any(v.startswith(f"{c}:") for v in spec.sources.values())}
+        self.out_calls = {c: run.calls[c] for c in self.others}
         self.out_pos = [i for i, (_, leaf) in enumerate(run.calls[spec.name].outputs) if isinstance(leaf, torch.Tensor)]
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self.model(**nest(dict(zip(self.names, tensors))))
+        by_source = {self.spec.sources[t.name]: x for t, x in zip(self.spec.inputs, tensors)}
+        slot = {c: pytree.tree_unflatten([by_source.get(f"{c}:{n}", leaf) for n, leaf in call.outputs], call.out_tree)
+                for c, call in self.out_calls.items()}
+        kwargs = {src[len("input:"):]: x for src, x in by_source.items() if src.startswith("input:")}
+        with stubbed(self.model, self.others, slot):
+            self.model(**nest(kwargs))
         flat = pytree.tree_leaves(self.keeping.kept)
         return tuple(flat[i] for i in self.out_pos)
 
@@ -134,7 +143,7 @@ def component_module(model: torch.nn.Module, split: Split, comp: str, size: str)
     run = split.runs[size]
     spec = split.components[comp]
     if spec.glue:
-        return GlueWrapper(fresh, spec, run)
+        return GlueWrapper(fresh, split, spec, run)
     if spec.kind == "encoder" or split.fusion_module:
         return CallWrapper(fresh.get_submodule(spec.module), run, comp)
     encoders = {c: s.module for c, s in split.components.items() if s.kind == "encoder"}

@@ -161,18 +161,26 @@ def pre_ln() -> nn.Module:
     return PreLN().eval()
 
 
+class CrossText(TextEncoder):
+    def forward(self, input_ids, attention_mask, memory):
+        t = torch.tanh(self.layer(self.embed(input_ids)) + memory.unsqueeze(1))
+        m = attention_mask.unsqueeze(-1).to(t.dtype)
+        return TextOut(tokens=t, pooled=(t * m).sum(1) / m.sum(1).clamp(min=1))
+
+
 class Glue(Containers):
     """Computation in the parent between the model inputs and the encoders: pixel normalisation, and a
     mask made with torch.ones from another encoder's output shape (BLIP-style cross-attending text)."""
 
     def __init__(self, width: int = 16):
         super().__init__(width)
+        self.text_encoder = CrossText(width=width)
         self.register_buffer("mean", torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1))
 
     def forward(self, pixel_values, input_ids, attention_mask):
         img = self.image_encoder((pixel_values - self.mean) / 0.25)
         mask = attention_mask & torch.ones(img.pooled.shape[0], 1, dtype=torch.bool)
-        txt = self.text_encoder(input_ids, mask)
+        txt = self.text_encoder(input_ids, mask, img.pooled)  # cross-attends to the image features
         return self.head(torch.cat([img.pooled, txt.pooled], -1))
 
 
