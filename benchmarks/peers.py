@@ -218,7 +218,7 @@ def bench_model(name: str, config: Path, args: argparse.Namespace) -> dict[str, 
                 outs["optimum-ort"] = lambda: dict(zip(opt_names, opt_s.run(opt_names, opt_in)))[opt_out]
             parity = {}
             for k, f in outs.items():
-                m_ = measure(out_name, ref, f())
+                m_ = measure(out_name, ref, f(), score=True)  # the model's score output: argmax is its prediction
                 parity[k] = {"cos_min": round(m_.cos_min, 6), "max_abs": float(f"{m_.max_abs:.3g}"),
                              "argmax": m_.argmax}
             # components of the fp32 pipeline alone, to show where the split's time goes
