@@ -9,6 +9,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from models.toy import CONFIG as TOY_CONFIG
+
+
+def _seeded(cls: type) -> nn.Module:
+    torch.manual_seed(0)
+    return cls().eval()
+
 
 @dataclass
 class ImageOut:
@@ -131,8 +138,7 @@ class DataDependent(Containers):
 
 
 def data_dependent() -> nn.Module:
-    torch.manual_seed(0)
-    return DataDependent().eval()
+    return _seeded(DataDependent)
 
 
 class PreLNText(nn.Module):
@@ -157,8 +163,7 @@ class PreLN(Containers):
 
 
 def pre_ln() -> nn.Module:
-    torch.manual_seed(0)
-    return PreLN().eval()
+    return _seeded(PreLN)
 
 
 class CrossText(TextEncoder):
@@ -185,48 +190,25 @@ class Glue(Containers):
 
 
 def glue() -> nn.Module:
-    torch.manual_seed(0)
-    return Glue().eval()
+    return _seeded(Glue)
 
 
 def voting() -> nn.Module:
-    torch.manual_seed(0)
-    return VotingFusion().eval()
+    return _seeded(VotingFusion)
 
 
 def containers() -> nn.Module:
-    torch.manual_seed(0)
-    return Containers().eval()
+    return _seeded(Containers)
 
 
 def reads_attributes() -> nn.Module:
-    torch.manual_seed(0)
-    return ReadsAttributes().eval()
+    return _seeded(ReadsAttributes)
 
 
 def tied() -> nn.Module:
-    torch.manual_seed(0)
-    return Tied().eval()
+    return _seeded(Tied)
 
 
-CONFIG = '''
-[model]
-factory = "models.custom:{factory}"
-{checkpoint}
-[inputs.pixel_values]
-shape = ["batch", 3, 16, 16]
-[inputs.input_ids]
-shape = ["batch", "seq"]
-dtype = "int64"
-range = [0, 49]
-[inputs.attention_mask]
-shape = ["batch", "seq"]
-dtype = "bool"
-[dims]
-batch = {{ min = 1, opt = 4, max = 16 }}
-seq = {{ min = 4, opt = 8, max = 16 }}
-[components]
-image = "image_encoder"
-text = "text_encoder"
-{extra}
-'''
+# the toy model's config (its inputs are these models' inputs), for a factory of this module
+CONFIG = TOY_CONFIG.replace('factory = "toy:build"', 'factory = "models.custom:{factory}"').replace(
+    "batch = {{ min = 1, opt = 8, max = 32 }}", "batch = {{ min = 1, opt = 4, max = 16 }}")
