@@ -332,10 +332,10 @@ def split(model: torch.nn.Module, spec: ModelSpec, seed: int = 0) -> Split:
     model_inputs = [tensor_spec(n, {s: runs[s].inputs[n] for s in SIZES}, spec.dims, sizes,
                                 f"{spec.path}: input '{n}'", spec.inputs[n].range) for n in spec.inputs]
     components: dict[str, ComponentSpec] = {}
-    glued = []
+    glued = [c for c in spec.components if _computed_inputs(runs["opt"].calls[c], c, ids)]
     for comp, path in spec.components.items():
-        c = _component(comp, "encoder", path, runs, spec, sizes, ids, spec.path, glue_inputs=[])
-        (glued.append(comp) if c.glue else components.__setitem__(comp, c))
+        if comp not in glued:
+            components[comp] = _component(comp, "encoder", path, runs, spec, sizes, ids, spec.path)
     # An encoder whose inputs the parent computes takes the model inputs and the other encoders' outputs
     # (the glue may read them: a mask from the image features' shape, BLIP's encoder_hidden_states), and
     # runs after them in the pipeline.
@@ -383,8 +383,13 @@ def split(model: torch.nn.Module, spec: ModelSpec, seed: int = 0) -> Split:
 
 def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: ModelSpec,
                sizes: dict[str, dict[str, int]], ids: dict[int, str], config: Any,
-               glue_inputs: Any = None) -> ComponentSpec:
+               glue_inputs: tuple[list[TensorSpec], dict[str, str]] | None = None) -> ComponentSpec:
     opt = runs["opt"].calls[comp]
+    if glue_inputs is not None:
+        # computed in the parent's forward: the graph starts at the model inputs (and the other encoders'
+        # outputs), glue included
+        return ComponentSpec(comp, kind, path, tuple(glue_inputs[0]),
+                             tuple(_outputs(comp, path, runs, spec, sizes, config)), dict(glue_inputs[1]), glue=True)
     inputs, sources = [], {}
     for i, (name, leaf) in enumerate(opt.inputs):
         others = [runs[s].calls[comp].inputs[i][1] for s in SIZES]
@@ -394,12 +399,6 @@ def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: Mode
                                    "changes with the input size; mmopt can only bake in constants.")
             continue
         src = ids.get(id(leaf))
-        if (src is None or src.startswith(f"{comp}:")) and kind == "encoder" and glue_inputs is not None:
-            # computed in the parent's forward: the graph starts at the model inputs (and the other
-            # encoders' outputs), glue included
-            ins, srcs = glue_inputs if glue_inputs else ([], {})
-            return ComponentSpec(comp, kind, path, tuple(ins), tuple(_outputs(comp, path, runs, spec, sizes, config)),
-                                 dict(srcs), glue=True)
         if src is None or src == f"{comp}:" or src.startswith(f"{comp}:"):
             what = runs["opt"].producers.get(id(leaf), "an operation")
             field_name = "components.fusion" if kind == "fusion" else f"components.{comp}"
@@ -416,6 +415,17 @@ def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: Mode
         sources[name] = src
     return ComponentSpec(comp, kind, path, tuple(inputs), tuple(_outputs(comp, path, runs, spec, sizes, config)),
                          sources)
+
+
+def _computed_inputs(call: Call, comp: str, ids: dict[int, str]) -> bool:
+    """Whether the parent's forward computes any tensor argument of this call (not a model input or
+    another component's output as it is)."""
+    for _, leaf in call.inputs:
+        if isinstance(leaf, torch.Tensor):
+            src = ids.get(id(leaf))
+            if src is None or src.startswith(f"{comp}:"):
+                return True
+    return False
 
 
 def _outputs(comp: str, path: str, runs: dict[str, Run], spec: ModelSpec, sizes: dict[str, dict[str, int]],

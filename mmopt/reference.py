@@ -182,16 +182,12 @@ def _run_eager(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: di
     values.update({f"fusion:{n}": outputs[n] for n, src in split.output_sources.items() if src.startswith("fusion:")})
     per_comp = {}
     for comp, cs in split.components.items():
-        if cs.glue:  # the graph starts at the model inputs and other encoders' outputs; ends at the encoder's
-            feeds = {t.name: to_numpy(values[cs.sources[t.name]]) for t in cs.inputs}
-            got = dict(run.calls[comp].outputs)
-        elif comp in run.calls:
+        if comp in run.calls and not cs.glue:  # what the module itself was called with
             given = dict(run.calls[comp].inputs)
             feeds = {t.name: to_numpy(given[t.name]) for t in cs.inputs}
-            got = dict(run.calls[comp].outputs)
-        else:  # remainder fusion: its inputs are wired values, its outputs model outputs
+        else:  # a glued encoder or the remainder fusion: its inputs are the wired values
             feeds = {t.name: to_numpy(values[cs.sources[t.name]]) for t in cs.inputs}
-            got = outputs
+        got = dict(run.calls[comp].outputs) if comp in run.calls else outputs  # the remainder's are the model's
         per_comp[comp] = (feeds, {t.name: to_numpy(got[t.name]) for t in cs.outputs})
     model_in = {n: to_numpy(t) for n, t in run.inputs.items()}
     model_out = {n: to_numpy(outputs[n]) for n in split.output_sources}

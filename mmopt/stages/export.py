@@ -50,6 +50,13 @@ class CallWrapper(torch.nn.Module):
         return tuple(flat[i] for i in self.out_pos)
 
 
+def _stub_outputs(out_calls: dict[str, Any], by_source: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Each stubbed encoder's return value, rebuilt in its captured structure from the graph's inputs
+    (``by_source``: "component:output" -> tensor); leaves the graph is not given stay as captured."""
+    return {c: pytree.tree_unflatten([by_source.get(f"{c}:{n}", leaf) for n, leaf in call.outputs], call.out_tree)
+            for c, call in out_calls.items()}
+
+
 class _Keeping(torch.nn.Module):
     """In place of a glued encoder inside the parent: runs it and keeps what it returned."""
 
@@ -85,8 +92,7 @@ class GlueWrapper(torch.nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         by_source = {self.spec.sources[t.name]: x for t, x in zip(self.spec.inputs, tensors)}
-        slot = {c: pytree.tree_unflatten([by_source.get(f"{c}:{n}", leaf) for n, leaf in call.outputs], call.out_tree)
-                for c, call in self.out_calls.items()}
+        slot = _stub_outputs(self.out_calls, by_source)
         kwargs = {src[len("input:"):]: x for src, x in by_source.items() if src.startswith("input:")}
         with stubbed(self.model, self.others, slot):
             self.model(**nest(kwargs))
@@ -111,10 +117,7 @@ class RemainderWrapper(torch.nn.Module):
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         given = dict(zip((t.name for t in self.fusion.inputs), tensors))
         by_source = {self.fusion.sources[n]: t for n, t in given.items()}
-        slot = {}
-        for comp, call in self.out_calls.items():
-            leaves = [by_source.get(f"{comp}:{name}", leaf) for name, leaf in call.outputs]
-            slot[comp] = pytree.tree_unflatten(leaves, call.out_tree)
+        slot = _stub_outputs(self.out_calls, by_source)
         kwargs = {n: by_source.get(f"input:{n}", t) for n, t in self.run_inputs.items()}
         with stubbed(self.model, self.encoders, slot):
             flat = pytree.tree_leaves(self.model(**nest(kwargs)))
