@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 
 from mmopt import dtypes
 from mmopt.errors import CaptureError, describe, forwards, interrupted, raised_by_mmopt, where_raised
-from mmopt.spec import SIZES, ComponentSpec, Dim, ModelSpec, TensorSpec
+from mmopt.spec import SIZES, ComponentSpec, Dim, ModelSpec, TensorSpec, call_key, component_of
 
 
 
@@ -229,6 +229,9 @@ class _Producers(TorchFunctionMode):
 
 @dataclass
 class Run:
+    """One run of the full model. ``calls`` is keyed by call key: a component's first call under its name,
+    later calls of the same component as ``name@2``, ``name@3`` (``mmopt.spec.call_key``)."""
+
     size: str
     inputs: dict[str, torch.Tensor]
     outputs: list[tuple[str, Any]]
@@ -250,15 +253,15 @@ def observe(model: torch.nn.Module, spec: ModelSpec, inputs: dict[str, torch.Ten
             raise CaptureError(f"{spec.path}: the model's forward failed at the {size} size with inputs "
                                f"{shapes}: {describe(e)}{where_raised(e)}. Check [inputs] and [dims] against what "
                                "the model accepts.") from None
-    single = {}
+    keyed = {}
     for name, got in calls.items():
-        if len(got) != 1:
+        if not got or (name == "fusion" and len(got) > 1):
             raise CaptureError(f"{spec.path}: component '{name}' ({modules[name]}) was called {len(got)} times "
-                               "in one forward; mmopt exports exactly one call per component. Pick a submodule "
-                               "that runs once.")
-        single[name] = got[0]
+                               "in one forward; " + ("it must run once." if got else
+                                                    "check that the forward calls that submodule."))
+        keyed.update({call_key(name, k): call for k, call in enumerate(got, 1)})
     outputs, _ = flatten_named(out, "")
-    return Run(size, inputs, outputs, single, prod.producer)
+    return Run(size, inputs, outputs, keyed, prod.producer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +335,18 @@ def split(model: torch.nn.Module, spec: ModelSpec, seed: int = 0) -> Split:
     model_inputs = [tensor_spec(n, {s: runs[s].inputs[n] for s in SIZES}, spec.dims, sizes,
                                 f"{spec.path}: input '{n}'", spec.inputs[n].range) for n in spec.inputs]
     components: dict[str, ComponentSpec] = {}
-    glued = [c for c in spec.components if _computed_inputs(runs["opt"].calls[c], c, ids)]
+    glued = [c for c in spec.components
+             if any(_computed_inputs(call, k, ids) for k, call in opt.calls.items() if component_of(k) == c)]
+    for c in glued:
+        if call_key(c, 2) in opt.calls:
+            what = next((opt.producers.get(id(leaf)) for k, call in opt.calls.items() if component_of(k) == c
+                         for _, leaf in call.inputs if isinstance(leaf, torch.Tensor) and id(leaf) not in ids), None)
+            raise CaptureError(f"{spec.path}: field 'components.{c}': '{spec.components[c]}' is called "
+                               f"{sum(component_of(k) == c for k in opt.calls)} times, on inputs the model's "
+                               f"forward computes (by {what or 'an operation'}, e.g. slicing frames out of one "
+                               "input). mmopt runs a component called more than once only on model inputs or "
+                               "other components' outputs as they are: pass each view as its own model input, "
+                               "or make the component the module that loops over them.")
     for comp, path in spec.components.items():
         if comp not in glued:
             components[comp] = _component(comp, "encoder", path, runs, spec, sizes, ids, spec.path)
@@ -343,10 +357,11 @@ def split(model: torch.nn.Module, spec: ModelSpec, seed: int = 0) -> Split:
                                                         {t.name: f"input:{t.name}" for t in model_inputs})
 
     def offer(c: ComponentSpec) -> None:
-        for t in c.outputs:
-            name = f"{c.name}.{t.name}"
-            offered[0].append(dataclasses.replace(t, name=name))
-            offered[1][name] = f"{c.name}:{t.name}"
+        for key, _ in c.calls():
+            for t in c.outputs:
+                name = f"{key}.{t.name}"
+                offered[0].append(dataclasses.replace(t, name=name))
+                offered[1][name] = f"{key}:{t.name}"
 
     for c in list(components.values()):
         offer(c)
@@ -390,40 +405,82 @@ def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: Mode
         # outputs), glue included
         return ComponentSpec(comp, kind, path, tuple(glue_inputs[0]),
                              tuple(_outputs(comp, path, runs, spec, sizes, config)), dict(glue_inputs[1]), glue=True)
+    keys = _call_keys(comp, path, runs, config)
     inputs, sources = [], {}
+    repeats: list[dict[str, str]] = [{} for _ in keys[1:]]
     for i, (name, leaf) in enumerate(opt.inputs):
-        others = [runs[s].calls[comp].inputs[i][1] for s in SIZES]
+        others = [runs[s].calls[k].inputs[i][1] for s in SIZES for k in keys]
         if not isinstance(leaf, torch.Tensor):
             if any(o != leaf for o in others if not isinstance(o, torch.Tensor)):
                 raise CaptureError(f"{config}: component '{comp}' argument '{name}' is a non-tensor value that "
-                                   "changes with the input size; mmopt can only bake in constants.")
+                                   "changes with the input size" + (" or between its calls" if repeats else "") +
+                                   "; mmopt can only bake in constants.")
             continue
-        src = ids.get(id(leaf))
-        if src is None or src == f"{comp}:" or src.startswith(f"{comp}:"):
-            what = runs["opt"].producers.get(id(leaf), "an operation")
-            field_name = "components.fusion" if kind == "fusion" else f"components.{comp}"
-            fix = ("Remove `fusion = ...` so mmopt exports the rest of the forward as the fusion graph."
-                   if kind == "fusion" else
-                   "Pass model inputs to the encoder unchanged, or move that computation into the encoder.")
-            raise CaptureError(f"{config}: field '{field_name}': input '{name}' of '{path}' is computed in the "
-                               f"model's forward (by {what}) between the model inputs / encoders and this "
-                               f"module. {fix}")
-        origin, _, source = src.partition(":")
-        rng = spec.inputs[source].range if origin == "input" else None
-        inputs.append(tensor_spec(name, {s: runs[s].calls[comp].inputs[i][1] for s in SIZES}, spec.dims,
-                                  sizes, f"component '{comp}' input '{name}'", rng))
-        sources[name] = src
+        first: TensorSpec | None = None
+        for k, key in enumerate(keys):
+            src = _source(comp, kind, path, key, name, runs["opt"].calls[key].inputs[i][1], runs, ids, config)
+            origin, _, source = src.partition(":")
+            rng = spec.inputs[source].range if origin == "input" else None
+            got = tensor_spec(name, {s: runs[s].calls[key].inputs[i][1] for s in SIZES}, spec.dims, sizes,
+                              f"component '{comp}' input '{name}'", rng)
+            if first is None:
+                first = got
+                inputs.append(got)
+                sources[name] = src
+                continue
+            if (got.dtype, got.shape, got.shapes) != (first.dtype, first.shape, first.shapes):
+                raise CaptureError(f"{config}: component '{comp}' ({path}) is called {len(keys)} times, and its "
+                                   f"input '{name}' differs between calls (call 1: {first.dtype} {list(first.shape)}, "
+                                   f"call {k + 1}: {got.dtype} {list(got.shape)}, from {src}). mmopt exports one "
+                                   "graph per component: every call must pass tensors of the same dtype and "
+                                   "shape (the same [dims]).")
+            repeats[k - 1][name] = src
     return ComponentSpec(comp, kind, path, tuple(inputs), tuple(_outputs(comp, path, runs, spec, sizes, config)),
-                         sources)
+                         sources, repeats=tuple(repeats))
 
 
-def _computed_inputs(call: Call, comp: str, ids: dict[int, str]) -> bool:
+def _call_keys(comp: str, path: str, runs: dict[str, Run], config: Any) -> list[str]:
+    """The keys of a component's calls, which must be as many, with the same arguments, at every size."""
+    counts = {s: sum(1 for k in runs[s].calls if component_of(k) == comp) for s in SIZES}
+    if len(set(counts.values())) != 1:
+        raise CaptureError(f"{config}: component '{comp}' ({path}) is called {counts['min']} / {counts['opt']} / "
+                           f"{counts['max']} times at the min / opt / max sizes: the number of calls depends on an "
+                           "input size, which one exported graph cannot follow. Make it fixed (e.g. a fixed "
+                           "number of frames), or make the component the module that loops over them.")
+    keys = [call_key(comp, k) for k in range(1, counts["opt"] + 1)]
+    for key in keys[1:]:
+        for s in SIZES:
+            if runs[s].calls[key].in_tree != runs[s].calls[comp].in_tree:
+                raise CaptureError(f"{config}: component '{comp}' ({path}) is called {len(keys)} times with "
+                                   "arguments of another structure each time (positional / keyword / nested "
+                                   "arguments differ). mmopt exports one graph for it: call it the same way "
+                                   "every time.")
+    return keys
+
+
+def _source(comp: str, kind: str, path: str, key: str, name: str, leaf: torch.Tensor, runs: dict[str, Run],
+            ids: dict[int, str], config: Any) -> str:
+    """Where a call's tensor argument comes from: a model input or a component's output, as it is."""
+    src = ids.get(id(leaf))
+    if src is None or src.startswith(f"{key}:"):
+        what = runs["opt"].producers.get(id(leaf), "an operation")
+        field_name = "components.fusion" if kind == "fusion" else f"components.{comp}"
+        fix = ("Remove `fusion = ...` so mmopt exports the rest of the forward as the fusion graph."
+               if kind == "fusion" else
+               "Pass model inputs to the encoder unchanged, or move that computation into the encoder.")
+        raise CaptureError(f"{config}: field '{field_name}': input '{name}' of '{path}' is computed in the "
+                           f"model's forward (by {what}) between the model inputs / encoders and this "
+                           f"module. {fix}")
+    return src
+
+
+def _computed_inputs(call: Call, key: str, ids: dict[int, str]) -> bool:
     """Whether the parent's forward computes any tensor argument of this call (not a model input or
-    another component's output as it is)."""
+    another call's output as it is)."""
     for _, leaf in call.inputs:
         if isinstance(leaf, torch.Tensor):
             src = ids.get(id(leaf))
-            if src is None or src.startswith(f"{comp}:"):
+            if src is None or src.startswith(f"{key}:"):
                 return True
     return False
 
@@ -450,11 +507,17 @@ class EncoderStub(torch.nn.Module):
 
     def __init__(self, slot: dict[str, Any], name: str, original: torch.nn.Module):
         super().__init__()
-        self._slot, self._name = slot, name
+        self._slot, self._name, self._calls = slot, name, 0
         self.__dict__["_original"] = original
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._slot[self._name]
+        """The outputs of this call: the first call's, then ``name@2``'s, ... (a tower called twice)."""
+        self._calls += 1
+        key = call_key(self._name, self._calls)
+        if key not in self._slot:
+            raise CaptureError(f"'{self._name}' was called more times ({self._calls}) than in the captured "
+                               "forward; the number of calls must not depend on the input values.")
+        return self._slot[key]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -474,7 +537,7 @@ class EncoderStub(torch.nn.Module):
 
 @contextlib.contextmanager
 def stubbed(model: torch.nn.Module, paths: dict[str, str], slot: dict[str, Any]) -> Iterator[None]:
-    """Temporarily replace each encoder submodule by an ``EncoderStub`` reading from ``slot``."""
+    """Temporarily replace each encoder submodule by an ``EncoderStub`` reading from ``slot`` (by call key)."""
     originals = {}
     for comp, path in paths.items():
         parent_path, _, attr = path.rpartition(".")
@@ -491,8 +554,8 @@ def stubbed(model: torch.nn.Module, paths: dict[str, str], slot: dict[str, Any])
 def remainder_fusion(model: torch.nn.Module, spec: ModelSpec, runs: dict[str, Run],
                      sizes: dict[str, dict[str, int]], ids: dict[int, str]) -> tuple[ComponentSpec, dict[str, str]]:
     opt = runs["opt"]
-    slot = {c: pytree.tree_unflatten([leaf for _, leaf in opt.calls[c].outputs], opt.calls[c].out_tree)
-            for c in spec.components}
+    slot = {k: pytree.tree_unflatten([leaf for _, leaf in call.outputs], call.out_tree)
+            for k, call in opt.calls.items() if component_of(k) in spec.components}
     with torch.no_grad(), stubbed(model, spec.components, slot), _Producers() as prod:
         try:
             out = model(**nest(opt.inputs))
@@ -521,8 +584,10 @@ def remainder_fusion(model: torch.nn.Module, spec: ModelSpec, runs: dict[str, Ru
                            "there is no fusion computation to export.")
     # Fusion inputs: every encoder output and model input the remainder actually reads.
     used = [src for i, src in ids.items() if i in prod.read]
-    order = [f"input:{n}" for n in spec.inputs] + [f"{c}:{n}" for c in spec.components
-                                                   for n, leaf in opt.calls[c].outputs if isinstance(leaf, torch.Tensor)]
+    calls = sorted((k for k in opt.calls if component_of(k) in spec.components),
+                   key=lambda k: (list(spec.components).index(component_of(k)), int(k.partition("@")[2] or 1)))
+    order = [f"input:{n}" for n in spec.inputs] + [f"{k}:{n}" for k in calls
+                                                   for n, leaf in opt.calls[k].outputs if isinstance(leaf, torch.Tensor)]
     inputs, fsources = [], {}
     for src in [s for s in order if s in used]:
         comp, _, name = src.partition(":")

@@ -275,7 +275,9 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "properties": {"name": _STR, "kind": {"enum": ["encoder", "fusion"]}, "module": _STR,
                            "inputs": _TENSORS, "outputs": _TENSORS,
                            "sources": {"type": "object", "additionalProperties": _STR},
-                           "glue": {"type": "boolean"}}}},
+                           "glue": {"type": "boolean"},
+                           "repeats": {"type": "array", "items": {
+                               "type": "object", "additionalProperties": _STR}}}}},
         "artifacts": {"type": "array", "items": {
             "type": "object", "additionalProperties": False,
             "required": ["id", "component", "stage", "precision", "file", "sha256", "bytes", "parent", "config",
@@ -360,9 +362,11 @@ def _check_references(d: dict[str, Any], path: Path) -> None:
     fix = "Re-run `mmopt export` to rebuild the bundle."
     for name, c in d["components"].items():
         ins = [t["name"] for t in c["inputs"]]
-        if set(c["sources"]) != set(ins):
-            raise BundleError(f"{path}: field 'components.{name}.sources': names {sorted(c['sources'])}, the "
-                              f"component's inputs are {ins}. {fix}")
+        for field, sources in [("sources", c["sources"]),
+                               *((f"repeats[{i}]", r) for i, r in enumerate(c.get("repeats", [])))]:
+            if set(sources) != set(ins):
+                raise BundleError(f"{path}: field 'components.{name}.{field}': names {sorted(sources)}, the "
+                                  f"component's inputs are {ins}. {fix}")
     for i, a in enumerate(d["artifacts"]):
         if a["component"] not in d["components"]:
             raise BundleError(f"{path}: field 'artifacts[{i}].component': '{a['component']}' is not a component "

@@ -103,6 +103,10 @@ class ComponentSpec:
     ``"input:<model input>"`` or ``"<component>:<output name>"``. ``glue``: the parent's forward computes
     the encoder's inputs from the model inputs (pixel normalisation, a mask made with ``torch.ones``), so
     the graph takes the model inputs and holds that computation before the encoder.
+
+    ``repeats``: an encoder the forward calls more than once (a siamese tower, two views) is one graph,
+    run once per call; ``sources`` wires its first call and ``repeats`` each later one. Call ``k`` (from 2)
+    is addressed as ``"<component>@k"``: its outputs are ``"<component>@k:<output name>"``.
     """
 
     name: str
@@ -112,19 +116,36 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     sources: dict[str, str]
     glue: bool = False
+    repeats: tuple[dict[str, str], ...] = ()
+
+    def calls(self) -> list[tuple[str, dict[str, str]]]:
+        """(call key, sources) of every call in order: the component's name, then ``name@2``, ..."""
+        return [(self.name, self.sources)] + [(call_key(self.name, k), r) for k, r in enumerate(self.repeats, 2)]
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "module": self.module,
                 "inputs": [t.to_json() for t in self.inputs],
                 "outputs": [t.to_json() for t in self.outputs],
-                "sources": dict(self.sources), **({"glue": True} if self.glue else {})}
+                "sources": dict(self.sources), **({"glue": True} if self.glue else {}),
+                **({"repeats": [dict(r) for r in self.repeats]} if self.repeats else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ComponentSpec":
         return cls(d["name"], d["kind"], d["module"],
                    tuple(TensorSpec.from_json(t) for t in d["inputs"]),
                    tuple(TensorSpec.from_json(t) for t in d["outputs"]),
-                   dict(d["sources"]), bool(d.get("glue", False)))
+                   dict(d["sources"]), bool(d.get("glue", False)),
+                   tuple(dict(r) for r in d.get("repeats", ())))
+
+
+def call_key(component: str, k: int) -> str:
+    """The name of a component's ``k``-th call (1-based) in the wiring: ``name`` for the first."""
+    return component if k == 1 else f"{component}@{k}"
+
+
+def component_of(key: str) -> str:
+    """The component a call key (or a ``key:output`` source) belongs to: ``tower@2:x`` -> ``tower``."""
+    return key.partition(":")[0].partition("@")[0]
 
 
 @dataclass(frozen=True)

@@ -186,3 +186,37 @@ def test_an_export_whose_precision_table_converts_nothing_still_writes_the_fp32_
     r = api.export(project("voting", extra='[precision]\nfusion = "int8-dynamic"\n'), project.dir / "b")
     assert r.precision is None and "nothing to quantize" in r.manifest.results["kept_fp32"]["[precision]"]
     assert (project.dir / "b" / "fusion.onnx").exists() and not (project.dir / "b" / "fusion.int8-dynamic.onnx").exists()
+
+
+SIAMESE = CONFIG.replace("[inputs.input_ids]", "[inputs.reference]\nshape = [\"batch\", 3, 16, 16]\n[inputs.input_ids]")
+
+
+def test_a_component_called_more_than_once_is_one_graph_run_once_per_call(project):
+    """A siamese tower (two views through one image encoder) and a shared block applied twice were refused
+    ("called 2 times in one forward"). Each is one graph now, run once per call by the pipeline; the
+    second call of the block reads the first call's output."""
+    path = project.dir / "mmopt.toml"
+    path.write_text(SIAMESE.format(factory="siamese", checkpoint="", extra='refine = "refine"\n'))
+    sys.path.insert(0, str(project.dir))
+    r = api.export(path, project.dir / "b")
+    m = r.manifest
+    image, refine = m.components["image"], m.components["refine"]
+    assert image.sources == {"pixel_values": "input:pixel_values"}
+    assert image.repeats == ({"pixel_values": "input:reference"},)
+    assert refine.sources == {"input": "text:pooled"} and refine.repeats == ({"input": "refine:output"},)
+    assert "image@2:pooled" in m.components["fusion"].sources.values()
+    assert [a.file for a in m.artifacts if a.component == "image"] == ["image.onnx"]  # one graph
+    assert m.results["parity"]["fp32"]["pipeline"]["failed"] == 0
+    q = api.quantize(project.dir / "b", precision={"image": "int8-dynamic", "refine": "fp16"}, sensitivity=False)
+    assert all(row["failed"] == 0 for row in q.manifest.results["parity"]["mixed"].values())
+
+
+def test_a_component_called_on_slices_of_one_input_is_refused_with_what_to_do(project):
+    from mmopt.errors import CaptureError
+
+    with pytest.raises(CaptureError) as e:
+        api.export(project("frames"), project.dir / "b")
+    msg = str(e.value)
+    assert "'image_encoder' is called 2 times" in msg and "(by the operator `[...]`" in msg
+    assert "pass each view as its own model input" in msg
+    assert not (project.dir / "b").exists()

@@ -19,10 +19,15 @@ def components_table(m: Manifest) -> Table:
     for col in ("component", "module", "inputs (shape, dtype, source)", "outputs"):
         t.add_column(col)
     for name, c in m.components.items():
-        ins = "\n".join(f"{escape(i.name)} {_shape(i.shape)} {i.dtype} <- {escape(c.sources[i.name])}"
+        ins = "\n".join(f"{escape(i.name)} {_shape(i.shape)} {i.dtype} <- "
+                        + escape(" | ".join(sources[i.name] for _, sources in c.calls()))
                         for i in c.inputs)
+        if c.repeats:  # one graph run once per call: each call's source, in order
+            name_note = f"{name} (called {len(c.repeats) + 1}x)"
+        else:
+            name_note = name
         outs = "\n".join(f"{escape(o.name)} {_shape(o.shape)} {o.dtype}" for o in c.outputs)
-        t.add_row(escape(name), escape(c.module or "(rest of forward)"), ins, outs)
+        t.add_row(escape(name_note), escape(c.module or "(rest of forward)"), ins, outs)
     return t
 
 

@@ -21,12 +21,14 @@ class Pipeline:
         if missing:
             raise ValueError(f"pipeline needs a runner for every component; missing {missing}")
         self.components, self.output_sources, self.runners = components, output_sources, runners
-        self.order = [c for c, s in components.items() if s.kind == "encoder"] + \
-                     [c for c, s in components.items() if s.kind != "encoder"]
         # The wiring resolved once: at batch 1 a small model spends as long in Python bookkeeping as in
-        # ONNX Runtime, so infer() only looks values up (measured in benchmarks/peers.py).
-        self._plan = [(c, runners[c].infer, tuple(components[c].sources.items()),
-                       {t.name: f"{c}:{t.name}" for t in components[c].outputs}) for c in self.order]
+        # ONNX Runtime, so infer() only looks values up (measured in benchmarks/peers.py). One step per call
+        # (a component called twice runs twice), each after the calls whose outputs it reads.
+        self._plan = _ordered([(key, runners[c].infer, tuple(sources.items()),
+                                {t.name: f"{key}:{t.name}" for t in components[c].outputs})
+                               for c in [*(c for c, s in components.items() if s.kind == "encoder"),
+                                         *(c for c, s in components.items() if s.kind != "encoder")]
+                               for key, sources in components[c].calls()])
         self._outputs = tuple(output_sources.items())
 
     def infer(self, feeds: dict[str, np.ndarray], trace: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -35,7 +37,24 @@ class Pipeline:
             comp_feeds = {n: values[src] for n, src in sources}
             out = infer(comp_feeds, False)
             if trace is not None:
-                trace[comp] = (comp_feeds, out)
+                trace[comp] = (comp_feeds, out)  # by call key
             for n, a in out.items():
                 values[keys[n]] = a
         return {n: values[src] for n, src in self._outputs}
+
+
+def _ordered(steps: list[tuple]) -> list[tuple]:
+    """``steps`` (key, infer, sources, output keys) so that each runs after every step it reads from;
+    otherwise in the given order (encoders, then fusion)."""
+    made = {key for step in steps for key in step[3].values()}
+    done: set[str] = set()
+    out: list[tuple] = []
+    pending = list(steps)
+    while pending:
+        ready = next((st for st in pending if all(src in done or src not in made for _, src in st[2])), None)
+        if ready is None:
+            raise ValueError(f"pipeline wiring has a cycle among {[st[0] for st in pending]}")
+        pending.remove(ready)
+        out.append(ready)
+        done.update(ready[3].values())
+    return out

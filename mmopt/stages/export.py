@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from mmopt.capture import Run, Split, nest, stubbed
 from mmopt.errors import ExportError, interrupted, raised_by_mmopt
 from mmopt.manifest import external_data
-from mmopt.spec import ComponentSpec
+from mmopt.spec import ComponentSpec, component_of
 
 TWO_GB = 2 * 1024**3
 
@@ -51,8 +51,8 @@ class CallWrapper(torch.nn.Module):
 
 
 def _stub_outputs(out_calls: dict[str, Any], by_source: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Each stubbed encoder's return value, rebuilt in its captured structure from the graph's inputs
-    (``by_source``: "component:output" -> tensor); leaves the graph is not given stay as captured."""
+    """Each stubbed encoder call's return value (by call key), rebuilt in its captured structure from the
+    graph's inputs (``by_source``: "call key:output" -> tensor); leaves the graph is not given stay as captured."""
     return {c: pytree.tree_unflatten([by_source.get(f"{c}:{n}", leaf) for n, leaf in call.outputs], call.out_tree)
             for c, call in out_calls.items()}
 
@@ -86,8 +86,9 @@ class GlueWrapper(torch.nn.Module):
         self.model = model
         self.spec = spec
         self.others = {c: s.module for c, s in split.components.items()
-                       if s.kind == "encoder" and c != spec.name and any(v.startswith(f"{c}:") for v in spec.sources.values())}
-        self.out_calls = {c: run.calls[c] for c in self.others}
+                       if s.kind == "encoder" and c != spec.name and
+                       any(component_of(v) == c for v in spec.sources.values())}
+        self.out_calls = {k: call for k, call in run.calls.items() if component_of(k) in self.others}
         self.out_pos = [i for i, (_, leaf) in enumerate(run.calls[spec.name].outputs) if isinstance(leaf, torch.Tensor)]
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -109,7 +110,7 @@ class RemainderWrapper(torch.nn.Module):
         self.encoders = encoders
         self.fusion = split.components["fusion"]
         self.run_inputs = run.inputs  # model inputs the remainder does not read: constants, dead code
-        self.out_calls = {c: run.calls[c] for c in encoders}
+        self.out_calls = {k: call for k, call in run.calls.items() if component_of(k) in encoders}
         self.out_names = [t.name for t in self.fusion.outputs]
         names = [n for n, _ in run.outputs]
         self.out_index = [names.index(n) for n in self.out_names]

@@ -189,6 +189,40 @@ class Glue(Containers):
         return self.head(torch.cat([img.pooled, txt.pooled], -1))
 
 
+class Siamese(Containers):
+    """One image tower for two views (a query and a reference image), weights shared; the text encoder's
+    features pass through a shared refinement block applied twice (ALBERT-style weight sharing: its second
+    call reads its first call's output)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__(width)
+        self.refine = nn.Linear(width, width)
+        self.head = nn.Linear(3 * width, 5)
+
+    def forward(self, pixel_values, reference, input_ids, attention_mask):
+        a = self.image_encoder(pixel_values).pooled
+        b = self.image_encoder(reference).pooled
+        t = self.refine(self.refine(self.text_encoder(input_ids, attention_mask).pooled))
+        return self.head(torch.cat([(a - b).abs(), a * b, t], -1))
+
+
+class Frames(Containers):
+    """The image encoder on two halves sliced out of one input: computed in the parent, called twice."""
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        top, bottom = self.image_encoder(pixel_values[:, :, :8]), self.image_encoder(pixel_values[:, :, 8:])
+        txt = self.text_encoder(input_ids, attention_mask)
+        return self.head(torch.cat([top.pooled + bottom.pooled, txt.pooled], -1))
+
+
+def siamese() -> nn.Module:
+    return _seeded(Siamese)
+
+
+def frames() -> nn.Module:
+    return _seeded(Frames)
+
+
 def glue() -> nn.Module:
     return _seeded(Glue)
 
