@@ -262,7 +262,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "tools": {"type": "object", "additionalProperties": _STR},
         "model": {
             "type": "object", "required": ["config", "config_sha256", "factory", "checkpoint", "checkpoint_sha256"],
-            "properties": {"config": _STR, "config_sha256": _SHA, "factory": _STR,
+            "properties": {"config": _STR, "config_sha256": _SHA, "definition_sha256": _SHA, "factory": _STR,
                            "checkpoint": {"type": ["string", "null"]},
                            "checkpoint_sha256": {"anyOf": [_SHA, {"type": "null"}]},
                            "fusion": _STR, "output_sources": {"type": "object", "additionalProperties": _STR},

@@ -28,7 +28,7 @@ from mmopt.capture import Split, observe, random_inputs
 from mmopt.dtypes import to_numpy
 from mmopt.errors import BundleError, CaptureError
 from mmopt.manifest import Manifest, external_path, sha256_file
-from mmopt.spec import ModelSpec, load_spec
+from mmopt.spec import ModelSpec, definition_sha256, load_spec
 
 STALE_FIX = "re-export, or pass --config to use another one"
 
@@ -49,8 +49,10 @@ def config_of(bundle: Path, manifest: Manifest, config: str | Path | None) -> Mo
     if not path.is_file():
         raise BundleError(f"{bundle}: was exported from {path}, which no longer exists here. This command "
                           "rebuilds the eager model as its reference: pass --config path/to/mmopt.toml.")
-    if sha256_file(path) != manifest.model.get("config_sha256"):
-        raise BundleError(f"{bundle}: stale bundle: {path} changed since export; {STALE_FIX}.")
+    if sha256_file(path) != manifest.model.get("config_sha256") and \
+            definition_sha256(path) != manifest.model.get("definition_sha256"):
+        raise BundleError(f"{bundle}: stale bundle: {path} changed since export (its [model], [inputs], [dims] "
+                          f"or [components]); {STALE_FIX}.")
     return load_spec(path)
 
 

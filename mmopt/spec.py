@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import math
 import os
 import tomllib
@@ -337,6 +339,18 @@ def _parse_tolerance(path: Path, raw: Any) -> tuple[dict[str, dict[str, float]],
             g.finish()
     f.finish()
     return tol, (float(drop) if drop is not None else None), tuple(scores)
+
+
+DEFINITION = ("model", "inputs", "dims", "components")  # the tables that define the exported graphs
+
+
+def definition_sha256(path: str | Path) -> str:
+    """sha256 of what in ``mmopt.toml`` defines the exported graphs ([model], [inputs], [dims],
+    [components]). Editing [precision], [calibration], [evaluation] or [tolerance] (or a comment) after
+    export does not make a bundle stale: following a printed ``[precision.exclude]`` fix must not."""
+    _, raw = _read_toml(path)
+    text = json.dumps({k: raw.get(k) for k in DEFINITION}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _read_toml(path: str | Path) -> tuple[Path, dict[str, Any]]:

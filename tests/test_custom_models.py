@@ -220,3 +220,30 @@ def test_a_component_called_on_slices_of_one_input_is_refused_with_what_to_do(pr
     assert "'image_encoder' is called 2 times" in msg and "(by the operator `[...]`" in msg
     assert "pass each view as its own model input" in msg
     assert not (project.dir / "b").exists()
+
+
+CALIBRATED = '[calibration]\nsource = "models.toydata:calibration_batches"\nsamples = 64\nmethod = "minmax"\n'
+
+
+def test_failed_int8_names_the_nodes_to_keep_fp32_and_that_fix_passes(project):
+    """A transformer MLP with outlier channels fails int8 (one per-tensor scale for the down-projection's
+    input). The error used to say "see the sensitivity report of a passing run"; it now names the nodes
+    whose exclusion was converted and judged to pass, as a [precision.exclude] table to paste."""
+    from mmopt.errors import ParityError
+
+    def snapshot(folder):
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+    path = project("outliers", extra=CALIBRATED)
+    api.export(path, project.dir / "b")
+    before = snapshot(project.dir / "b")
+    with pytest.raises(ParityError) as e:
+        api.quantize(project.dir / "b", precision={"text": "int8"}, sensitivity=False)
+    msg = str(e.value)
+    assert "passes every gate (converted and judged just now)" in msg and "[precision.exclude]\n  text = [" in msg
+    assert e.value.exclude and set(e.value.exclude) == {"text"} and len(e.value.exclude["text"]) <= 4
+    assert snapshot(project.dir / "b") == before  # nothing written
+    block = msg[msg.index("[precision.exclude]"):].split("\nand run again")[0].replace("\n  ", "\n")
+    path.write_text(path.read_text() + "\n" + block + "\n")  # the user pastes it, and it is not stale
+    r = api.quantize(project.dir / "b", precision={"text": "int8"}, sensitivity=False)
+    assert r.manifest.results["parity"]["int8"]["pipeline"]["failed"] == 0

@@ -29,7 +29,7 @@ from mmopt.manifest import Manifest, sha256_file, staged_bundle
 from mmopt.progress import Progress
 from mmopt.provenance import tool_versions
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
-from mmopt.spec import ModelSpec, load_spec
+from mmopt.spec import ModelSpec, definition_sha256, load_spec
 from mmopt.stages.export import export_component, name_dims, save, simplify
 
 
@@ -148,7 +148,8 @@ def _verify_files(model: Any, spec: ModelSpec, split: Split, files: dict[str, Pa
 
 
 def new_manifest(spec: ModelSpec, split: Split) -> Manifest:
-    model = {"config": str(spec.path), "config_sha256": sha256_file(spec.path), "factory": spec.factory,
+    model = {"config": str(spec.path), "config_sha256": sha256_file(spec.path),
+             "definition_sha256": definition_sha256(spec.path), "factory": spec.factory,
              "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
              "checkpoint_sha256": sha256_file(spec.checkpoint) if spec.checkpoint else None,
              "fusion": spec.fusion or "remainder", "output_sources": split.output_sources,

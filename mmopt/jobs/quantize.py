@@ -19,7 +19,7 @@ import onnx
 from mmopt import calibration, reference
 from mmopt.precision.convert import (STATIC, Converter, artifact_file, judge, open_pipeline, parity_key,
                                      policy_label, refusals)
-from mmopt.errors import ConfigError, NothingToConvert, PrecisionError, Unconvertible, describe
+from mmopt.errors import ConfigError, NothingToConvert, ParityError, PrecisionError, Unconvertible, describe
 from mmopt.judge import accuracy as ev
 from mmopt.judge.compare import Check, raise_on_failures
 from mmopt.judge.parity import summarise
@@ -119,7 +119,7 @@ def convert_in(tmp: Path, spec: ModelSpec, model: Any, split: Any, precision: di
         if "auto" in result.policy.values():
             searched = search_autos(result, spec, model, split, files, Path(scratch), cal, converter, progress)
         write_converted(result, tmp, converter, files, progress)
-        judge_and_record(result, spec, model, split, tmp, files, Path(scratch), cal, searched)
+        judge_and_record(result, spec, model, split, tmp, files, Path(scratch), cal, searched, progress)
         if sensitivity and cal is not None and STATIC & set(result.policy.values()):
             try:  # a report never takes a conversion down: it is written without it, and says why
                 result.sensitivity = _sensitivity(split, tmp, manifest, result.policy, cal, spec.score_outputs)
@@ -188,19 +188,30 @@ def write_converted(result: QuantizeResult, tmp: Path, converter: Converter, fil
 
 
 def judge_and_record(result: QuantizeResult, spec: ModelSpec, model: Any, split: Any, tmp: Path,
-                     files: dict[str, Path], scratch: Path, cal: Any, searched: dict[str, Any] | None) -> None:
+                     files: dict[str, Path], scratch: Path, cal: Any, searched: dict[str, Any] | None,
+                     progress: Progress) -> None:
     """The policy's pipeline judged (parity gates, then the accuracy budget) and recorded in the manifest:
     its parity, the policy itself (what bench measures) and its accuracy."""
     manifest, policy, label = result.manifest, result.policy, result.label
     with open_pipeline(split.components, split.output_sources, files, policy, scratch) as (pipe, runners):
         result.checks = judge(model, spec, split, runners, policy, cal)
         method = spec.calibration.method if spec.calibration else None
-        raise_on_failures(result.checks, f"{label} pipeline vs eager PyTorch",
-                          "Nothing was written. Exclude the worst nodes ([precision.exclude], see the "
-                          "sensitivity report of a passing run), keep a component at higher precision, "
-                          + (f"try another [calibration].method (this run used {method}; \"auto\" picks the "
-                             "best per component), " if STATIC & set(policy.values()) and method != "auto" else "")
-                          + "or loosen the gate under [tolerance.<precision>].")
+        fix = None
+        if any(c.failed for c in result.checks) and cal is not None and STATIC & set(policy.values()):
+            fix = find_exclusions(spec, model, split, policy, files, tmp, manifest, scratch, cal, progress)
+        try:
+            raise_on_failures(result.checks, f"{label} pipeline vs eager PyTorch", "Nothing was written. " + (
+                f"Keeping {sum(map(len, fix.values()))} node(s) in fp32 passes every gate (converted and judged "
+                f"just now): add to {spec.path}\n{sens.exclude_block(fix, spec)}\nand run again, or keep a "
+                "component at higher precision." if fix else
+                "Keep a component at higher precision, exclude its worst nodes ([precision.exclude]; keeping up to "
+                f"{sens.MAX_KEPT} of them in fp32 was not enough), "
+                + (f"try another [calibration].method (this run used {method}; \"auto\" picks the best per "
+                   "component), " if STATIC & set(policy.values()) and method != "auto" else "")
+                + "or loosen the gate under [tolerance.<precision>]."))
+        except ParityError as e:
+            e.exclude = fix  # type: ignore[attr-defined]  # the verified fix, for callers that apply it
+            raise
         rows = {where: {**row, "precision": policy.get(where, label)}
                 for where, row in summarise(result.checks).items() if policy.get(where) != "fp32"}
         manifest.results.setdefault("parity", {})[parity_key(policy)] = rows
@@ -235,14 +246,30 @@ def _score(spec: ModelSpec, model: Any, split: Any, tmp: Path, manifest: Manifes
     return acc
 
 
-def _sensitivity(split: Any, tmp: Path, manifest: Manifest, policy: dict[str, str],
-                 cal: calibration.CalibrationData, scores: frozenset[str] = frozenset()) -> dict[str, Any]:
+def find_exclusions(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], files: dict[str, Path],
+                    tmp: Path, manifest: Manifest, scratch: Path, cal: calibration.CalibrationData,
+                    progress: Progress) -> dict[str, list[str]] | None:
+    """After a failed judge: the few int8 nodes to keep fp32 that make the policy pass, or None."""
+    fp32_files = {c: manifest.file(tmp, manifest.artifact(c, "fp32", stage="export")) for c in split.components}
+    with progress.task("int8 failed its gates: look for nodes to keep fp32", sens.MAX_KEPT) as advance:
+        return sens.exclusions_that_pass(spec, model, split, policy, files, fp32_files, scratch, cal,
+                                         _sensitivity_cases(cal)[0], advance)
+
+
+def _sensitivity_cases(cal: calibration.CalibrationData) -> tuple[list[tuple[dict, dict]], int]:
+    """Real calibration batches and their eager outputs, up to ``SENSITIVITY_SAMPLES`` rows."""
     cases, rows = [], 0
     for batch, out in zip(cal.batches, cal.model_outputs):
         cases.append((batch, out))
         rows += len(next(iter(batch.values())))
         if rows >= SENSITIVITY_SAMPLES:
             break
+    return cases, rows
+
+
+def _sensitivity(split: Any, tmp: Path, manifest: Manifest, policy: dict[str, str],
+                 cal: calibration.CalibrationData, scores: frozenset[str] = frozenset()) -> dict[str, Any]:
+    cases, rows = _sensitivity_cases(cal)
     fp32 = {c: onnx.load(str(manifest.file(tmp, manifest.artifact(c, "fp32", stage="export")))) for c in split.components}
     report = {}
     for comp, prec in policy.items():

@@ -4,10 +4,17 @@ For every node the int8 graph quantizes, a variant of the fp32 graph gets the Q/
 alone (same scales); the recomposed pipeline (other components fp32) runs on real calibration
 inputs and its outputs are compared with the eager model's. The nodes whose lone quantization hurts
 most are the ones to list under ``[precision.exclude]``.
+
+When a policy with static int8 fails its gates, ``exclusions_that_pass`` looks for the few nodes to keep
+in fp32 that make it pass: the worst nodes by their lone pipeline cosine, added one at a time, each set
+converted and judged like any policy, so the fix it prints is one that was proven just now.
 """
 from __future__ import annotations
 
-from typing import Any, Collection
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Collection
 
 import numpy as np
 import onnx
@@ -19,6 +26,7 @@ from mmopt.stages import graph
 from mmopt.stages.int8 import COMPUTE_OPS
 
 TOP = 8
+MAX_KEPT = 4  # nodes kept fp32 at most when looking for a passing int8 policy
 
 
 class SessionRunner:
@@ -104,8 +112,8 @@ def int8_sensitivity(comp: str, fp32: onnx.ModelProto, qdq: onnx.ModelProto,
                      components: dict[str, ComponentSpec], output_sources: dict[str, str],
                      fp32_protos: dict[str, onnx.ModelProto],
                      cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
-                     scores: Collection[str] = ()) -> dict[str, Any]:
-    """Pipeline error with all of ``comp`` int8, and with each quantized node alone int8 (worst first);
+                     scores: Collection[str] = (), top: int = TOP) -> dict[str, Any]:
+    """Pipeline error with all of ``comp`` int8, and with each quantized node alone int8 (the ``top`` worst);
     argmax agreement on the model's score outputs (``scores``) only. A node that cannot be isolated is
     listed under ``not_isolated`` with the reason instead of failing the report."""
     fp32 = graph.named(fp32)
@@ -127,7 +135,7 @@ def int8_sensitivity(comp: str, fp32: onnx.ModelProto, qdq: onnx.ModelProto,
         rows.append({"node": node.name, "op": node.op_type, **pipeline_error(isolated)})
     rows.sort(key=lambda r: (-r["max_rel"], r["cos_min"]))
     whole = pipeline_error(qdq)
-    out = {"whole_component": whole, "quantized_nodes": len(nodes), "worst_nodes": rows[:TOP]}
+    out = {"whole_component": whole, "quantized_nodes": len(nodes), "worst_nodes": rows[:top]}
     if not_isolated:
         out["not_isolated"] = not_isolated
     return out
@@ -141,3 +149,88 @@ def suggest_exclude(report: dict[str, Any], share: float = 0.5, worth: float = 0
         return []
     return [r["node"] for r in report["worst_nodes"] if r["max_rel"] >= share * whole["max_rel"] > 0][:3]
 
+
+
+def without(fp32: onnx.ModelProto, qdq: onnx.ModelProto, names: Collection[str]) -> onnx.ModelProto:
+    """``qdq`` with the nodes ``names`` reading fp32 again (their Q/DQ bypassed, their weights the fp32
+    graph's): what ``[precision.exclude]`` would write, without quantizing again. Same scales elsewhere."""
+    out = onnx.ModelProto()
+    out.CopyFrom(qdq)
+    made = graph.producers(out.graph)
+    f32 = {n.name: n for n in graph.named(fp32).graph.node}
+    finit = {t.name: t for t in fp32.graph.initializer}
+    have = {t.name for t in out.graph.initializer}
+    for node in out.graph.node:
+        if node.name not in names:
+            continue
+        for i, tensor in enumerate(node.input):
+            dq = made.get(tensor)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = made.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+                continue
+            weight = f32[node.name].input[i]  # a quantized initializer: the fp32 graph holds the weight
+            if weight not in have:
+                out.graph.initializer.append(finit[weight])
+                have.add(weight)
+            node.input[i] = weight
+    graph.prune(out.graph)
+    return out
+
+
+def exclusions_that_pass(spec: Any, model: Any, split: Any, policy: dict[str, str], files: dict[str, Path],
+                         fp32_files: dict[str, Path], scratch: Path, cal: Any,
+                         cases: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+                         advance: Callable[[int], None] = lambda n: None) -> dict[str, list[str]] | None:
+    """The few static-int8 nodes (at most ``MAX_KEPT``) whose exclusion makes ``policy``'s pipeline pass
+    every gate, by component, or None. Greedy: each step keeps in fp32 the candidate whose exclusion most
+    raises the pipeline's worst cosine on ``cases`` (real inputs and eager outputs), then converts and judges
+    the policy with those exclusions. Candidates: the worst nodes by their lone error (errors do not add
+    up: the node that hurts most alone is not always the one whose removal helps most)."""
+    from mmopt.precision.convert import STATIC, convert_component, judge, open_pipeline
+    from mmopt.stages.export import save
+
+    fp32 = {c: onnx.load(str(p)) for c, p in fp32_files.items()}
+    protos = {c: onnx.load(str(p)) for c, p in files.items()}
+    statics = [c for c, p in policy.items() if p in STATIC]
+    candidates: list[tuple[str, str]] = []
+    for comp in statics:
+        r = int8_sensitivity(comp, fp32[comp], protos[comp], split.components, split.output_sources, fp32, cases,
+                             spec.score_outputs, top=2 * TOP)
+        candidates += [(comp, row["node"]) for row in r["worst_nodes"]]
+    refs = [out for _, out in cases]
+
+    def worst_cos(kept: dict[str, list[str]]) -> tuple[float, float]:
+        runners = {c: SessionRunner(without(fp32[c], protos[c], kept[c]) if c in kept else protos[c]) for c in protos}
+        err = _error(refs, [Pipeline(split.components, split.output_sources, runners).infer(i) for i, _ in cases],
+                     spec.score_outputs)
+        return err["cos_min"], -err["max_rel"]
+
+    kept: dict[str, list[str]] = {}
+    for _ in range(MAX_KEPT):
+        left = [cn for cn in candidates if cn[1] not in kept.get(cn[0], [])]
+        if not left:
+            break
+        comp, node = max(left, key=lambda cn: worst_cos({**kept, cn[0]: [*kept.get(cn[0], []), cn[1]]}))
+        kept.setdefault(comp, []).append(node)
+        trial = dataclasses.replace(spec, exclude={**spec.exclude,
+                                                   **{c: (*spec.exclude.get(c, ()), *n) for c, n in kept.items()}})
+        trial_files = dict(files)
+        for c in kept:
+            proto, _, _ = convert_component(c, policy[c], fp32[c], model, trial, split, cal)
+            trial_files[c] = Path(scratch) / f"{c}.{policy[c]}.trial.onnx"
+            save(proto, trial_files[c])
+        with open_pipeline(split.components, split.output_sources, trial_files, policy, scratch) as (_, runners):
+            passed = not any(ch.failed for ch in judge(model, trial, split, runners, policy, cal))
+        advance(1)
+        if passed:
+            return {c: list(n) for c, n in kept.items()}
+    return None
+
+
+def exclude_block(kept: dict[str, list[str]], spec: Any) -> str:
+    """``kept`` as the [precision.exclude] table to paste, merged with what the config already excludes."""
+    rows = [f"{c} = {json.dumps([*spec.exclude.get(c, ()), *nodes])}" for c, nodes in kept.items()]
+    return "[precision.exclude]\n" + "\n".join(f"  {r}" for r in rows)

@@ -215,6 +215,34 @@ class Frames(Containers):
         return self.head(torch.cat([top.pooled + bottom.pooled, txt.pooled], -1))
 
 
+class OutlierText(TextEncoder):
+    """A transformer-style MLP whose hidden layer has a few outlier channels, as trained transformers do
+    (LLM.int8(), SmoothQuant): one per-tensor int8 scale for the down-projection's input crushes the rest."""
+
+    def __init__(self, vocab: int = 50, width: int = 16):
+        super().__init__(vocab, width)
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        with torch.no_grad():
+            self.up.weight[:2] *= 500.0
+            self.down.weight[:, :2] /= 500.0
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        t = x + self.down(nn.functional.gelu(self.up(x)))
+        m = attention_mask.unsqueeze(-1).to(t.dtype)
+        return TextOut(tokens=t, pooled=(t * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+class Outliers(Containers):
+    def __init__(self, width: int = 16):
+        super().__init__(width)
+        self.text_encoder = OutlierText(width=width)
+
+
+def outliers() -> nn.Module:
+    return _seeded(Outliers)
+
+
 def siamese() -> nn.Module:
     return _seeded(Siamese)
 

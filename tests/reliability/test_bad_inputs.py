@@ -206,13 +206,25 @@ def test_baseline_of_the_wrong_shape_is_a_usage_error_before_measuring(project, 
 @pytest.mark.parametrize("command", ["bench", "quantize"])
 def test_changed_config_is_a_stale_bundle_before_any_model_code_runs(project, command):
     (project.root / "toy.py").write_text("raise SystemExit('model code ran')\n")  # must never be imported
-    project.config.write_text(project.config.read_text() + "\n# edited\n")
+    text = project.config.read_text()
+    assert "[dims]\n" in text
+    project.config.write_text(text.replace("[dims]\n", "[dims]\nunused_by_graphs = { min = 1, opt = 2, max = 3 }\n"))
     before = snapshot(project.bundle)
     extra = ("-o", project.root / "r", *BENCH) if command == "bench" else ("-p", "image=fp16")
     r = cli(command, project.bundle, *extra)
-    refused(r, "stale bundle", str(project.config), "changed since export", "--config")
+    refused(r, "stale bundle", str(project.config), "changed since export", "[dims]", "--config")
     assert "model code ran" not in r.text
     check_untouched(project, before)
+
+
+def test_tuning_precision_tables_after_export_is_not_stale(project):
+    """What quantize tells a user to edit ([precision.exclude], [tolerance], a comment) does not change the
+    exported graphs: the bundle stays usable without a re-export."""
+    project.config.write_text(project.config.read_text() + "\n# tuned after export\n[tolerance.fp16]\n"
+                              "min_cosine = 0.995\n")
+    r = cli("quantize", project.bundle, "-p", "image=fp16")
+    assert r.code == 0, r.text
+    assert "stale" not in r.text
 
 
 @pytest.mark.parametrize("command", ["bench", "quantize"])
