@@ -338,18 +338,30 @@ def validate(document: Any, schema: dict[str, Any], path: Path, fix: str, error:
 
 
 def external_path(manifest: Path, value: Any, field: str) -> Path | None:
-    """``model.config`` / ``model.checkpoint``: the user's own files, outside the bundle by nature. They
-    must be absolute and normalised (no ``..``, no symlink tricks in the name); their sha256 is checked
-    against the manifest before the model is built (``mmopt.reference``)."""
+    """``model.config`` / ``model.checkpoint``: the user's own files, outside the bundle by nature, recorded
+    relative to the bundle's folder (a project moved or cloned as a whole keeps working), or absolute where
+    no relative path exists. Either way normalised (no ``a/../b``, no NUL); their sha256 is checked against
+    the manifest before the model is built (``mmopt.reference``)."""
     if value is None and field == "model.checkpoint":
         return None
-    ok = isinstance(value, str) and os.path.isabs(value) and os.path.normpath(value) == value \
-        and "\x00" not in value
+    ok = isinstance(value, str) and value != "" and os.path.normpath(value) == value and "\x00" not in value
     if not ok:
-        raise BundleError(f"{manifest}: field '{field}': {value!r} is not an absolute, normalised path. mmopt "
-                          "records the config and checkpoint a bundle was exported from as such; this manifest was "
-                          "edited or is not from mmopt. Re-export the bundle, or pass --config.")
-    return Path(value)
+        raise BundleError(f"{manifest}: field '{field}': {value!r} is not a normalised path. mmopt records the "
+                          "config and checkpoint a bundle was exported from relative to the bundle (or absolute); "
+                          "this manifest was edited or is not from mmopt. Re-export the bundle, or pass --config.")
+    if os.path.isabs(value):
+        return Path(value)
+    return Path(os.path.normpath(Path(manifest).parent.resolve() / value))
+
+
+def portable_path(path: Path, bundle: Path) -> str:
+    """How a manifest records the user's file ``path`` for the bundle at ``bundle``: relative to it where
+    possible (``external_path`` reads it back)."""
+    path, bundle = Path(path).resolve(), Path(bundle).resolve()
+    try:
+        return os.path.relpath(path, bundle)
+    except ValueError:  # another drive (Windows): no relative path exists
+        return str(path)
 
 
 def staged_bundle(target: str | Path, keep_existing: bool = False, log: Any = None):

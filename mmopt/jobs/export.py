@@ -25,7 +25,7 @@ from mmopt.errors import ExportError, NothingToConvert
 from mmopt.jobs.quantize import QuantizeResult, convert_in
 from mmopt.judge.compare import Check, raise_on_failures
 from mmopt.judge.parity import summarise, verify
-from mmopt.manifest import Manifest, sha256_file, staged_bundle
+from mmopt.manifest import Manifest, portable_path, sha256_file, staged_bundle
 from mmopt.progress import Progress
 from mmopt.provenance import tool_versions
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
@@ -55,7 +55,7 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
         with tempfile.TemporaryDirectory(dir=tmp) as scratch:
             raw, notes = export_graphs(model, split, tmp, Path(scratch), seconds, progress)
             checks = verify_graphs(model, spec, split, tmp, raw, notes, progress)
-            manifest = record(tmp, spec, split, checks, notes, seconds, t0)
+            manifest = record(tmp, Path(out_dir), spec, split, checks, notes, seconds, t0)
             reference.remember(spec, trust_checkpoint, manifest, model, split)  # later commands reuse it
         result = ExportResult(Path(os.path.abspath(out_dir)), manifest, checks, seconds)
         if any(p != "fp32" for p in spec.precision.values()):
@@ -116,10 +116,11 @@ def verify_graphs(model: Any, spec: ModelSpec, split: Split, tmp: Path, simplifi
     return checks
 
 
-def record(tmp: Path, spec: ModelSpec, split: Split, checks: list[Check], notes: dict[str, str],
+def record(tmp: Path, bundle: Path, spec: ModelSpec, split: Split, checks: list[Check], notes: dict[str, str],
            seconds: dict[str, float], t0: float) -> Manifest:
-    """The manifest of the fp32 bundle: its model, components, artifacts and parity, written into ``tmp``."""
-    manifest = new_manifest(spec, split)
+    """The manifest of the fp32 bundle: its model, components, artifacts and parity, written into ``tmp``
+    (staged for ``bundle``)."""
+    manifest = new_manifest(spec, split, bundle)
     for comp in split.components:
         manifest.add(tmp, comp, "export", "fp32", f"{comp}.onnx",
                      config={"exporter": "torch.onnx.export(dynamo=True)", "simplify": notes[comp]},
@@ -147,10 +148,12 @@ def _verify_files(model: Any, spec: ModelSpec, split: Split, files: dict[str, Pa
         return verify(model, spec, split, runners, {c: "fp32" for c in files})
 
 
-def new_manifest(spec: ModelSpec, split: Split) -> Manifest:
-    model = {"config": str(spec.path), "config_sha256": sha256_file(spec.path),
+def new_manifest(spec: ModelSpec, split: Split, bundle: Path) -> Manifest:
+    """The manifest of a fresh export to ``bundle`` (its final place: the user's files are recorded relative
+    to it)."""
+    model = {"config": portable_path(spec.path, bundle), "config_sha256": sha256_file(spec.path),
              "definition_sha256": definition_sha256(spec.path), "factory": spec.factory,
-             "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
+             "checkpoint": portable_path(spec.checkpoint, bundle) if spec.checkpoint else None,
              "checkpoint_sha256": sha256_file(spec.checkpoint) if spec.checkpoint else None,
              "fusion": spec.fusion or "remainder", "output_sources": split.output_sources,
              "dims": {k: vars(v) for k, v in spec.dims.items()}}

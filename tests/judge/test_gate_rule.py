@@ -11,6 +11,7 @@ from mmopt.checkpoint import build_model
 from mmopt.errors import CaptureError, ConfigError
 from mmopt.judge.compare import check_all
 from mmopt.judge.parity import scores_of, tolerance_for
+from mmopt.manifest import external_path
 from mmopt.spec import DEFAULT_TOLERANCES, load_spec
 
 FLIPPED_REF = np.tile(np.array([[1.0, 0.999, 0.5, 0.2]], np.float32), (8, 1))
@@ -18,7 +19,7 @@ FLIPPED = FLIPPED_REF[:, [1, 0, 2, 3]]  # argmax flips in every row, cosine ~1
 
 
 def test_the_gate_per_component_and_the_least_faithful_part_for_the_pipeline(toy_bundle):
-    spec = load_spec(toy_bundle.manifest.model["config"])
+    spec = load_spec(external_path(toy_bundle.bundle / "manifest.json", toy_bundle.manifest.model["config"], "model.config"))
     gate = tolerance_for(spec, toy_bundle.manifest, {"image": "int8", "text": "fp16"})
     assert gate("image")["min_cosine"] == 0.98 and gate("text")["min_cosine"] == 0.999
     assert gate("fusion") == DEFAULT_TOLERANCES["fp32"]
