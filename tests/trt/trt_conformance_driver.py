@@ -10,7 +10,8 @@ none here). Prints one JSON report on the last line of stdout:
   coverage     lines of mmopt/trt/api.py executed, and all executable ones
   static       ``trt.X.Y`` chains written in api.py and those this version lacks
 Modes: ``api`` (all scenarios), ``snippet --code`` (code with ``trt`` and sample objects bound),
-``mutate --old --new`` (api scenarios with a text substitution applied to api.py first).
+``mutate --old --new [--file F]`` (api scenarios with a text substitution applied first to api.py, or to
+``F``, a path in the repository such as mmopt/runners/tensorrt.py).
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--code", default="")
     ap.add_argument("--old", default="")
     ap.add_argument("--new", default="")
+    ap.add_argument("--file", default="mmopt/trt/api.py", help="the file --mode mutate changes")
     args = ap.parse_args()
 
     import tensorrt_bindings as real  # the real NVIDIA module, on stand-in libraries
@@ -60,12 +62,15 @@ def main() -> None:
     from trt_checking_proxy import Checker, run_snippet
 
     api_path, source = API, API.read_text()
+    mutated_file = REPO / args.file
     if args.mode == "mutate":
-        if source.count(args.old) != 1:
-            raise SystemExit(f"mutation anchor found {source.count(args.old)} times in api.py: {args.old!r}")
-        source = source.replace(args.old, args.new)
-        api_path = Path(tempfile.mkdtemp()) / "mutated_api.py"
-        api_path.write_text(source)
+        text = mutated_file.read_text()
+        if text.count(args.old) != 1:
+            raise SystemExit(f"mutation anchor found {text.count(args.old)} times in {args.file}: {args.old!r}")
+        mutated_path = Path(tempfile.mkdtemp()) / f"mutated_{mutated_file.name}"
+        mutated_path.write_text(text.replace(args.old, args.new))
+        if mutated_file == API:
+            api_path, source = mutated_path, mutated_path.read_text()
 
     checker = Checker(real, code_roots=(str(REPO / "mmopt"), str(api_path)))
     sys.modules["tensorrt"] = checker.module()  # what `import tensorrt` in mmopt now gets
@@ -92,13 +97,14 @@ def main() -> None:
 
         sys.settrace(tracer)
         if args.mode == "mutate":
-            import mmopt.trt
-
-            spec = importlib.util.spec_from_file_location("mmopt.trt.api", api_path)
+            name = ".".join(Path(args.file).with_suffix("").parts)
+            parent, _, leaf = name.rpartition(".")
+            package = importlib.import_module(parent)
+            spec = importlib.util.spec_from_file_location(name, mutated_path)
             module = importlib.util.module_from_spec(spec)
-            sys.modules["mmopt.trt.api"] = module
+            sys.modules[name] = module
             spec.loader.exec_module(module)
-            mmopt.trt.api = module
+            setattr(package, leaf, module)
         import trt_scenarios as scenarios
 
         report["scenarios"] = scenarios.run_all(checker)

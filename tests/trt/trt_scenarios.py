@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 import trt_fake_bundle as fake_bundle
+import trt_protocol as protocol
 from trt_checking_proxy import Checker, parse_signatures
 
 FAKE_GPU_NAME = "FAKE GPU (conformance test: no GPU exists here)"
@@ -184,6 +185,17 @@ def run_all(checker: Checker) -> dict[str, Any]:
     cache = tmp / "cache" / "trt-timing.cache"
     out: dict[str, Any] = {}
 
+    def play(fn: Callable[[], Any]) -> dict[str, Any]:
+        """The scenario's outcome, and TensorRT's rules replayed on the calls it made (trt_protocol)."""
+        first = len(checker.calls)
+        world.component = "image"
+        result = _outcome(fn)
+        sidecar = bundle / f"{world.component}.fp16.engine.json"
+        vc = json.loads(sidecar.read_text())["build_options"]["version_compatible"] if sidecar.exists() else None
+        inputs = {t.name for t in fake_bundle.COMPONENTS[world.component].inputs}
+        result["protocol"] = protocol.replay(checker.calls[first:], inputs, vc)
+        return result
+
     def build(precision: str | None, **kw: Any) -> list[str]:
         return [a.file for a in build_engines(bundle, precision, BuildOptions(**kw))]
 
@@ -196,16 +208,16 @@ def run_all(checker: Checker) -> dict[str, Any]:
                 world.fail.clear()
         return run
 
-    out["build_fp16_all_options"] = _outcome(lambda: build(
+    out["build_fp16_all_options"] = play(lambda: build(
         "fp16", workspace_mib=256, optimization_level=2, sparse_weights=True, version_compatible=True,
         hardware_compatibility="ampere+", profiles=({"batch": 1},), timing_cache=cache))
-    out["build_all_precisions_cache_reused"] = _outcome(lambda: build(None, timing_cache=cache))
-    out["build_same_compute_capability"] = _outcome(lambda: build(
+    out["build_all_precisions_cache_reused"] = play(lambda: build(None, timing_cache=cache))
+    out["build_same_compute_capability"] = play(lambda: build(
         "fp32", hardware_compatibility="same_compute_capability", timing_cache=None))
-    out["timing_cache_mismatch"] = _outcome(failing("cache", lambda: build("fp32", timing_cache=cache)))
+    out["timing_cache_mismatch"] = play(failing("cache", lambda: build("fp32", timing_cache=cache)))
     for flag in ("parse", "inputs", "profile", "build"):
-        out[f"build_fails_{flag}"] = _outcome(failing(flag, lambda: build("fp32", timing_cache=None)))
-    out["build_fp16_for_runtime"] = _outcome(lambda: build(
+        out[f"build_fails_{flag}"] = play(failing(flag, lambda: build("fp32", timing_cache=None)))
+    out["build_fp16_for_runtime"] = play(lambda: build(
         "fp16", version_compatible=True, profiles=({"batch": 1},), timing_cache=None))
 
     def run(component: str, shapes: list[dict[str, tuple[int, ...]]], cuda_graph: bool = False) -> dict:
@@ -220,12 +232,12 @@ def run_all(checker: Checker) -> dict[str, Any]:
                 results.append({k: list(v.shape) for k, v in runner.infer(feeds).items()})
         return {"outputs": results, "captures": mem.captures, "replays": mem.replays, "warnings": runner.warnings}
 
-    out["run_image_two_profiles"] = _outcome(lambda: run("image", [{"pixel_values": (4, 3, 8, 8)},
+    out["run_image_two_profiles"] = play(lambda: run("image", [{"pixel_values": (4, 3, 8, 8)},
                                                                    {"pixel_values": (1, 3, 8, 8)}]))
-    out["run_text_cuda_graph"] = _outcome(lambda: run("text", [{"input_ids": (2, 5)}] * 3, cuda_graph=True))
+    out["run_text_cuda_graph"] = play(lambda: run("text", [{"input_ids": (2, 5)}] * 3, cuda_graph=True))
     for flag in ("deserialize", "context", "dtype", "set_profile", "set_shape", "infer_shapes", "dynamic_output",
                  "address", "execute"):
-        out[f"run_fails_{flag}"] = _outcome(failing(flag, lambda: run("image", [{"pixel_values": (4, 3, 8, 8)},
+        out[f"run_fails_{flag}"] = play(failing(flag, lambda: run("image", [{"pixel_values": (4, 3, 8, 8)},
                                                                                {"pixel_values": (1, 3, 8, 8)}])))
 
     def logger() -> dict:
@@ -236,7 +248,7 @@ def run_all(checker: Checker) -> dict[str, Any]:
         errors, warnings = lg.drain()
         return {"errors": errors, "warnings": warnings}
 
-    out["logger_sorts_messages"] = _outcome(logger)
+    out["logger_sorts_messages"] = play(logger)
     _check_logger_overrides(checker, type(api._state["logger"]), real.ILogger)
 
     def no_tensorrt() -> None:
@@ -247,7 +259,7 @@ def run_all(checker: Checker) -> dict[str, Any]:
         finally:
             sys.modules["tensorrt"] = saved
 
-    out["load_without_tensorrt"] = _outcome(no_tensorrt)
+    out["load_without_tensorrt"] = play(no_tensorrt)
     return out
 
 
