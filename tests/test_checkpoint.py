@@ -41,15 +41,22 @@ def test_pt_with_state_dict_key(toy_dir):
 
 
 def test_pickled_code_is_refused_unless_trusted(toy_dir):
-    import toy  # noqa: F401  (the toy folder is on sys.path after _state)
-
-    _state(toy_dir)
     import sys
-    torch.save(sys.modules["toy"].build(), toy_dir.dir / "full.pt")  # a whole pickled module
+
+    _state(toy_dir)  # puts the toy folder on sys.path and imports toy
+    pickled = sys.modules["toy"].build()
+    with torch.no_grad():  # other weights than the factory's seeded build: the file's must be the ones loaded
+        for p in pickled.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(123)))
+    torch.save(pickled, toy_dir.dir / "full.pt")  # a whole pickled module
     spec = load_spec(toy_dir(checkpoint='checkpoint = "full.pt"'))
     with pytest.raises(CheckpointError, match="--trust-checkpoint"):
         build_model(spec)
-    assert build_model(spec, trust_checkpoint=True) is not None
+    loaded = build_model(spec, trust_checkpoint=True)
+    factory = sys.modules["toy"].build()
+    mine, theirs = dict(loaded.named_parameters()), dict(pickled.named_parameters())
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert not all(torch.equal(mine[k], p) for k, p in factory.named_parameters())
 
 
 def test_mismatches_are_listed_together(toy_dir):

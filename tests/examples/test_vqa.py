@@ -111,7 +111,7 @@ def test_shipped_checkpoint_is_small_and_accurate(trained):
             total += len(labels)
             if total >= 1000:
                 break
-    assert total == 1000 and correct / total >= 0.80
+    assert total == 1000 and correct / total >= 0.98  # the README says 99.5% on the test split
 
 
 @pytest.mark.parametrize("batch", [1, 8, 32])

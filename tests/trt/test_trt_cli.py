@@ -53,6 +53,10 @@ def test_builds_and_prints_a_table(app, tmp_path, monkeypatch):
     assert "captured, batch=1" in result.output and "FAKE Orin" in result.output
     assert (tmp_path / "c.cache").exists()
     assert [c[1] for c in writer.calls] == [["captured", "batch=1"]] * 2
+    opts = writer.options[0]  # every flag reached the build
+    assert (opts.workspace_mib, opts.sparse_weights, opts.version_compatible, opts.hardware_compatibility) == \
+        (256, True, True, "ampere+")
+    assert opts.timing_cache == tmp_path / "c.cache" and opts.profiles == ({"batch": 1},)
 
 
 def test_bad_profile_text_is_a_usage_error(app, tmp_path):

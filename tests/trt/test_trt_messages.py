@@ -68,11 +68,20 @@ def test_l4t_release_and_platform_tag(tmp_path):
     f.write_text("# R36 (release), REVISION: 3.0, GCID: 36191598, BOARD: generic, EABI: aarch64, DATE: ...\n")
     assert device.l4t_release(f) == "R36.3.0"
     assert device.l4t_release(tmp_path / "absent") is None
-    assert device.platform_tag().startswith(sys.platform.replace("linux", "linux")[:5])
+    import platform
+
+    assert device.platform_tag() == f"{platform.system().lower()}-{platform.machine().lower()}"
+    assert device.platform_tag() in ("linux-x86_64", "linux-aarch64") or not sys.platform.startswith("linux")
 
 
 def test_memory_needs_torch_cuda_or_cuda_python():
-    with pytest.raises(Exception) as e:
+    import torch
+
+    from mmopt.trt.errors import TensorRTUnavailable
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a GPU here: memory='torch' is available, so there is no error to check")
+    with pytest.raises(TensorRTUnavailable) as e:
         make_memory("torch")
     assert "needs a CUDA build of torch" in str(e.value)
     with pytest.raises(ValueError, match="unknown memory kind"):

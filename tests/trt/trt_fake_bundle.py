@@ -6,6 +6,7 @@ with an exported model; no TensorRT is needed to make them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -107,11 +108,13 @@ class FakeEngineWriter:
 
     def __init__(self, fail_on: str | None = None):
         self.calls: list[tuple[str, list[str], bytes | None]] = []
+        self.options: list[Any] = []  # the BuildOptions of each call, for tests that check the CLI passed them
         self.fail_on = fail_on
 
     def __call__(self, onnx_path, profiles, options, timing_cache):
         name = Path(onnx_path).name
         self.calls.append((name, [p.name for p in profiles], timing_cache))
+        self.options.append(options)
         if name == self.fail_on:
             raise RuntimeError(f"fake build failure on {name}")
         cache = None if timing_cache is None else timing_cache + f"[{name}]".encode()
