@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBSET = ["film-fusion", "pre-layernorm-transformer", "dict-batch-forward"]
+SUBSET = ["film-fusion", "pre-layernorm-transformer", "dict-batch-forward", "siamese-shared-tower"]
 
 
 @pytest.mark.parametrize("name", SUBSET)

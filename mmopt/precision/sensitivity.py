@@ -172,10 +172,14 @@ def without(fp32: onnx.ModelProto, qdq: onnx.ModelProto, names: Collection[str])
                 node.input[i] = q.input[0]
                 continue
             weight = f32[node.name].input[i]  # a quantized initializer: the fp32 graph holds the weight
-            if weight not in have:
-                out.graph.initializer.append(finit[weight])
-                have.add(weight)
-            node.input[i] = weight
+            name = weight if weight not in made else f"{weight}__fp32"  # the DQ may output that very name
+            if name not in have:
+                t = onnx.TensorProto()
+                t.CopyFrom(finit[weight])
+                t.name = name
+                out.graph.initializer.append(t)
+                have.add(name)
+            node.input[i] = name
     graph.prune(out.graph)
     return out
 

@@ -252,15 +252,21 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
         out, th, sparse, scales = quantized(method)
         method_used = method
     checked = check_scales(out, scales, symmetric=form == "tensorrt")  # how many scales were checked
+    quantized_nodes = graph.quantized_nodes(out, COMPUTE_OPS)
+    if quantized_nodes and not checked:
+        raise RuntimeError(f"int8: {len(quantized_nodes)} nodes were quantized, but no activation QuantizeLinear "
+                           "carries a tensor mmopt computed a range for: the quantizer's scales are unchecked")
     if form == "cpu":
         fmt = ("QDQ for ONNX Runtime CPU (uint8 asymmetric activations, 7-bit per-channel int8 weights, "
                "Relu / MaxPool quantized; not a TensorRT input)")
         ops = list(CPU_OPS)
     else:
         fmt, ops = "QDQ (symmetric int8, per-channel weights, float bias)", list(COMPUTE_OPS)
-    quantized_nodes = graph.quantized_nodes(out, COMPUTE_OPS)
     config = {"format": fmt, "method": method_used, "samples": samples, "op_types": ops,
-              "quantized_nodes": len(quantized_nodes), "checked_activation_scales": checked, "excluded_nodes": list(exclude),
+              "quantized_nodes": len(quantized_nodes), "checked_activation_scales": checked,
+              # |x| threshold per calibrated tensor (scale = threshold / 127 in TensorRT's form)
+              "activation_thresholds": {n: float(f"{t:.6g}") for n, t in sorted(th.items())},
+              "excluded_nodes": list(exclude),
               **({"fp32_stem_nodes": list(stems)} if stems else {}), **config}
     if method_used == "percentile":
         config["percentile"] = ranges.PERCENTILE
@@ -272,18 +278,23 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
 
 def check_scales(proto: onnx.ModelProto, scales: dict[str, float], symmetric: bool) -> int:
     """Every activation QuantizeLinear on a ranged tensor must carry the scale computed from mmopt's ranges
-    (and zero point 0 when ``symmetric``): proof that the quantizer used them, not its own. Returns how
-    many were checked."""
+    (and zero point 0 when ``symmetric``): proof that the quantizer used them, not its own. An activation
+    QuantizeLinear on a tensor without a range is an error too. Returns how many were checked."""
     init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     checked = 0
     for node in proto.graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in scales:
-            continue
+        if node.op_type != "QuantizeLinear" or node.input[0] in init:
+            continue  # weights are quantized per channel from their own values
+        # onnxruntime renames a graph output it quantizes to <name>_QuantizeLinear_Input
+        tensor = node.input[0] if node.input[0] in scales else node.input[0].removesuffix("_QuantizeLinear_Input")
+        if tensor not in scales:
+            raise RuntimeError(f"int8: the quantizer quantized '{node.input[0]}', for which mmopt computed no "
+                               "range: its scale would be the quantizer's own guess")
         scale = float(init[node.input[1]])
         zp = init.get(node.input[2]) if len(node.input) > 2 else np.zeros(1)
-        want = scales[node.input[0]]
+        want = scales[tensor]
         if not np.isclose(scale, want, rtol=1e-5) or (symmetric and np.any(zp != 0)):
-            raise RuntimeError(f"int8: quantizer wrote scale {scale} / zero point {zp} for {node.input[0]}, "
+            raise RuntimeError(f"int8: quantizer wrote scale {scale} / zero point {zp} for {tensor}, "
                                f"expected {want}{' / 0' if symmetric else ''} from the computed ranges")
         checked += 1
     return checked

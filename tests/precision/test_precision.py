@@ -102,6 +102,12 @@ def test_int8_is_tensorrt_style_qdq_with_sensitivity_and_exclude(toy):
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             zp = init[n.input[2]]
             assert zp.dtype == np.int8 and not zp.any()  # symmetric int8
+    # every activation scale is the recorded threshold / 127: the calibration mmopt computed is the one used
+    th = art.config["activation_thresholds"]
+    acts = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in init]
+    assert acts and len(acts) == art.config["checked_activation_scales"]
+    for n in acts:
+        assert np.isclose(float(init[n.input[1]]), th[n.input[0]] / 127, rtol=1e-5), n.input[0]
     weights = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and init.get(n.input[0]) is not None
                and init[n.input[0]].ndim == 2]
     assert weights and all(init[n.input[1]].size > 1 for n in weights)  # per-channel scales
@@ -253,3 +259,23 @@ def test_threshold_functions():
 def test_manifest_results_are_json(toy):
     data = json.loads((toy.bundle / "manifest.json").read_text())
     assert {"parity", "accuracy"} <= set(data["results"])
+
+
+def test_check_scales_refuses_a_scale_mmopt_did_not_compute():
+    """A quantized activation whose scale is not threshold / 127 of mmopt's range, or that has no range at
+    all, means the quantizer used its own calibration: refused, never recorded as checked."""
+    from onnx import TensorProto, helper
+
+    from mmopt.stages import int8 as int8_stage
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    w = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g", [x], [y], [w])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    q = int8_stage.qdq(proto, {"x": 2.0})
+    assert int8_stage.check_scales(q, {"x": 2.0 / 127}, symmetric=True) == 1
+    with pytest.raises(RuntimeError, match="expected"):
+        int8_stage.check_scales(q, {"x": 3.0 / 127}, symmetric=True)
+    with pytest.raises(RuntimeError, match="mmopt computed no range"):
+        int8_stage.check_scales(q, {}, symmetric=True)
