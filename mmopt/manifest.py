@@ -171,8 +171,9 @@ class Manifest:
             for key in ("engine", "source_onnx", "external_data"):  # files named beside the artifact's own
                 if isinstance(a["extra"].get(key), dict) and "file" in a["extra"][key]:
                     store.confine(bundle, a["extra"][key]["file"], f"artifacts[{i}].extra.{key}.file")
-        for key in ("config", "checkpoint"):
-            external_path(path, d["model"].get(key), f"model.{key}")
+        for key in ("config", "checkpoint", "config_absolute"):
+            if key in d["model"] or key != "config_absolute":
+                external_path(path, d["model"].get(key), f"model.{key}")
         _check_references(d, path)
         return cls(model=d["model"],
                    model_inputs=[TensorSpec.from_json(t) for t in d["model_inputs"]],
@@ -262,7 +263,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "tools": {"type": "object", "additionalProperties": _STR},
         "model": {
             "type": "object", "required": ["config", "config_sha256", "factory", "checkpoint", "checkpoint_sha256"],
-            "properties": {"config": _STR, "config_sha256": _SHA, "definition_sha256": _SHA, "factory": _STR,
+            "properties": {"config": _STR, "config_absolute": _STR, "config_sha256": _SHA,
+                           "definition_sha256": _SHA, "factory": _STR,
                            "checkpoint": {"type": ["string", "null"]},
                            "checkpoint_sha256": {"anyOf": [_SHA, {"type": "null"}]},
                            "fusion": _STR, "output_sources": {"type": "object", "additionalProperties": _STR},

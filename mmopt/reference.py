@@ -45,7 +45,12 @@ def config_of(bundle: Path, manifest: Manifest, config: str | Path | None) -> Mo
     from, which must still exist and be unchanged."""
     if config is not None:
         return load_spec(config)
-    path = external_path(Path(bundle) / "manifest.json", manifest.model.get("config"), "model.config")
+    manifest_file = Path(bundle) / "manifest.json"
+    path = external_path(manifest_file, manifest.model.get("config"), "model.config")
+    if not path.is_file() and manifest.model.get("config_absolute"):
+        # the bundle was copied without its project: the config may still be where it was exported from
+        moved = external_path(manifest_file, manifest.model["config_absolute"], "model.config_absolute")
+        path = moved if moved.is_file() else path
     if not path.is_file():
         raise BundleError(f"{bundle}: was exported from {path}, which no longer exists here. This command "
                           "rebuilds the eager model as its reference: pass --config path/to/mmopt.toml.")

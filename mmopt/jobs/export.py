@@ -151,7 +151,8 @@ def _verify_files(model: Any, spec: ModelSpec, split: Split, files: dict[str, Pa
 def new_manifest(spec: ModelSpec, split: Split, bundle: Path) -> Manifest:
     """The manifest of a fresh export to ``bundle`` (its final place: the user's files are recorded relative
     to it)."""
-    model = {"config": portable_path(spec.path, bundle), "config_sha256": sha256_file(spec.path),
+    model = {"config": portable_path(spec.path, bundle), "config_absolute": str(spec.path),
+             "config_sha256": sha256_file(spec.path),
              "definition_sha256": definition_sha256(spec.path), "factory": spec.factory,
              "checkpoint": portable_path(spec.checkpoint, bundle) if spec.checkpoint else None,
              "checkpoint_sha256": sha256_file(spec.checkpoint) if spec.checkpoint else None,

@@ -102,6 +102,7 @@ def test_a_project_moved_as_a_whole_keeps_its_bundle(exported, project):
     assert exported.read()["model"]["config"] == "../mmopt.toml"
     m = project.read()
     m["model"]["config"], m["model"]["checkpoint"] = "../mmopt.toml", "../toy.safetensors"
+    m["model"].pop("config_absolute")  # the original project is not consulted
     project.write(m)
     r = cli("quantize", project.bundle, "-p", "image=fp16")
     assert r.code == 0, r.text
