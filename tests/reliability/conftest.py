@@ -55,7 +55,7 @@ def project(exported: Project, tmp_path: Path) -> Project:
     shutil.copytree(exported.root, root, symlinks=True)
     p = Project(root, root / "bundle")
     m = p.read()
-    m["model"]["config"] = str(p.config)
+    m["model"]["config"] = m["model"]["config_absolute"] = str(p.config)
     m["model"]["checkpoint"] = str(root / "toy.safetensors")
     p.write(m)
     yield p

@@ -28,7 +28,8 @@ CONFIG_MUTATORS = ("IBuilderConfig.set_", "IBuilderConfig.add_", "IBuilderConfig
 
 
 def _name(v: Any) -> str:
-    return getattr(v, "name", None) or str(v).rsplit(".", 1)[-1]
+    name = getattr(v, "name", None)  # a real enum member; a missing one is the proxy's Poison
+    return name if isinstance(name, str) else repr(v)
 
 
 def _dims(v: Any) -> tuple[int, ...]:

@@ -1,0 +1,128 @@
+"""Mutation score of the code we cannot run here (TensorRT) and of the code every verdict rests on.
+
+For each group, a clean copy of the committed tree (``git archive HEAD``) gets a ``[mutmut]`` section
+naming the modules to mutate and the tests that guard them; ``mutmut run`` then plants every mutant
+(one operator, constant, keyword or call changed) and runs the tests that reach it. A mutant is
+*killed* when a test fails (or times out), *survives* when every test passes, and has *no tests* when
+none reaches it (counted as surviving). The score per module is killed / (killed + survived + no tests).
+
+Results go to ``benchmarks/results/mutation.json`` with the command that reproduces them and every
+surviving mutant's name (``mutmut show <name>`` in the kept work folder prints its diff).
+
+    pip install mutmut            # the `mutation` extra; mutmut >= 3.8
+    python benchmarks/mutation.py [group ...] [--jobs 2] [--keep DIR]
+
+Slow (minutes to hours per group on 2 cores): not part of CI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "mutation.json"
+TARGET = 0.85
+
+# group -> (modules to mutate, tests that guard them)
+GROUPS = {
+    "tensorrt": (["mmopt/trt/*.py", "mmopt/runners/tensorrt.py"], ["tests/trt"]),
+    "store": (["mmopt/store.py"], ["tests/reliability", "tests/test_store.py"]),
+    "gates": (["mmopt/judge/compare.py", "mmopt/judge/parity.py", "mmopt/bench/gates.py"],
+              ["tests/judge", "tests/bench/test_bench.py"]),
+    "precision-stages": (["mmopt/stages/int8.py", "mmopt/stages/fp16.py", "mmopt/stages/ranges.py"],
+                         ["tests/precision"]),
+}
+KILLED = {1, 3, 24, -24, 36, 152, 255, 37}  # test failure, pytest internal error, timeouts, type check
+SURVIVED = {0}
+NO_TESTS = {5, 33}
+
+
+def mutmut() -> str:
+    exe = shutil.which("mutmut") or str(Path(sys.executable).with_name("mutmut"))
+    if not Path(exe).exists():
+        raise SystemExit("mutmut is not installed: pip install mutmut (mutmut >= 3.8)")
+    return exe
+
+
+def setup_cfg(modules: list[str], tests: list[str]) -> str:
+    lines = ["[mutmut]", "source_paths=mmopt", "only_mutate=", *(f"    {m}" for m in modules),
+             "pytest_add_cli_args_test_selection=", *(f"    {t}" for t in tests),
+             "also_copy=", "    benchmarks", "    pyproject.toml"]
+    return "\n".join(lines) + "\n"
+
+
+def run_group(name: str, work: Path, jobs: int) -> dict:
+    modules, tests = GROUPS[name]
+    tests = [t for t in tests if (ROOT / t).exists()]
+    work.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
+    (work / "setup.cfg").write_text(setup_cfg(modules, tests))
+    cmd = [mutmut(), "run", "--max-children", str(jobs)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+    seconds = time.perf_counter() - t0
+    per_module = {}
+    for meta in sorted((work / "mutants").rglob("*.py.meta")):
+        rel = str(meta.relative_to(work / "mutants"))[: -len(".meta")]
+        codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+        if not codes:
+            continue
+        killed = [k for k, c in codes.items() if c in KILLED]
+        survived = [k for k, c in codes.items() if c in SURVIVED]
+        untested = [k for k, c in codes.items() if c in NO_TESTS]
+        other = {k: c for k, c in codes.items() if k not in {*killed, *survived, *untested}}
+        judged = len(killed) + len(survived) + len(untested)
+        per_module[rel] = {"mutants": len(codes), "killed": len(killed), "survived": len(survived),
+                           "no_tests": len(untested), "other": other,
+                           "score": round(len(killed) / judged, 4) if judged else None,
+                           "meets_target": bool(judged) and len(killed) / judged >= TARGET,
+                           "surviving": sorted(survived + untested)}
+    return {"modules": modules, "tests": tests, "seconds": round(seconds, 1), "mutmut_exit": r.returncode,
+            "mutmut_tail": (r.stdout + r.stderr)[-1500:] if r.returncode else "", "per_module": per_module}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("groups", nargs="*", default=list(GROUPS), help=f"groups to run: {', '.join(GROUPS)}")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--keep", type=Path, help="keep the work folders here (for `mutmut show`)")
+    args = ap.parse_args()
+    unknown = [g for g in args.groups if g not in GROUPS]
+    if unknown:
+        raise SystemExit(f"unknown group(s) {unknown}; groups: {', '.join(GROUPS)}")
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    results.setdefault("groups", {})
+    base = args.keep or Path(tempfile.mkdtemp(prefix="mmopt-mutation-"))
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    for g in args.groups:
+        work = base / g
+        if work.exists():
+            shutil.rmtree(work)
+        print(f"{g}: mutating {', '.join(GROUPS[g][0])} ...", flush=True)
+        res = run_group(g, work, args.jobs)
+        res["commit"] = commit
+        results["groups"][g] = res
+        for mod, row in res["per_module"].items():
+            print(f"  {mod:<40} {row['killed']:>4}/{row['killed'] + row['survived'] + row['no_tests']:<4} killed "
+                  f"score {row['score']}  {'ok' if row['meets_target'] else 'BELOW ' + str(TARGET)}")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    results["target"] = TARGET
+    results["command"] = "pip install mutmut && python benchmarks/mutation.py " + " ".join(args.groups)
+    results["tool"] = subprocess.run([mutmut(), "--version"], capture_output=True, text=True).stdout.strip()
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
