@@ -54,7 +54,7 @@ def mutmut() -> str:
 def setup_cfg(modules: list[str], tests: list[str]) -> str:
     lines = ["[mutmut]", "source_paths=mmopt", "only_mutate=", *(f"    {m}" for m in modules),
              "pytest_add_cli_args_test_selection=", *(f"    {t}" for t in tests),
-             "also_copy=", "    benchmarks", "    pyproject.toml"]
+             "also_copy=", "    benchmarks", "    docs", "    README.md", "    pyproject.toml"]
     return "\n".join(lines) + "\n"
 
 
@@ -85,6 +85,8 @@ def run_group(name: str, work: Path, jobs: int) -> dict:
                            "score": round(len(killed) / judged, 4) if judged else None,
                            "meets_target": bool(judged) and len(killed) / judged >= TARGET,
                            "surviving": sorted(survived + untested)}
+    if not any(row["killed"] + row["survived"] + row["no_tests"] for row in per_module.values()):
+        raise SystemExit(f"{name}: mutmut judged no mutant (exit {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
     return {"modules": modules, "tests": tests, "seconds": round(seconds, 1), "mutmut_exit": r.returncode,
             "mutmut_tail": (r.stdout + r.stderr)[-1500:] if r.returncode else "", "per_module": per_module}
 
