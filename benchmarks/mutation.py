@@ -54,6 +54,8 @@ def mutmut() -> str:
 def setup_cfg(modules: list[str], tests: list[str]) -> str:
     lines = ["[mutmut]", "source_paths=mmopt", "only_mutate=", *(f"    {m}" for m in modules),
              "pytest_add_cli_args_test_selection=", *(f"    {t}" for t in tests),
+             # tests that read or mutate the source text cannot run on mutmut's rewritten copy
+             "pytest_add_cli_args=", "    -m", "    not source_text and not gpu",
              "also_copy=", "    benchmarks", "    docs", "    README.md", "    pyproject.toml"]
     return "\n".join(lines) + "\n"
 

@@ -100,6 +100,7 @@ def test_build_and_run_scenarios_behave(version):
                                                   "warnings": ["a WARNING message"]}
 
 
+@pytest.mark.source_text
 def test_every_line_of_the_tensorrt_module_ran_against_real_bindings():
     executed = set(report(OLDEST)["coverage"]["executed"]) | set(report(NEWEST)["coverage"]["executed"])
     missed = [n for n in report(OLDEST)["coverage"]["executable"] if n not in executed]
@@ -113,6 +114,7 @@ def _calls(version: str, name: str) -> list:
     return [c for c in report(version)["calls"] if c[0] == name]
 
 
+@pytest.mark.source_text
 def test_network_creation_branch_strongly_typed_flag_on_10_no_flags_on_11():
     old = _calls(OLDEST, "Builder.create_network")
     new = _calls(NEWEST, "Builder.create_network")
@@ -123,6 +125,7 @@ def test_network_creation_branch_strongly_typed_flag_on_10_no_flags_on_11():
     assert on_11 in report(NEWEST)["coverage"]["executed"] and on_11 not in report(OLDEST)["coverage"]["executed"]
 
 
+@pytest.mark.source_text
 def test_same_compute_capability_branch_refused_on_10_3_used_on_11():
     old, new = report(OLDEST)["scenarios"], report(NEWEST)["scenarios"]
     assert old["build_same_compute_capability"]["error"] == "TensorRTFeatureUnavailable"
@@ -134,6 +137,7 @@ def test_same_compute_capability_branch_refused_on_10_3_used_on_11():
     assert used in report(NEWEST)["coverage"]["executed"] and used not in report(OLDEST)["coverage"]["executed"]
 
 
+@pytest.mark.source_text
 def test_version_specific_names_are_declared_and_nothing_else_is_missing():
     from mmopt.trt.api import SINCE
 
@@ -151,6 +155,7 @@ FP16_FLAG = ("    config.hardware_compatibility_level = level\n",
              "    config.hardware_compatibility_level = level\n    config.set_flag(trt.BuilderFlag.FP16)\n")
 
 
+@pytest.mark.source_text
 def test_catches_a_removed_builder_precision_flag_in_the_real_build_path():
     new = mutated(NEWEST, *FP16_FLAG)
     assert whats(new) == [f"BuilderFlag.FP16 does not exist in TensorRT {NEWEST}"]
@@ -159,6 +164,7 @@ def test_catches_a_removed_builder_precision_flag_in_the_real_build_path():
     assert mutated(OLDEST, *FP16_FLAG)["violations"] == []  # still there in 10.3: the check is per version
 
 
+@pytest.mark.source_text
 def test_catches_a_removed_calibrator_attribute():
     calibrator = ("    config.hardware_compatibility_level = level\n",
                   "    config.hardware_compatibility_level = level\n    config.int8_calibrator = None\n")
@@ -167,6 +173,7 @@ def test_catches_a_removed_calibrator_attribute():
     assert mutated(OLDEST, *calibrator)["violations"] == []  # valid on 10.3 (None clears the calibrator)
 
 
+@pytest.mark.source_text
 def test_catches_an_enum_name_that_is_a_method_in_10_3():
     old, new = ('"code": _name(e.code())', '"code": e.code().name')
     assert any("ErrorCode.name is a method in TensorRT 10.3.0" in w for w in whats(mutated(OLDEST, old, new)))

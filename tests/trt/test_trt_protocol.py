@@ -73,45 +73,53 @@ def _caught(rep: dict, phrase: str) -> None:
     assert any(phrase in v for v in found), f"{phrase!r} not among {found}"
 
 
+@pytest.mark.source_text
 def test_profile_min_and_max_swapped_is_caught():
     rep = mutated(OLDEST, 'profile.set_shape(name, s["min"], s["opt"], s["max"])',
                   'profile.set_shape(name, s["max"], s["opt"], s["min"])')
     _caught(rep, "not min <= opt <= max")
 
 
+@pytest.mark.source_text
 def test_workspace_in_kib_is_caught():
     rep = mutated(OLDEST, "options.workspace_mib << 20", "options.workspace_mib << 10")
     assert any("workspace 262144 bytes, asked 256 MiB" in p for p in build_problems(rep))
 
 
+@pytest.mark.source_text
 def test_the_wrong_builder_flag_is_caught():
     rep = mutated(OLDEST, "config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)",
                   "config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)")
     assert any("flags ['EXCLUDE_LEAN_RUNTIME', 'SPARSE_WEIGHTS'], asked" in p for p in build_problems(rep))
 
 
+@pytest.mark.source_text
 def test_building_before_the_config_is_complete_is_caught():
     line = "    serialized = builder.build_serialized_network(network, config)\n"
     old, new = _moved(API, line, "    if options.workspace_mib:\n")
     _caught(mutated(OLDEST, old, new), "after build_serialized_network")
 
 
+@pytest.mark.source_text
 def test_host_code_never_allowed_for_version_compatible_plans_is_caught():
     rep = mutated(OLDEST, "        if allow_host_code:\n", "        if False:\n")
     _caught(rep, "engine_host_code_allowed=False for a version-compatible plan")
 
 
+@pytest.mark.source_text
 def test_infer_shapes_before_any_input_shape_is_caught():
     line = "        unresolved = self._context.infer_shapes()\n"
     old, new = _moved(API, line, "        for tname, shape in shapes.items():\n")
     _caught(mutated(OLDEST, old, new), "infer_shapes before set_input_shape")
 
 
+@pytest.mark.source_text
 def test_a_foreign_timing_cache_silently_accepted_is_caught():
     rep = mutated(OLDEST, "if config.set_timing_cache(cache, False):", "if config.set_timing_cache(cache, True):")
     _caught(rep, "set_timing_cache(ignore_mismatch=True)")
 
 
+@pytest.mark.source_text
 def test_set_profile_after_set_input_shapes_in_the_runner_is_caught():
     old = ("        if index != session.active_profile:\n            session.set_profile(index, mem.stream)\n"
            "        out_shapes = session.set_input_shapes(shapes)\n")
