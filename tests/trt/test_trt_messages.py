@@ -100,6 +100,7 @@ def test_import_mmopt_trt_imports_neither_tensorrt_nor_torch():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.source_text
 def test_only_api_py_imports_tensorrt():
     importers = []
     for path in (REPO / "mmopt").rglob("*.py"):
