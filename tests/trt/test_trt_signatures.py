@@ -31,3 +31,26 @@ def test_nested_types_and_property_signatures():
     (prop,) = parse_signatures("(arg0: tensorrt.IBuilderConfig, arg1: typing.SupportsInt) -> None\n")
     assert [p.name for p in prop.params] == ["arg0", "arg1"] and prop.returns == "None"
     assert parse_signatures("Plain prose, no signature.") == [] and parse_signatures(None) == []
+
+
+def test_offline_ci_fails_instead_of_skipping_the_conformance(monkeypatch, tmp_path):
+    """Without the bindings wheels and without PyPI, a developer machine skips the conformance tests; CI
+    (CI=true) fails them, saying what to provide."""
+    import subprocess
+
+    import pytest
+
+    import trt_bindings as bindings
+
+    class Offline:
+        returncode, stdout, stderr = 1, "", "ERROR: Could not find a version: Network is unreachable"
+
+    monkeypatch.setenv("MMOPT_TEST_CACHE", str(tmp_path))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Offline())
+    monkeypatch.setattr(bindings, "_OFFLINE", ("Network is unreachable",))
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="PyPI is unreachable"):
+        bindings.bindings(bindings.OLDEST)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="In CI .* need these wheels"):
+        bindings.bindings(bindings.OLDEST)
