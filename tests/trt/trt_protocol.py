@@ -70,6 +70,8 @@ def replay(calls: list[tuple[str, tuple, dict]], inputs: set[str] | None = None,
             config["profiles"].append(dict(config["shapes"]))
             config["shapes"] = {}
         elif q == "IBuilderConfig.set_timing_cache":
+            if (kwargs.get("cache", args[0] if args else None)) is None:
+                bad.append("set_timing_cache(None, ...): no cache object, so nothing is reused or saved")
             ignore = kwargs.get("ignore_mismatch", args[1] if len(args) > 1 else None)
             if ignore is not False:
                 bad.append(f"set_timing_cache(ignore_mismatch={ignore!r}): a cache from another GPU or TensorRT "
