@@ -20,12 +20,32 @@ def _blocks(lang: str):
             yield pytest.param(block, id=f"{page.name}-{i}")
 
 
+# what a fragment (a [precision] / [calibration] / [tolerance] example) is appended to, to be checked whole
+BASE = """
+[model]
+factory = "my_project.model:build"
+[inputs.pixel_values]
+shape = ["batch", 3, 8, 8]
+[inputs.input_ids]
+shape = ["batch", 4]
+dtype = "int64"
+range = [0, 9]
+[dims]
+batch = { min = 1, opt = 2, max = 4 }
+[components]
+image = "vision"
+text = "text"
+"""
+
+
 @pytest.mark.parametrize("text", list(_blocks("toml")))
 def test_toml_examples_parse(text, tmp_path):
-    if "[model]" not in text:
-        pytest.skip("a fragment, not a whole mmopt.toml")
-    (tmp_path / "mmopt.toml").write_text(text)
-    load_spec(tmp_path / "mmopt.toml")
+    """A whole mmopt.toml parses as it is; a fragment parses appended to a minimal one (every key it uses
+    must be a real key with a valid value)."""
+    (tmp_path / "mmopt.toml").write_text(text if "[model]" in text else BASE + "\n" + text)
+    spec = load_spec(tmp_path / "mmopt.toml")
+    if "[precision]" in text:
+        assert spec.precision, "the fragment's [precision] table was not read"
 
 
 @pytest.mark.parametrize("text", list(_blocks("bash")))

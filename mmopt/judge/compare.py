@@ -24,6 +24,8 @@ class Metrics:
     argmax: float | None  # fraction of rows whose argmax agrees (score outputs only)
     nan: int  # positions where the candidate or the reference is NaN / Inf: a gate never passes on them
     inf: int
+    # | ||out|| / ||ref|| - 1 | over the whole tensor: cosine and argmax are blind to a uniform mis-scaling
+    norm_change: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -49,7 +51,7 @@ def measure(name: str, ref: np.ndarray, out: np.ndarray, score: bool = False) ->
     out = np.asarray(out)
     if ref.shape != out.shape:
         return Metrics(name, tuple(out.shape), float("inf"), float("inf"), -1.0, -1.0, 0.0 if score else None,
-                       0, 0)
+                       0, 0, float("inf"))
     if ref.dtype == np.bool_ or np.issubdtype(ref.dtype, np.integer):
         same = float((ref == out).mean()) if ref.size else 1.0
         diff = float(np.abs(ref.astype(np.int64) - out.astype(np.int64)).max()) if ref.size else 0.0
@@ -69,8 +71,10 @@ def measure(name: str, ref: np.ndarray, out: np.ndarray, score: bool = False) ->
         argmax = float((r.argmax(-1) == o.argmax(-1)).mean())
     if bad_nan or bad_inf:
         cos = np.minimum(cos, -1.0)
+    n_ref, n_out = float(np.linalg.norm(r[finite])), float(np.linalg.norm(o[finite]))
+    norm_change = abs(n_out / n_ref - 1) if n_ref > 0 else (0.0 if n_out == 0 else float("inf"))
     return Metrics(name, tuple(r.shape), max_abs, max_rel, float(cos.min()), float(cos.mean()), argmax,
-                   bad_nan, bad_inf)
+                   bad_nan, bad_inf, norm_change)
 
 
 def _row_size(shape: tuple[int, ...]) -> int:
@@ -92,6 +96,9 @@ def failures(m: Metrics, tol: dict[str, float]) -> list[str]:
         why.append(f"cosine {m.cos_min:.6f} < {tol['min_cosine']}")
     if m.argmax is not None and m.argmax < tol["min_argmax"]:
         why.append(f"argmax agreement {m.argmax:.3f} < {tol['min_argmax']}")
+    if m.norm_change > tol.get("max_norm_change", float("inf")):
+        why.append(f"magnitude off by {m.norm_change:.1%} > {tol['max_norm_change']:.0%} (norm of the output vs "
+                   "eager's)")
     return why
 
 
@@ -151,4 +158,4 @@ def merge(ms: list[Metrics]) -> Metrics:
     arg = None if any(m.argmax is None for m in ms) else sum(m.argmax * r for m, r in zip(ms, rows)) / total
     return Metrics(ms[0].name, (total, *ms[0].shape[1:]), max(m.max_abs for m in ms), max(m.max_rel for m in ms),
                    min(m.cos_min for m in ms), sum(m.cos_mean * r for m, r in zip(ms, rows)) / total, arg,
-                   sum(m.nan for m in ms), sum(m.inf for m in ms))
+                   sum(m.nan for m in ms), sum(m.inf for m in ms), max(m.norm_change for m in ms))

@@ -126,10 +126,19 @@ def test_forward_shapes_and_padding_invariance(trained, batch, seq):
     with torch.no_grad():
         logits = trained(**args)
         assert logits.shape == (batch, 13) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
-        # padding is invisible: the same questions trimmed to their own length give the same logits
-        length = max(int(mask.sum(1).max()), 1)
-        trimmed = trained(args["pixel_values"], args["input_ids"][:, :length], args["attention_mask"][:, :length])
-    torch.testing.assert_close(logits, trimmed, atol=1e-4, rtol=1e-4)
+        # padding is invisible. Below the position table's length: PAD columns appended (masked out) give
+        # the same logits; at its length: the trailing all-PAD columns trimmed do. Every case compares two
+        # different widths, never a forward pass with itself.
+        extra = min(4, data.MAX_SEQ - ids.shape[1])
+        if extra:
+            other_ids = torch.cat([args["input_ids"], torch.full((batch, extra), data.PAD)], 1)
+            other_mask = torch.cat([args["attention_mask"], torch.zeros(batch, extra, dtype=torch.bool)], 1)
+        else:
+            length = int(mask.sum(1).max())
+            other_ids, other_mask = args["input_ids"][:, :length], args["attention_mask"][:, :length]
+        assert other_ids.shape[1] != ids.shape[1]
+        other = trained(args["pixel_values"], other_ids, other_mask)
+    torch.testing.assert_close(logits, other, atol=1e-4, rtol=1e-4)
 
 
 def test_forward_passes_inputs_unchanged_to_the_encoders(trained):

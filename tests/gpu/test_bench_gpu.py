@@ -19,10 +19,10 @@ def test_eager_cuda_group_reports_copies_and_device_memory(toy_bundle, tmp_path)
     cuda = [x for x in r["latency"] if x["device"] == "cuda" and x["graph"] == "pipeline"]
     assert cuda and all("h2d_ms" in x and x["h2d_ms"] > 0 for x in cuda)
     assert all(0 < x["device_p50_ms"] for x in cuda)  # CUDA-event time of the forward alone
-    assert {x["variant"] for x in cuda} == {"eager-cuda"} and all(x["ratio_vs_eager"] == 1.0 for x in cuda)
+    assert {x["variant"] for x in cuda} == {"eager-cuda"}  # the GPU group's reference (its ratio is 1 by definition)
     v = next(v for v in r["variants"] if v["id"] == "eager-cuda")
-    assert v["failed"] == 0 and "gpu_used_delta_mb" in v["memory"]
-    assert r["machine"]["gpu"]["name"] and r["memory"]["gpu_peak_allocated_mb"] >= 0
+    assert v["failed"] == 0 and isinstance(v["memory"]["gpu_used_delta_mb"], (int, float))
+    assert r["machine"]["gpu"]["name"] and r["memory"]["gpu_peak_allocated_mb"] > 0  # the model's weights at least
 
 
 def test_onnxruntime_cuda(toy_bundle, tmp_path):
@@ -35,3 +35,6 @@ def test_onnxruntime_cuda(toy_bundle, tmp_path):
     assert ids["onnxruntime-cuda/fp32"]["failed"] == 0
     rows = [x for x in r["latency"] if x["variant"] == "onnxruntime-cuda/fp32" and x["graph"] == "pipeline"]
     assert rows and rows[0]["device"] == "cuda" and "h2d_ms" in rows[0]
+    import math
+
+    assert all(math.isfinite(x["ratio_vs_eager"]) and x["ratio_vs_eager"] > 0 for x in rows)  # vs eager-cuda

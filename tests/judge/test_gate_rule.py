@@ -63,3 +63,23 @@ def test_a_declared_score_that_is_no_model_output_is_named(toy_dir):
         _toy(toy_dir, '[tolerance]\nscores = ["logits"]\n')
     with pytest.raises(ConfigError, match="tolerance.*scores"):
         load_spec(toy_dir(extra='[tolerance]\nscores = "output"\n'))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8-cpu", "int8-dynamic"])
+def test_a_uniformly_mis_scaled_output_fails_every_precisions_gate(precision):
+    """Cosine and argmax are scale-invariant and int8 has no error gate: an output 2x off everywhere kept
+    cosine 1.0 and argmax 1.0 and passed int8. The norm gate catches it; a realistic int8 error does not."""
+    from mmopt.judge.compare import failures, measure
+    from mmopt.spec import DEFAULT_TOLERANCES
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8, 10)).astype(np.float32)
+    tol = DEFAULT_TOLERANCES[precision]
+    doubled = measure("logits", ref, 2 * ref, score=True)
+    assert doubled.cos_min > 0.9999 and doubled.argmax == 1.0
+    assert any("magnitude off by 100.0%" in why for why in failures(doubled, tol))
+    slightly = measure("logits", ref, ref * (1 + tol["max_norm_change"] / 2), score=True)
+    assert not any("magnitude" in why for why in failures(slightly, tol))
+    noisy = measure("logits", ref, ref + 0.05 * rng.standard_normal(ref.shape).astype(np.float32), score=True)
+    if precision.startswith("int8"):
+        assert failures(noisy, tol) == []  # int8-sized noise passes

@@ -2,7 +2,6 @@
 the overflow guard, the calibration methods, and that failures leave the bundle untouched."""
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 
@@ -82,8 +81,10 @@ def test_fp16_and_dynamic_int8_beside_fp32_with_lineage(toy):
     dyn = m.artifact("text", "int8-dynamic")
     assert dyn.config["quantized_nodes"] >= 4 and "CPU only" in dyn.config["format"]
     acc = m.results["accuracy"]
-    assert acc["samples"] == 128 and acc["scores"]["eager fp32"] == 1.0
-    assert acc["scores"][r.label] >= 0.98 and r2.label in acc["scores"] and "onnx fp32" in acc["scores"]
+    # toydata's labels are eager's own argmax, so only the converted pipelines' scores measure anything
+    assert acc["samples"] == 128 and r2.label in acc["scores"] and "onnx fp32" in acc["scores"]
+    assert acc["scores"]["onnx fp32"] == acc["scores"]["eager fp32"]
+    assert acc["scores"][r.label] >= acc["scores"]["eager fp32"] - 0.02
 
 
 def test_int8_is_tensorrt_style_qdq_with_sensitivity_and_exclude(toy):
@@ -191,9 +192,19 @@ def test_fp16_overflow_guard_saves_the_result(overflow):
     assert bare.islands == {} and any(c.metrics.inf for c in bare.checks)
     guarded = fp16_stage.to_fp16(fp32, [{"x": x}], cases, tol, "enc", fragile=False, widen=False)
     assert guarded.islands and not any(c.failed for c in guarded.checks)
-    # the artifact itself (not only its emulation) computes the squaring in fp32
-    out = ranges.run_all(ranges.session(onnx.load(str(overflow / "bundle" / "enc.fp16.onnx")), []), {"x": x})
-    assert np.isfinite(out["output"]).all()
+    # the artifact itself (not only its emulation) computes the squaring in fp32: every island node of the
+    # written graph reads and writes float32 (ONNX Runtime CPU would hide an fp16 overflow: it computes fp16
+    # in fp32, so running the artifact proves nothing)
+    art = onnx.shape_inference.infer_shapes(onnx.load(str(overflow / "bundle" / "enc.fp16.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*art.graph.value_info, *art.graph.input,
+                                                             *art.graph.output)}
+    types.update({t.name: t.data_type for t in art.graph.initializer})
+    island_nodes = [n for n in art.graph.node if n.name in islands]
+    assert island_nodes
+    for n in island_nodes:
+        assert all(types.get(t) == onnx.TensorProto.FLOAT for t in (*n.input, *n.output) if t), n.name
+    emulated = ranges.run_all(ranges.session(fp16_stage.emulate(art), []), {"x": x})
+    assert np.isfinite(emulated["output"]).all()
 
 
 def test_widening_finds_the_overflow_without_the_guard(overflow):
@@ -255,10 +266,6 @@ def test_threshold_functions():
     with pytest.raises(ValueError):
         ranges.threshold(counts, edges, "median")
 
-
-def test_manifest_results_are_json(toy):
-    data = json.loads((toy.bundle / "manifest.json").read_text())
-    assert {"parity", "accuracy"} <= set(data["results"])
 
 
 def test_check_scales_refuses_a_scale_mmopt_did_not_compute():
