@@ -147,3 +147,144 @@ def test_no_gpu_at_run_time_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(device, "current_gpu", lambda index=0: None)
     with pytest.raises(trt_runner.TensorRTUnavailable, match="ONNX Runtime instead"):
         trt_runner.running_environment()
+
+
+# ---- the data path: device bytes, dtypes and CUDA-graph replays -----------------------------------
+
+class BytesMemory:
+    """Device memory kept as host arrays (no GPU here): real bytes per address, the engine's dtype applied
+    on ``put``, stable addresses while a buffer fits. A captured graph replays the kernels it recorded, with
+    the addresses bound at capture time, as a CUDA graph does."""
+
+    kind = "fake-bytes"
+    stream = 0x5EED
+
+    def __init__(self):
+        self.at: dict[int, np.ndarray] = {}
+        self.address: dict[str, int] = {}
+        self.recording: list | None = None
+        self.captures = self.replays = 0
+
+    def _alloc(self, name, shape, dtype):
+        a = self.address.get(name)
+        if a is None or self.at[a].shape != tuple(shape) or self.at[a].dtype != np.dtype(dtype):
+            a = self.address[name] = 0x1000 * (len(self.at) + 1)
+            self.at[a] = np.zeros(shape, dtype)
+        return a
+
+    def put(self, name, array, dtype):
+        a = self._alloc(name, array.shape, dtype)
+        self.at[a][...] = np.asarray(array).astype(dtype)
+        return a
+
+    def empty(self, name, shape, dtype):
+        return self._alloc(name, shape, dtype)
+
+    def get(self, name):
+        return self.at[self.address[name]].copy()
+
+    def capture(self, fn):
+        self.recording = []
+        fn()
+        graph, self.recording = self.recording, None
+        self.captures += 1
+        return graph
+
+    def replay(self, graph):
+        self.replays += 1
+        for kernel in graph:
+            kernel()
+
+    def close(self):
+        pass
+
+
+def expected(feeds: dict[str, np.ndarray], shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """What ComputingSession's engine computes: per row, the sum of every input's row, broadcast."""
+    rows = sum(a.reshape(a.shape[0], -1).astype(np.float64).sum(1) for a in feeds.values())
+    return np.broadcast_to(rows.reshape(-1, *[1] * (len(shape) - 1)), shape).astype(dtype)
+
+
+class ComputingSession(FakeSession):
+    """FakeSession whose engine computes: it reads its inputs at the bound device addresses and writes its
+    outputs there, on the runner's stream, and refuses what TensorRT would (an unbound tensor, a shape not
+    set since the last profile switch, another stream)."""
+
+    memory: BytesMemory
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.bound, self.shapes, self.out_shapes = {}, {}, {}
+
+    def set_profile(self, index, stream):
+        assert stream == self.memory.stream
+        super().set_profile(index, stream)
+        self.shapes = {}
+
+    def set_input_shapes(self, shapes):
+        self.shapes = {n: tuple(s) for n, s in shapes.items()}
+        self.out_shapes = super().set_input_shapes(shapes)
+        return self.out_shapes
+
+    def bind(self, name, address):
+        super().bind(name, address)
+        self.bound[name] = address
+
+    def enqueue(self, stream):
+        super().enqueue(stream)
+        assert stream == self.memory.stream, "enqueued on another stream than the memory's"
+        bound, shapes, outs = dict(self.bound), dict(self.shapes), dict(self.out_shapes)
+        names_in = [t.name for t in self.io if t.is_input]
+
+        def kernel():
+            mem = self.memory
+            assert set(shapes) == set(names_in), "input shapes not set since the last profile switch"
+            ins = {n: mem.at[bound[n]] for n in names_in}
+            assert all(ins[n].shape == shapes[n] for n in names_in)
+            for t in self.io:
+                if not t.is_input:
+                    out = mem.at[bound[t.name]]
+                    assert out.shape == outs[t.name] and out.dtype == np.dtype(t.dtype)
+                    out[...] = expected(ins, out.shape, t.dtype)
+
+        if self.memory.recording is not None:
+            self.memory.recording.append(kernel)
+        else:
+            kernel()
+
+
+@pytest.fixture
+def computing(bundle, monkeypatch):
+    mem = BytesMemory()
+    ComputingSession.memory = mem
+    monkeypatch.setattr(api, "EngineSession", ComputingSession)
+    return mem
+
+
+def test_outputs_are_computed_from_this_calls_inputs_at_every_profile(bundle, computing):
+    rng = np.random.default_rng(0)
+    with trt_runner.TensorRTRunner.from_bundle(bundle, "image", "fp16", memory=computing) as r:
+        for batch in (4, 1, 3, 1):  # profile switches both ways
+            feeds = {"pixel_values": rng.standard_normal((batch, 3, 8, 8)).astype(np.float32)}
+            out = r.infer(feeds)["image_emb"]
+            np.testing.assert_allclose(out, expected(feeds, (batch, 4), "float32"), rtol=1e-6)
+    s = FakeSession.instances[-1]
+    assert [c[1] for c in s.calls if c[0] == "set_profile"] == [1, 0, 1]  # only when the profile changes
+
+
+def test_integer_inputs_reach_the_engine_in_its_dtype(bundle, computing):
+    ids = np.arange(10, dtype=np.int64).reshape(2, 5) * 7
+    with trt_runner.TensorRTRunner.from_bundle(bundle, "text", "fp16", memory=computing) as r:
+        out = r.infer({"input_ids": ids})["text_hidden"]
+    assert computing.at[computing.address["input_ids"]].dtype == np.int64
+    np.testing.assert_allclose(out, expected({"input_ids": ids}, (2, 5, 4), "float32"))
+
+
+def test_cuda_graph_replays_read_the_new_inputs_and_recapture_on_a_new_shape(bundle, computing):
+    rng = np.random.default_rng(1)
+    with trt_runner.TensorRTRunner.from_bundle(bundle, "text", "fp16", memory=computing, cuda_graph=True) as r:
+        for shape in [(2, 5), (2, 5), (2, 5), (3, 7), (3, 7)]:
+            feeds = {"input_ids": rng.integers(0, 50, shape).astype(np.int64)}  # new values every call
+            out = r.infer(feeds)["text_hidden"]
+            np.testing.assert_allclose(out, expected(feeds, (*shape, 4), "float32"))
+    assert (computing.captures, computing.replays) == (2, 5)
