@@ -6,6 +6,7 @@ must work on edge devices without torch (cuda-python) and on hosts without eithe
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
@@ -94,6 +95,8 @@ def l4t_release(path: Path = Path("/etc/nv_tegra_release")) -> str | None:
     except (OSError, IndexError):
         return None
     # "# R36 (release), REVISION: 3.0, GCID: ..., BOARD: generic, EABI: aarch64, DATE: ..."
-    major = head.split("(")[0].replace("#", "").strip()
-    rev = head.split("REVISION:")[1].split(",")[0].strip() if "REVISION:" in head else ""
-    return f"{major}.{rev}" if rev else major or None
+    major = re.match(r"#\s*(R\d+)\b", head)
+    if major is None:
+        return None  # not an L4T release line
+    rev = re.search(r"REVISION:\s*([\d.]+)", head)
+    return f"{major.group(1)}.{rev.group(1)}" if rev else major.group(1)
