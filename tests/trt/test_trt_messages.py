@@ -33,7 +33,27 @@ def test_parser_errors_name_node_and_op_type_and_say_what_to_do():
 
 def test_parser_errors_fall_back_to_the_logger():
     msg = parser_error_message("a.onnx", "11.4.0.106", [], ["ModelImporter.cpp:123: failed to parse"])
-    assert "  ModelImporter.cpp:123: failed to parse" in msg and "re-run `mmopt export`" in msg
+    assert msg == ("a.onnx: TensorRT 11.4.0.106's ONNX parser rejected the graph:\n"
+                   "  ModelImporter.cpp:123: failed to parse\n"
+                   "Fix the graph at the node(s) above and re-run `mmopt export`, then `mmopt build`.")
+    assert parser_error_message("a.onnx", "10.3.0", []).splitlines()[1] == "  (the parser reported no details)"
+
+
+def test_parser_error_message_exactly():
+    msg = parser_error_message("t.onnx", "10.3.0", [
+        {"code": "UNSUPPORTED_NODE_DATATYPE", "desc": " int4 weights ", "node": 0, "node_name": "", "op": "MatMul"},
+        {"code": "UNSUPPORTED_GRAPH", "desc": "loop", "node_name": "", "op": ""},  # no node index
+        {"desc": "odd", "node": 2, "node_name": "n2", "op": "Cast"}])  # no code
+    assert msg == (
+        "t.onnx: TensorRT 10.3.0's ONNX parser rejected the graph:\n"
+        "  node '#0' (MatMul): UNSUPPORTED_NODE_DATATYPE: int4 weights\n"
+        "  node '(graph)': UNSUPPORTED_GRAPH: loop\n"
+        "  node 'n2' (Cast): ERROR: odd\n"
+        "TensorRT 10.3.0 does not support op(s) ?, MatMul as used here. Re-export the component without them "
+        "(see TensorRT's ONNX operator support matrix for this version), or run this component with ONNX "
+        "Runtime: the pipeline mixes backends per component.")
+    no_desc = parser_error_message("t.onnx", "10.3.0", [{"code": "X", "node": 1, "node_name": "a", "op": ""}])
+    assert no_desc.splitlines()[1] == "  node 'a': X: "
 
 
 def test_graph_precision_and_blocked_ops(tmp_path):
