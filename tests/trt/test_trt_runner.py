@@ -288,3 +288,93 @@ def test_cuda_graph_replays_read_the_new_inputs_and_recapture_on_a_new_shape(bun
             out = r.infer(feeds)["text_hidden"]
             np.testing.assert_allclose(out, expected(feeds, (*shape, 4), "float32"))
     assert (computing.captures, computing.replays) == (2, 5)
+
+
+# ---- loading: the environment asked for, the defaults, and the exact refusals ----------------------
+
+def test_running_environment_is_this_tensorrt_gpu_and_platform(monkeypatch):
+    from mmopt.trt import device
+
+    asked = []
+    monkeypatch.setattr(api, "tensorrt_version", lambda: "10.3.0.30")
+    monkeypatch.setattr(device, "current_gpu", lambda index=0: asked.append(index) or device.GpuInfo("Orin", "8.7"))
+    monkeypatch.setattr(device, "platform_tag", lambda: "linux-aarch64")
+    assert trt_runner.running_environment(2) == Environment("10.3.0.30", "Orin", "8.7", "linux-aarch64")
+    assert asked == [2]
+    monkeypatch.setattr(device, "current_gpu", lambda index=0: None)
+    with pytest.raises(trt_runner.TensorRTUnavailable) as e:
+        trt_runner.running_environment(1)
+    assert str(e.value) == ("no NVIDIA GPU 1 is visible here: TensorRT engines only run on the GPU type they were "
+                            "built for. Run the bundle's ONNX graphs with ONNX Runtime instead.")
+
+
+def test_defaults_and_what_loading_asks_for(bundle, monkeypatch):
+    made, envs = [], []
+    monkeypatch.setattr(trt_runner, "make_memory", lambda kind, index: made.append((kind, index)) or BytesMemory())
+    monkeypatch.setattr(trt_runner, "running_environment", lambda index=0: envs.append(index) or HERE)
+    r = trt_runner.TensorRTRunner.from_bundle(bundle, "image", "fp16")
+    assert (r.name, r.device_index, r.memory, r.cuda_graph, r.warnings) == ("image", 0, "auto", False, [])
+    assert r.sidecar is not None and r.sidecar["build_options"]["version_compatible"] is False
+    with r:
+        assert made == [("auto", 0)] and envs == [0]
+        assert r._session is not None and [p.name for p in r._profiles] == ["0", "1"]
+    assert r._session is None and r._mem is None and r._graph is None
+    with trt_runner.TensorRTRunner.from_bundle(bundle, "text", "fp16", device_index=1, memory="cuda-python"):
+        assert made[-1] == ("cuda-python", 1) and envs[-1] == 1
+
+
+def test_a_version_compatible_engine_is_loaded_with_host_code_allowed(bundle):
+    build_engines(bundle, "fp16", BuildOptions(timing_cache=None, version_compatible=True))
+    with runner(bundle):
+        assert FakeSession.instances[-1].allow_host_code is True
+    build_engines(bundle, "fp16", BuildOptions(timing_cache=None))
+    with runner(bundle):
+        assert FakeSession.instances[-1].allow_host_code is False
+
+
+def test_load_refusals_exactly(bundle, monkeypatch):
+    monkeypatch.setattr(trt_runner, "running_environment",
+                        lambda index=0: Environment("10.3.0.30", "NVIDIA A100", "8.0", "linux-x86_64"))
+    with pytest.raises(EngineIncompatible) as e:
+        runner(bundle).__enter__()
+    assert str(e.value).startswith("image.fp16.engine cannot run here:\n  the engine was built on linux-aarch64")
+    monkeypatch.setattr(trt_runner, "running_environment", lambda index=0: HERE)
+    (bundle / "image.fp16.engine").write_bytes(b"other")
+    with pytest.raises(EngineLoadError) as e:
+        runner(bundle).__enter__()
+    assert str(e.value) == ("image.fp16.engine: sha256 differs from its sidecar (modified or from another build); "
+                            "refusing to load it. Rebuild with `mmopt build`.")
+    (bundle / "image.fp16.engine").unlink()
+    with pytest.raises(EngineLoadError) as e:
+        runner(bundle).__enter__()
+    assert str(e.value) == f"{bundle / 'image.fp16.engine'}: engine file missing; rebuild with `mmopt build`."
+    spec = COMPONENTS["text"]
+    (bundle / "text.fp16.engine.json").write_text("{not json")
+    with pytest.raises(EngineLoadError, match=r"text.fp16.engine.json: not valid JSON \(.*\); rebuild the engine"):
+        trt_runner.TensorRTRunner(bundle / "text.fp16.engine", spec.inputs, spec.outputs,
+                                  memory=FakeDeviceMemory()).__enter__()
+    (bundle / "text.fp16.engine.json").unlink()
+    with pytest.raises(EngineLoadError) as e:
+        trt_runner.TensorRTRunner(bundle / "text.fp16.engine", spec.inputs, spec.outputs,
+                                  memory=FakeDeviceMemory()).__enter__()
+    assert str(e.value) == ("text.fp16.engine: no sidecar text.fp16.engine.json beside it, so mmopt cannot check "
+                            "that it fits this GPU and TensorRT. Rebuild it with `mmopt build`.")
+
+
+def test_engine_io_mismatch_exactly(bundle):
+    spec = COMPONENTS["text"]
+    with pytest.raises(EngineLoadError) as e:
+        trt_runner.TensorRTRunner(bundle / "image.fp16.engine", spec.inputs, spec.outputs, name="text",
+                                  memory=FakeDeviceMemory()).__enter__()
+    assert str(e.value) == ("image.fp16.engine does not match component 'text': inputs ['pixel_values'], expected "
+                            "['input_ids']; outputs ['image_emb'], expected ['text_hidden']. Rebuild it from this "
+                            "bundle with `mmopt build`.")
+
+
+def test_shapes_outside_every_profile_name_the_profiles(bundle, computing):
+    with trt_runner.TensorRTRunner.from_bundle(bundle, "image", "fp16", memory=computing) as r:
+        with pytest.raises(UsageError) as e:
+            r.profile_for({"pixel_values": (9, 3, 8, 8)})
+    assert str(e.value) == ("tensorrt runner 'image': input shapes {'pixel_values': (9, 3, 8, 8)} fit no "
+                            "optimization profile of the engine (profile 0: pixel_values [1, 3, 8, 8]..[8, 3, 8, 8]; "
+                            "profile 1: pixel_values [1, 3, 8, 8]..[1, 3, 8, 8]).")
