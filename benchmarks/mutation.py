@@ -9,8 +9,8 @@ none reaches it (counted as surviving). The score per module is killed / (killed
 mutmut maps tests to mutants by the calls it sees in the test process. Code that tests reach only in a
 child process (the TensorRT layer runs against NVIDIA's real bindings in a driver subprocess) looks
 untested to it. Every mutant mutmut found no test for is therefore run once more the way mutmut runs
-any mutant (``MUTANT_UNDER_TEST=<mutant>``, which the child inherits) against the group's whole test
-selection: a failure kills it.
+any mutant (``MUTANT_UNDER_TEST=<mutant>``, which the child inherits) against the group's tests that
+start such a child: a failure kills it.
 
 Results go to ``benchmarks/results/mutation.json`` with the command that reproduces them and every
 surviving mutant's name (``mutmut show <name>`` in the kept work folder prints its diff).
@@ -36,14 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "mutation.json"
 TARGET = 0.85
 
-# group -> (modules to mutate, tests that guard them)
+# group -> (modules to mutate, tests that guard them, the tests among them that reach code in a child process)
 GROUPS = {
-    "tensorrt": (["mmopt/trt/*.py", "mmopt/runners/tensorrt.py"], ["tests/trt"]),
-    "store": (["mmopt/store.py"], ["tests/reliability", "tests/test_store.py"]),
+    "tensorrt": (["mmopt/trt/*.py", "mmopt/runners/tensorrt.py"], ["tests/trt"],
+                 ["tests/trt/test_api_conformance.py", "tests/trt/test_trt_protocol.py"]),
+    "store": (["mmopt/store.py"], ["tests/reliability", "tests/test_store.py"], ["tests/reliability"]),
     "gates": (["mmopt/judge/compare.py", "mmopt/judge/parity.py", "mmopt/bench/gates.py"],
-              ["tests/judge", "tests/bench/test_bench.py"]),
+              ["tests/judge", "tests/bench/test_bench.py"], ["tests/bench/test_bench.py"]),
     "precision-stages": (["mmopt/stages/int8.py", "mmopt/stages/fp16.py", "mmopt/stages/ranges.py"],
-                         ["tests/precision"]),
+                         ["tests/precision"], []),
 }
 KILLED = {1, 3, 24, -24, 36, 152, 255, 37}  # test failure, pytest internal error, timeouts, type check
 SURVIVED = {0}
@@ -83,7 +84,7 @@ def rerun_untested(mutants: Path, keys: list[str], tests: list[str], jobs: int) 
 
 
 def run_group(name: str, work: Path, jobs: int) -> dict:
-    modules, tests = GROUPS[name]
+    modules, tests, child_tests = GROUPS[name]
     tests = [t for t in tests if (ROOT / t).exists()]
     work.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True).stdout
@@ -96,8 +97,8 @@ def run_group(name: str, work: Path, jobs: int) -> dict:
     codes_of = {m: json.loads(m.read_text()).get("exit_code_by_key", {}) for m in metas}
     untested = [k for codes in codes_of.values() for k, c in codes.items() if c in NO_TESTS]
     print(f"  mutmut: {sum(map(len, codes_of.values()))} mutants; {len(untested)} reached by no test in the test "
-          "process: running each against the whole selection", flush=True)
-    rerun = rerun_untested(work / "mutants", untested, tests, jobs)
+          f"process: running each against {', '.join(child_tests) or 'nothing (no child-process tests)'}", flush=True)
+    rerun = rerun_untested(work / "mutants", untested, child_tests, jobs) if child_tests else {}
     seconds = time.perf_counter() - t0
     per_module = {}
     for meta in metas:
@@ -117,7 +118,8 @@ def run_group(name: str, work: Path, jobs: int) -> dict:
                            "surviving": sorted(survived + untested)}
     if not any(row["killed"] + row["survived"] + row["no_tests"] for row in per_module.values()):
         raise SystemExit(f"{name}: mutmut judged no mutant (exit {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
-    return {"modules": modules, "tests": tests, "seconds": round(seconds, 1), "mutmut_exit": r.returncode,
+    return {"modules": modules, "tests": tests, "child_process_tests": child_tests, "seconds": round(seconds, 1),
+            "mutmut_exit": r.returncode,
             "mutmut_tail": (r.stdout + r.stderr)[-1500:] if r.returncode else "", "per_module": per_module}
 
 
