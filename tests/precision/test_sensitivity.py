@@ -46,3 +46,29 @@ def test_only_and_without_touch_exactly_the_named_nodes():
     # removing one node's Q/DQ changes nothing else: the same as quantizing only the other node
     np.testing.assert_allclose(_run(without(fp32, q, ["mm2"]), x), _run(only(fp32, q, "mm1"), x), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_fp16_emulation_rounds_every_node_like_numpy_float16():
+    """ORT CPU computes an fp16 graph in fp32 and drops the roundings in between; ``emulate`` keeps them.
+    Reference: numpy float16, rounding after every op (each op computed exactly, then rounded)."""
+    from mmopt.stages import fp16 as fp16_stage
+
+    f16 = TensorProto.FLOAT16
+    x = helper.make_tensor_value_info("x", f16, ["n", 64])
+    y = helper.make_tensor_value_info("y", f16, ["n", 64])
+    a = numpy_helper.from_array(np.float16(1.0009765625), "a")  # 1 + 2^-10: the smallest step above 1
+    b = numpy_helper.from_array(np.float16(2048.0), "b")
+    nodes = [helper.make_node("Mul", ["x", "a"], ["m"], name="mul"), helper.make_node("Add", ["m", "b"], ["s"], name="add"),
+             helper.make_node("Sub", ["s", "b"], ["y"], name="sub")]
+    vi = [helper.make_tensor_value_info(n, f16, ["n", 64]) for n in ("m", "s")]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [a, b], value_info=vi),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    xs = np.random.default_rng(0).uniform(-4, 4, (8, 64)).astype(np.float16)
+    def rounded(v):  # each op exact in fp32, then rounded to fp16, as a GPU's fp16 kernels do
+        return v.astype(np.float16).astype(np.float32)
+
+    ref = rounded(rounded(rounded(xs.astype(np.float32) * np.float32(1.0009765625)) + 2048) - 2048)
+    emulated = session(fp16_stage.emulate(proto), threads=1).run(None, {"x": xs})[0]
+    np.testing.assert_array_equal(emulated.astype(np.float32), ref)
+    plain = session(proto, threads=1).run(None, {"x": xs})[0]  # what ORT CPU computes without emulation
+    assert (plain.astype(np.float32) != ref).mean() > 0.5  # near 2048 an fp16 step is 2: the roundings matter
