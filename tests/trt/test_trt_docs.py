@@ -8,6 +8,8 @@ import ast
 import importlib
 import re
 import shlex
+
+import numpy as np
 from pathlib import Path
 
 import typer
@@ -49,3 +51,34 @@ def test_python_examples_compile_and_their_imports_resolve():
                 module = importlib.import_module(node.module)
                 for alias in node.names:
                     assert hasattr(module, alias.name), f"{node.module}.{alias.name}"
+
+
+def test_the_python_example_runs_against_fakes(tmp_path, monkeypatch):
+    """docs/tensorrt.md's runner example, executed as written on a built fake bundle: TensorRT and a GPU
+    cannot exist here, so the engine session, the device memory and the environment are the test fakes
+    (test_trt_runner's computing engine over byte-keeping memory)."""
+    from test_trt_runner import HERE, BytesMemory, ComputingSession, FakeSession, expected
+
+    from mmopt.jobs import build
+    from mmopt.jobs.build import build_engines
+    from mmopt.runners import tensorrt as trt_runner
+    from mmopt.trt import api
+    from mmopt.trt.options import BuildOptions
+    from trt_fake_bundle import FAKE_ENV, FakeEngineWriter, make_bundle
+
+    out = make_bundle(tmp_path / "out")
+    monkeypatch.setattr(build, "preflight", lambda: FAKE_ENV)
+    monkeypatch.setattr(api, "build_engine", FakeEngineWriter())
+    build_engines(out, "fp16", BuildOptions(timing_cache=None))
+    mem = BytesMemory()
+    FakeSession.bundle, FakeSession.instances, ComputingSession.memory = out, [], mem
+    monkeypatch.setattr(api, "EngineSession", ComputingSession)
+    monkeypatch.setattr(trt_runner, "running_environment", lambda index=0: HERE)
+    monkeypatch.setattr(trt_runner, "make_memory", lambda kind, index: mem)
+    monkeypatch.chdir(tmp_path)  # the example names the bundle "out"
+    feeds = {"pixel_values": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    (block,) = [b for b in _blocks("python") if "TensorRTRunner.from_bundle" in b]
+    scope = {"feeds": feeds}
+    exec(compile(block, "docs/tensorrt.md", "exec"), scope)
+    np.testing.assert_allclose(scope["outputs"]["image_emb"], expected(feeds, (2, 4), "float32"), rtol=1e-6)
+    assert mem.captures == 1  # cuda_graph=True as written
