@@ -1,0 +1,51 @@
+"""The README's commands for one's own model, run as written (from the README itself, in order) on the toy
+model with calibration data, then docs/bench.md's baseline pair: every line must exit 0. The only setup
+lines (pip install, mmopt demo) are run by .ci/run and tests/examples."""
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import TESTS
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _commands(page: Path) -> list[list[str]]:
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+        for line in block.splitlines():
+            words = shlex.split(line.split("#")[0])
+            if words[:1] == ["mmopt"] and len(words) > 1 and words[1] != "demo":
+                out.append(words[1:])
+    return out
+
+
+def test_the_readme_and_bench_doc_commands_run_as_written(tmp_path):
+    from models.toy import CONFIG
+
+    for name in ("toy.py", "toydata.py"):
+        shutil.copy(TESTS / "models" / name, tmp_path / name)
+    (tmp_path / "mmopt.toml").write_text(CONFIG.format(checkpoint="", extra=(
+        '[calibration]\nsource = "toydata:calibration_batches"\nsamples = 32\n')))
+    readme = _commands(ROOT / "README.md")
+    assert [c[0] for c in readme][:4] == ["export", "inspect", "verify", "bench"] and "quantize" in {c[0] for c in readme}
+    bench_doc = _commands(ROOT / "docs" / "bench.md")
+    assert any("--baseline" in c for c in bench_doc)
+    ran = []
+    for words in readme + bench_doc:
+        if "--baseline" in words:  # the baseline the doc compares against: a report of this very bundle
+            base = Path(words[words.index("--baseline") + 1])
+            if not (tmp_path / base).exists():
+                shutil.copy(tmp_path / "bench-report" / "report.json", tmp_path / base)
+        r = subprocess.run([sys.executable, "-m", "mmopt", *words], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, f"mmopt {' '.join(words)} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+        ran.append(words[0])
+    assert {"export", "inspect", "verify", "bench", "quantize"} <= set(ran)
