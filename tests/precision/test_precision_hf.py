@@ -6,6 +6,8 @@ gate by keeping the finfo.min mask arithmetic in fp32.
 """
 from __future__ import annotations
 
+import json
+
 import shutil
 import sys
 
@@ -26,8 +28,6 @@ EXTRA = """
 source = "models.hfdata:clip_batches"
 samples = 32
 method = "percentile"
-[tolerance.int8]
-min_cosine = 0.8   # random weights: logits are scaled dot products of near-orthogonal embeddings, ~0
 """
 
 
@@ -52,7 +52,19 @@ def test_clip_fp16_keeps_the_mask_arithmetic_in_fp32(clip):
 
 
 def test_clip_int8_quantizes_compute_ops_only(clip):
-    r = api.quantize(clip, precision={"image": "int8", "text": "int8"}, sensitivity=False)
+    """At the default gates. With random weights the similarity logits of near-orthogonal embeddings are
+    fragile: int8 on both encoders misses the pipeline's cosine gate, and the error names the nodes to keep
+    fp32 (verified); with them excluded, as a user pastes them, int8 passes every default gate."""
+    from mmopt.errors import ParityError
+
+    config = clip.parent / "mmopt.toml"
+    try:
+        r = api.quantize(clip, precision={"image": "int8", "text": "int8"}, sensitivity=False)
+    except ParityError as e:
+        assert e.exclude and "passes every gate (converted and judged just now)" in str(e)
+        config.write_text(config.read_text() + "\n[precision.exclude]\n" + "".join(
+            f"{c} = {json.dumps(n)}\n" for c, n in e.exclude.items()))
+        r = api.quantize(clip, precision={"image": "int8", "text": "int8"}, sensitivity=False)
     parity = r.manifest.results["parity"]["int8"]
     assert all(row["failed"] == 0 for row in parity.values())
     assert parity["text"]["cos_min"] > 0.98 and parity["image"]["cos_min"] > 0.98  # default int8 gate
