@@ -42,7 +42,7 @@ GROUPS = {
                  ["tests/trt/test_api_conformance.py", "tests/trt/test_trt_protocol.py"]),
     "store": (["mmopt/store.py"], ["tests/reliability", "tests/test_store.py"], ["tests/reliability"]),
     "gates": (["mmopt/judge/compare.py", "mmopt/bench/gates.py"],
-              ["tests/judge/test_compare_exact.py", "tests/judge/test_gate_rule.py", "tests/bench/test_gates_unit.py"],
+              ["tests/judge/test_compare_exact.py", "tests/bench/test_gates_unit.py"],
               []),
     "precision-stages": (["mmopt/stages/int8.py", "mmopt/stages/fp16.py", "mmopt/stages/ranges.py"],
                          ["tests/precision"], []),
