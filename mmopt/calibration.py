@@ -13,7 +13,7 @@ from mmopt.capture import Split
 from mmopt.data import read
 from mmopt.errors import CalibrationError
 from mmopt.reference import eager_io_for
-from mmopt.spec import ModelSpec
+from mmopt.spec import ModelSpec, component_of
 
 
 @dataclass
@@ -47,7 +47,7 @@ def load(model: torch.nn.Module, spec: ModelSpec, split: Split) -> CalibrationDa
     for i, batch in enumerate(batches):
         tensors = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in batch.items()}
         _, model_out, per_comp = eager_io_for(model, spec, split, tensors, f"calibration batch {i}")
-        for comp, io in per_comp.items():
-            feeds[comp].append(io)
+        for key, io in per_comp.items():  # a component called more than once is calibrated on every call
+            feeds[component_of(key)].append(io)
         outputs.append(model_out)
     return CalibrationData(cal.source, got, batches, feeds, outputs)

@@ -150,6 +150,8 @@ class Call:
     in_tree: pytree.TreeSpec
     outputs: list[tuple[str, Any]]
     out_tree: pytree.TreeSpec
+    started: int = 0  # when the call began and ended, counted over every hooked call of the run
+    finished: int = 0
 
 
 def get_submodule(model: torch.nn.Module, path: str, field_name: str, config: Any) -> torch.nn.Module:
@@ -166,17 +168,26 @@ def hooked(model: torch.nn.Module, modules: dict[str, str], config: Any) -> Iter
     calls: dict[str, list[Call]] = {name: [] for name in modules}
     handles = []
     pending: dict[str, tuple] = {}
+    clock = [0]
+    owners: dict[int, str] = {}
     for name, path in modules.items():
         field_name = "components.fusion" if name == "fusion" else f"components.{name}"
         mod = get_submodule(model, path, field_name, config)
+        if id(mod) in owners:
+            raise CaptureError(f"{config}: field '{field_name}': components '{owners[id(mod)]}' and '{name}' name "
+                               f"the same module ('{path}'). A module the forward calls more than once is one "
+                               "component (mmopt runs its graph once per call): keep one of the two names.")
+        owners[id(mod)] = name
 
         def pre(m, args, kwargs, name=name):
-            pending[name] = flatten_call(m, args, kwargs)
+            clock[0] += 1
+            pending[name] = (*flatten_call(m, args, kwargs), clock[0])
 
         def post(m, args, kwargs, out, name=name):
-            named_in, in_tree = pending.pop(name)
+            named_in, in_tree, started = pending.pop(name)
             named_out, out_tree = flatten_named(out, "")
-            calls[name].append(Call(named_in, in_tree, named_out, out_tree))
+            clock[0] += 1
+            calls[name].append(Call(named_in, in_tree, named_out, out_tree, started, clock[0]))
 
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, with_kwargs=True))
@@ -353,21 +364,24 @@ def split(model: torch.nn.Module, spec: ModelSpec, seed: int = 0) -> Split:
     # An encoder whose inputs the parent computes takes the model inputs and the other encoders' outputs
     # (the glue may read them: a mask from the image features' shape, BLIP's encoder_hidden_states), and
     # runs after them in the pipeline.
-    offered: tuple[list[TensorSpec], dict[str, str]] = (list(model_inputs),
-                                                        {t.name: f"input:{t.name}" for t in model_inputs})
+    # (finished, input spec, source) of every call output a glued encoder may read
+    offered: list[tuple[int, TensorSpec, str]] = []
 
     def offer(c: ComponentSpec) -> None:
         for key, _ in c.calls():
             for t in c.outputs:
-                name = f"{key}.{t.name}"
-                offered[0].append(dataclasses.replace(t, name=name))
-                offered[1][name] = f"{key}:{t.name}"
+                offered.append((opt.calls[key].finished, dataclasses.replace(t, name=f"{key}.{t.name}"),
+                                f"{key}:{t.name}"))
 
     for c in list(components.values()):
         offer(c)
-    for comp in glued:  # each may read the encoders before it, glued ones included
+    for comp in glued:  # each reads the model inputs and the calls that ended before it began
+        began = opt.calls[comp].started
+        before = [(t, src) for end, t, src in offered if end < began]
+        glue = ([*model_inputs, *(t for t, _ in before)],
+                {**{t.name: f"input:{t.name}" for t in model_inputs}, **{t.name: src for t, src in before}})
         components[comp] = _component(comp, "encoder", spec.components[comp], runs, spec, sizes, ids, spec.path,
-                                      glue_inputs=(list(offered[0]), dict(offered[1])))
+                                      glue_inputs=glue)
         offer(components[comp])
     out_names = [n for n, leaf in opt.outputs if isinstance(leaf, torch.Tensor)]
 
@@ -411,6 +425,9 @@ def _component(comp: str, kind: str, path: str, runs: dict[str, Run], spec: Mode
     for i, (name, leaf) in enumerate(opt.inputs):
         others = [runs[s].calls[k].inputs[i][1] for s in SIZES for k in keys]
         if not isinstance(leaf, torch.Tensor):
+            if any(isinstance(o, torch.Tensor) for o in others):
+                raise CaptureError(f"{config}: component '{comp}' argument '{name}' is a tensor in some calls and "
+                                   f"{type(leaf).__name__} in others; one graph needs the same kind every time.")
             if any(o != leaf for o in others if not isinstance(o, torch.Tensor)):
                 raise CaptureError(f"{config}: component '{comp}' argument '{name}' is a non-tensor value that "
                                    "changes with the input size" + (" or between its calls" if repeats else "") +
@@ -547,7 +564,7 @@ def stubbed(model: torch.nn.Module, paths: dict[str, str], slot: dict[str, Any])
     try:
         yield
     finally:
-        for parent, attr, mod in originals.values():
+        for parent, attr, mod in reversed(originals.values()):
             setattr(parent, attr, mod)
 
 
@@ -567,7 +584,7 @@ def remainder_fusion(model: torch.nn.Module, spec: ModelSpec, runs: dict[str, Ru
             raise CaptureError(f"{spec.path}: the rest of the forward (the fusion graph: everything but the "
                                f"encoders {', '.join(spec.components.values())}) failed with the encoders "
                                f"replaced by their outputs: {describe(e)}{where_raised(e)}. It may use an encoder "
-                               "in a way other than calling it once; set [components] fusion to a submodule "
+                               "in a way other than calling it; set [components] fusion to a submodule "
                                "that takes the encoders' outputs instead.") from None
     leaves, _ = flatten_named(out, "")
     sources, fusion_outputs = {}, []

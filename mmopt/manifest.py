@@ -351,9 +351,15 @@ def external_path(manifest: Path, value: Any, field: str) -> Path | None:
         raise BundleError(f"{manifest}: field '{field}': {value!r} is not a normalised path. mmopt records the "
                           "config and checkpoint a bundle was exported from relative to the bundle (or absolute); "
                           "this manifest was edited or is not from mmopt. Re-export the bundle, or pass --config.")
-    if os.path.isabs(value):
-        return Path(value)
-    return Path(os.path.normpath(Path(manifest).parent.resolve() / value))
+    bundle = Path(manifest).parent.resolve()
+    path = Path(value) if os.path.isabs(value) else Path(os.path.normpath(bundle / value))
+    if path.resolve() == bundle or bundle in path.resolve().parents:
+        # mmopt never writes the user's files into a bundle (export replaces the folder): a manifest naming a
+        # config or checkpoint inside its own bundle would make the bundle run code it brought along
+        raise BundleError(f"{manifest}: field '{field}': {value!r} lies inside the bundle. The config and the "
+                          "checkpoint a bundle was exported from are the user's files, outside it: a bundle must "
+                          "not bring the code it runs. Re-export the bundle, or pass --config.")
+    return path
 
 
 def portable_path(path: Path, bundle: Path) -> str:

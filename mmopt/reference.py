@@ -46,19 +46,21 @@ def config_of(bundle: Path, manifest: Manifest, config: str | Path | None) -> Mo
     if config is not None:
         return load_spec(config)
     manifest_file = Path(bundle) / "manifest.json"
-    path = external_path(manifest_file, manifest.model.get("config"), "model.config")
-    if not path.is_file() and manifest.model.get("config_absolute"):
-        # the bundle was copied without its project: the config may still be where it was exported from
-        moved = external_path(manifest_file, manifest.model["config_absolute"], "model.config_absolute")
-        path = moved if moved.is_file() else path
-    if not path.is_file():
-        raise BundleError(f"{bundle}: was exported from {path}, which no longer exists here. This command "
-                          "rebuilds the eager model as its reference: pass --config path/to/mmopt.toml.")
-    if sha256_file(path) != manifest.model.get("config_sha256") and \
-            definition_sha256(path) != manifest.model.get("definition_sha256"):
-        raise BundleError(f"{bundle}: stale bundle: {path} changed since export (its [model], [inputs], [dims] "
-                          f"or [components]); {STALE_FIX}.")
-    return load_spec(path)
+    # relative to the bundle (a project moved as a whole), then where it was exported from (a bundle copied
+    # alone); the first that is the bundle's config is used
+    candidates = [external_path(manifest_file, manifest.model.get("config"), "model.config")]
+    if manifest.model.get("config_absolute"):
+        candidates.append(external_path(manifest_file, manifest.model["config_absolute"], "model.config_absolute"))
+    present = [p for p in dict.fromkeys(candidates) if p.is_file()]
+    if not present:
+        raise BundleError(f"{bundle}: was exported from {candidates[0]}, which no longer exists here. This "
+                          "command rebuilds the eager model as its reference: pass --config path/to/mmopt.toml.")
+    for path in present:
+        if sha256_file(path) == manifest.model.get("config_sha256") or \
+                definition_sha256(path) == manifest.model.get("definition_sha256"):
+            return load_spec(path)
+    raise BundleError(f"{bundle}: stale bundle: {present[0]} changed since export (its [model], [inputs], [dims] "
+                      f"or [components]); {STALE_FIX}.")
 
 
 def check_checkpoint(bundle: Path, manifest: Manifest, spec: ModelSpec) -> None:
@@ -138,7 +140,9 @@ def build(bundle: str | Path, manifest: Manifest, spec: ModelSpec, trust_checkpo
 # ---- eager inputs and outputs: what every component really receives and returns ---------------
 def eager_io(model: torch.nn.Module, spec: ModelSpec, split: Split, size: str, seed: int
              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[dict, dict]]]:
-    """Model inputs, model outputs and each component's (inputs, outputs) at the declared ``size``."""
+    """Model inputs, model outputs and each component's (inputs, outputs) at the declared ``size``; a
+    component called more than once has one entry per later call too, keyed ``name@k``
+    (``mmopt.spec.component_of`` gives its component)."""
     shapes = {n: spec.input_shape(n, size) for n in spec.inputs}
     return eager_io_for(model, spec, split, random_inputs(spec, shapes, seed), size)
 
@@ -196,6 +200,10 @@ def _run_eager(model: torch.nn.Module, spec: ModelSpec, split: Split, inputs: di
             feeds = {t.name: to_numpy(values[cs.sources[t.name]]) for t in cs.inputs}
         got = dict(run.calls[comp].outputs) if comp in run.calls else outputs  # the remainder's are the model's
         per_comp[comp] = (feeds, {t.name: to_numpy(got[t.name]) for t in cs.outputs})
+        for key, _ in cs.calls()[1:]:  # a component called more than once: each later call, as `name@k`
+            given, got = dict(run.calls[key].inputs), dict(run.calls[key].outputs)
+            per_comp[key] = ({t.name: to_numpy(given[t.name]) for t in cs.inputs},
+                             {t.name: to_numpy(got[t.name]) for t in cs.outputs})
     model_in = {n: to_numpy(t) for n, t in run.inputs.items()}
     model_out = {n: to_numpy(outputs[n]) for n in split.output_sources}
     require_finite(spec, "model", model_out, label)

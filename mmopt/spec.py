@@ -391,6 +391,8 @@ def _parse_components(path: Path, raw: Any) -> tuple[dict[str, str], str | None]
         else:
             if not name.isidentifier():
                 raise c.err(name, "component names must be identifiers (letters, digits, _).")
+            if name in ("input", "pipeline"):  # the wiring's model inputs and the judges' whole-model row
+                raise c.err(name, f"'{name}' is reserved; name the component after its modality (image, text, ...).")
             components[name] = value
     if not components:
         raise ConfigError(f"{path}: [components] names no encoder. Add e.g. image = \"vision_encoder\".")

@@ -196,8 +196,8 @@ def test_a_component_called_more_than_once_is_one_graph_run_once_per_call(projec
     ("called 2 times in one forward"). Each is one graph now, run once per call by the pipeline; the
     second call of the block reads the first call's output."""
     path = project.dir / "mmopt.toml"
-    path.write_text(SIAMESE.format(factory="siamese", checkpoint="", extra='refine = "refine"\n'))
-    sys.path.insert(0, str(project.dir))
+    path.write_text(SIAMESE.format(factory="siamese", checkpoint="", extra='refine = "refine"\n' + CALIBRATED.replace(
+        "models.toydata:calibration_batches", "models.custom:siamese_batches")))
     r = api.export(path, project.dir / "b")
     m = r.manifest
     image, refine = m.components["image"], m.components["refine"]
@@ -209,6 +209,44 @@ def test_a_component_called_more_than_once_is_one_graph_run_once_per_call(projec
     assert m.results["parity"]["fp32"]["pipeline"]["failed"] == 0
     q = api.quantize(project.dir / "b", precision={"image": "int8-dynamic", "refine": "fp16"}, sensitivity=False)
     assert all(row["failed"] == 0 for row in q.manifest.results["parity"]["mixed"].values())
+    # static int8 is calibrated on every call, and every call of the component is checked
+    s = api.quantize(project.dir / "b", precision={"image": "int8", "refine": "int8"}, sensitivity=False)
+    assert {c.case.split("/")[-1] for c in s.checks if "/" in c.case} >= {"image@2", "refine@2"}
+    assert all(row["failed"] == 0 for row in s.manifest.results["parity"]["int8"].values())
+
+
+def test_two_names_for_one_module_are_refused(project):
+    from mmopt.errors import CaptureError
+
+    path = project.dir / "mmopt.toml"
+    path.write_text(SIAMESE.format(factory="siamese", checkpoint="", extra='query = "image_encoder"\n'))
+    with pytest.raises(CaptureError, match="components 'image' and 'query' name the same module"):
+        api.export(path, project.dir / "b")
+
+
+def test_a_glued_encoder_between_two_calls_keeps_the_call_order(project):
+    r = api.export(project("glue_between_calls", extra='refine = "refine"\n'), project.dir / "b")
+    text = r.manifest.components["text"]
+    assert text.glue and "refine:output" in text.sources.values()
+    assert not any(v.startswith("refine@2") for v in text.sources.values())  # a later call is not its input
+    assert r.manifest.components["refine"].repeats == ({"input": "text:pooled"},)
+    assert r.manifest.results["parity"]["fp32"]["pipeline"]["failed"] == 0
+
+
+def test_calls_of_different_shapes_are_refused(project):
+    """The siamese tower given a query image and a smaller reference image: one graph, two shapes."""
+    from mmopt.errors import CaptureError
+
+    path = project.dir / "mmopt.toml"
+    small = SIAMESE.replace('[inputs.reference]\nshape = ["batch", 3, 16, 16]', '[inputs.reference]\nshape = ["batch", 3, 8, 8]')
+    assert small != SIAMESE
+    path.write_text(small.format(factory="siamese", checkpoint="", extra=""))
+    with pytest.raises(CaptureError) as e:
+        api.export(path, project.dir / "b")
+    assert str(e.value).endswith("is called 2 times, and its input 'pixel_values' differs between calls (call 1: "
+                                 "float32 ['batch', 3, 16, 16], call 2: float32 ['batch', 3, 8, 8], from "
+                                 "input:reference). mmopt exports one graph per component: every call must pass "
+                                 "tensors of the same dtype and shape (the same [dims]).")
 
 
 def test_a_component_called_on_slices_of_one_input_is_refused_with_what_to_do(project):
@@ -240,10 +278,10 @@ def test_failed_int8_names_the_nodes_to_keep_fp32_and_that_fix_passes(project):
     with pytest.raises(ParityError) as e:
         api.quantize(project.dir / "b", precision={"text": "int8"}, sensitivity=False)
     msg = str(e.value)
-    assert "passes every gate (converted and judged just now)" in msg and "[precision.exclude]\n  text = [" in msg
+    assert "passes every parity gate (converted and judged just now)" in msg and "[precision.exclude]\n  text = [" in msg
     assert e.value.exclude and set(e.value.exclude) == {"text"} and len(e.value.exclude["text"]) <= 4
     assert snapshot(project.dir / "b") == before  # nothing written
-    block = msg[msg.index("[precision.exclude]"):].split("\nand run again")[0].replace("\n  ", "\n")
+    block = msg[msg.index("[precision.exclude]"):].split("\n(replacing")[0].replace("\n  ", "\n")
     path.write_text(path.read_text() + "\n" + block + "\n")  # the user pastes it, and it is not stale
     r = api.quantize(project.dir / "b", precision={"text": "int8"}, sensitivity=False)
     assert r.manifest.results["parity"]["int8"]["pipeline"]["failed"] == 0

@@ -25,8 +25,25 @@ def _console(stderr: bool = False) -> Console:
 console = _console()
 err_console = _console(stderr=True)
 
+def _flags_take_no_value() -> None:
+    """Typer shows every option's type (``--engine <bool>``), as if a flag took a value: flags show none."""
+    import typer.core
+
+    shown = typer.core.TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):  # type: ignore[no-untyped-def]
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    typer.core.TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_take_no_value()
+
+# Help text is Markdown: paragraphs re-wrap to the terminal (docstrings are hard-wrapped in the source),
+# `code` renders as code, and [dims] / [precision] stay literal (rich markup would eat them).
 app = typer.Typer(
     name="mmopt",
+    rich_markup_mode="markdown",
     help="Take a trained multimodal PyTorch model to fast, verified deployment artifacts.\n\n"
          "Typical flow: `mmopt export mmopt.toml -o build/` (one ONNX graph per encoder + fusion, proven "
          "to match the eager model), `mmopt inspect build/`, `mmopt verify build/`. "

@@ -196,18 +196,24 @@ def judge_and_record(result: QuantizeResult, spec: ModelSpec, model: Any, split:
     with open_pipeline(split.components, split.output_sources, files, policy, scratch) as (pipe, runners):
         result.checks = judge(model, spec, split, runners, policy, cal)
         method = spec.calibration.method if spec.calibration else None
-        fix = None
-        if any(c.failed for c in result.checks) and cal is not None and STATIC & set(policy.values()):
-            fix = find_exclusions(spec, model, split, policy, files, tmp, manifest, scratch, cal, progress)
+        fix, searched = None, False
+        static = {c for c, p in policy.items() if p in STATIC}
+        if cal is not None and any(c.failed and c.component in static | {"pipeline"} for c in result.checks):
+            searched = True  # what int8 nodes kept fp32 could fix: a static component's or the pipeline's check
+            try:
+                fix = find_exclusions(spec, model, split, policy, files, tmp, manifest, scratch, cal, progress)
+            except (ValueError, Unconvertible, *refusals()):
+                fix = None  # the search is a hint: it never replaces the failure it was looking into
         try:
             raise_on_failures(result.checks, f"{label} pipeline vs eager PyTorch", "Nothing was written. " + (
-                f"Keeping {sum(map(len, fix.values()))} node(s) in fp32 passes every gate (converted and judged "
-                f"just now): add to {spec.path}\n{sens.exclude_block(fix, spec)}\nand run again, or keep a "
-                "component at higher precision." if fix else
-                "Keep a component at higher precision, exclude its worst nodes ([precision.exclude]; keeping up to "
-                f"{sens.MAX_KEPT} of them in fp32 was not enough), "
+                f"Keeping {sum(map(len, fix.values()))} node(s) in fp32 passes every parity gate (converted and "
+                f"judged just now): put in {spec.path}\n{sens.exclude_block(fix, spec)}\n(replacing any "
+                "[precision.exclude] table there) and run again, or keep a component at higher precision."
+                if fix else
+                "Keep a component at higher precision, exclude its worst int8 nodes ([precision.exclude]"
+                + (f"; keeping up to {sens.MAX_KEPT} of them in fp32 was not enough" if searched else "") + "), "
                 + (f"try another [calibration].method (this run used {method}; \"auto\" picks the best per "
-                   "component), " if STATIC & set(policy.values()) and method != "auto" else "")
+                   "component), " if static and method != "auto" else "")
                 + "or loosen the gate under [tolerance.<precision>]."))
         except ParityError as e:
             e.exclude = fix  # type: ignore[attr-defined]  # the verified fix, for callers that apply it

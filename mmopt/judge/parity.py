@@ -17,7 +17,7 @@ from mmopt.judge.compare import Check, check_all
 from mmopt.reference import eager_io, eager_io_for
 from mmopt.runners.base import Runner
 from mmopt.runners.pipeline import Pipeline
-from mmopt.spec import SIZES, ModelSpec, precision_rank
+from mmopt.spec import SIZES, ModelSpec, component_of, precision_rank
 
 VERIFY_SEED = 1000  # distinct from the capture seeds: parity is checked on inputs never traced
 REAL_BATCHES = 4  # the user's batches (calibration in quantize, evaluation in bench) checked like random ones
@@ -56,9 +56,10 @@ def verify(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: dict[
     pipe = Pipeline(split.components, split.output_sources, runners)
     for i, size in enumerate(SIZES):
         model_in, model_out, per_comp = eager_io(model, spec, split, size, seed + i)
-        for comp, (feeds, refs) in per_comp.items():
-            outs = runners[comp].infer(feeds)
-            checks += check_all(comp, size, refs, outs, tolerance(comp), scores_of(spec, split, comp))
+        for key, (feeds, refs) in per_comp.items():  # every call of every component
+            comp = component_of(key)
+            checks += check_all(comp, _case(size, key), refs, runners[comp].infer(feeds), tolerance(comp),
+                                scores_of(spec, split, comp))
         checks += check_all("pipeline", size, model_out, pipe.infer(model_in), tolerance("pipeline"),
                             scores_of(spec, split, "pipeline"))
     return checks
@@ -75,12 +76,18 @@ def verify_real(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: 
     for i, batch in enumerate(batches):
         tensors = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in batch.items()}
         model_in, model_out, per_comp = eager_io_for(model, spec, split, tensors, f"{case} batch {i}")
-        for comp, (feeds, refs) in per_comp.items():
-            checks += check_all(comp, f"{case}{i}", refs, runners[comp].infer(feeds), tolerance(comp),
+        for key, (feeds, refs) in per_comp.items():
+            comp = component_of(key)
+            checks += check_all(comp, _case(f"{case}{i}", key), refs, runners[comp].infer(feeds), tolerance(comp),
                                 scores_of(spec, split, comp))
         checks += check_all("pipeline", f"{case}{i}", model_out, pipe.infer(model_in), tolerance("pipeline"),
                             scores_of(spec, split, "pipeline"))
     return checks
+
+
+def _case(case: str, key: str) -> str:
+    """The case label of one call: ``opt``, or ``opt/image@2`` for a component's second call."""
+    return case if "@" not in key else f"{case}/{key}"
 
 
 def summarise(checks: list[Check]) -> dict[str, dict[str, Any]]:

@@ -5,7 +5,7 @@ configured) is judged like any policy: parity gates against eager PyTorch and, w
 the accuracy budget. Each candidate graph is timed alone on this machine (ONNX Runtime CPU, one
 thread, median of interleaved repeats on a real calibration batch); a pipeline's latency is the sum of
 its components'. The fastest passing combination wins (within 5% timing noise, the more accurate one);
-fp32 always passes, so there is always one.
+fp32 always passes, so there is always one. A component called k times per forward counts k times.
 The search chooses for ONNX Runtime on this CPU: its candidates are the CPU forms (int8-cpu, int8-dynamic)
 and fp32. fp16 is no candidate (ONNX Runtime runs it at fp32 speed on CPU), nor is TensorRT's int8 form
 (slower than fp32 on ONNX Runtime CPU: its Q/DQ cannot be fused there); set those explicitly for engines.
@@ -139,7 +139,8 @@ def _judge_all(stack: contextlib.ExitStack, spec: ModelSpec, model: Any, split: 
                               "No \"auto\" choice can pass when the fixed components fail. Try another "
                               "[calibration].method (\"auto\" picks the best per component), exclude the "
                               "worst nodes, or keep those components at higher precision.")
-        ms = sum(lat.get((c, p), float("nan")) for c, p in trial.items())
+        # a component the forward calls k times runs k times in the pipeline
+        ms = sum(lat.get((c, p), float("nan")) * len(split.components[c].calls()) for c, p in trial.items())
         rows.append({"policy": trial, "label": label, "latency_ms": round(ms, 4), "parity_ok": not failed,
                      "parity_failures": len(failed)})
         shared = {c: memos.setdefault((c, p), Memo(trial_runners[c])) for c, p in trial.items()}

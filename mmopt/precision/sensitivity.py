@@ -213,11 +213,16 @@ def exclusions_that_pass(spec: Any, model: Any, split: Any, policy: dict[str, st
         return err["cos_min"], -err["max_rel"]
 
     kept: dict[str, list[str]] = {}
+    best = worst_cos({})
     for _ in range(MAX_KEPT):
         left = [cn for cn in candidates if cn[1] not in kept.get(cn[0], [])]
         if not left:
             break
-        comp, node = max(left, key=lambda cn: worst_cos({**kept, cn[0]: [*kept.get(cn[0], []), cn[1]]}))
+        scored = [(worst_cos({**kept, c: [*kept.get(c, []), n]}), (c, n)) for c, n in left]
+        score, (comp, node) = max(scored)
+        if score <= best:
+            break  # no node helps any more: adding one would only print a useless exclusion
+        best = score
         kept.setdefault(comp, []).append(node)
         trial = dataclasses.replace(spec, exclude={**spec.exclude,
                                                    **{c: (*spec.exclude.get(c, ()), *n) for c, n in kept.items()}})

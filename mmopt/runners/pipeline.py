@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+from mmopt.errors import CaptureError
 from mmopt.runners.base import Runner
 from mmopt.spec import ComponentSpec
 
@@ -53,7 +54,9 @@ def _ordered(steps: list[tuple]) -> list[tuple]:
     while pending:
         ready = next((st for st in pending if all(src in done or src not in made for _, src in st[2])), None)
         if ready is None:
-            raise ValueError(f"pipeline wiring has a cycle among {[st[0] for st in pending]}")
+            raise CaptureError(f"the captured wiring has a cycle among the calls {[st[0] for st in pending]}: "
+                               "each reads another's output. mmopt cannot order them; set [components] to "
+                               "modules whose calls depend on each other one way only (or report this model).")
         pending.remove(ready)
         out.append(ready)
         done.update(ready[3].values())

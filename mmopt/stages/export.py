@@ -57,8 +57,13 @@ def _stub_outputs(out_calls: dict[str, Any], by_source: dict[str, torch.Tensor])
             for c, call in out_calls.items()}
 
 
+class _Kept(Exception):
+    """Ends the parent's forward once the glued encoder has run: nothing after it belongs to its graph
+    (and stubbed outputs of later calls, constants here, would pin dynamic sizes if traced)."""
+
+
 class _Keeping(torch.nn.Module):
-    """In place of a glued encoder inside the parent: runs it and keeps what it returned."""
+    """In place of a glued encoder inside the parent: runs it, keeps what it returned, stops the forward."""
 
     def __init__(self, encoder: torch.nn.Module):
         super().__init__()
@@ -67,7 +72,7 @@ class _Keeping(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.kept = self.encoder(*args, **kwargs)
-        return self.kept
+        raise _Kept
 
 
 class GlueWrapper(torch.nn.Module):
@@ -96,7 +101,10 @@ class GlueWrapper(torch.nn.Module):
         slot = _stub_outputs(self.out_calls, by_source)
         kwargs = {src[len("input:"):]: x for src, x in by_source.items() if src.startswith("input:")}
         with stubbed(self.model, self.others, slot):
-            self.model(**nest(kwargs))
+            try:
+                self.model(**nest(kwargs))
+            except _Kept:
+                pass
         flat = pytree.tree_leaves(self.keeping.kept)
         return tuple(flat[i] for i in self.out_pos)
 

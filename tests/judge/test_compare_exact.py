@@ -18,7 +18,7 @@ def test_metrics_of_a_known_difference():
     row0 = (9 + 18) / (5 * np.hypot(3, 4.5))
     assert m.cos_min == pytest.approx(row0) and m.cos_mean == pytest.approx((row0 + 1) / 2)
     assert m.argmax == 1.0 and (m.nan, m.inf) == (0, 0)
-    assert m.norm_change == pytest.approx(np.sqrt(9 + 20.25 + 1) / np.sqrt(26) - 1)
+    assert m.norm_change == pytest.approx(np.hypot(3, 4.5) / 5 - 1)  # the worst row: row 0
     assert measure("y", ref, out).argmax is None  # not a score output
 
 
@@ -40,6 +40,25 @@ def test_special_cases():
     assert vec.cos_min == 0.0
 
 
+def test_the_norm_gate_is_per_sample_and_ignores_noise_level_rows():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8, 16)).astype(np.float32)
+    one_row = ref.copy()
+    one_row[3] *= 5  # one sample scaled as a whole: cosine 1.0 everywhere, whole-tensor norm barely moves
+    m = measure("e", ref, one_row)
+    assert m.cos_min == pytest.approx(1.0) and m.norm_change == pytest.approx(4.0)
+    assert any("magnitude off by 400.0%" in w for w in failures(m, {**TOL, "max_abs": float("inf"),
+                                                                    "max_rel": float("inf")}))
+    quiet = ref.copy()
+    quiet[5] = 1e-6 * rng.standard_normal(16)  # a row at noise level, relative to the others
+    noisy = quiet.copy()
+    noisy[5] *= 3
+    assert measure("e", quiet, noisy).norm_change == pytest.approx(0.0, abs=1e-6)
+    tiny = failures(measure("s", np.array([1e-4]), np.array([1.2e-4])), {**TOL, "max_abs": 1e-3})
+    assert tiny == []  # off by 20%, but within the absolute tolerance: the error gate's escape applies
+    assert failures(measure("s", np.array([0.0]), np.array([1e-9])), {**TOL, "max_abs": 1e-3}) == []
+
+
 def test_each_gate_fires_alone_and_says_why():
     ref = np.linspace(1, 2, 20, dtype=np.float32).reshape(2, 10)
     assert failures(measure("y", ref, ref), TOL) == []
@@ -52,9 +71,11 @@ def test_each_gate_fires_alone_and_says_why():
     assert why == ["argmax agreement 0.000 < 0.9"]
     low = failures(measure("y", ref, -ref), {**TOL, "max_abs": 99})
     assert low == ["cosine -1.000000 < 0.99"]
-    scaled = failures(measure("y", ref, ref * 1.1), {**TOL, "max_abs": 99})
+    no_error_gate = {**TOL, "max_abs": float("inf"), "max_rel": float("inf")}  # as int8's defaults
+    scaled = failures(measure("y", ref, ref * 1.1), no_error_gate)
     assert scaled == ["magnitude off by 10.0% > 5% (norm of the output vs eager's)"]
-    assert failures(measure("y", ref, ref * 1.04), {**TOL, "max_abs": 99}) == []
+    assert failures(measure("y", ref, ref * 1.04), no_error_gate) == []
+    assert failures(measure("y", ref, ref * 1.1), {**TOL, "max_abs": 99}) == []  # within the absolute escape
     single = failures(measure("s", np.array([[1.0]]), np.array([[-1.0]])), {**TOL, "max_abs": 9, "max_norm_change": 9})
     assert single == []  # a single value's cosine is a sign test: judged by its error alone
     assert failures(measure("n", ref, ref * np.nan), TOL)[0] == "20 NaN / 0 Inf"

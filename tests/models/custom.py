@@ -203,7 +203,7 @@ class Siamese(Containers):
         a = self.image_encoder(pixel_values).pooled
         b = self.image_encoder(reference).pooled
         t = self.refine(self.refine(self.text_encoder(input_ids, attention_mask).pooled))
-        return self.head(torch.cat([(a - b).abs(), a * b, t], -1))
+        return self.head(torch.cat([a - b, a, t], -1))  # order-dependent: swapped calls would show
 
 
 class Frames(Containers):
@@ -243,6 +243,27 @@ def outliers() -> nn.Module:
     return _seeded(Outliers)
 
 
+class GlueBetweenCalls(Containers):
+    """A shared block called before and after a glued text encoder: the text encoder may read the first
+    call's output, and the second call reads the text encoder's (an order the pipeline must keep)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__(width)
+        self.text_encoder = CrossText(width=width)
+        self.refine = nn.Linear(width, width)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        r1 = self.refine(self.image_encoder(pixel_values).pooled)
+        mask = attention_mask & torch.ones(r1.shape[0], 1, dtype=torch.bool)  # glue: computed in the parent
+        txt = self.text_encoder(input_ids, mask, r1)
+        r2 = self.refine(txt.pooled)
+        return self.head(torch.cat([r1, r2], -1))
+
+
+def glue_between_calls() -> nn.Module:
+    return _seeded(GlueBetweenCalls)
+
+
 def siamese() -> nn.Module:
     return _seeded(Siamese)
 
@@ -274,3 +295,16 @@ def tied() -> nn.Module:
 # the toy model's config (its inputs are these models' inputs), for a factory of this module
 CONFIG = TOY_CONFIG.replace('factory = "toy:build"', 'factory = "models.custom:{factory}"').replace(
     "batch = {{ min = 1, opt = 8, max = 32 }}", "batch = {{ min = 1, opt = 4, max = 16 }}")
+
+
+def siamese_batches():
+    """Calibration batches for ``siamese``: the toy's inputs plus a reference image, dimmer than the query
+    (a second call with its own range)."""
+    import numpy as np
+
+    from models.toydata import calibration_batches
+
+    rng = np.random.default_rng(1)
+    for batch in calibration_batches():
+        n = len(batch["pixel_values"])
+        yield {**batch, "reference": (0.3 * rng.standard_normal((n, 3, 16, 16))).astype(np.float32)}

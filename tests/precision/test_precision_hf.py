@@ -61,7 +61,7 @@ def test_clip_int8_quantizes_compute_ops_only(clip):
     try:
         r = api.quantize(clip, precision={"image": "int8", "text": "int8"}, sensitivity=False)
     except ParityError as e:
-        assert e.exclude and "passes every gate (converted and judged just now)" in str(e)
+        assert e.exclude and "passes every parity gate (converted and judged just now)" in str(e)
         config.write_text(config.read_text() + "\n[precision.exclude]\n" + "".join(
             f"{c} = {json.dumps(n)}\n" for c, n in e.exclude.items()))
         r = api.quantize(clip, precision={"image": "int8", "text": "int8"}, sensitivity=False)

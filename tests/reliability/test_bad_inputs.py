@@ -600,3 +600,18 @@ def test_output_folder_whose_parent_is_read_only(project, command):
         check_untouched(project, before)
     finally:
         ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("field, value", [("config", "mmopt.toml"), ("config", "sub/mmopt.toml"),
+                                          ("checkpoint", "w.safetensors"), ("config_absolute", "<bundle>/m.toml")])
+def test_a_manifest_cannot_point_at_a_config_inside_its_bundle(project, field, value):
+    """A downloaded bundle could carry its own mmopt.toml and factory code: a manifest naming a config
+    or checkpoint inside the bundle is refused before anything is imported."""
+    (project.root / "toy.py").write_text("raise SystemExit('model code ran')\n")  # must never be imported
+    (project.bundle / "mmopt.toml").write_text((project.root / "mmopt.toml").read_text())
+    m = project.read()
+    m["model"][field] = value.replace("<bundle>", str(project.bundle.resolve()))
+    project.write(m)
+    r = cli("bench", project.bundle, "-o", project.root / "r", *BENCH)
+    refused(r, "manifest.json", f"model.{field}", "lies inside the bundle")
+    assert "model code ran" not in r.text

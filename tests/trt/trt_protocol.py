@@ -37,9 +37,9 @@ def _dims(v: Any) -> tuple[int, ...]:
 
 
 def replay(calls: list[tuple[str, tuple, dict]], inputs: set[str] | None = None,
-           version_compatible: bool | None = None) -> dict[str, Any]:
-    """The violations of TensorRT's rules in ``calls`` and the builds they made. ``inputs``: the engine's
-    input names (for the run rules); ``version_compatible``: whether the plans being run are."""
+           version_compatible: bool | None = None, outputs: set[str] | None = None) -> dict[str, Any]:
+    """The violations of TensorRT's rules in ``calls`` and the builds they made. ``inputs`` / ``outputs``: the
+    engine's tensor names (for the run rules); ``version_compatible``: whether the plans being run are."""
     bad: list[str] = []
     builds: list[dict[str, Any]] = []
     config: dict[str, Any] = {"flags": set(), "workspace": None, "profiles": [], "shapes": {}}
@@ -111,7 +111,9 @@ def replay(calls: list[tuple[str, tuple, dict]], inputs: set[str] | None = None,
                 bad.append(f"execute_async_v3 without the shapes of {missing} since the last profile switch")
             if not ctx.get("inferred"):
                 bad.append("execute_async_v3 before infer_shapes resolved the output shapes")
-            if inputs and not inputs <= ctx.get("addresses", set()):
-                bad.append(f"execute_async_v3 before the addresses of {sorted(inputs - ctx['addresses'])}")
+            io = (inputs or set()) | (outputs or set())
+            unbound = sorted(io - ctx.get("addresses", set()))
+            if unbound:
+                bad.append(f"execute_async_v3 before the addresses of {unbound}")
     unique = list(dict.fromkeys(bad))
     return {"violations": unique, "builds": builds}

@@ -192,8 +192,9 @@ def run_all(checker: Checker) -> dict[str, Any]:
         result = _outcome(fn)
         sidecar = bundle / f"{world.component}.fp16.engine.json"
         vc = json.loads(sidecar.read_text())["build_options"]["version_compatible"] if sidecar.exists() else None
-        inputs = {t.name for t in fake_bundle.COMPONENTS[world.component].inputs}
-        result["protocol"] = protocol.replay(checker.calls[first:], inputs, vc)
+        comp = fake_bundle.COMPONENTS[world.component]
+        result["protocol"] = protocol.replay(checker.calls[first:], {t.name for t in comp.inputs}, vc,
+                                             {t.name for t in comp.outputs})
         return result
 
     def build(precision: str | None, **kw: Any) -> list[str]:
