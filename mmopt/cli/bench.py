@@ -45,7 +45,9 @@ def bench(
     and runs the model code that config names, as `mmopt export` did. A bundle whose config or checkpoint
     changed since export is refused as stale before any of that code runs.
 
-    Example: mmopt bench build/ --baseline main-report.json --batch 1,8
+    Example:
+
+        mmopt bench build/ --baseline main-report.json --batch 1,8
     """
     run_and_print(bundle, out, baseline=baseline, max_latency_regression=parse_fraction(max_latency_regression),
                   backends=backend, batches=parse_batches(batch), threads=threads, repeats=repeats, warmup=warmup,

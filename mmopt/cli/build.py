@@ -23,8 +23,9 @@ def build(
                               "latency or batch=8:16:32 for throughput. Repeat for more. Sizes must stay inside "
                               "the captured range."),
     timing_cache: Optional[Path] = typer.Option(
-        None, "--timing-cache", help=f"Persistent timing cache shared across builds, so later builds skip "
-                                     f"kernel timing. Default: {default_timing_cache()}."),
+        None, "--timing-cache", help="Persistent timing cache shared across builds, so later builds skip "
+                                     "kernel timing. Default: mmopt/trt-timing.cache under $XDG_CACHE_HOME "
+                                     "(else ~/.cache)."),
     no_timing_cache: bool = typer.Option(False, "--no-timing-cache", help="Build without a persistent timing cache."),
     sparse: bool = typer.Option(False, "--sparse", help="Let TensorRT use 2:4 structured-sparse kernels where "
                                                         "weights already are 2:4 sparse (Ampere and newer)."),
@@ -46,7 +47,9 @@ def build(
 
     Each engine lands in the bundle as COMPONENT.PRECISION.engine with a .engine.json sidecar, checked before loading.
 
-    Example: mmopt build out/ --precision fp16 --profile batch=1
+    Example:
+
+        mmopt build out/ --precision fp16 --profile batch=1
     """
     from rich.markup import escape
 

@@ -31,7 +31,9 @@ def export(
     and checks each graph and the recomposed pipeline against eager PyTorch on fresh inputs. A failed
     export leaves any earlier bundle in OUT untouched.
 
-    Example: mmopt export mmopt.toml -o build/
+    Example:
+
+        mmopt export mmopt.toml -o build/
     """
     from mmopt import api
     from mmopt.cli import console

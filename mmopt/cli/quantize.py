@@ -33,14 +33,15 @@ def quantize(
                                           help="mmopt.toml to read \\[precision], \\[calibration], \\[evaluation] "
                                                "and \\[tolerance] from. Default: the config the bundle was "
                                                "exported from."),
-    precision: list[str] = typer.Option([], "--precision", "-p", metavar="COMPONENT=PRECISION",
+    precision: list[str] = typer.Option([], "--precision", "-p", metavar="COMP=PREC",
                                         help="Override \\[precision] for this run (repeatable): fp32, fp16, int8, "
                                              "int8-cpu, int8-dynamic, auto."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="Allow a .pt checkpoint that needs pickled code (only for files "
                                                "you trust)."),
-    sensitivity: bool = typer.Option(True, "--sensitivity/--no-sensitivity",
-                                     help="Report each int8 node's contribution to the output error."),
+    no_sensitivity: bool = typer.Option(False, "--no-sensitivity",
+                                        help="Skip the report of each int8 node's contribution to the output "
+                                             "error (it costs one pipeline run per quantized node)."),
 ) -> None:
     r"""Convert components to fp16 / int8 beside their fp32 graphs, and judge the recomposed pipeline.
 
@@ -58,15 +59,17 @@ def quantize(
     changed since export is refused as stale before any of that code runs. One writer at a time: a second
     run on the same bundle waits for the first, then converts on top of its result.
 
-    Examples: mmopt quantize build/ -p image=int8 -p text=fp16        # for TensorRT engines
-              mmopt quantize build/ -p image=int8-cpu -p text=auto    # for ONNX Runtime on CPU
+    Examples, for TensorRT engines and for ONNX Runtime on CPU:
+
+        mmopt quantize build/ -p image=int8 -p text=fp16
+        mmopt quantize build/ -p image=int8-cpu -p text=auto
     """
     from mmopt import api
     from mmopt.cli import console
     from mmopt.progress import RichProgress
 
     result = api.quantize(bundle, config, RichProgress(console), parse_policy(precision), trust_checkpoint,
-                          sensitivity)
+                          not no_sensitivity)
     show(result)
 
 
