@@ -78,8 +78,20 @@ def test_build_and_run_scenarios_behave(version):
     for name in ("build_fp16_all_options", "build_all_precisions_cache_reused", "timing_cache_mismatch",
                  "build_fp16_for_runtime", "run_image_two_profiles", "run_text_cuda_graph", "logger_sorts_messages"):
         assert s[name]["ok"], f"{name}: {s[name]}"
-    assert s["build_all_precisions_cache_reused"]["detail"] == [
-        "image.fp32.engine", "image.fp16.engine", "text.fp32.engine", "text.fp16.engine"]
+    built = s["build_all_precisions_cache_reused"]["detail"]
+    assert [b["file"] for b in built] == ["image.fp32.engine", "image.fp16.engine", "text.fp32.engine",
+                                          "text.fp16.engine"]
+    io = {"image": {"inputs": {"pixel_values": "FLOAT"}, "outputs": {"image_emb": "FLOAT"}},
+          "text": {"inputs": {"input_ids": "INT64"}, "outputs": {"text_hidden": "FLOAT"}}}
+    assert all(b["io"] == io[b["file"].split(".")[0]] for b in built)  # the parsed network's tensors, recorded
+    # the timing cache: created by the first build, reused after, replaced when TensorRT refuses it, absent
+    # when disabled; saved whenever one was used
+    assert [b["timing_cache"] for b in s["build_fp16_all_options"]["detail"]] == ["new", "reused"]
+    assert {b["timing_cache"] for b in built} == {"reused"} and all(b["cache_written"] for b in built)
+    assert [b["timing_cache"] for b in s["timing_cache_mismatch"]["detail"]] == [
+        "replaced (it was made by another GPU or TensorRT version)", "reused"]
+    assert [(b["timing_cache"], b["cache_written"]) for b in s["build_fp16_for_runtime"]["detail"]] == [
+        ("disabled", False)] * 2
     parse = s["build_fails_parse"]
     assert parse["error"] == "OnnxParseError"
     assert "node '/text/MatMulInteger_3' (MatMulInteger): UNSUPPORTED_NODE" in parse["message"]

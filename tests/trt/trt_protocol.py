@@ -23,6 +23,17 @@ from __future__ import annotations
 
 from typing import Any
 
+# calls whose every argument must be a real value: TensorRT has no meaning for None in any of them (the
+# bindings may still accept None, as nullptr, where the C++ takes a pointer)
+NO_NONE = ("Builder.__init__", "OnnxParser.__init__", "Runtime.__init__", "Builder.build_serialized_network",
+           "OnnxParser.parse_from_file", "IBuilderConfig.add_optimization_profile", "IBuilderConfig.set_timing_cache",
+           "IBuilderConfig.create_timing_cache", "IBuilderConfig.set_memory_pool_limit", "IBuilderConfig.set_flag",
+           "IBuilderConfig.hardware_compatibility_level=", "IBuilderConfig.builder_optimization_level=",
+           "IOptimizationProfile.set_shape", "Runtime.deserialize_cuda_engine", "Runtime.engine_host_code_allowed=",
+           "IExecutionContext.set_optimization_profile_async", "IExecutionContext.set_input_shape",
+           "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3",
+           "ICudaEngine.get_tensor_dtype", "ICudaEngine.get_tensor_shape", "ICudaEngine.get_tensor_mode",
+           "ICudaEngine.get_tensor_profile_shape", "IExecutionContext.get_tensor_shape")
 CONFIG_MUTATORS = ("IBuilderConfig.set_", "IBuilderConfig.add_", "IBuilderConfig.clear_flag",
                    "IOptimizationProfile.set_")
 
@@ -48,6 +59,8 @@ def replay(calls: list[tuple[str, tuple, dict]], inputs: set[str] | None = None,
     ctx: dict[str, Any] = {}
 
     for q, args, kwargs in calls:
+        if q in NO_NONE and any(a is None for a in (*args, *kwargs.values())):
+            bad.append(f"{q} given None: TensorRT needs a value there")
         if q == "Builder.create_builder_config":
             config, built = {"flags": set(), "workspace": None, "profiles": [], "shapes": {}}, False
         elif built and (q.startswith(CONFIG_MUTATORS) or (q.startswith("IBuilderConfig.") and q.endswith("="))):

@@ -197,8 +197,14 @@ def run_all(checker: Checker) -> dict[str, Any]:
                                              {t.name for t in comp.outputs})
         return result
 
-    def build(precision: str | None, **kw: Any) -> list[str]:
-        return [a.file for a in build_engines(bundle, precision, BuildOptions(**kw))]
+    def build(precision: str | None, **kw: Any) -> list[dict]:
+        """What each engine's sidecar recorded of its build (the values api.build_engine returned)."""
+        out = []
+        for a in build_engines(bundle, precision, BuildOptions(**kw)):
+            side = json.loads((bundle / f"{a.file}.json").read_text())
+            out.append({"file": a.file, "io": side["io"], "timing_cache": side["timing_cache"]["status"],
+                        "cache_written": side["timing_cache"]["sha256"] is not None})
+        return out
 
     def failing(flag: str, fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> Any:
