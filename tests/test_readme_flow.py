@@ -48,4 +48,7 @@ def test_the_readme_and_bench_doc_commands_run_as_written(tmp_path):
                            timeout=600)
         assert r.returncode == 0, f"mmopt {' '.join(words)} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
         ran.append(words[0])
+        hint = {"export": "next: mmopt quantize", "quantize": "next: mmopt bench", "bench": "next: open "}
+        if words[0] in hint:  # each long command ends with one line saying what to do next
+            assert hint[words[0]] in " ".join(r.stdout.split()), r.stdout[-1500:]
     assert {"export", "inspect", "verify", "bench", "quantize"} <= set(ran)

@@ -101,3 +101,8 @@ def print_result(report: dict[str, Any], files: dict[str, Path]) -> None:
         console.print(f"reports: {escape(', '.join(str(p) for p in files.values()))}", highlight=False)
     gates = report["gates"]
     console.print("[green]gates passed[/]" if gates["passed"] else f"[red]{len(gates['failures'])} gate(s) failed[/]")
+    if files:
+        md = files.get("markdown")
+        console.print(f"next: open {escape(str(md))} (tables and the latency plot)" if gates["passed"] else
+                      f"next: the failures are listed above and in {escape(str(md))}; rerun with --baseline "
+                      "to compare against an earlier report", highlight=False, style="dim")

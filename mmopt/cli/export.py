@@ -46,6 +46,10 @@ def export(
     console.print(parity_table(result.manifest.results["parity"]))
     console.print(f"[green]bundle written:[/] {escape(str(result.bundle))}  ({result.seconds['total']:.1f} s)",
                   highlight=False)
+    b = escape(str(out))
+    console.print(f"next: mmopt quantize {b} -p image=fp16 (int8 needs \\[calibration] in the config) · "
+                  f"mmopt bench {b} -o {b}-bench/" + ("" if engine else f" · mmopt build {b} on the target GPU"),
+                  highlight=False, style="dim")
     if engine:
         from mmopt.cli.tables import engines_table
         from mmopt.trt import BuildOptions, default_timing_cache

@@ -96,3 +96,8 @@ def show(result: Any) -> None:
         console.print(f"[yellow]no sensitivity report:[/] {escape(result.sensitivity_error)} (the conversion "
                       "stands; it was judged before the report)", highlight=False)
     console.print(f"[green]bundle updated:[/] {escape(str(result.bundle))}  ({result.seconds:.1f} s)", highlight=False)
+    b = escape(str(result.bundle))
+    engine = next((p for p in result.policy.values() if p in ("fp16", "int8")), None)  # what TensorRT builds
+    console.print(f"next: mmopt bench {b} -o {b}-bench/ (latency and parity of every variant)"
+                  + (f" · mmopt build {b} --precision {engine} on the target GPU" if engine else ""),
+                  highlight=False, style="dim")

@@ -285,7 +285,10 @@ class Simplified:
 
     @property
     def note(self) -> str:
-        return f"{self.before} -> {self.after} nodes" if self.ok else self.reason
+        if not self.ok:
+            return self.reason
+        grew = " (folding constants and shapes can add nodes)" if (self.after or 0) > self.before else ""
+        return f"{self.before} -> {self.after} nodes{grew}"
 
 
 def simplify(src: Path, dst: Path) -> Simplified:
