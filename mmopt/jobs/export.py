@@ -76,7 +76,7 @@ def export_graphs(model: Any, split: Split, tmp: Path, scratch: Path, seconds: d
     """Each component exported (raw, into ``scratch``), checked, and simplified into ``tmp`` (the raw
     export where onnxsim fails). Returns the raw graphs and a note per component."""
     raw, notes = {}, {}
-    with progress.task("export + simplify", len(split.components)) as advance:
+    with progress.task(f"export + simplify {', '.join(split.components)}", len(split.components)) as advance:
         for comp in split.components:
             t = time.perf_counter()
             raw[comp] = export_component(model, split, comp, scratch / f"{comp}.onnx")

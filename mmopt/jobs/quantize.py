@@ -174,7 +174,8 @@ def write_converted(result: QuantizeResult, tmp: Path, converter: Converter, fil
     """Each converted graph saved beside its fp32 parent and added to the manifest with its lineage."""
     manifest, policy = result.manifest, result.policy
     converted = [c for c, p in policy.items() if p != "fp32"]
-    with progress.task("convert precision", len(converted)) as advance:
+    label = ", ".join(f"{c}={policy[c]}" for c in converted)
+    with progress.task(f"convert {label}", len(converted)) as advance:
         for comp in converted:
             parent = manifest.artifact(comp, "fp32", stage="export")
             proto, config, islands = converter.get(comp, policy[comp])
