@@ -48,6 +48,10 @@ def test_the_readme_and_bench_doc_commands_run_as_written(tmp_path):
                            timeout=600)
         assert r.returncode == 0, f"mmopt {' '.join(words)} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
         ran.append(words[0])
+        if words[0] == "inspect":  # the ranges bench --batch and build --profile need, and the weights
+            text = " ".join(r.stdout.replace("│", " ").split())
+            assert "dims: the exported range" in text and "batch 1 8 32" in text
+            assert "weights of the fp32 graphs" in text
         hint = {"export": "next: mmopt quantize", "quantize": "next: mmopt bench", "bench": "next: open "}
         if words[0] in hint:  # each long command ends with one line saying what to do next
             assert hint[words[0]] in " ".join(r.stdout.split()), r.stdout[-1500:]

@@ -19,10 +19,12 @@ def inspect(bundle: Path = typer.Argument(Path("build"), help="Bundle folder wri
     """Show a bundle: components with their inputs, outputs, dynamic axes and wiring, artifacts, parity."""
     from mmopt import api
     from mmopt.cli import console
-    from mmopt.cli.tables import components_table
+    from mmopt.cli.tables import components_table, dims_table, weights_table
 
     manifest = api.inspect_bundle(bundle)
     console.print(components_table(manifest))
+    console.print(dims_table(manifest))
+    console.print(weights_table(manifest, bundle))
     console.print(summary_table(manifest))
     for precision, summary in manifest.results.get("parity", {}).items():
         console.print(parity_table({precision: summary}))

@@ -31,6 +31,36 @@ def components_table(m: Manifest) -> Table:
     return t
 
 
+def dims_table(m: Manifest) -> Table:
+    """The exported range of every dim: what `bench --batch` and `build --profile` may ask for."""
+    t = Table(title="dims: the exported range", title_justify="left")
+    for col in ("dim", "min", "opt", "max"):
+        t.add_column(col, justify="left" if col == "dim" else "right")
+    for name, d in m.model.get("dims", {}).items():
+        t.add_row(escape(name), str(d.get("min")), str(d.get("opt")), str(d.get("max")))
+    return t
+
+
+def weights_table(m: Manifest, bundle: Any) -> Table:
+    """Weight values (initializer elements) and bytes of each component's fp32 graph."""
+    import math
+
+    import onnx
+
+    t = Table(title="weights of the fp32 graphs", title_justify="left")
+    for col in ("component", "values", "size"):
+        t.add_column(col, justify="left" if col == "component" else "right")
+    for comp in m.components:
+        art = m.find(comp, "fp32", stage="export")
+        if art is None:
+            continue
+        graph = onnx.load(str(m.file(bundle, art)), load_external_data=False).graph
+        count = sum(int(math.prod(i.dims)) for i in graph.initializer)
+        size = f"{art.bytes / 2**20:.1f} MiB" if art.bytes >= 2**20 else f"{art.bytes / 1024:.0f} KiB"
+        t.add_row(escape(comp), f"{count:,}", size)
+    return t
+
+
 def summary_table(m: Manifest) -> Table:
     t = Table(title="artifacts", title_justify="left")
     for col in ("artifact", "file", "size", "sha256", "note"):
