@@ -76,13 +76,25 @@ def demo(
     from mmopt.progress import RichProgress
 
     progress = RichProgress(console)
+    bench_out = out.with_name(out.name + "-bench")
+    console.print(f"mmopt demo: the bundle goes to {escape(str(out))}/, the bench reports to "
+                  f"{escape(str(bench_out))}/ (about a minute on 2 cores)", highlight=False)
     exported = steps.export(out, progress)
     console.print(summary_table(exported.manifest))
     console.print(parity_table(exported.manifest.results["parity"]))
     console.print(f"[green]bundle written:[/] {escape(str(exported.bundle))}  ({exported.seconds['total']:.1f} s)",
                   highlight=False)
     steps.quantize(out, list(exported.manifest.components), progress)
-    result = steps.bench(out, out.with_name(out.name + "-bench"), progress)
+    result = steps.bench(out, bench_out, progress)
     console.print(tables.variants_table(result.report))
     print_result(result.report, result.files)
+    b = escape(str(out))
+    console.print(
+        "what you just saw:\n"
+        f"  1. one ONNX graph per encoder and one for the fusion, proven equal to eager PyTorch: {b}/\n"
+        "  2. fp16, int8 (TensorRT's Q/DQ form) and the CPU int8 policy, each judged against eager\n"
+        f"  3. every variant benched (parity, accuracy, latency): {escape(str(result.files.get('markdown', bench_out)))}\n"
+        f"  4. `mmopt inspect {b}` shows the wiring; `mmopt build {b}` makes TensorRT engines on a GPU\n"
+        "  5. your own model: write an mmopt.toml (docs/config.md), then `mmopt export mmopt.toml -o build/`",
+        highlight=False)
     result.raise_for_gates()

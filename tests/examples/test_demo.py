@@ -14,6 +14,9 @@ def test_demo_writes_a_verified_bundle(tmp_path):
     r = run_cli("demo", "-o", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"bundle written: {out}" in r.stdout.replace("\n", "")
+    flat = " ".join(r.stdout.split())
+    assert flat.startswith(f"mmopt demo: the bundle goes to {out}/, the bench reports to {out}-bench/")
+    assert "what you just saw: 1. one ONNX graph per encoder" in flat and "docs/config.md" in flat
     m = json.loads((out / "manifest.json").read_text())
     fp32 = m["results"]["parity"]["fp32"]
     assert fp32["pipeline"]["failed"] == 0 and fp32["pipeline"]["argmax"] == 1.0
