@@ -7,15 +7,17 @@ given outputs, so the parent's own glue is traced as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import os
 import re
 import logging
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import onnx
 import torch
@@ -291,21 +293,55 @@ class Simplified:
         return f"{self.before} -> {self.after} nodes{grew}"
 
 
+@contextlib.contextmanager
+def native_output() -> Iterator[list[str]]:
+    """What C++ code (onnxsim, ONNX Runtime inside it) writes to stdout / stderr, captured at the file
+    descriptor level instead of reaching the terminal: its warnings ("failed to run SequenceEmpty op",
+    "Skipping constant folding") look like failures next to a passing export. The lines land in the
+    yielded list when the block ends."""
+    import sys
+    import tempfile
+
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            tmp.seek(0)
+            lines.extend(ln for ln in tmp.read().decode(errors="replace").splitlines() if ln.strip())
+
+
 def simplify(src: Path, dst: Path) -> Simplified:
     """onnxsim on ``src`` into ``dst``; on failure ``dst`` is not written. Only onnxsim and the check of its
-    output are inside the ``try``: loading mmopt's own export is not, and saving happens after it."""
+    output are inside the ``try``: loading mmopt's own export is not, and saving happens after it. onnxsim's
+    native output is kept off the terminal; a failure quotes its last line."""
+    import onnxruntime
     import onnxsim
 
+    onnxruntime.set_default_logger_severity(3)  # onnxsim's own sessions: errors only
     model = onnx.load(str(src))
     try:
-        with redirect_stdout(io.StringIO()):
+        with redirect_stdout(io.StringIO()), native_output() as native:
             simplified, ok = onnxsim.simplify(model, check_n=0)
         onnx.checker.check_model(simplified, full_check=True)
     except Exception as e:  # onnxsim raises plain RuntimeErrors (and others) from C++ and Python alike
         if interrupted():
             raise KeyboardInterrupt from None
+        said = f" (it printed: {native[-1][:160]})" if native else ""
         return Simplified(False, len(model.graph.node),
-                          reason=f"onnxsim failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                          reason=f"onnxsim failed: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''}{said}")
     if not ok:
         return Simplified(False, len(model.graph.node), reason="onnxsim's own check failed")
     save(simplified, dst)

@@ -87,3 +87,17 @@ def test_the_simplify_note_says_why_a_graph_can_grow():
     assert Simplified(True, 80, 84).note == "80 -> 84 nodes (folding constants and shapes can add nodes)"
     assert Simplified(True, 84, 80).note == "84 -> 80 nodes"
     assert Simplified(False, 7, reason="onnxsim failed: X").note == "onnxsim failed: X"
+
+
+def test_native_output_stays_off_the_terminal(capfd):
+    """C++ code writing to the file descriptors (as onnxsim does) is captured, not shown."""
+    import os
+
+    from mmopt.stages.export import native_output
+
+    with native_output() as lines:
+        os.write(1, b"WARNING: failed to run SequenceEmpty op\n")
+        os.write(2, b"std::bad_cast\n")
+    out, err = capfd.readouterr()
+    assert "SequenceEmpty" not in out + err and "bad_cast" not in out + err
+    assert lines == ["WARNING: failed to run SequenceEmpty op", "std::bad_cast"]
