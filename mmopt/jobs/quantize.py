@@ -197,10 +197,10 @@ def judge_and_record(result: QuantizeResult, spec: ModelSpec, model: Any, split:
     with open_pipeline(split.components, split.output_sources, files, policy, scratch) as (pipe, runners):
         result.checks = judge(model, spec, split, runners, policy, cal)
         method = spec.calibration.method if spec.calibration else None
-        fix, searched = None, False
+        fix, looked = None, False
         static = {c for c, p in policy.items() if p in STATIC}
         if cal is not None and any(c.failed and c.component in static | {"pipeline"} for c in result.checks):
-            searched = True  # what int8 nodes kept fp32 could fix: a static component's or the pipeline's check
+            looked = True  # what int8 nodes kept fp32 could fix: a static component's or the pipeline's check
             try:
                 fix = find_exclusions(spec, model, split, policy, files, tmp, manifest, scratch, cal, progress)
             except (ValueError, Unconvertible, *refusals()):
@@ -212,7 +212,7 @@ def judge_and_record(result: QuantizeResult, spec: ModelSpec, model: Any, split:
                 "[precision.exclude] table there) and run again, or keep a component at higher precision."
                 if fix else
                 "Keep a component at higher precision, exclude its worst int8 nodes ([precision.exclude]"
-                + (f"; keeping up to {sens.MAX_KEPT} of them in fp32 was not enough" if searched else "") + "), "
+                + (f"; keeping up to {sens.MAX_KEPT} of them in fp32 was not enough" if looked else "") + "), "
                 + (f"try another [calibration].method (this run used {method}; \"auto\" picks the best per "
                    "component), " if static and method != "auto" else "")
                 + "or loosen the gate under [tolerance.<precision>]."))
