@@ -79,15 +79,15 @@ def measure(name: str, ref: np.ndarray, out: np.ndarray, score: bool = False) ->
 
 
 def _norm_change(ref: np.ndarray, out: np.ndarray) -> float:
-    """Worst relative change of a row's norm, over the cosine's rows; a row whose reference norm is below
-    1e-3 of the largest one is noise at that scale and skipped (as ``max_rel`` scales by the output's
-    own magnitude). An all-zero reference counts any output as an infinite change."""
+    """Worst change of a row's norm, over the cosine's rows, relative to that norm or to a tenth of the
+    largest row's, whichever is larger: a row far smaller than the others is judged at the output's own
+    scale (as ``max_rel`` is), so quantization noise on it is not a mis-scaling. An all-zero reference
+    counts any output as an infinite change."""
     r = ref.reshape(ref.shape[0], -1) if ref.ndim > 1 and _row_size(ref.shape) > 1 else ref.reshape(1, -1)
     nr, no = np.linalg.norm(r, axis=1), np.linalg.norm(out.reshape(r.shape), axis=1)
     if nr.max() == 0:
         return 0.0 if no.max() == 0 else float("inf")
-    keep = nr >= 1e-3 * nr.max()
-    return float(np.abs(no[keep] / nr[keep] - 1).max())
+    return float((np.abs(no - nr) / np.maximum(nr, 0.1 * nr.max())).max())
 
 
 def _row_size(shape: tuple[int, ...]) -> int:

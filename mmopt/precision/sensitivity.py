@@ -95,17 +95,17 @@ def _fp32_name(tensor: str, known: set[str]) -> str:
 
 def _error(refs: list[dict[str, np.ndarray]], outs: list[dict[str, np.ndarray]],
            scores: Collection[str]) -> dict[str, float]:
-    rel, cos, agree, rows = 0.0, 1.0, 0.0, 0
+    rel, cos, agree, rows, norm = 0.0, 1.0, 0.0, 0, 0.0
     for r, o in zip(refs, outs):
         for name, ref in r.items():
             m = measure(name, ref, o[name], name in scores)
-            rel, cos = max(rel, m.max_rel), min(cos, m.cos_min)
+            rel, cos, norm = max(rel, m.max_rel), min(cos, m.cos_min), max(norm, m.norm_change)
             if m.argmax is not None:
                 n = int(np.prod(ref.shape[:-1]))
                 agree += m.argmax * n
                 rows += n
     return {"max_rel": round(rel, 5), "cos_min": round(cos, 5),
-            "argmax": None if rows == 0 else round(agree / rows, 4)}
+            "argmax": None if rows == 0 else round(agree / rows, 4), "norm_change": round(norm, 5)}
 
 
 def int8_sensitivity(comp: str, fp32: onnx.ModelProto, qdq: onnx.ModelProto,
@@ -210,7 +210,7 @@ def exclusions_that_pass(spec: Any, model: Any, split: Any, policy: dict[str, st
         runners = {c: SessionRunner(without(fp32[c], protos[c], kept[c]) if c in kept else protos[c]) for c in protos}
         err = _error(refs, [Pipeline(split.components, split.output_sources, runners).infer(i) for i, _ in cases],
                      spec.score_outputs)
-        return err["cos_min"], -err["max_rel"]
+        return min(err["cos_min"], 1 - err["norm_change"]), -err["max_rel"]  # the two int8 gates' worst
 
     kept: dict[str, list[str]] = {}
     best = worst_cos({})

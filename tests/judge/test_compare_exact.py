@@ -53,7 +53,13 @@ def test_the_norm_gate_is_per_sample_and_ignores_noise_level_rows():
     quiet[5] = 1e-6 * rng.standard_normal(16)  # a row at noise level, relative to the others
     noisy = quiet.copy()
     noisy[5] *= 3
-    assert measure("e", quiet, noisy).norm_change == pytest.approx(0.0, abs=1e-6)
+    assert measure("e", quiet, noisy).norm_change < 1e-3  # judged at a tenth of the largest row's norm
+    small = ref.copy()
+    small[5] *= 0.05  # a row a twentieth of the others, scaled 1.5x: 2.5% of the output's scale
+    scaled_small = small.copy()
+    scaled_small[5] *= 1.5
+    assert measure("e", small, scaled_small).norm_change == pytest.approx(
+        0.5 * np.linalg.norm(small[5]) / (0.1 * np.linalg.norm(small, axis=1).max()), rel=1e-5)
     tiny = failures(measure("s", np.array([1e-4]), np.array([1.2e-4])), {**TOL, "max_abs": 1e-3})
     assert tiny == []  # off by 20%, but within the absolute tolerance: the error gate's escape applies
     assert failures(measure("s", np.array([0.0]), np.array([1e-9])), {**TOL, "max_abs": 1e-3}) == []
