@@ -111,7 +111,8 @@ def failures(m: Metrics, tol: dict[str, float]) -> list[str]:
         why.append(f"argmax agreement {m.argmax:.3f} < {tol['min_argmax']}")
     # the error gate's absolute escape applies here too (tiny outputs); int8 has none (its max_abs is inf)
     escape = tol["max_abs"] if math.isfinite(tol["max_abs"]) else 0.0
-    if m.norm_change > tol.get("max_norm_change", float("inf")) and m.max_abs > escape:
+    # a single value has no scale of its own to compare to: like its cosine, it is judged by its error alone
+    if m.norm_change > tol.get("max_norm_change", float("inf")) and m.max_abs > escape and int(np.prod(m.shape)) > 1:
         why.append(f"magnitude off by {m.norm_change:.1%} > {tol['max_norm_change']:.0%} (norm of the output vs "
                    "eager's)")
     return why

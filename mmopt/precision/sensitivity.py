@@ -193,6 +193,7 @@ def exclusions_that_pass(spec: Any, model: Any, split: Any, policy: dict[str, st
     raises the pipeline's worst cosine on ``cases`` (real inputs and eager outputs), then converts and judges
     the policy with those exclusions. Candidates: the worst nodes by their lone error (errors do not add
     up: the node that hurts most alone is not always the one whose removal helps most)."""
+    from mmopt.judge.parity import tolerance_for
     from mmopt.precision.convert import STATIC, convert_component, judge, open_pipeline
     from mmopt.stages.export import save
 
@@ -205,12 +206,17 @@ def exclusions_that_pass(spec: Any, model: Any, split: Any, policy: dict[str, st
                              spec.score_outputs, top=2 * TOP)
         candidates += [(comp, row["node"]) for row in r["worst_nodes"]]
     refs = [out for _, out in cases]
+    gate = tolerance_for(spec, split, policy)("pipeline")
 
     def worst_cos(kept: dict[str, list[str]]) -> tuple[float, float]:
         runners = {c: SessionRunner(without(fp32[c], protos[c], kept[c]) if c in kept else protos[c]) for c in protos}
         err = _error(refs, [Pipeline(split.components, split.output_sources, runners).infer(i) for i, _ in cases],
                      spec.score_outputs)
-        return min(err["cos_min"], 1 - err["norm_change"]), -err["max_rel"]  # the two int8 gates' worst
+        # the worse of the two int8 gates, each as its margin in units of its own gate
+        limit = gate.get("max_norm_change", float("inf"))
+        margin = min((err["cos_min"] - gate["min_cosine"]) / max(1 - gate["min_cosine"], 1e-9),
+                     (limit - err["norm_change"]) / limit if 0 < limit < float("inf") else float("inf"))
+        return margin, -err["max_rel"]
 
     kept: dict[str, list[str]] = {}
     best = worst_cos({})

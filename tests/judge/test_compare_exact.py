@@ -63,6 +63,9 @@ def test_the_norm_gate_is_per_sample_and_ignores_noise_level_rows():
     tiny = failures(measure("s", np.array([1e-4]), np.array([1.2e-4])), {**TOL, "max_abs": 1e-3})
     assert tiny == []  # off by 20%, but within the absolute tolerance: the error gate's escape applies
     assert failures(measure("s", np.array([0.0]), np.array([1e-9])), {**TOL, "max_abs": 1e-3}) == []
+    int8 = {**TOL, "max_abs": float("inf"), "max_rel": float("inf")}
+    assert failures(measure("s", np.array([[0.37]]), np.array([[0.25]])), int8) == []  # one value: error alone
+    assert failures(measure("c", np.array([[0.37], [0.5]]), np.array([[0.74], [1.0]])), int8)  # a column 2x off
 
 
 def test_each_gate_fires_alone_and_says_why():
