@@ -128,7 +128,7 @@ def sensitivity_table(report: dict[str, Any]) -> Table:
         t.add_column(col, justify="right" if col in ("max rel", "cos min", "argmax") else "left")
     for comp, r in report.items():
         w = r["whole_component"]
-        t.add_row(escape(comp), "(all quantized nodes)", str(r["quantized_nodes"]), f"{w['max_rel']:.4f}",
+        t.add_row(escape(comp), f"(all {r['quantized_nodes']} quantized nodes)", "", f"{w['max_rel']:.4f}",
                   f"{w['cos_min']:.5f}", "-" if w["argmax"] is None else f"{w['argmax']:.3f}")
         for row in r["worst_nodes"]:
             t.add_row("", escape(row["node"]), escape(row["op"]), f"{row['max_rel']:.4f}", f"{row['cos_min']:.5f}",

@@ -65,7 +65,8 @@ def plan_islands(proto: onnx.ModelProto, floats: dict[str, str], top: dict[str, 
     if fragile:
         for node in proto.graph.node:
             if node.op_type in NORMALISATION:
-                islands.setdefault(node.name, f"fragile: {node.op_type} (normalisation reduction)")
+                islands.setdefault(node.name, f"fragile: {node.op_type} (a reduction over many values: fp16 "
+                                              "accumulates it with too few bits)")
             elif node.op_type == "Pow":
                 islands.setdefault(node.name, "fragile: Pow")
             elif node.op_type == "Softmax" and top.get(node.input[0], 0.0) > SOFTMAX_FAR:
