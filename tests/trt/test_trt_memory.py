@@ -50,12 +50,14 @@ class HostCudart:
         return (0, b"out of memory")
 
     def cudaSetDevice(self, index):  # noqa: N802
+        self.device_index = index
         return self._ok("cudaSetDevice")
 
     def cudaStreamCreate(self):  # noqa: N802
         return self._ok("cudaStreamCreate", 0x5EED)
 
     def cudaMalloc(self, nbytes):  # noqa: N802
+        assert nbytes >= 1, "cudaMalloc of 0 bytes gives no usable pointer"
         buf = (ctypes.c_char * nbytes)()
         self.device[ctypes.addressof(buf)] = buf
         return self._ok("cudaMalloc", ctypes.addressof(buf))
@@ -81,15 +83,16 @@ class HostCudart:
         return self._ok("cudaMemcpyAsync", )
 
     def cudaStreamSynchronize(self, stream):  # noqa: N802
+        assert stream == 0x5EED
         return self._ok("cudaStreamSynchronize")
 
     def cudaStreamBeginCapture(self, stream, mode):  # noqa: N802
-        assert mode == self.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        assert stream == 0x5EED and mode == self.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         self.capturing = True
         return self._ok("cudaStreamBeginCapture")
 
     def cudaStreamEndCapture(self, stream):  # noqa: N802
-        assert self.capturing
+        assert self.capturing and stream == 0x5EED
         self.capturing = False
         return self._ok("cudaStreamEndCapture", "graph")
 
@@ -108,6 +111,7 @@ class HostCudart:
         return self._ok("cudaGraphDestroy")
 
     def cudaStreamDestroy(self, stream):  # noqa: N802
+        assert stream == 0x5EED
         return self._ok("cudaStreamDestroy")
 
 
@@ -265,3 +269,79 @@ def test_torch_memory_keeps_addresses_for_the_same_shape_and_replaces_on_change(
     assert graph.replays == 2
     torch_mem.close()
     assert torch_mem.buffers == {}
+
+
+def _drive(mem: memory.CudaPythonMemory) -> None:
+    """Every CUDA call the runner's memory makes, in the order a CUDA-graph run makes them."""
+    mem.put("x", np.ones((2, 2), np.float32), "float32")
+    mem.put("x", np.ones((4, 4), np.float32), "float32")  # grows: cudaFree + cudaMalloc
+    mem.get("x")
+    mem.replay(mem.capture(lambda: None))
+
+
+@pytest.mark.parametrize("call", ["cudaStreamCreate", "cudaMalloc", "cudaFree", "cudaMemcpyAsync",
+                                  "cudaStreamSynchronize", "cudaStreamBeginCapture", "cudaStreamEndCapture",
+                                  "cudaGraphInstantiate", "cudaGraphLaunch"])
+def test_a_failing_cuda_call_is_named_with_cudas_message(monkeypatch, call):
+    fake = HostCudart(fail=call)
+    monkeypatch.setattr(device, "cudart", lambda: fake)
+    with pytest.raises(RuntimeError) as e:
+        _drive(memory.CudaPythonMemory(0))
+    assert str(e.value) == f"{call} failed: out of memory"
+
+
+def test_sizes_devices_and_equal_sizes(rt):
+    mem = memory.CudaPythonMemory(3)
+    assert rt.device_index == 3
+    empty = mem.empty("e", (0, 4), "float32")  # an empty tensor still gets a pointer TensorRT can bind
+    assert len(rt.device[empty]) == 1 and mem.get("e").shape == (0, 4)
+    a = mem.put("x", np.ones(8, np.float32), "float32")
+    assert mem.put("x", np.zeros(8, np.float32), "float32") == a  # exactly the same size: no new allocation
+    assert [c[0] for c in rt.calls].count("cudaMalloc") == 2 and rt.freed == []
+
+
+def test_auto_memory_prefers_torch_when_it_sees_a_gpu(monkeypatch):
+    made = []
+    monkeypatch.setattr(memory, "_torch_cuda", lambda: True)
+    monkeypatch.setattr(memory, "TorchMemory", lambda index: made.append(("torch", index)) or "torch-memory")
+    assert memory.make_memory("auto", 2) == "torch-memory" and made == [("torch", 2)]
+    assert memory.make_memory("torch", 1) == "torch-memory" and made[-1] == ("torch", 1)
+    monkeypatch.setattr(memory, "_torch_cuda", lambda: False)
+    monkeypatch.setattr(memory, "CudaPythonMemory", lambda index: made.append(("cuda-python", index)) or "cp")
+    assert memory.make_memory("auto", 4) == "cp" and made[-1] == ("cuda-python", 4)
+
+
+def test_memory_error_messages_exactly(monkeypatch):
+    monkeypatch.setattr(memory, "_torch_cuda", lambda: False)
+    with pytest.raises(TensorRTUnavailable) as e:
+        memory.make_memory("torch")
+    assert str(e.value) == "memory='torch' needs a CUDA build of torch that sees a GPU."
+
+    def missing():
+        raise ImportError("no cuda")
+
+    monkeypatch.setattr(device, "cudart", missing)
+    with pytest.raises(TensorRTUnavailable) as e:
+        memory.make_memory("cuda-python")
+    assert str(e.value) == ("the TensorRT runner needs torch with CUDA or cuda-python for device memory: "
+                            "pip install 'mmopt[edge]' (cuda-python) on the device.")
+    monkeypatch.setattr(device, "cudart", lambda: HostCudart())
+    with pytest.raises(TensorRTUnavailable) as e:
+        memory.CudaPythonMemory(0).empty("b", (2,), "bfloat16")
+    assert str(e.value) == "bfloat16 engine I/O needs torch (numpy has no bfloat16): run with memory='torch'."
+
+
+def test_torch_memory_uses_the_asked_device_and_its_own_stream(monkeypatch):
+    import torch
+
+    made = []
+
+    class Stream(FakeStream):
+        def __init__(self, device=None):
+            super().__init__()
+            made.append(device)
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    mem = memory.TorchMemory(2)
+    assert mem.device == torch.device("cuda", 2) and made == [torch.device("cuda", 2)]
+    assert mem.stream == 0xABC and mem.buffers == {} and mem.kind == "torch"
