@@ -118,3 +118,13 @@ def test_baselines_are_refused_with_what_to_pass(tmp_path):
     other["bundle"]["fingerprint"] = "f2"
     with pytest.raises(UsageError, match="it reports another model"):
         gates.compare(report(), other, "o.json", 0.1)
+
+
+def test_a_comparison_row_exactly():
+    base = report(ratio=0.5, p50=2.0, ci=(0.45, 0.55))
+    now = report(ratio=0.6, p50=2.5, ci=(0.58, 0.62))
+    rows = gates.compare(now, base, "b.json", 0.10)["rows"]
+    assert rows[1] == {"variant": "onnxruntime/fp32", "graph": "pipeline", "batch": 1, "baseline_p50": 2.0,
+                       "p50": 2.5, "p50_change": 0.25, "change": 0.2, "baseline_ratio_vs_eager": 0.5,
+                       "ratio_vs_eager": 0.6, "baseline_ratio_ci95": [0.45, 0.55], "ratio_ci95": [0.58, 0.62],
+                       "gated": True, "regressed": False}  # +20%, but 0.58 / 0.55 - 1 = 5.5%: inside the noise
