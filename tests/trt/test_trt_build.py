@@ -37,7 +37,7 @@ def test_preflight_without_tensorrt_or_gpu_says_how_to_build_on_the_target(monke
     msg, err = str(e.value), e.value
     assert err.exit_code == 1
     assert "TensorRT cannot be imported" in msg and "no NVIDIA GPU is visible" in msg
-    for hint in ("target device", "identical GPU and software image", "JetPack", "pip install 'mmopt[tensorrt]'",
+    for hint in ("target device", "identical GPU and software image", "JetPack", "pip install -e '.[tensorrt]'",
                  "copy the bundle", "mmopt build BUNDLE"):
         assert hint in msg
 
