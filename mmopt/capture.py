@@ -375,7 +375,8 @@ def split(model: torch.nn.Module, spec: ModelSpec, seed: int = 0) -> Split:
 
     for c in list(components.values()):
         offer(c)
-    for comp in glued:  # each reads the model inputs and the calls that ended before it began
+    for comp in sorted(glued, key=lambda c: opt.calls[c].started):  # in call order: each reads the model
+        # inputs and the calls that ended before it began
         began = opt.calls[comp].started
         before = [(t, src) for end, t, src in offered if end < began]
         glue = ([*model_inputs, *(t for t, _ in before)],

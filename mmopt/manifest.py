@@ -11,6 +11,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,9 +352,11 @@ def external_path(manifest: Path, value: Any, field: str) -> Path | None:
         raise BundleError(f"{manifest}: field '{field}': {value!r} is not a normalised path. mmopt records the "
                           "config and checkpoint a bundle was exported from relative to the bundle (or absolute); "
                           "this manifest was edited or is not from mmopt. Re-export the bundle, or pass --config.")
+    if re.match(r"^[A-Za-z]:[\\/]", value) or ("\\" in value and os.sep == "/"):
+        return Path(value)  # written on Windows: it names no file here (the caller says to pass --config)
     bundle = Path(manifest).parent.resolve()
     path = Path(value) if os.path.isabs(value) else Path(os.path.normpath(bundle / value))
-    if path.resolve() == bundle or bundle in path.resolve().parents:
+    if path.exists() and (path.resolve() == bundle or bundle in path.resolve().parents):
         # mmopt never writes the user's files into a bundle (export replaces the folder): a manifest naming a
         # config or checkpoint inside its own bundle would make the bundle run code it brought along
         raise BundleError(f"{manifest}: field '{field}': {value!r} lies inside the bundle. The config and the "
@@ -367,7 +370,7 @@ def portable_path(path: Path, bundle: Path) -> str:
     possible (``external_path`` reads it back)."""
     path, bundle = Path(path).resolve(), Path(bundle).resolve()
     try:
-        return os.path.relpath(path, bundle)
+        return Path(os.path.relpath(path, bundle)).as_posix()  # forward slashes: readable on every OS
     except ValueError:  # another drive (Windows): no relative path exists
         return str(path)
 

@@ -29,12 +29,15 @@ def _flags_take_no_value() -> None:
     """Typer shows every option's type (``--engine <bool>``), as if a flag took a value: flags show none."""
     import typer.core
 
-    shown = typer.core.TyperOption.display_type_rich
+    option = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None:  # older typer shows no type column at all: nothing to hide
+        return
 
     def display_type_rich(self, ctx):  # type: ignore[no-untyped-def]
         return None if getattr(self, "is_flag", False) else shown(self, ctx)
 
-    typer.core.TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+    option.display_type_rich = display_type_rich  # type: ignore[union-attr]
 
 
 _flags_take_no_value()

@@ -47,7 +47,8 @@ def export(
     console.print(f"[green]bundle written:[/] {escape(str(result.bundle))}  ({result.seconds['total']:.1f} s)",
                   highlight=False)
     b = escape(str(out))
-    console.print(f"next: mmopt quantize {b} -p image=fp16 (int8 needs \\[calibration] in the config) · "
+    first = escape(next(c for c, s in result.manifest.components.items() if s.kind == "encoder"))
+    console.print(f"next: mmopt quantize {b} -p {first}=fp16 (int8 needs \\[calibration] in the config) · "
                   f"mmopt bench {b} -o {b}-bench/" + ("" if engine else f" · mmopt build {b} on the target GPU"),
                   highlight=False, style="dim")
     if engine:

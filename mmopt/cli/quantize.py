@@ -97,7 +97,7 @@ def show(result: Any) -> None:
                       "stands; it was judged before the report)", highlight=False)
     console.print(f"[green]bundle updated:[/] {escape(str(result.bundle))}  ({result.seconds:.1f} s)", highlight=False)
     b = escape(str(result.bundle))
-    engine = next((p for p in result.policy.values() if p in ("fp16", "int8")), None)  # what TensorRT builds
+    engines = any(p in ("fp16", "int8") for p in result.policy.values())  # what TensorRT builds
     console.print(f"next: mmopt bench {b} -o {b}-bench/ (latency and parity of every variant)"
-                  + (f" · mmopt build {b} --precision {engine} on the target GPU" if engine else ""),
+                  + (f" · mmopt build {b} on the target GPU (every precision the bundle holds)" if engines else ""),
                   highlight=False, style="dim")

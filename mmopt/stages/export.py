@@ -59,7 +59,7 @@ def _stub_outputs(out_calls: dict[str, Any], by_source: dict[str, torch.Tensor])
             for c, call in out_calls.items()}
 
 
-class _Kept(Exception):
+class _Kept(BaseException):  # not an Exception: a model's own `except Exception` must not swallow it
     """Ends the parent's forward once the glued encoder has run: nothing after it belongs to its graph
     (and stubbed outputs of later calls, constants here, would pin dynamic sizes if traced)."""
 
@@ -303,23 +303,41 @@ def native_output() -> Iterator[list[str]]:
     import tempfile
 
     lines: list[str] = []
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # a closed descriptor (a daemon, `>&-`): nothing to keep off a terminal
+        yield lines
+        return
     with tempfile.TemporaryFile() as tmp:
         for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        saved = [os.dup(1), os.dup(2)]
+            if stream is not None:
+                stream.flush()
         os.dup2(tmp.fileno(), 1)
         os.dup2(tmp.fileno(), 2)
         try:
             yield lines
         finally:
             for stream in (sys.stdout, sys.stderr):
-                stream.flush()
+                if stream is not None:
+                    stream.flush()
+            _flush_c_streams()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
             tmp.seek(0)
             lines.extend(ln for ln in tmp.read().decode(errors="replace").splitlines() if ln.strip())
+
+
+def _flush_c_streams() -> None:
+    """The C library's stdio buffers (C++ code printing to a pipe is fully buffered): flushed while the
+    capture is still in place, so nothing reaches the real stdout later."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no libc symbols (Windows): Python's flush is all there is
+        pass
 
 
 def simplify(src: Path, dst: Path) -> Simplified:
@@ -331,6 +349,7 @@ def simplify(src: Path, dst: Path) -> Simplified:
 
     onnxruntime.set_default_logger_severity(3)  # onnxsim's own sessions: errors only
     model = onnx.load(str(src))
+    native: list[str] = []
     try:
         with redirect_stdout(io.StringIO()), native_output() as native:
             simplified, ok = onnxsim.simplify(model, check_n=0)

@@ -608,10 +608,27 @@ def test_a_manifest_cannot_point_at_a_config_inside_its_bundle(project, field, v
     """A downloaded bundle could carry its own mmopt.toml and factory code: a manifest naming a config
     or checkpoint inside the bundle is refused before anything is imported."""
     (project.root / "toy.py").write_text("raise SystemExit('model code ran')\n")  # must never be imported
-    (project.bundle / "mmopt.toml").write_text((project.root / "mmopt.toml").read_text())
+    value = value.replace("<bundle>", str(project.bundle.resolve()))
+    planted = project.bundle / value  # an absolute value replaces the bundle part
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_text((project.root / "mmopt.toml").read_text())
     m = project.read()
-    m["model"][field] = value.replace("<bundle>", str(project.bundle.resolve()))
+    m["model"][field] = value
     project.write(m)
     r = cli("bench", project.bundle, "-o", project.root / "r", *BENCH)
     refused(r, "manifest.json", f"model.{field}", "lies inside the bundle")
     assert "model code ran" not in r.text
+
+
+def test_paths_written_on_windows_load_here_and_ask_for_config(tmp_path):
+    from pathlib import Path
+
+    """A bundle exported on Windows records ``..\\mmopt.toml`` / ``C:\\...``: here they name no file, so the
+    bundle still loads (inspect, verify, build) and a command that needs the config asks for --config."""
+    from mmopt.manifest import external_path
+
+    manifest = tmp_path / "b" / "manifest.json"
+    manifest.parent.mkdir()
+    assert external_path(manifest, "C:\\proj\\mmopt.toml", "model.config_absolute") == Path("C:\\proj\\mmopt.toml")
+    assert not external_path(manifest, "..\\mmopt.toml", "model.config").is_file()
+    assert external_path(manifest, "../mmopt.toml", "model.config") == tmp_path / "mmopt.toml"
