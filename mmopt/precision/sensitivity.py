@@ -208,8 +208,10 @@ def exclusions_that_pass(spec: Any, model: Any, split: Any, policy: dict[str, st
     refs = [out for _, out in cases]
     gate = tolerance_for(spec, split, policy)("pipeline")
 
+    as_judged = {c: SessionRunner(p) for c, p in protos.items()}  # one session per graph left as it is
+
     def worst_cos(kept: dict[str, list[str]]) -> tuple[float, float]:
-        runners = {c: SessionRunner(without(fp32[c], protos[c], kept[c]) if c in kept else protos[c]) for c in protos}
+        runners = {**as_judged, **{c: SessionRunner(without(fp32[c], protos[c], nodes)) for c, nodes in kept.items()}}
         err = _error(refs, [Pipeline(split.components, split.output_sources, runners).infer(i) for i, _ in cases],
                      spec.score_outputs)
         # the worse of the two int8 gates, each as its margin in units of its own gate
