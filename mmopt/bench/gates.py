@@ -61,7 +61,7 @@ def load_baseline(path: str | Path, schema_version: int) -> dict[str, Any]:
 
 
 def check_same_model(report: dict[str, Any], baseline: dict[str, Any], path: str | Path) -> None:
-    ours, theirs = report["bundle"], baseline.get("bundle", {})
+    ours, theirs = report["bundle"], baseline["bundle"]
     if ours["fingerprint"] != theirs.get("fingerprint"):
         raise UsageError(f"--baseline {path}: it reports another model (bundle fingerprint {theirs.get('fingerprint')}, "
                          f"factory {theirs.get('factory')}) than {ours['path']} (fingerprint {ours['fingerprint']}, "
@@ -74,6 +74,8 @@ def _key(row: dict[str, Any]) -> tuple[str, str, int]:
 
 
 GATES = ("ratio", "p50")
+# what makes two reports' raw timings comparable (``same_machine`` in the comparison)
+MACHINE_KEYS = ("cpus", "gpu", "processor", "platform")
 
 
 def check_gate_on(gate_on: str) -> None:
@@ -106,7 +108,7 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], path: str | Path, 
     The eager reference itself (ratio 1 by definition) is gated only by p50."""
     check_gate_on(gate_on)
     check_same_model(report, baseline, path)
-    old = {_key(r): r for r in baseline.get("latency", [])}
+    old = {_key(r): r for r in baseline["latency"]}
     rows = []
     for r in report["latency"]:
         b = old.get(_key(r))
@@ -131,16 +133,15 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], path: str | Path, 
                      "gated": gated, "regressed": gated and beyond})
     now = {_key(r) for r in report["latency"]}
     unmatched = {"only_in_baseline": len(set(old) - now), "only_in_this_run": len(now - set(old))}
-    old_tasks = {v["id"]: v.get("task") for v in baseline.get("variants", [])}
+    old_tasks = {v["id"]: v.get("task") for v in baseline["variants"]}
     tasks = [{"variant": v["id"], "baseline_score": (old_tasks.get(v["id"]) or {}).get("score"),
               "score": v["task"]["score"]} for v in report["variants"] if v.get("task")]
-    same_machine = {k: baseline.get("machine", {}).get(k) for k in ("cpus", "gpu", "processor", "platform")} == \
-                   {k: report["machine"].get(k) for k in ("cpus", "gpu", "processor", "platform")}
+    same_machine = all(baseline["machine"].get(k) == report["machine"].get(k) for k in MACHINE_KEYS)
     return {"path": str(path), "created": baseline.get("created"), "max_latency_regression": max_regression,
             "gate_on": gate_on,
             "same_machine": same_machine, "same_artifacts": baseline["bundle"].get("artifacts") ==
             report["bundle"]["artifacts"], "unmatched": unmatched, "rows": rows, "tasks": tasks,
-            "baseline_threads": baseline.get("settings", {}).get("threads")}
+            "baseline_threads": baseline["settings"].get("threads")}
 
 
 def evaluate(report: dict[str, Any], max_accuracy_drop: float | None) -> dict[str, Any]:
@@ -159,7 +160,7 @@ def evaluate(report: dict[str, Any], max_accuracy_drop: float | None) -> dict[st
     base = report.get("baseline")
     if base:
         for r in base["rows"]:
-            if r["regressed"] and base.get("gate_on", "p50") == "p50":
+            if r["regressed"] and base["gate_on"] == "p50":
                 failures.append(f"latency {r['variant']} {r['graph']} batch {r['batch']}: p50 {r['p50']:.3f} ms vs "
                                 f"baseline {r['baseline_p50']:.3f} ms (+{r['change']:.1%} > "
                                 f"{base['max_latency_regression']:.0%})")

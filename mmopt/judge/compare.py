@@ -36,7 +36,7 @@ class Metrics:
 def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Cosine per sample (first axis); over the whole tensor for rank 1 and for one-element rows (a
     [batch, 1] logit or gate), whose per-row cosine would only be a sign test."""
-    r = ref.reshape(ref.shape[0], -1) if ref.ndim > 1 and _row_size(ref.shape) > 1 else ref.reshape(1, -1)
+    r = _rows(ref)
     o = out.reshape(r.shape)
     num = (r * o).sum(1)
     den = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
@@ -56,16 +56,16 @@ def measure(name: str, ref: np.ndarray, out: np.ndarray, score: bool = False) ->
                        0, 0, float("inf"))
     if ref.dtype == np.bool_ or np.issubdtype(ref.dtype, np.integer):
         same = float((ref == out).mean()) if ref.size else 1.0
-        diff = float(np.abs(ref.astype(np.int64) - out.astype(np.int64)).max()) if ref.size else 0.0
+        diff = float(np.abs(ref.astype(np.int64) - out.astype(np.int64)).max(initial=0))
         return Metrics(name, tuple(ref.shape), diff, diff, same, same, None, 0, 0)
     r = ref.astype(np.float64)
     o = out.astype(np.float64)
     bad_nan = int((np.isnan(o) | np.isnan(r)).sum())
     bad_inf = int((np.isinf(o) | np.isinf(r)).sum())
     finite = np.isfinite(r) & np.isfinite(o)
-    diff = np.abs(r - o)[finite]
-    max_abs = float(diff.max()) if diff.size else 0.0
-    scale = float(np.abs(r[np.isfinite(r)]).max()) if np.isfinite(r).any() else 0.0
+    diff = np.abs(r[finite] - o[finite])
+    max_abs = float(diff.max(initial=0.0))
+    scale = float(np.abs(r[np.isfinite(r)]).max(initial=0.0))
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
     cos = _cosines(np.where(finite, r, 0), np.where(finite, o, 0)) if r.size else np.ones(1)
     argmax = None
@@ -83,18 +83,19 @@ def _norm_change(ref: np.ndarray, out: np.ndarray) -> float:
     largest row's, whichever is larger: a row far smaller than the others is judged at the output's own
     scale (as ``max_rel`` is), so quantization noise on it is not a mis-scaling. An all-zero reference
     counts any output as an infinite change."""
-    r = ref.reshape(ref.shape[0], -1) if ref.ndim > 1 and _row_size(ref.shape) > 1 else ref.reshape(1, -1)
+    r = _rows(ref)
     nr, no = np.linalg.norm(r, axis=1), np.linalg.norm(out.reshape(r.shape), axis=1)
     if nr.max() == 0:
         return 0.0 if no.max() == 0 else float("inf")
     return float((np.abs(no - nr) / np.maximum(nr, 0.1 * nr.max())).max())
 
 
-def _row_size(shape: tuple[int, ...]) -> int:
-    """Elements per cosine row: per sample (first axis) for rank >= 2, the whole vector for rank 1."""
-    if len(shape) >= 2:
-        return int(np.prod(shape[1:]))
-    return int(shape[0]) if shape else 1
+def _rows(a: np.ndarray) -> np.ndarray:
+    """The rows the cosine and the norm check compare: one per sample (first axis) for rank >= 2; the
+    whole tensor as one row for rank <= 1 and for one-element samples (a [batch, 1] logit or gate)."""
+    if a.ndim > 1 and int(np.prod(a.shape[1:])) > 1:
+        return a.reshape(a.shape[0], -1)
+    return a.reshape(1, -1)
 
 
 def failures(m: Metrics, tol: dict[str, float]) -> list[str]:

@@ -128,3 +128,118 @@ def test_a_comparison_row_exactly():
                        "p50": 2.5, "p50_change": 0.25, "change": 0.2, "baseline_ratio_vs_eager": 0.5,
                        "ratio_vs_eager": 0.6, "baseline_ratio_ci95": [0.45, 0.55], "ratio_ci95": [0.58, 0.62],
                        "gated": True, "regressed": False}  # +20%, but 0.58 / 0.55 - 1 = 5.5%: inside the noise
+
+
+# ---- edges (the mutation run, group gates, leans on these) -------------------------------------------
+
+def ratio_rows(now: dict, then: dict, limit: float = 0.1) -> tuple[float, bool]:
+    return gates._ratio_regressed(now, then, limit)
+
+
+@pytest.mark.parametrize("now", [None, float("nan"), float("inf"), 0.0, -0.5, "0.5"])
+def test_a_ratio_that_is_not_a_positive_number_is_not_gated(now):
+    assert ratio_rows({"ratio_vs_eager": now}, {"ratio_vs_eager": 0.5}) == (0.0, False)
+    assert ratio_rows({"ratio_vs_eager": 0.5}, {"ratio_vs_eager": now}) == (0.0, False)
+
+
+def test_the_ratio_rule_at_exactly_its_limit_and_without_a_usable_interval():
+    now = {"ratio_vs_eager": 0.8, "ratio_ci95": [0.75, 0.85]}
+    assert ratio_rows(now, {"ratio_vs_eager": 0.5, "ratio_ci95": [0.45, 0.5]}, 0.5) == (pytest.approx(0.6), False)
+    assert ratio_rows(now, {"ratio_vs_eager": 0.5, "ratio_ci95": [0.45, 0.5]}, 0.4999) == (pytest.approx(0.6), True)
+    # a baseline interval that ends at or below zero says nothing: the change is shown, not gated
+    assert ratio_rows(now, {"ratio_vs_eager": 0.5, "ratio_ci95": [0.0, 0.0]}) == (pytest.approx(0.6), False)
+    assert ratio_rows(now, {"ratio_vs_eager": 0.5, "ratio_ci95": [-1.0, -0.5]}) == (pytest.approx(0.6), False)
+    # no interval on either side: the point ratios
+    assert ratio_rows({"ratio_vs_eager": 0.75}, {"ratio_vs_eager": 0.5}, 0.5) == (0.5, False)
+    assert ratio_rows({"ratio_vs_eager": 0.76}, {"ratio_vs_eager": 0.5}, 0.5)[1] is True
+
+
+def test_rows_the_baseline_lacks_are_skipped_and_the_rest_compared():
+    base = report()
+    base["latency"] = base["latency"][1:]  # no eager row: the first row of this run has no partner
+    rows = gates.compare(report(), base, "b", 0.1)["rows"]
+    assert [(r["variant"], r["graph"]) for r in rows] == [("onnxruntime/fp32", "pipeline"), ("onnxruntime/fp32", "image")]
+
+
+def test_p50_changes_exactly():
+    base = report(p50=0.5)
+    rows = gates.compare(report(p50=0.75), base, "b", 0.5, gate_on="p50")["rows"]
+    assert rows[1]["p50_change"] == 0.5 and rows[1]["change"] == 0.5 and rows[1]["regressed"] is False  # at the limit
+    assert gates.compare(report(p50=0.7501), base, "b", 0.5, gate_on="p50")["rows"][1]["regressed"] is True
+    zero = report(p50=0.0)
+    assert gates.compare(report(p50=1.0), zero, "b", 0.1)["rows"][1]["p50_change"] == 0.0
+    fine = gates.compare(report(p50=2.00003), report(p50=2.0), "b", 0.1, gate_on="p50")["rows"][1]
+    assert fine["p50_change"] == 0.0 and fine["change"] == 0.0  # rounded to 4 places
+    # the eager row under the ratio gate: its p50 change, shown and never gated
+    eager = report()
+    eager["latency"][0]["p50"] = 6.0
+    row = gates.compare(eager, report(), "b", 0.1)["rows"][0]
+    assert (row["change"], row["gated"], row["regressed"]) == (0.5, False, False)
+
+
+@pytest.mark.parametrize("key", gates.MACHINE_KEYS)
+def test_same_machine_means_every_machine_key_equal(key):
+    machine = {"cpus": 2, "gpu": "none", "processor": "x86_64", "platform": "Linux"}
+    now, base = report(), report()
+    now["machine"], base["machine"] = dict(machine), {**machine, key: "other"}
+    assert gates.compare(now, base, "b", 0.1)["same_machine"] is False
+    base["machine"] = {**machine, "hostname": "elsewhere"}  # not a timing-relevant key
+    assert gates.compare(now, base, "b", 0.1)["same_machine"] is True
+
+
+def test_another_model_is_refused_with_both_fingerprints_exactly():
+    other = report()
+    other["bundle"] = {**other["bundle"], "fingerprint": "f2", "factory": "n:g"}
+    with pytest.raises(UsageError) as e:
+        gates.compare(report(), other, "o.json", 0.1)
+    assert str(e.value) == ("--baseline o.json: it reports another model (bundle fingerprint f2, factory n:g) than b "
+                            "(fingerprint f1, factory m:f): inputs, outputs or components differ, so latencies cannot "
+                            "be compared. Use a baseline made from a bundle of this model.")
+
+
+def test_baseline_refusals_exactly(tmp_path):
+    path = tmp_path / "r.json"
+    fix = "Pass the report.json that `mmopt bench` wrote, or regenerate it."
+    path.write_text("{")
+    with pytest.raises(UsageError) as e:
+        gates.load_baseline(path, 1)
+    assert str(e.value).startswith(f"{path}: not valid JSON (") and str(e.value).endswith(f"). {fix}")
+    path.write_text(json.dumps({"kind": "mmopt-bundle"}))
+    with pytest.raises(UsageError) as e:
+        gates.load_baseline(path, 1)
+    assert str(e.value) == (f"--baseline {path}: not an mmopt bench report (no \"kind\": \"mmopt-bench-report\"). "
+                            "Pass the report.json that `mmopt bench` wrote, not a bundle manifest.")
+    broken = report()
+    del broken["machine"]
+    path.write_text(json.dumps(broken))
+    with pytest.raises(UsageError) as e:
+        gates.load_baseline(path, 1)
+    assert str(e.value) == f"{path}: field '(top level)': 'machine' is a required property. {fix}"
+
+
+def test_failure_lines_with_intervals_and_several_reasons_exactly():
+    r = report(ratio=0.8, ci=(0.78, 0.82))
+    r["variants"][1]["checks"] = [{"where": "fusion@opt", "name": "logits", "failed": ["a", "b"]}]
+    r["baseline"] = gates.compare(r, report(ratio=0.5, ci=(0.45, 0.55)), "b", 0.10)
+    assert gates.evaluate(r, None)["failures"] == [
+        "parity onnxruntime/fp32 fusion@opt logits: a; b",
+        "latency onnxruntime/fp32 pipeline batch 1: 0.800x eager (95% interval 0.78-0.82) vs baseline 0.500x "
+        "(0.45-0.55): +60.0%, beyond this run's spread and 10%"]
+
+
+def test_the_accuracy_gate_reads_eagers_score_wherever_eager_is_listed():
+    r = report(score=0.5)
+    r["variants"].reverse()  # eager listed last
+    r["variants"][1]["task"] = {"score": 0.75}
+    assert gates.evaluate(r, 0.25)["passed"] is True  # a drop of exactly the limit passes
+    assert gates.evaluate(r, 0.2499)["failures"] == [
+        "accuracy onnxruntime/fp32: 0.5000 vs eager 0.7500, drop 0.2500 > max_accuracy_drop 0.2499"]
+    del r["variants"][1]["task"]  # no eager score: nothing to compare against
+    assert gates.evaluate(r, 0.01)["passed"] is True
+
+
+def test_the_gate_error_lists_every_failure_and_carries_the_result():
+    result = object()
+    with pytest.raises(GateError) as e:
+        gates.raise_for_gates({"gates": {"passed": False, "failures": ["one", "two"]}}, result)
+    assert str(e.value) == "bench gates failed (2):\n  one\n  two" and e.value.result is result
