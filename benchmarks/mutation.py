@@ -42,7 +42,7 @@ GROUPS = {
                  ["tests/trt/test_api_conformance.py", "tests/trt/test_trt_protocol.py"]),
     "store": (["mmopt/store.py"], ["tests/reliability", "tests/test_store.py"], ["tests/reliability"]),
     "gates": (["mmopt/judge/compare.py", "mmopt/bench/gates.py"],
-              ["tests/judge/test_compare_exact.py", "tests/bench/test_gates_unit.py"],
+              ["tests/judge/test_compare_exact.py", "tests/judge/test_compare_edges.py", "tests/bench/test_gates_unit.py"],
               []),
     "precision-stages": (["mmopt/stages/int8.py", "mmopt/stages/fp16.py", "mmopt/stages/ranges.py"],
                          ["tests/precision"], []),
@@ -84,8 +84,9 @@ def rerun_untested(mutants: Path, keys: list[str], tests: list[str], jobs: int) 
         return dict(zip(keys, pool.map(one, keys)))
 
 
-def run_group(name: str, work: Path, jobs: int) -> dict:
+def run_group(name: str, work: Path, jobs: int, only: list[str] | None = None) -> dict:
     modules, tests, child_tests = GROUPS[name]
+    modules = only or modules
     tests = [t for t in tests if (ROOT / t).exists()]
     work.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True).stdout
@@ -129,7 +130,11 @@ def main() -> None:
     ap.add_argument("groups", nargs="*", default=list(GROUPS), help=f"groups to run: {', '.join(GROUPS)}")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--keep", type=Path, help="keep the work folders here (for `mutmut show`)")
+    ap.add_argument("--modules", nargs="+", metavar="PATH",
+                    help="re-measure only these modules of the (one) group; the group's other rows are kept")
     args = ap.parse_args()
+    if args.modules and len(args.groups) != 1:
+        raise SystemExit("--modules needs exactly one group")
     unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:
         raise SystemExit(f"unknown group(s) {unknown}; groups: {', '.join(GROUPS)}")
@@ -143,7 +148,15 @@ def main() -> None:
         if work.exists():
             shutil.rmtree(work)
         print(f"{g}: mutating {', '.join(GROUPS[g][0])} ...", flush=True)
-        res = run_group(g, work, args.jobs)
+        res = run_group(g, work, args.jobs, args.modules)
+        for row in res["per_module"].values():
+            row["commit"] = commit
+        if args.modules and g in results["groups"]:  # keep the rows not re-measured, each with its own commit
+            old = results["groups"][g]
+            for row in old["per_module"].values():
+                row.setdefault("commit", old.get("commit"))
+            res = {**res, "modules": old["modules"], "per_module": {**old["per_module"], **res["per_module"]},
+                   "seconds": res["seconds"]}
         res["commit"] = commit
         results["groups"][g] = res
         for mod, row in res["per_module"].items():
