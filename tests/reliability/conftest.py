@@ -60,3 +60,11 @@ def project(exported: Project, tmp_path: Path) -> Project:
     p.write(m)
     yield p
     _forget_modules(root)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Cases that export a model (slow) are marked ``exports``; the store's mutation run deselects them."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents and {"project", "exported"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.exports)
