@@ -154,7 +154,7 @@ def main() -> None:
         work = base / g
         if work.exists():
             shutil.rmtree(work)
-        print(f"{g}: mutating {', '.join(GROUPS[g][0])} ...", flush=True)
+        print(f"{g}: mutating {', '.join(args.modules or GROUPS[g][0])} ...", flush=True)
         res = run_group(g, work, args.jobs, args.modules)
         for row in res["per_module"].values():
             row["commit"] = commit
