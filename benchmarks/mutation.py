@@ -46,7 +46,7 @@ GROUPS = {
               ["tests/judge/test_compare_exact.py", "tests/judge/test_compare_edges.py", "tests/bench/test_gates_unit.py"],
               []),
     "precision-stages": (["mmopt/stages/int8.py", "mmopt/stages/fp16.py", "mmopt/stages/ranges.py"],
-                         ["tests/precision"], []),
+                         ["tests/precision/test_stages_unit.py"], []),
 }
 # tests deselected per group, beyond those that read the source text and those that need a GPU
 DESELECT = {"store": "exports"}

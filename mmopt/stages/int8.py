@@ -272,7 +272,7 @@ def quantize_static_qdq(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray
         config["percentile"] = ranges.PERCENTILE
     if sparse:
         config["minmax_fallback"] = {"tensors": sparse, "why": f"seen in fewer than {ranges.MIN_VALUES} "
-                                     f"calibration values: too few for a {method_used} histogram"}
+                                     f"calibration values: too few for {method_used}'s histogram"}
     return Int8Result(out, config, th)
 
 
