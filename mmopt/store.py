@@ -78,7 +78,7 @@ def confine(bundle: str | Path, rel: Any, field: str) -> Path:
         problem = "is an absolute path"
     elif ".." in pure.parts:
         problem = "climbs out with '..'"
-    elif str(pure) != rel or rel.startswith("./"):
+    elif str(pure) != rel:  # also "./a", which PurePosixPath writes "a"
         problem = f"is not normalised (write {str(pure)!r})"
     if problem is None:
         full = (root / rel).resolve()

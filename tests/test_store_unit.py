@@ -4,8 +4,10 @@ and kills are in tests/reliability/test_faults.py."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ def bundle(folder: Path, **fields) -> Path:
 # ---- atomic_write ----------------------------------------------------------------------------
 
 def test_atomic_write_replaces_the_name_never_the_file(tmp_path):
-    path = tmp_path / "sub" / "f.json"
+    path = tmp_path / "sub" / "deeper" / "f.json"
     store.atomic_write(path, b"one")
     other = tmp_path / "link"
     os.link(path, other)  # a staged bundle hard-links the live bundle's files
@@ -42,9 +44,14 @@ def test_atomic_write_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "replace", full)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as e:
         store.atomic_write(path, b"new")
+    assert e.value.errno == errno.ENOSPC
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: full(None, None))  # fails before the file exists
+    with pytest.raises(OSError) as e:
+        store.atomic_write(path, b"new")
+    assert e.value.errno == errno.ENOSPC  # the write's own error, not the clean-up's
 
 
 # ---- confine ---------------------------------------------------------------------------------
@@ -329,6 +336,7 @@ def test_an_output_folder_that_cannot_be_made_or_written(tmp_path):
 def test_recover_removes_only_dead_writers_siblings_of_this_bundle(tmp_path):
     target = bundle(tmp_path / "out")
     dead = tmp_path / ".out.123.abcdefgh.partial"
+    assert store._abandoned(tmp_path / "missing") is False
     dead.mkdir()
     live = tmp_path / ".out.124.abcdefgi.partial"
     live.mkdir()
@@ -351,7 +359,7 @@ def test_recover_puts_a_dead_fallbacks_old_bundle_back_onto_an_empty_folder(tmp_
     target = tmp_path / "out"
     target.mkdir()
     old = bundle(tmp_path / ".out.99.abcdefgh.old", generation=4)
-    partial = tmp_path / ".out.99.abcdefgh.partial"
+    partial = tmp_path / ".out.10.abcdefgh.partial"  # sorts before the .old: the .old is handled first
     partial.mkdir()
     said: list[str] = []
     assert store.recover(target, said.append) is True
@@ -368,11 +376,14 @@ def test_recover_keeps_an_old_bundle_it_cannot_put_back(tmp_path):
     target.mkdir()
     (target / "notes.txt").write_text("mine")
     old = bundle(tmp_path / ".out.99.abcdefgh.old")
+    partial = tmp_path / ".out.99.abcdefgh.partial"
+    partial.mkdir()
     said: list[str] = []
     assert store.recover(target, said.append) is False
-    assert old.exists() and said == [
+    assert old.exists() and not partial.exists() and said == [
         f"{target}: kept .out.99.abcdefgh.old (the earlier bundle, left by a run killed during its commit): {target} "
-        "is not an mmopt bundle now. Move it back by hand if you need it."]
+        "is not an mmopt bundle now. Move it back by hand if you need it.",
+        f"{target}: removed .out.99.abcdefgh.partial, left by an mmopt run that is gone"]
     new = bundle(tmp_path / "new")  # once the target is a bundle, an old copy beside it is litter
     old2 = bundle(tmp_path / ".new.99.abcdefgh.old")
     assert store.recover(new, said.append) is False and not old2.exists()
@@ -382,8 +393,10 @@ def test_the_exchange_swaps_two_folders_in_one_step(tmp_path):
     a, b = bundle(tmp_path / "a", n=1), bundle(tmp_path / "b", n=2)
     assert store._exchange(a, b) is True
     assert json.loads((a / "manifest.json").read_text())["n"] == 2
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as e:
         store._exchange(a, tmp_path / "missing")
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (errno.ENOENT, os.strerror(errno.ENOENT),
+                                                                   str(tmp_path / "missing"))
 
 
 def test_the_two_rename_fallback(tmp_path, monkeypatch):
@@ -391,7 +404,7 @@ def test_the_two_rename_fallback(tmp_path, monkeypatch):
     target = bundle(tmp_path / "out", n=1)
     stage = bundle(tmp_path / ".out.1.abcdefgh.partial", n=2)
     old = store.swap_in(stage, target, store._Waiter(target, lambda m: None))
-    assert old.parent == tmp_path and old.name.startswith(f".out.{os.getpid()}.") and old.name.endswith(".old")
+    assert old.parent == tmp_path and re.fullmatch(rf"\.out\.{os.getpid()}\.[0-9a-f]{{8}}\.old", old.name)
     assert json.loads((old / "manifest.json").read_text())["n"] == 1
     assert json.loads((target / "manifest.json").read_text())["n"] == 2 and not stage.exists()
 
@@ -423,3 +436,45 @@ def test_a_folder_this_writer_made_is_dropped_only_if_empty(tmp_path):
     (full / "x").write_text("x")
     store._drop_if_empty(full, created=True)
     assert (full / "x").exists()
+
+
+def test_folders_that_cannot_be_locked_opened_made_or_replaced(tmp_path, monkeypatch):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(BundleError) as e:
+        store._open_dir(f)
+    assert str(e.value) == f"{f}: cannot be opened (Not a directory). Choose another output path."
+    assert store._open_dir(tmp_path / "missing") is None
+    with pytest.raises(BundleError) as e:
+        store.check_replaceable(Path("/"))
+    assert str(e.value) == ("/: is a mount point, which cannot be replaced atomically. Write the bundle to a folder "
+                            "inside it, e.g. -o /bundle.")
+    waiter = store._Waiter(tmp_path / "x", lambda m: None)
+    assert store._make_empty(tmp_path, waiter) is False  # exists already
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert store._make_empty(dangling, waiter) is False and dangling.is_symlink()
+    assert store._make_empty(tmp_path / "made", waiter) is True and (tmp_path / "made").is_dir()
+
+    def no_mkdir(self, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", no_mkdir)
+    with pytest.raises(BundleError) as e:
+        store._make_empty(tmp_path / "denied", waiter)
+    assert str(e.value) == (f"{tmp_path / 'denied'}: cannot be created (Permission denied). Choose an output path in "
+                            "a folder you can write.")
+    monkeypatch.undo()
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with pytest.raises(BundleError) as e:
+            store._flock(fd)
+    finally:
+        os.close(fd)
+    assert str(e.value) == ("cannot lock the bundle folder (No locks available): this filesystem does not support "
+                            "flock on folders (NFS or CIFS?). Write the bundle on a local disk, then copy it.")
