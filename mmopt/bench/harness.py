@@ -7,7 +7,7 @@ runs in this one process, so ratios against eager stay fair on a noisy machine.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -38,11 +38,12 @@ def parity(o: Opened, model, spec: ModelSpec, split, real: list[dict[str, np.nda
         verify_real(model, spec, split, o.judged, precisions, real, case="data")
 
 
-def task_scores(opened: list[Opened], spec: ModelSpec, samples: int | None) -> dict[str, dict[str, Any]]:
+def task_scores(opened: list[Opened], spec: ModelSpec, samples: int | None,
+                on_batch: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
     """``judge.accuracy`` (the one task-accuracy function, as in quantize) for every variant on the same
     evaluation batches, with each one's agreement with eager on the score output."""
     acc = evaluate(spec, {o.variant.id: o.judged_whole for o in opened if o.judged_whole is not None},
-                   samples=samples, parity_to=opened[0].variant.id)
+                   samples=samples, parity_to=opened[0].variant.id, on_batch=on_batch)
     ref = opened[0].variant.id
     return {vid: {"metric": "accuracy", "output": acc["output"], "samples": acc["samples"], "score": score,
                   **({} if vid == ref else {"vs_eager": acc["parity"][vid]})}

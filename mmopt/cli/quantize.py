@@ -82,9 +82,14 @@ def show(result: Any) -> None:
     console.print(tables.converted_table(result))
     for comp, why in result.kept_fp32.items():
         console.print(f"[yellow]kept fp32:[/] {escape(why)}", highlight=False)
-    for row in (m.results.get("policy_search") or {}).get("skipped", []):
-        console.print(f"[yellow]auto skipped[/] {escape(row['component'])}={row['precision']}: "
-                      f"{escape(row['reason'])}", highlight=False)
+    searched = m.results.get("policy_search")
+    if searched:
+        console.print(tables.search_table(searched))
+        for row in searched.get("skipped", []):
+            console.print(f"[yellow]auto skipped[/] {escape(row['component'])}={row['precision']}: "
+                          f"{escape(row['reason'])}", highlight=False)
+        if searched.get("why"):
+            console.print(f"auto chose {escape(searched['chosen'])}: {escape(searched['why'])}", highlight=False)
     console.print(tables.parity_table({parity_key(result.policy): m.results["parity"][parity_key(result.policy)]}))
     for comp, islands in result.islands.items():
         console.print(tables.islands_table(comp, islands))

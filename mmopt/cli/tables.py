@@ -90,14 +90,54 @@ def converted_table(result: Any) -> Table:
 
     m = result.manifest
     t = Table(title=f"converted: {escape(result.label)}", title_justify="left")
-    for col in ("component", "precision", "file", "size", "fp32 size"):
+    for col in ("component", "precision", "file", "size", "fp32 size", "how"):
         t.add_column(col)
     for comp, prec in result.policy.items():
         if prec == "fp32":
             continue
         art, parent = m.artifact(comp, prec), m.artifact(comp, "fp32")
         t.add_row(escape(comp), prec, escape(artifact_file(comp, prec)), f"{art.bytes / 1024:.0f} KiB",
-                  f"{parent.bytes / 1024:.0f} KiB")
+                  f"{parent.bytes / 1024:.0f} KiB", escape(how_converted(prec, art.config, result.islands.get(comp))))
+    return t
+
+
+def how_converted(precision: str, config: dict[str, Any], islands: dict[str, str] | None) -> str:
+    """One line on how a component was converted: the calibration method (and why, for auto), fallbacks,
+    nodes kept fp32."""
+    if precision == "fp16":
+        return f"{len(islands or {})} nodes kept fp32 (table below)" if islands else "every node fp16"
+    if precision == "int8-dynamic":
+        return "weights int8, activations quantized at run time"
+    parts = [f"{config.get('method', '?')} calibration"]
+    search = config.get("method_search")
+    if search:
+        errors = " · ".join(f"{m} {e:.3g}" for m, e in search["relative_error"].items())
+        parts[0] += (f" (auto: least output error on {search['held_out_batches']} held-out batches: {errors})")
+    fallback = (config.get("minmax_fallback") or {}).get("tensors")
+    if fallback:
+        parts.append(f"{len(fallback)} tensors fell back to minmax (too few calibration values)")
+    if config.get("excluded_nodes"):
+        parts.append(f"{len(config['excluded_nodes'])} nodes kept fp32 by [precision.exclude]")
+    if config.get("fp32_stem_nodes"):
+        parts.append(f"stem ({len(config['fp32_stem_nodes'])} nodes) kept fp32")
+    return "; ".join(parts)
+
+
+def search_table(table: dict[str, Any]) -> Table:
+    """The candidates ``auto`` tried, the one it chose marked."""
+    t = Table(title=f"auto: candidates tried ({escape(table['timing'].split(';')[0])})", title_justify="left")
+    scored = any("accuracy" in r for r in table["candidates"])
+    for col, right in (("policy", False), ("latency", True), ("parity", False), *((("accuracy", True),) if scored
+                                                                                    else ()), ("", False)):
+        t.add_column(col, justify="right" if right else "left")
+    for r in table["candidates"]:
+        parity = "pass" if r["parity_ok"] else f"fail ({r['parity_failures']} outputs)"
+        acc = []
+        if scored:
+            acc = [f"{r['accuracy'] * 100:.2f}%" + ("" if r.get("accuracy_ok", True) else " (over budget)")
+                   if "accuracy" in r else ""]
+        t.add_row(escape(r["label"]), f"{r['latency_ms']:.3g} ms", parity, *acc,
+                  "[bold green]chosen[/]" if r["label"] == table["chosen"] else "")
     return t
 
 

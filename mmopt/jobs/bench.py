@@ -208,9 +208,9 @@ def open_and_judge(report: dict[str, Any], manifest: Manifest, chosen: list[str]
 def score(report: dict[str, Any], opened: list[Opened], spec: ModelSpec, samples: int | None,
           progress: Progress) -> None:
     """Every variant's task score on the same evaluation batches, into its report entry."""
-    with progress.task("task score on evaluation data", 1) as advance:
-        scores = task_scores(opened, spec, samples)
-        advance(1)
+    judged = sum(o.judged_whole is not None for o in opened)
+    with progress.task(f"task score of {judged} variants on evaluation samples", samples) as advance:
+        scores = task_scores(opened, spec, samples, advance)
     for entry in report["variants"]:
         if entry["id"] in scores:
             entry["task"] = scores[entry["id"]]

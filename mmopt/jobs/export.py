@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 
@@ -29,7 +29,7 @@ from mmopt.manifest import Manifest, portable_path, sha256_file, staged_bundle
 from mmopt.progress import Progress
 from mmopt.provenance import tool_versions
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
-from mmopt.spec import ModelSpec, definition_sha256, load_spec
+from mmopt.spec import SIZES, ModelSpec, definition_sha256, load_spec
 from mmopt.stages.export import export_component, name_dims, save, simplify
 
 
@@ -101,15 +101,15 @@ def verify_graphs(model: Any, spec: ModelSpec, split: Split, tmp: Path, simplifi
     replaced by its raw export (``simplified``: component -> raw graph) and everything is checked again;
     a failure after that aborts the export."""
     files = {c: tmp / f"{c}.onnx" for c in split.components}
-    with progress.task("verify vs eager (min/opt/max)", 1) as advance:
-        checks = _verify_files(model, spec, split, files)
-        broken = {c.component for c in checks if c.failed} & set(simplified)
-        for comp in broken:
-            shutil.copy(simplified[comp], files[comp])
-            notes[comp] = "simplified graph failed parity; kept the unsimplified export"
-        if broken:
-            checks = _verify_files(model, spec, split, files)
-        advance(1)
+    with progress.task("verify vs eager at min / opt / max", len(SIZES)) as advance:
+        checks = _verify_files(model, spec, split, files, advance)
+    broken = {c.component for c in checks if c.failed} & set(simplified)
+    for comp in broken:
+        shutil.copy(simplified[comp], files[comp])
+        notes[comp] = "simplified graph failed parity; kept the unsimplified export"
+    if broken:
+        with progress.task(f"verify again, unsimplified {', '.join(sorted(broken))}", len(SIZES)) as advance:
+            checks = _verify_files(model, spec, split, files, advance)
     raise_on_failures(checks, f"export of {spec.path}",
                       "The bundle was not written. Loosen [tolerance.fp32] only if these errors are "
                       "acceptable for your task; otherwise report the component and op.")
@@ -139,13 +139,14 @@ def _check_graph(path: Path, comp: str) -> None:
         raise ExportError(f"component '{comp}': the exported graph {path.name} fails onnx.checker: {e}") from e
 
 
-def _verify_files(model: Any, spec: ModelSpec, split: Split, files: dict[str, Path]) -> list[Check]:
+def _verify_files(model: Any, spec: ModelSpec, split: Split, files: dict[str, Path],
+                  on_size: Callable[..., None] | None = None) -> list[Check]:
     """fp32 parity of ``files`` (component -> ONNX graph) and their pipeline against the eager model."""
     with contextlib.ExitStack() as stack:
         runners = {c: stack.enter_context(OnnxRuntimeRunner(p, split.components[c].inputs,
                                                             split.components[c].outputs, name=c))
                    for c, p in files.items()}
-        return verify(model, spec, split, runners, {c: "fp32" for c in files})
+        return verify(model, spec, split, runners, {c: "fp32" for c in files}, on_size=on_size)
 
 
 def new_manifest(spec: ModelSpec, split: Split, bundle: Path) -> Manifest:

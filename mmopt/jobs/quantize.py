@@ -161,10 +161,9 @@ def keep_unconvertible_fp32(result: QuantizeResult, converter: Converter) -> Non
 def search_autos(result: QuantizeResult, spec: ModelSpec, model: Any, split: Any, files: dict[str, Path],
                  scratch: Path, cal: Any, converter: Converter, progress: Progress) -> dict[str, Any] | None:
     """The "auto" components chosen by the policy search; returns its scores (reused for the record)."""
-    with progress.task("search precision policy", 1) as advance:
-        policy, table, searched = search.search(spec, model, split, result.policy, files, scratch, cal, converter)
-        result.manifest.results["policy_search"] = table
-        advance(1)
+    policy, table, searched = search.search(spec, model, split, result.policy, files, scratch, cal, converter,
+                                            progress)
+    result.manifest.results["policy_search"] = table
     result.policy, result.label = policy, policy_label(policy)
     return searched
 

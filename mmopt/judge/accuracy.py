@@ -61,8 +61,8 @@ def _digest(inputs: dict[str, np.ndarray], labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _batches(spec: ModelSpec, predictors: dict[str, Predict], limit: int | None
-             ) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
+def _batches(spec: ModelSpec, predictors: dict[str, Predict], limit: int | None,
+             on_batch: Callable[[int], None] | None = None) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
     """Labels and each predictor's score output per batch. The data is read every time; a predictor scored
     before in this process on the very same batches (same key, same digest of every batch's inputs and
     labels) is not run again."""
@@ -91,6 +91,8 @@ def _batches(spec: ModelSpec, predictors: dict[str, Predict], limit: int | None
                 raise ConfigError(f"{spec.path}: field 'evaluation.output': '{ev.output}' has shape "
                                   f"{list(s.shape)}; argmax accuracy needs [batch, classes] scores.")
             scores[label].append(s.reshape(len(labels), -1))
+        if on_batch is not None:
+            on_batch(len(labels))
     for label, p in predictors.items():
         if keys[label] is not None:
             if len(_SCORES) >= _SCORES_MAX:
@@ -101,17 +103,18 @@ def _batches(spec: ModelSpec, predictors: dict[str, Predict], limit: int | None
 
 
 def evaluate(spec: ModelSpec, predictors: dict[str, Predict], samples: int | None | str = "config",
-             parity_to: str | None = None) -> dict[str, object]:
+             parity_to: str | None = None, on_batch: Callable[[int], None] | None = None) -> dict[str, object]:
     """``{"metric", "output", "source", "samples", "scores": {label: accuracy}}`` over the same batches.
 
     ``samples`` defaults to ``[evaluation].samples`` (None: all). With ``parity_to`` (a predictor's label),
     ``"parity"`` holds each predictor's worst cosine and largest absolute error against that one's output.
+    ``on_batch(n)`` is called after each batch every predictor has scored, with its sample count.
     """
     ev = spec.evaluation
     if ev is None:
         raise ConfigError(f"{spec.path}: no [evaluation] table; add one to score pipelines on labelled data.")
     limit = ev.samples if samples == "config" else samples
-    labels_seen, scores = _batches(spec, predictors, limit)
+    labels_seen, scores = _batches(spec, predictors, limit, on_batch)
     correct = {k: sum(int((s.argmax(-1) == y).sum()) for s, y in zip(scores[k], labels_seen)) for k in predictors}
     parity = {k: {"cos_min": 1.0, "max_abs": 0.0} for k in predictors}
     if parity_to is not None:

@@ -48,9 +48,11 @@ def scores_of(spec: ModelSpec, split: Split, comp: str) -> frozenset[str]:
 
 
 def verify(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: dict[str, Runner],
-           precisions: Mapping[str, str], seed: int = VERIFY_SEED) -> list[Check]:
+           precisions: Mapping[str, str], seed: int = VERIFY_SEED,
+           on_size: Callable[..., None] | None = None) -> list[Check]:
     """Check every component and the pipeline at min / opt / max, each gated by ``tolerance_for`` at the
-    component's precision (``precisions``: component -> precision, fp32 where missing)."""
+    component's precision (``precisions``: component -> precision, fp32 where missing). ``on_size()`` is
+    called after each size."""
     tolerance = tolerance_for(spec, split, precisions)
     checks: list[Check] = []
     pipe = Pipeline(split.components, split.output_sources, runners)
@@ -62,6 +64,8 @@ def verify(model: torch.nn.Module, spec: ModelSpec, split: Split, runners: dict[
                                 scores_of(spec, split, comp))
         checks += check_all("pipeline", size, model_out, pipe.infer(model_in), tolerance("pipeline"),
                             scores_of(spec, split, "pipeline"))
+        if on_size is not None:
+            on_size()
     return checks
 
 

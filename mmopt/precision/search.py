@@ -24,6 +24,7 @@ from mmopt.precision.convert import Converter, judge, open_pipeline, policy_labe
 from mmopt.errors import ConfigError, Unconvertible
 from mmopt.judge import latency
 from mmopt.judge.compare import raise_on_failures
+from mmopt.progress import Progress
 from mmopt.runners.onnxrt import OnnxRuntimeRunner
 from mmopt.runners.pipeline import Pipeline
 from mmopt.spec import ModelSpec
@@ -51,21 +52,26 @@ class Memo:
 
 
 def search(spec: ModelSpec, model: Any, split: Any, policy: dict[str, str], fp32_files: dict[str, Path],
-           scratch: Path, cal: Any, converter: Converter
+           scratch: Path, cal: Any, converter: Converter, progress: Progress | None = None
            ) -> tuple[dict[str, str], dict[str, Any], dict[str, Any] | None]:
-    """The fastest passing policy for the components set to "auto", the table of what was tried, and the
-    scores of eager, ONNX fp32 and the chosen policy (None without [evaluation])."""
+    """The fastest passing policy for the components set to "auto", the table of what was tried (with why
+    the chosen one won), and the scores of eager, ONNX fp32 and the chosen policy (None without
+    [evaluation]). ``progress`` gets one bar per phase, counting candidates, policies and samples."""
+    progress = progress or Progress()
     autos = [c for c, p in policy.items() if p == "auto"]
     options = _options(spec, autos, cal)
-    files, skipped = _candidates(policy, autos, options, fp32_files, scratch, converter)
+    files, skipped = _candidates(policy, autos, options, fp32_files, scratch, converter, progress)
     lat = _time(split, files, cal)
     with contextlib.ExitStack() as stack:
-        rows, pipes = _judge_all(stack, spec, model, split, policy, autos, options, files, lat, scratch, cal)
-        acc = _score(stack, spec, model, split, rows, pipes, fp32_files, scratch) if spec.evaluation else None
-    best = _choose(rows, autos)
+        rows, pipes = _judge_all(stack, spec, model, split, policy, autos, options, files, lat, scratch, cal,
+                                 progress)
+        acc = _score(stack, spec, model, split, rows, pipes, fp32_files, scratch, progress) \
+            if spec.evaluation else None
+    best, why = _choose(rows, autos)
     table = {"candidates": [{k: v for k, v in r.items() if k != "policy"} for r in rows], "skipped": skipped,
-             "chosen": best["label"], "timing": "ONNX Runtime CPU, 1 thread, median of 15 interleaved runs on "
-                                                "calibration batch 0; pipeline = sum of components"}
+             "chosen": best["label"], "why": why,
+             "timing": "ONNX Runtime CPU, 1 thread, median of 15 interleaved runs on calibration batch 0; "
+                       "pipeline = sum of components"}
     scores = None
     if acc is not None:  # reused for the chosen policy's accuracy record
         scores = {**acc, "scores": {k: acc["scores"][k] for k in ("eager fp32", "onnx fp32", best["label"])}}
@@ -84,25 +90,29 @@ def _options(spec: ModelSpec, autos: list[str], cal: Any) -> dict[str, list[str]
 
 
 def _candidates(policy: dict[str, str], autos: list[str], options: dict[str, list[str]],
-                fp32_files: dict[str, Path], scratch: Path, converter: Converter
+                fp32_files: dict[str, Path], scratch: Path, converter: Converter, progress: Progress
                 ) -> tuple[dict[tuple[str, str], Path], list[dict[str, str]]]:
     """Each (component, precision) candidate's graph file; candidates that cannot convert are dropped from
     ``options`` and listed with their reason."""
     files: dict[tuple[str, str], Path] = {}
     skipped: list[dict[str, str]] = []
-    for comp, prec in [(c, p) for c, p in policy.items() if p != "auto"] + \
-                      [(c, p) for c in autos for p in options[c]]:
-        if prec == "fp32":
-            files[(comp, prec)] = fp32_files[comp]
-            continue
-        try:
-            proto = converter.get(comp, prec)[0]
-        except Unconvertible as e:  # shown in the table with its reason; fp32 is always a candidate
-            options[comp].remove(prec)
-            skipped.append({"component": comp, "precision": prec, "reason": str(e)})
-            continue
-        files[(comp, prec)] = Path(scratch) / f"candidate.{comp}.{prec}.onnx"
-        save(proto, files[(comp, prec)])
+    pairs = [(c, p) for c, p in policy.items() if p != "auto"] + [(c, p) for c in autos for p in options[c]]
+    for comp, prec in [(c, p) for c, p in pairs if p == "fp32"]:
+        files[(comp, prec)] = fp32_files[comp]
+    converting = [(c, p) for c, p in pairs if p != "fp32"]
+    with progress.task("auto: calibrate and convert candidates", len(converting)) as advance:
+        for comp, prec in converting:
+            advance(0, doing=f"{comp}={prec}")
+            try:
+                proto = converter.get(comp, prec)[0]
+            except Unconvertible as e:  # shown in the table with its reason; fp32 is always a candidate
+                options[comp].remove(prec)
+                skipped.append({"component": comp, "precision": prec, "reason": str(e)})
+                advance(1)
+                continue
+            files[(comp, prec)] = Path(scratch) / f"candidate.{comp}.{prec}.onnx"
+            save(proto, files[(comp, prec)])
+            advance(1)
     return files, skipped
 
 
@@ -119,43 +129,58 @@ def _time(split: Any, files: dict[tuple[str, str], Path], cal: Any) -> dict[tupl
 
 def _judge_all(stack: contextlib.ExitStack, spec: ModelSpec, model: Any, split: Any, policy: dict[str, str],
                autos: list[str], options: dict[str, list[str]], files: dict[tuple[str, str], Path],
-               lat: dict[tuple[str, str], float], scratch: Path, cal: Any) -> tuple[list[dict], dict[str, Any]]:
+               lat: dict[tuple[str, str], float], scratch: Path, cal: Any, progress: Progress
+               ) -> tuple[list[dict], dict[str, Any]]:
     """Every combination judged like any policy (rows), and its pipeline on shared memoised runners."""
     rows, pipes, memos = [], {}, {}
     # The fixed components with every "auto" one at fp32 first: if that fails, no combination can pass.
     combos = sorted(itertools.product(*(options[c] for c in autos)), key=lambda c: c != ("fp32",) * len(c))
-    for combo in combos:
-        trial = {**policy, **dict(zip(autos, combo))}
-        label = policy_label(trial)
-        pipe, trial_runners = stack.enter_context(open_pipeline(
-            split.components, split.output_sources, {c: files[(c, p)] for c, p in trial.items()}, trial,
-            Path(scratch)))
-        checks = judge(model, spec, split, trial_runners, trial, cal)
-        failed = [c for c in checks if c.failed]
-        if not rows and failed:
-            fixed = " ".join(f"{c}={p}" for c, p in policy.items() if p != "auto")
-            raise_on_failures(checks, f"{label} (the fixed part of the policy, {fixed}, with every auto "
-                                      "component at fp32)",
-                              "No \"auto\" choice can pass when the fixed components fail. Try another "
-                              "[calibration].method (\"auto\" picks the best per component), exclude the "
-                              "worst nodes, or keep those components at higher precision.")
-        # a component the forward calls k times runs k times in the pipeline
-        ms = sum(lat.get((c, p), float("nan")) * len(split.components[c].calls()) for c, p in trial.items())
-        rows.append({"policy": trial, "label": label, "latency_ms": round(ms, 4), "parity_ok": not failed,
-                     "parity_failures": len(failed)})
-        shared = {c: memos.setdefault((c, p), Memo(trial_runners[c])) for c, p in trial.items()}
-        pipes[label] = Pipeline(split.components, split.output_sources, shared).infer
+    with progress.task("auto: judge policies against eager", len(combos)) as advance:
+        for combo in combos:
+            trial = {**policy, **dict(zip(autos, combo))}
+            advance(0, doing=policy_label(trial))
+            rows.append(_judge_one(stack, spec, model, split, policy, trial, files, lat, scratch, cal, memos, pipes,
+                                   first=not rows))
+            advance(1)
     return rows, pipes
 
 
+def _judge_one(stack: contextlib.ExitStack, spec: ModelSpec, model: Any, split: Any, policy: dict[str, str],
+               trial: dict[str, str], files: dict[tuple[str, str], Path], lat: dict[tuple[str, str], float],
+               scratch: Path, cal: Any, memos: dict, pipes: dict[str, Any], first: bool) -> dict[str, Any]:
+    """One combination's row; its pipeline (on memoised runners shared across combinations) into ``pipes``."""
+    label = policy_label(trial)
+    pipe, trial_runners = stack.enter_context(open_pipeline(
+        split.components, split.output_sources, {c: files[(c, p)] for c, p in trial.items()}, trial,
+        Path(scratch)))
+    checks = judge(model, spec, split, trial_runners, trial, cal)
+    failed = [c for c in checks if c.failed]
+    if first and failed:
+        fixed = " ".join(f"{c}={p}" for c, p in policy.items() if p != "auto")
+        raise_on_failures(checks, f"{label} (the fixed part of the policy, {fixed}, with every auto "
+                                  "component at fp32)",
+                          "No \"auto\" choice can pass when the fixed components fail. Try another "
+                          "[calibration].method (\"auto\" picks the best per component), exclude the "
+                          "worst nodes, or keep those components at higher precision.")
+    # a component the forward calls k times runs k times in the pipeline
+    ms = sum(lat.get((c, p), float("nan")) * len(split.components[c].calls()) for c, p in trial.items())
+    shared = {c: memos.setdefault((c, p), Memo(trial_runners[c])) for c, p in trial.items()}
+    pipes[label] = Pipeline(split.components, split.output_sources, shared).infer
+    return {"policy": trial, "label": label, "latency_ms": round(ms, 4), "parity_ok": not failed,
+            "parity_failures": len(failed)}
+
+
 def _score(stack: contextlib.ExitStack, spec: ModelSpec, model: Any, split: Any, rows: list[dict],
-           pipes: dict[str, Any], fp32_files: dict[str, Path], scratch: Path) -> dict[str, Any]:
+           pipes: dict[str, Any], fp32_files: dict[str, Path], scratch: Path, progress: Progress) -> dict[str, Any]:
     """Every combination's accuracy beside eager and ONNX fp32 on the same batches, and its budget verdict."""
     from mmopt.judge import accuracy as ev
 
     fp32_pipe, _ = stack.enter_context(open_pipeline(split.components, split.output_sources, fp32_files,
                                                      {}, Path(scratch)))
-    acc = ev.evaluate(spec, {"eager fp32": ev.eager_predictor(model, split), "onnx fp32": fp32_pipe.infer, **pipes})
+    predictors = {"eager fp32": ev.eager_predictor(model, split), "onnx fp32": fp32_pipe.infer, **pipes}
+    with progress.task(f"auto: score {len(predictors)} pipelines on evaluation samples",
+                       spec.evaluation.samples) as advance:
+        acc = ev.evaluate(spec, predictors, on_batch=advance)
     base = acc["scores"]["eager fp32"]
     for row in rows:
         row["accuracy"] = acc["scores"][row["label"]]
@@ -164,13 +189,22 @@ def _score(stack: contextlib.ExitStack, spec: ModelSpec, model: Any, split: Any,
     return acc
 
 
-def _choose(rows: list[dict], autos: list[str]) -> dict[str, Any]:
-    """The fastest passing row; within timing noise of it, the more accurate (then the less quantized)."""
+def _choose(rows: list[dict], autos: list[str]) -> tuple[dict[str, Any], str]:
+    """The fastest passing row (within timing noise of it, the more accurate, then the less quantized), and
+    why it won, in words."""
     ok = [r for r in rows if r["parity_ok"] and r.get("accuracy_ok", True)]
     if ok:
         fastest = min(r["latency_ms"] for r in ok)
         near = [r for r in ok if r["latency_ms"] <= fastest * (1 + NOISE)]
-        return max(near, key=lambda r: (r.get("accuracy", 0.0),
+        best = max(near, key=lambda r: (r.get("accuracy", 0.0),
                                         sum(CANDIDATES.index(p) for p in r["policy"].values() if p in CANDIDATES)))
+        passing = (f"{len(ok)} of {len(rows)} candidates pass parity"
+                   + (" and the accuracy budget" if "accuracy" in best else ""))
+        if len(near) == 1:
+            return best, f"the fastest passing candidate ({best['latency_ms']:.3g} ms); {passing}"
+        return best, (f"{len(near)} passing candidates are within {NOISE:.0%} of the fastest ({fastest:.3g} ms), "
+                      "which is timing noise here, so " + ("the most accurate of them" if "accuracy" in best
+                                                           else "the least quantized of them") + f"; {passing}")
     # only the accuracy budget can reject fp32 autos: the fixed part costs too much
-    return next(r for r in rows if all(r["policy"][c] == "fp32" for c in autos))
+    best = next(r for r in rows if all(r["policy"][c] == "fp32" for c in autos))
+    return best, "no candidate passes parity and the accuracy budget: the auto components stay fp32"

@@ -133,8 +133,8 @@ def join_islands(proto: onnx.ModelProto) -> None:
     graph.prune(g)
 
 
-def _to(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "to"), -1)
+def _to(cast: onnx.NodeProto) -> int:
+    return next(a.i for a in cast.attribute if a.name == "to")  # a Cast always has "to"
 
 
 def _types(proto: onnx.ModelProto) -> dict[str, int]:

@@ -121,9 +121,10 @@ def qdq_cpu(proto: onnx.ModelProto, lohi: dict[str, tuple[float, float]], exclud
     """ONNX Runtime's CPU form (see the module text), with the given asymmetric activation ranges."""
     from onnxruntime.quantization import QuantType
 
+    # (no MatMulConstBOnly: onnxruntime 1.32's QDQ quantizer ignores it, so a MatMul of two activations,
+    # e.g. attention scores, is quantized like any other; the parity gates judge the result)
     return _quantizer(proto, lohi, op_types_to_quantize=list(CPU_OPS), reduce_range=True,
-                      activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
-                      extra_options={"MatMulConstBOnly": True})
+                      activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
 
 
 def output_error(fp32: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> float:

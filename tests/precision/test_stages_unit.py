@@ -3,6 +3,8 @@ the real ONNX Runtime (fast and exact: the mutation run's group precision-stages
 end-to-end precision tests beside this file export real models)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -15,11 +17,12 @@ RNG = np.random.default_rng(0)
 TOL = {"max_abs": 1e-3, "max_rel": 1e-3, "min_cosine": 0.999, "min_argmax": 0.9, "max_norm_change": 0.05}
 
 
-def model(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:
+def model(nodes, inputs, outputs, inits=(), opset=17, check=True) -> onnx.ModelProto:
     g = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in inits])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
-    onnx.checker.check_model(m)
+    if check:
+        onnx.checker.check_model(m)
     return m
 
 
@@ -411,3 +414,268 @@ def test_an_fp16_graph_onnxruntime_cannot_load_is_an_error(tmp_path):
                                              r"Set text = \"fp32\" under \[precision\] and report the graph\.$"):
         fp16.loads_in_onnxruntime(broken, "text")
     fp16.loads_in_onnxruntime(mlp(), "text")
+
+
+# ---- what the quantizers are asked for, seen in the graphs they write ---------------------------
+
+def inits(m: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+def qlinear(m: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+
+
+def conv_bias_net(cin: int = 8) -> onnx.ModelProto:
+    w = RNG.standard_normal((4, cin, 1, 1)).astype(np.float32)
+    return model([helper.make_node("Conv", ["x", "w", "bias"], ["c"], name="conv"),
+                  helper.make_node("Relu", ["c"], ["y"], name="relu")],
+                 [vi("x", [1, cin, 4, 4])], [vi("y", [1, 4, 4, 4])],
+                 [("w", w), ("bias", RNG.standard_normal(4).astype(np.float32))])
+
+
+def test_tensorrt_form_weights_symmetric_per_channel_bias_float_one_pair_per_reader():
+    shared = model([helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+                    helper.make_node("MatMul", ["x", "w2"], ["b"], name="mm2"),
+                    helper.make_node("Concat", ["a", "b"], ["y"], name="cat", axis=-1)],
+                   [vi("x", ["n", 8])], [vi("y", ["n", 12])], [("w1", W1), ("w2", W2)])
+    out = int8.qdq(shared, {"x": 1.27})
+    acts = [n for n in qlinear(out) if n.input[0] == "x"]
+    assert len(acts) == 2  # a dedicated Q/DQ pair for each reader of x
+    conv = int8.qdq(conv_bias_net(), {"x": 1.27})
+    init = inits(conv)
+    weight_q = [n for n in qlinear(conv) if n.input[0] in init]
+    if weight_q:  # weights as QuantizeLinear(initializer)
+        scale, zp = init[weight_q[0].input[1]], init[weight_q[0].input[2]]
+    else:  # or already as int8 initializers behind a DequantizeLinear
+        dq = next(n for n in conv.graph.node if n.op_type == "DequantizeLinear" and init[n.input[0]].dtype == np.int8
+                  and init[n.input[0]].ndim == 4)
+        scale, zp = init[dq.input[1]], init[dq.input[2]]
+    assert scale.shape == (4,) and zp.dtype == np.int8 and not zp.any()  # per output channel, symmetric
+    node = next(n for n in conv.graph.node if n.op_type == "Conv")
+    made = int8.graph.producers(conv.graph)
+    assert node.input[2] not in made and init[node.input[2]].dtype == np.float32  # bias stays float
+
+
+def test_cpu_form_is_uint8_activations_with_7_bit_weights():
+    cpu = int8.qdq_cpu(conv_bias_net(), {"x": (-1.0, 1.0), "c": (-2.0, 2.0), "y": (0.0, 2.0)}, ())
+    init = inits(cpu)
+    act = next(n for n in qlinear(cpu) if n.input[0] == "x")
+    assert init[act.input[2]].dtype == np.uint8
+    q_weights = [a for a in init.values() if a.dtype == np.int8 and a.ndim == 4]
+    assert q_weights and all(np.abs(a.astype(int)).max() <= 64 for a in q_weights)  # reduce_range: 7 bits
+    two_acts = model([helper.make_node("MatMul", ["x", "z"], ["y"], name="mm")], [vi("x", [2, 2]), vi("z", [2, 2])],
+                     [vi("y", [2, 2])])
+    # a MatMul of two activations (attention scores) is quantized too: onnxruntime's QDQ quantizer has no
+    # "constant B only" mode (it ignores MatMulConstBOnly); the parity gates judge it
+    assert [n.name for n in int8.graph.quantized_nodes(
+        int8.qdq_cpu(two_acts, {"x": (-1, 1), "z": (-1, 1), "y": (-2, 2)}, ()), int8.CPU_OPS)] == ["mm"]
+
+
+def test_dynamic_int8_quantizes_matmul_weights_per_tensor_and_says_so():
+    res = int8.quantize_dynamic_int8(mlp(), exclude=("mm2",))
+    assert isinstance(res.proto, onnx.ModelProto) and res.thresholds == {}
+    assert res.config == {"format": "dynamic int8 (weights int8, activations quantized at run time; CPU only, not a "
+                                    "TensorRT input)", "op_types": ["MatMul", "Gemm (as MatMul + Add)"],
+                          "quantized_nodes": 1, "excluded_nodes": ["mm2"]}
+    init = inits(res.proto)
+    scales = [a for n, a in init.items() if n.endswith("_scale")]
+    assert scales and all(a.size == 1 for a in scales)  # per tensor
+    conv = int8.quantize_dynamic_int8(conv_bias_net())
+    assert conv.config["quantized_nodes"] == 0 and [n.op_type for n in conv.proto.graph.node] == ["Conv", "Relu"]
+
+
+def test_static_int8_config_exactly():
+    res = int8.quantize_static_qdq(mlp(), feeds(2), "minmax", exclude=("mm2",))
+    assert isinstance(res.proto, onnx.ModelProto)
+    c = res.config
+    assert {k: c[k] for k in ("format", "method", "samples", "op_types", "quantized_nodes", "excluded_nodes")} == {
+        "format": "QDQ (symmetric int8, per-channel weights, float bias)", "method": "minmax", "samples": 0,
+        "op_types": ["Conv", "MatMul", "Gemm"], "quantized_nodes": 1, "excluded_nodes": ["mm2"]}
+    cpu = int8.quantize_static_qdq(conv_bias_net(), [{"x": RNG.standard_normal((1, 8, 4, 4)).astype(np.float32)}],
+                                   "minmax", form="cpu")
+    assert cpu.config["format"] == ("QDQ for ONNX Runtime CPU (uint8 asymmetric activations, 7-bit per-channel int8 "
+                                    "weights, Relu / MaxPool quantized; not a TensorRT input)")
+
+
+def test_thresholds_cover_negative_extremes_and_every_feed():
+    fs = [{"x": np.full((4, 8), 0.5, np.float32)}, {"x": np.full((4, 8), -40.0, np.float32)}]
+    res = int8.quantize_static_qdq(mlp(), fs, "minmax")
+    assert res.thresholds["x"] == pytest.approx(40.0)  # |x| of the last feed: a histogram over [0, 40]
+
+
+def test_held_out_batches_for_auto():
+    for n, held in [(2, 1), (4, 1), (8, 2), (12, 3)]:
+        res = int8.quantize_static_qdq(mlp(), feeds(n), "auto")
+        assert res.config["method_search"]["held_out_batches"] == held
+    errors = res.config["method_search"]["relative_error"]
+    assert all(round(e, 6) == e for e in errors.values())
+    # too few values for percentile and entropy: every method is minmax, and the first tried wins the tie
+    tie = int8.quantize_static_qdq(mlp(), feeds(2, rows=2), "auto").config
+    assert len(set(tie["method_search"]["relative_error"].values())) == 1 and tie["method"] == "minmax"
+
+
+def test_the_sparse_limit_is_exclusive():
+    at = {"a": (np.full(4, ranges.MIN_VALUES / 4), np.linspace(0, 4, 5))}
+    assert int8.thresholds_and_fallbacks(at, "entropy")[1] == []
+    below = {"a": (np.full(4, ranges.MIN_VALUES / 4 - 0.25), np.linspace(0, 4, 5))}
+    assert int8.thresholds_and_fallbacks(below, "entropy")[1] == ["a"]
+
+
+def test_cpu_scales_are_checked_on_positive_small_and_all_zero_ranges():
+    net = conv_net(8)
+    small = [{"x": RNG.uniform(0.01, 0.5, (1, 8, 4, 4)).astype(np.float32)} for _ in range(2)]
+    assert int8.quantize_static_qdq(net, small, "minmax", form="cpu").config["checked_activation_scales"] >= 1
+    negative = [{"x": -RNG.uniform(0.1, 1.0, (1, 8, 4, 4)).astype(np.float32)}]
+    res = int8.quantize_static_qdq(model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                                          helper.make_node("Conv", ["r", "w"], ["y"], name="conv")],
+                                         [vi("x", [1, 8, 4, 4])], [vi("y", [1, 4, 4, 4])],
+                                         [("w", RNG.standard_normal((4, 8, 1, 1)).astype(np.float32))]),
+                                   negative, "minmax", form="cpu")
+    assert res.config["checked_activation_scales"] >= 1  # r is all zeros: scale 1.0, as onnxruntime writes
+
+
+def test_asymmetric_scale_mismatch_message():
+    cpu = int8.qdq_cpu(conv_bias_net(), {"x": (-1.0, 1.0), "c": (-2.0, 2.0), "y": (0.0, 2.0)}, ())
+    with pytest.raises(RuntimeError, match=r"for x, expected 0\.5 from the computed ranges$"):
+        int8.check_scales(cpu, {"x": 0.5, "c": 4 / 255, "y": 2 / 255}, symmetric=False)
+
+
+def test_exclusion_hints_list_at_most_30_nodes():
+    def chain(n):
+        nodes = [helper.make_node("MatMul", [f"t{i}", "w"], [f"t{i + 1}"], name=f"mm{i:02d}") for i in range(n)]
+        return model(nodes, [vi("t0", [8, 8])], [vi(f"t{n}", [8, 8])], [("w", W1)])
+
+    for n, tail in [(30, ""), (31, " ...")]:
+        with pytest.raises(ConfigError) as e:
+            int8.check_exclude(chain(n), ("nope",), "text", "c.toml")
+        listed = str(e.value).split("nodes are: ")[1].split(". The sensitivity")[0]
+        assert listed == ", ".join(f"mm{i:02d}" for i in range(30)) + tail
+
+
+def test_stems_are_convolutions_only_counting_input_channels_across_groups():
+    assert int8.cpu_stems(mlp())[1] == ()  # a MatMul with a 4-wide weight is no stem
+    depthwise = model([helper.make_node("Conv", ["x", "w"], ["y"], name="dw", group=8)], [vi("x", [1, 8, 4, 4])],
+                      [vi("y", [1, 8, 4, 4])], [("w", RNG.standard_normal((8, 1, 1, 1)).astype(np.float32))])
+    assert int8.cpu_stems(depthwise)[1] == ()  # 1 channel per group, 8 in all
+    pool_first = model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                        helper.make_node("MaxPool", ["c"], ["p"], name="pool", kernel_shape=[2, 2]),
+                        helper.make_node("Relu", ["p"], ["y"], name="relu")],
+                       [vi("x", [1, 3, 4, 4])], [vi("y", [1, 4, 3, 3])],
+                       [("w", RNG.standard_normal((4, 3, 1, 1)).astype(np.float32))])
+    out, keep = int8.cpu_stems(pool_first)
+    assert keep == ("conv", "pool", "relu") and [n.op_type for n in out.graph.node] == ["Conv", "MaxPool", "Relu"]
+    typed = onnx.shape_inference.infer_shapes(conv_net(3))
+    swapped, _ = int8.cpu_stems(typed)
+    assert {v.name for v in swapped.graph.value_info} == {v.name for v in typed.graph.value_info} - {"r"}
+
+
+def test_gemm_rewrite_keeps_orientation_and_skips_what_it_cannot_rewrite():
+    w = RNG.standard_normal((8, 4)).astype(np.float32)
+    plain = model([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")], [vi("x", [2, 8])], [vi("y", [2, 4])],
+                  [("w", w)])
+    x = {"x": RNG.standard_normal((2, 8)).astype(np.float32)}
+    np.testing.assert_allclose(ranges.run_all(ranges.session(int8.gemm_as_matmul(plain), []), x)["y"], x["x"] @ w,
+                               rtol=1e-5)
+    trans_a = model([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transA=1)], [vi("x", [8, 2])],
+                    [vi("y", [2, 4])], [("w", w)])
+    assert [n.op_type for n in int8.gemm_as_matmul(trans_a).graph.node] == ["Gemm"]
+    live_b = model([helper.make_node("Gemm", ["x", "z"], ["y"], name="fc")], [vi("x", [2, 8]), vi("z", [8, 4])],
+                   [vi("y", [2, 4])])
+    assert [n.op_type for n in int8.gemm_as_matmul(live_b).graph.node] == ["Gemm"]
+
+
+# ---- fp16, more exactly ------------------------------------------------------------------------
+
+def test_islands_for_graph_inputs_outputs_and_tensors_without_a_maximum():
+    m = fragile_net()
+    floats = ranges.float_tensors(m)
+    over_in = fp16.plan_islands(m, floats, {"x": 1e5}, fragile=False)
+    assert set(over_in) == {"mm"}  # a graph input has no producer: only its readers
+    over_out = fp16.plan_islands(m, floats, {"y": 1e5}, fragile=False)
+    assert set(over_out) == {"mul"}  # a graph output has no readers: only its producer
+    assert fp16.plan_islands(m, floats, {}) == {"mean": fp16.plan_islands(m, floats, {})["mean"], "pow": "fragile: Pow"}
+
+
+def test_legalise_looks_at_every_input_and_gemm_too():
+    m = model([helper.make_node("LayerNormalization", ["x", "g"], ["n"], name="ln", axis=-1),
+               helper.make_node("Relu", ["x"], ["r"], name="relu"),
+               helper.make_node("Transpose", ["n"], ["t"], name="tr"),
+               helper.make_node("MatMul", ["r", "t"], ["y"], name="mm")],
+              [vi("x", [8, 8])], [vi("y", [8, 8])], [("g", np.ones(8, np.float32))])
+    assert set(fp16.legalise(m, {"ln": "fragile"})) == {"ln", "tr"}  # the Transpose is the second input
+    assert set(fp16.legalise(m, {"mm": "widened"})) == {"mm", "tr"}  # the Relu is no Transpose: left alone
+    g = model([helper.make_node("Transpose", ["x"], ["t"], name="tr"),
+               helper.make_node("Gemm", ["t", "w"], ["y"], name="fc")],
+              [vi("x", [8, 8])], [vi("y", [8, 8])], [("w", W1)])
+    assert set(fp16.legalise(g, {"fc": "widened"})) == {"fc", "tr"}
+
+
+def test_join_islands_goes_on_past_casts_it_cannot_join():
+    m = model([helper.make_node("Cast", ["i"], ["ih"], name="c3", to=TensorProto.FLOAT16),
+               helper.make_node("Cast", ["ih"], ["z"], name="c4", to=TensorProto.FLOAT),
+               helper.make_node("Relu", ["x"], ["xr"], name="relu"),
+               helper.make_node("Cast", ["xr"], ["h"], name="c1", to=TensorProto.FLOAT16),
+               helper.make_node("Cast", ["h"], ["y"], name="c2", to=TensorProto.FLOAT)],
+              [vi("x", [2]), vi("i", [2], TensorProto.INT64)], [vi("y", [2]), vi("z", [2])])
+    fp16.join_islands(m)
+    assert [(n.name, n.op_type) for n in m.graph.node] == [("c3", "Cast"), ("c4", "Cast"), ("relu", "Relu"),
+                                                           ("c2", "Identity")]
+
+
+def test_emulation_casts_only_fp16_inputs_of_standard_domain_nodes():
+    m = model([helper.make_node("Pow", ["x", "e"], ["p"], name="pow"),
+               helper.make_node("Add", ["p", "p"], ["y"], name="add")],
+              [vi("x", [4], TensorProto.FLOAT16), vi("e", [1])], [vi("y", [4], TensorProto.FLOAT16)])
+    emu = fp16.emulate(m)
+    assert [(n.op_type, n.name) for n in emu.graph.node] == [
+        ("Cast", "pow__emu_in0"), ("Pow", "pow"), ("Cast", "pow__emu_out0"), ("Cast", "add__emu_in0"), ("Add", "add"),
+        ("Cast", "add__emu_out0")]
+
+
+def test_relative_error_scales():
+    assert fp16._rel(np.array([4.0, 4.0]), np.array([2.0, 2.0])) == 1.0  # RMS, not a higher moment
+    assert fp16._rel(np.array([0.75]), np.array([0.5])) == 0.5  # a scale under 1 still divides
+
+
+def test_check_gates_argmax_on_score_outputs():
+    m = mlp()
+    f = feeds(1)[0]
+    ref = ranges.run_all(ranges.session(m, []), f)
+    half = fp16.convert(m, set())
+    assert fp16.check(half, [(f, ref)], TOL, "text", frozenset({"y"}))[0].metrics.argmax is not None
+    assert all(c.metrics.argmax is None for c in fp16.check(half, [(f, ref)], TOL, "text"))
+
+
+def test_widening_doubles_the_nodes_per_round_and_says_what_each_added():
+    big = (RNG.standard_normal((8, 8)) * 30).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["t0"], name="mm")]
+    nodes += [helper.make_node("Sin", [f"t{i}"], [f"t{i + 1}"], name=f"sin{i}") for i in range(6)]
+    nodes += [helper.make_node("Mul", ["t6", "k"], ["y"], name="scale")]
+    m = model(nodes, [vi("x", ["n", 8])], [vi("y", ["n", 8])], [("w", big), ("k", np.array([100.0], np.float32))])
+    fs = feeds(1, rows=8, scale=10.0)
+    cases = [(f, ranges.run_all(ranges.session(m, []), f)) for f in fs]
+    res = fp16.to_fp16(m, fs, cases, {**TOL, "max_abs": 1e-6, "max_rel": 1e-6, "min_cosine": 0.999999}, "text")
+    counts = [r["fp32_nodes"] for r in res.rounds]
+    assert counts[:3] == [0, 1, 3] and counts == sorted(counts)  # 1, then 2, then 4 more nodes a round
+    first = [why for why in res.islands.values() if why.startswith("widened in parity round 1")]
+    assert len(first) == 1 and re.fullmatch(r"widened in parity round 1: adds relative error [0-9.e+-]+", first[0])
+
+
+def test_defaults_guard_and_fragile():
+    m = fragile_net()
+    fs = feeds(1, rows=4, scale=0.2)
+    ref = ranges.run_all(ranges.session(m, []), fs[0])
+    res = fp16.to_fp16(m, fs, [(fs[0], ref)], {**TOL, "max_abs": 0.05, "max_rel": 0.05, "min_cosine": 0.99}, "text")
+    assert {"mean", "pow"} <= set(res.islands)  # fragile nodes are kept by default
+
+
+def test_the_impossible_gate_lists_each_failing_check_on_its_own_line():
+    m = model([helper.make_node("Sin", ["x"], ["y"], name="sin")], [vi("x", ["n", 8])], [vi("y", ["n", 8])])
+    fs = feeds(2, rows=4)
+    cases = [(f, ranges.run_all(ranges.session(m, []), f)) for f in fs]
+    with pytest.raises(PrecisionError) as e:
+        fp16.to_fp16(m, fs, cases, {**TOL, "min_cosine": 1.5, "max_abs": -1.0, "max_rel": -1.0}, "text")
+    lines = str(e.value).splitlines()
+    assert lines[1].startswith("  text@case0 y: max_abs ") and "; cosine " in lines[1]
+    assert lines[2].startswith("  text@case1 y: max_abs ")
