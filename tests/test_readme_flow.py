@@ -53,6 +53,13 @@ def test_the_readme_and_bench_doc_commands_run_as_written(tmp_path):
             assert "dims: the exported range" in text and "batch 1 8 32" in text
             assert "weights of the fp32 graphs" in text
         hint = {"export": "next: mmopt quantize", "quantize": "next: mmopt bench", "bench": "next: open "}
+        out = " ".join(r.stdout.replace("│", " ").split())
         if words[0] in hint:  # each long command ends with one line saying what to do next
-            assert hint[words[0]] in " ".join(r.stdout.split()), r.stdout[-1500:]
+            assert hint[words[0]] in out, r.stdout[-1500:]
+        if words[0] == "export":  # [calibration] is there: the hint offers int8 in both forms
+            assert "-p image=int8 (TensorRT) or -p image=int8-cpu (ONNX Runtime CPU)" in out
+        if words[0] == "quantize" and any(w.endswith("=auto") for w in words):  # auto explains its choice
+            assert "auto: candidates tried" in out and re.search(r"auto chose \S+=\S+.*: .*candidates pass parity", out)
+        if words[0] == "quantize" and any(w.endswith("=int8-cpu") for w in words):  # and how it calibrated
+            assert "entropy calibration" in out
     assert {"export", "inspect", "verify", "bench", "quantize"} <= set(ran)

@@ -48,7 +48,11 @@ def export(
                   highlight=False)
     b = escape(str(out))
     first = escape(next(c for c, s in result.manifest.components.items() if s.kind == "encoder"))
-    console.print(f"next: mmopt quantize {b} -p {first}=fp16 (int8 needs \\[calibration] in the config) · "
+    from mmopt.spec import load_spec
+
+    quantize = (f"-p {first}=int8 (TensorRT) or -p {first}=int8-cpu (ONNX Runtime CPU)"
+                if load_spec(config).calibration else f"-p {first}=fp16 (int8 needs \\[calibration] in the config)")
+    console.print(f"next: mmopt quantize {b} {quantize} · "
                   f"mmopt bench {b} -o {b}-bench/" + ("" if engine else f" · mmopt build {b} on the target GPU"),
                   highlight=False, style="dim")
     if engine:

@@ -72,8 +72,9 @@ def summary_table(m: Manifest) -> Table:
 
 
 def parity_table(parity: dict[str, dict[str, dict[str, Any]]]) -> Table:
-    t = Table(title="parity vs eager PyTorch (worst over min/opt/max shapes and outputs)", title_justify="left")
-    for col in ("precision", "graph", "outputs", "cos min", "max abs", "max rel", "argmax", "status"):
+    t = Table(title="parity vs eager PyTorch (worst case; checks = outputs x sizes or batches)",
+              title_justify="left")
+    for col in ("precision", "graph", "checks", "cos min", "max abs", "max rel", "argmax", "status"):
         t.add_column(col, justify="right" if col not in ("precision", "graph", "status") else "left")
     for precision, rows in parity.items():
         for where, s in rows.items():
@@ -168,7 +169,7 @@ def sensitivity_table(report: dict[str, Any]) -> Table:
         t.add_column(col, justify="right" if col in ("max rel", "cos min", "argmax") else "left")
     for comp, r in report.items():
         w = r["whole_component"]
-        t.add_row(escape(comp), f"(all {r['quantized_nodes']} quantized nodes)", "", f"{w['max_rel']:.4f}",
+        t.add_row(escape(comp), (f"(all {r['quantized_nodes']} quantized nodes)" if r['quantized_nodes'] != 1 else "(its 1 quantized node)"), "", f"{w['max_rel']:.4f}",
                   f"{w['cos_min']:.5f}", "-" if w["argmax"] is None else f"{w['argmax']:.3f}")
         for row in r["worst_nodes"]:
             t.add_row("", escape(row["node"]), escape(row["op"]), f"{row['max_rel']:.4f}", f"{row['cos_min']:.5f}",

@@ -202,9 +202,12 @@ def _choose(rows: list[dict], autos: list[str]) -> tuple[dict[str, Any], str]:
                    + (" and the accuracy budget" if "accuracy" in best else ""))
         if len(near) == 1:
             return best, f"the fastest passing candidate ({best['latency_ms']:.3g} ms); {passing}"
+        most = [r for r in near if r.get("accuracy", 0.0) == best.get("accuracy", 0.0)]
+        pick = ("the least quantized of them" if "accuracy" not in best
+                else "the most accurate of them" if len(most) == 1
+                else f"the least quantized of the {len(most)} most accurate")
         return best, (f"{len(near)} passing candidates are within {NOISE:.0%} of the fastest ({fastest:.3g} ms), "
-                      "which is timing noise here, so " + ("the most accurate of them" if "accuracy" in best
-                                                           else "the least quantized of them") + f"; {passing}")
+                      f"which is timing noise here, so {pick}; {passing}")
     # only the accuracy budget can reject fp32 autos: the fixed part costs too much
     best = next(r for r in rows if all(r["policy"][c] == "fp32" for c in autos))
     return best, "no candidate passes parity and the accuracy budget: the auto components stay fp32"

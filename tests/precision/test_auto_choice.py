@@ -36,7 +36,9 @@ def test_within_timing_noise_the_more_accurate_then_the_less_quantized_wins():
                    "most accurate of them; 3 of 3 candidates pass parity and the accuracy budget")
     tie_a = row({"image": "int8-cpu", "text": "int8-dynamic"}, 5.0, acc=0.95)
     tie_b = row({"image": "int8-cpu", "text": "fp32"}, 5.0, acc=0.95)
-    assert _choose([tie_a, tie_b], AUTOS)[0] is tie_b  # same speed and accuracy: the less quantized
+    best, why = _choose([tie_a, tie_b], AUTOS)
+    assert best is tie_b  # same speed and accuracy: the less quantized
+    assert "so the least quantized of the 2 most accurate; " in why
     untimed = [row({"image": "int8-cpu", "text": "fp32"}, 5.0), row({"image": "fp32", "text": "fp32"}, 5.1)]
     assert _choose(untimed, AUTOS)[1].endswith("so the least quantized of them; 2 of 2 candidates pass parity")
 
