@@ -165,6 +165,8 @@ def main() -> None:
             res = {**res, "modules": old["modules"], "per_module": {**old["per_module"], **res["per_module"]},
                    "seconds": res["seconds"]}
         res["commit"] = commit
+        res["command"] = f"python benchmarks/mutation.py {g}" + (f" --modules {' '.join(args.modules)}"
+                                                                  if args.modules else "")
         results["groups"][g] = res
         for mod, row in res["per_module"].items():
             print(f"  {mod:<40} {row['killed']:>4}/{row['killed'] + row['survived'] + row['no_tests']:<4} killed "
@@ -172,7 +174,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     results["target"] = TARGET
-    results["command"] = "pip install mutmut && python benchmarks/mutation.py " + " ".join(args.groups)
+    results["command"] = "pip install mutmut && python benchmarks/mutation.py  # every group; each group's own below"
     results["tool"] = subprocess.run([mutmut(), "--version"], capture_output=True, text=True).stdout.strip()
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=1) + "\n")
