@@ -69,7 +69,14 @@ def test_markdown_and_png_written(toy_report):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     image = Image.open(toy_report.files["png"]).convert("RGB")
     assert image.size == (1500, 650)
-    assert len(image.getcolors(1 << 20)) >= 8  # axes, text and two series were drawn
+    # every variant with latency rows drawn in its own colour (matplotlib's C0, C1, ... in variant order)
+    from matplotlib.colors import to_rgb
+
+    drawn = {rgb for _, rgb in image.getcolors(1 << 20)}
+    timed = {r["variant"] for r in toy_report.report["latency"]}
+    for i, v in enumerate(x["id"] for x in toy_report.report["variants"]):
+        if v in timed:
+            assert tuple(round(c * 255) for c in to_rgb(f"C{i}")) in drawn, f"{v}'s colour C{i} is not in the plot"
 
 
 def _degrade(bundle: Path, comp: str = "fusion") -> None:
