@@ -167,3 +167,17 @@ def test_toy_int8_cpu_and_the_auto_search(toy):  # noqa: F811
     with pytest.raises(UsageError, match="symmetric int8"):
         source_artifacts(m, "int8-cpu")
     assert "int8-cpu" not in {a.precision for a in source_artifacts(m, None)}
+
+
+def test_auto_stops_when_the_fixed_part_of_the_policy_fails(toy):  # noqa: F811
+    """Every combination holds the fixed components: if they fail with the auto ones at fp32, none can pass."""
+    from mmopt.errors import ParityError
+
+    tight = toy(extra="[tolerance.int8-cpu]\nmax_norm_change = 0.0\n", name="tight.toml")
+    before = {p.name: p.read_bytes() for p in toy.bundle.iterdir()}
+    with pytest.raises(ParityError) as e:
+        api.quantize(toy.bundle, tight, precision={"image": "int8-cpu", "text": "auto"}, sensitivity=False)
+    assert str(e.value).startswith("image=int8-cpu text=fp32 fusion=fp32 (the fixed part of the policy, image=int8-cpu "
+                                   "fusion=fp32, with every auto component at fp32)")
+    assert 'No "auto" choice can pass when the fixed components fail.' in str(e.value)
+    assert {p.name: p.read_bytes() for p in toy.bundle.iterdir()} == before
