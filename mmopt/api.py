@@ -22,6 +22,16 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
     return export_job(config, out_dir, trust_checkpoint, progress)
 
 
+def prune(config: str | Path, targets: dict[str, float], out: str | Path, align: int = 8, steps: int = 300,
+          trust_checkpoint: bool = False, progress: Progress | None = None) -> Any:
+    """Structurally prune components to a share of their MACs, recover by distillation on [calibration] data,
+    and write a pruned config beside ``config`` (with its weights and a JSON report): see mmopt.jobs.prune.
+    Needs the ``prune`` extra (Torch-Pruning)."""
+    from mmopt.jobs.prune import prune as prune_job
+
+    return prune_job(config, targets, out, align, steps, trust_checkpoint, progress)
+
+
 def quantize(bundle: str | Path, config: str | Path | None = None, progress: Progress | None = None,
              precision: dict[str, str] | None = None, trust_checkpoint: bool = False,
              sensitivity: bool = True) -> QuantizeResult:

@@ -68,8 +68,75 @@ def build_model(spec: ModelSpec, trust_checkpoint: bool = False) -> torch.nn.Mod
                           f"{type(model).__name__}, not a torch.nn.Module.")
     if spec.checkpoint is not None:
         state = read_state_dict(spec.checkpoint, spec.state_dict_key, trust_checkpoint, spec.path)
+        plan = prune_plan(spec.checkpoint)
+        if plan is not None:  # weights of a pruned model: shape the fresh model as the plan says first
+            apply_plan(model, plan, spec.checkpoint)
         load_strict(model, state, spec.checkpoint)
     return model.eval()
+
+
+# ---- pruned models: a plan that shapes the factory's fresh model -------------------------------------
+PLAN_KEY = "mmopt.prune_plan"  # safetensors metadata of a checkpoint written by `mmopt prune`
+
+
+def prune_plan(path: Path) -> dict[str, Any] | None:
+    """The plan a pruned checkpoint carries in its safetensors metadata (None for any other checkpoint)."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get(PLAN_KEY)
+    except Exception:  # unreadable: read_state_dict has said so already
+        return None
+    if text is None:
+        return None
+    try:
+        plan = json.loads(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: its '{PLAN_KEY}' metadata is not JSON. Re-run `mmopt prune`.") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("modules"), dict):
+        raise CheckpointError(f"{path}: its '{PLAN_KEY}' metadata has no 'modules' table. Re-run `mmopt prune`.")
+    return plan
+
+
+def apply_plan(model: torch.nn.Module, plan: dict[str, Any], path: Path) -> None:
+    """Give each module the plan names its pruned sizes: integer attributes (``out_channels``,
+    ``num_features``, ``embed_dim``, ...) and empty parameters / buffers of the recorded shapes, which the
+    checkpoint then fills. Nothing from the file is executed: the plan holds names and integers only."""
+    for name, entry in plan["modules"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: its prune plan names module '{name}', which the factory's model does not "
+                                  "have. The factory or its [model.kwargs] changed since `mmopt prune`: prune again."
+                                  ) from None
+        for attr, value in entry.get("attrs", {}).items():
+            if not hasattr(module, attr) or not _plain(value):
+                raise CheckpointError(f"{path}: its prune plan sets '{name}.{attr}' = {value!r}, which that module "
+                                      "does not have as a size. Prune again with this factory.")
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+        for pname, shape in entry.get("tensors", {}).items():
+            old = getattr(module, pname, None)
+            if not isinstance(old, torch.Tensor) or not _plain(shape):
+                raise CheckpointError(f"{path}: its prune plan shapes '{name}.{pname}', which is no tensor of that "
+                                      "module. Prune again with this factory.")
+            new = torch.empty(tuple(shape), dtype=old.dtype)
+            if isinstance(old, torch.nn.Parameter):
+                setattr(module, pname, torch.nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                setattr(module, pname, new)
+
+
+def _plain(value: Any) -> bool:
+    """An int, or a list of ints: all a prune plan may hold."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                       for v in value))
 
 
 def read_state_dict(path: Path, key: str | None, trust: bool, config: Path) -> dict[str, torch.Tensor]:

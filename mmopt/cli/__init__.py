@@ -58,9 +58,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from mmopt.cli import bench, build, bundle, export, quantize
+    from mmopt.cli import bench, build, bundle, export, prune, quantize
 
-    for module in (export, bundle, build, quantize, bench):
+    for module in (export, bundle, build, quantize, prune, bench):
         module.register(app)
 
 

@@ -1,0 +1,429 @@
+"""``mmopt prune``: structural pruning of chosen components, label-free recovery, a rebuildable checkpoint.
+
+1. The model is built and captured as for export; the components to prune are named with a target share of
+   their multiply-accumulates (MACs) to keep.
+2. Torch-Pruning's dependency graph removes whole channels (convolutions, linears, norms, residual adds,
+   concats and attention stay consistent), step by step by L2 magnitude until the target is reached. Layers
+   whose output channels are the component's outputs are frozen (found by a dry run: pruning them would
+   change what the rest of the model reads), so the pruned component fits the rest unchanged. Kept channel
+   counts are rounded down to a multiple of ``align`` (8: fp16 tensor cores; 16 for int8).
+3. Recovery without labels: the pruned model is distilled from the unpruned one on ``[calibration]`` data,
+   MSE on the pruned components' outputs plus KL on the model's score outputs (MSE on all its float outputs
+   when none is named), for a bounded number of steps, seeded.
+4. Proof: parameters, MACs and the component's eager latency (interleaved runs) before and after, and with
+   ``[evaluation]`` the task score of the original, the pruned model before recovery and after it, on the same
+   samples; ``[tolerance].max_accuracy_drop`` gates the last against the first.
+5. Output, next to the original config (its factory and data sources import from that folder): the pruned
+   weights as safetensors, whose metadata holds the plan (each pruned module's sizes) that shapes the
+   factory's fresh model before loading (``mmopt.checkpoint.apply_plan``; no pickled module), a copy of the
+   config pointing at them, and a JSON report with the lineage and the measurements.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from mmopt.capture import flatten_named, split as capture_split
+from mmopt.checkpoint import PLAN_KEY, build_model
+from mmopt.data import read
+from mmopt.errors import ConfigError, MmoptError, UsageError
+from mmopt.judge import latency
+from mmopt.judge.accuracy import evaluate
+from mmopt.progress import Progress
+from mmopt.manifest import sha256_file
+from mmopt.runners.eager import EagerRunner, to_torch
+from mmopt.spec import ModelSpec, load_spec
+from mmopt.store import atomic_write
+
+HOW_TO_INSTALL = "Install the pruning extra: pip install -e '.[prune]' (Torch-Pruning)."
+STEPS_PER_TARGET = 40  # pruning steps from nothing to the largest channel share, each a small cut
+MAX_CHANNEL_SHARE = 0.9  # at most this share of a layer's channels goes
+SEED = 0
+
+
+class PruneError(MmoptError):
+    """The target could not be met, or the pruned model misses the accuracy budget (exit code 1)."""
+
+
+@dataclasses.dataclass
+class PruneResult:
+    config: Path
+    checkpoint: Path
+    report_path: Path
+    report: dict[str, Any]
+    seconds: float
+
+
+def _torch_pruning() -> Any:
+    try:
+        import torch_pruning
+    except ImportError:
+        raise UsageError(f"mmopt prune needs Torch-Pruning, which is not installed. {HOW_TO_INSTALL}") from None
+    return torch_pruning
+
+
+def check_targets(spec: ModelSpec, split: Any, targets: dict[str, float]) -> None:
+    if not targets:
+        raise UsageError("nothing to prune: name components and the share of their MACs to keep, e.g. -p image=0.5.")
+    for comp, ratio in targets.items():
+        if comp not in split.components:
+            raise UsageError(f"-p {comp}={ratio}: no component '{comp}'; the components are "
+                             f"{', '.join(split.components)}.")
+        if not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
+            raise UsageError(f"-p {comp}={ratio}: the share of MACs to keep must be between 0 and 1 (e.g. 0.5 keeps "
+                             "half).")
+        if not split.components[comp].module:
+            raise UsageError(f"-p {comp}={ratio}: '{comp}' is the rest of the model's forward, not one module. Name "
+                             "the head module with [components].fusion to prune it.")
+    if spec.calibration is None:
+        raise ConfigError(f"{spec.path}: no [calibration] table: pruning recovers the model by distilling it from "
+                          "the unpruned one on calibration data (no labels needed). Add [calibration] source = "
+                          '"module:function".')
+
+
+def output_path(config: Path, out: Path) -> Path:
+    out = Path(out)
+    if out.suffix != ".toml":
+        raise UsageError(f"-o {out}: name the pruned config to write, a .toml file beside {config.name} "
+                         f"(e.g. -o {config.with_name(config.stem + '.pruned.toml').name}).")
+    if out.resolve().parent != config.resolve().parent:
+        raise UsageError(f"-o {out}: write the pruned config beside {config} (in {config.resolve().parent}): its "
+                         "factory and data sources import from that folder.")
+    if out.resolve() == config.resolve():
+        raise UsageError(f"-o {out}: that is the config being pruned; choose a new name, e.g. "
+                         f"{config.with_name(config.stem + '.pruned.toml').name}.")
+    return out.resolve()
+
+
+# ---- the component as Torch-Pruning sees it ---------------------------------------------------------
+
+class _Bound(torch.nn.Module):
+    """The component called as the model calls it (recorded args and kwargs), returning its flat outputs."""
+
+    def __init__(self, module: torch.nn.Module, kwargs: dict[str, Any]):
+        super().__init__()
+        self.module, self.kwargs = module, kwargs
+
+    def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
+        named, _ = flatten_named(self.module(*args, **self.kwargs), "")
+        return tuple(t for _, t in named if isinstance(t, torch.Tensor))
+
+
+def recorded_call(model: torch.nn.Module, path: str, runner: EagerRunner, feeds: dict[str, np.ndarray]
+                  ) -> tuple[tuple, dict]:
+    """The (args, kwargs) ``model`` passes the submodule at ``path`` on ``feeds``."""
+    seen: list[tuple[tuple, dict]] = []
+    handle = model.get_submodule(path).register_forward_pre_hook(
+        lambda m, a, k: seen.append((tuple(a), dict(k))) if not seen else None, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            runner.forward(to_torch(feeds, runner.inputs, "cpu"))
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _roots(tp: Any, module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d,
+                                                                         torch.nn.Conv3d, torch.nn.Linear))]
+
+
+def frozen_layers(tp: Any, bound: _Bound, args: tuple) -> list[torch.nn.Module]:
+    """Layers whose output channels reach the component's outputs: a dry run pruning one channel of each (on a
+    copy) that changes an output's shape. These keep their width, so the rest of the model reads the same."""
+    with torch.no_grad():
+        shapes = [tuple(t.shape) for t in bound(*args)]
+    frozen = []
+    for name, _ in _roots(tp, bound):
+        trial = copy.deepcopy(bound)
+        layer = trial.get_submodule(name)
+        if getattr(layer, "out_channels", getattr(layer, "out_features", 0)) < 2:
+            frozen.append(bound.get_submodule(name))
+            continue
+        graph = tp.DependencyGraph().build_dependency(trial, example_inputs=args)
+        fn = tp.prune_linear_out_channels if isinstance(layer, torch.nn.Linear) else tp.prune_conv_out_channels
+        group = graph.get_pruning_group(layer, fn, idxs=[0])
+        if not graph.check_pruning_group(group):
+            frozen.append(bound.get_submodule(name))
+            continue
+        group.prune()
+        with torch.no_grad():
+            after = [tuple(t.shape) for t in trial(*args)]
+        if after != shapes:
+            frozen.append(bound.get_submodule(name))
+    return frozen
+
+
+def macs_and_params(tp: Any, bound: _Bound, args: tuple) -> tuple[float, int]:
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(bound, args)
+    return float(macs), int(params)
+
+
+def prune_component(tp: Any, bound: _Bound, args: tuple, keep: float, align: int, log: Callable[[str], None]
+                    ) -> dict[str, Any]:
+    """Prune ``bound`` in place until its MACs are at most ``keep`` of what they were; what was reached."""
+    macs0, params0 = macs_and_params(tp, bound, args)
+    frozen = frozen_layers(tp, bound, args)
+    heads = {m: m.num_heads for m in bound.modules() if isinstance(m, torch.nn.MultiheadAttention)}
+    pruner = tp.pruner.MetaPruner(bound, args, importance=tp.importance.MagnitudeImportance(p=2),
+                                  pruning_ratio=MAX_CHANNEL_SHARE, iterative_steps=STEPS_PER_TARGET,
+                                  ignored_layers=frozen, round_to=align, num_heads=heads)
+    macs, params, steps = macs0, params0, 0
+    while macs > keep * macs0 and steps < STEPS_PER_TARGET:
+        pruner.step()
+        steps += 1
+        macs, params = macs_and_params(tp, bound, args)
+    return {"macs_before": macs0, "macs_after": macs, "macs_kept": round(macs / macs0, 4) if macs0 else 1.0,
+            "params_before": params0, "params_after": params, "params_kept": round(params / params0, 4),
+            "pruning_steps": steps, "frozen_layers": [n.removeprefix("module.") for n, m in _roots(tp, bound) if m in frozen],
+            "history": [[name.removeprefix("module."), bool(out), [int(i) for i in idxs]]
+                        for name, out, idxs in pruner.pruning_history()]}
+
+
+# ---- the plan: what shapes a fresh model --------------------------------------------------------------
+
+def plan_of(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any]:
+    """Every module whose sizes changed: its integer attributes and its tensors' shapes."""
+    before = dict(original.named_modules())
+    modules: dict[str, Any] = {}
+    for name, mod in pruned.named_modules():
+        old = before.get(name)
+        if old is None or not name:
+            continue
+        attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(mod).items()
+                 if not k.startswith("_") and _size(v) and _size(getattr(old, k, None)) and v != getattr(old, k)}
+        tensors: dict[str, list[int]] = {}
+        for k, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+            ref = getattr(old, k, None)
+            if t is not None and isinstance(ref, torch.Tensor) and tuple(t.shape) != tuple(ref.shape):
+                tensors[k] = list(t.shape)
+        if attrs or tensors:
+            modules[name] = {**({"attrs": attrs} if attrs else {}), **({"tensors": tensors} if tensors else {})}
+    return {"format": 1, "modules": modules}
+
+
+def _size(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (isinstance(v, tuple) and bool(v) and all(isinstance(x, int) and
+                                                                            not isinstance(x, bool) for x in v))
+
+
+# ---- recovery ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _outputs_of(model: torch.nn.Module, paths: dict[str, str]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    got: dict[str, list[torch.Tensor]] = {c: [] for c in paths}
+    handles = []
+    for comp, path in paths.items():
+        def post(m, a, out, comp=comp):
+            got[comp].extend(t for _, t in flatten_named(out, "")[0] if isinstance(t, torch.Tensor)
+                             and t.is_floating_point())
+        handles.append(model.get_submodule(path).register_forward_hook(post))
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def distill(student: torch.nn.Module, teacher: torch.nn.Module, paths: dict[str, str], split: Any,
+            batches: list[dict[str, np.ndarray]], scores: set[str], steps: int, progress: Progress) -> list[float]:
+    """``steps`` Adam steps on the pruned components' parameters: MSE on their outputs (relative to the
+    teacher's scale) plus KL on the score outputs (MSE on every float output when none is named)."""
+    torch.manual_seed(SEED)
+    trainable = [p for path in paths.values() for p in student.get_submodule(path).parameters()]
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(trainable, lr=1e-3)
+    s_run = EagerRunner(student, split.model_inputs, split.model_outputs)
+    t_run = EagerRunner(teacher, split.model_inputs, split.model_outputs)
+    teacher.eval()
+    student.eval()
+    for path in paths.values():
+        student.get_submodule(path).train()  # norms re-estimate their statistics for the narrower inputs
+    losses = []
+    with progress.task(f"recover {', '.join(paths)}: distil from the unpruned model", steps) as advance:
+        for step in range(steps):
+            feeds = batches[step % len(batches)]
+            tensors = to_torch(feeds, s_run.inputs, "cpu")
+            with torch.no_grad(), _outputs_of(teacher, paths) as t_inner:
+                t_out = t_run.forward(tensors)
+            with _outputs_of(student, paths) as s_inner:
+                s_out = s_run.forward(tensors)
+            loss = torch.zeros(())
+            for comp in paths:
+                for s, t in zip(s_inner[comp], t_inner[comp]):
+                    loss = loss + torch.mean((s - t) ** 2) / (torch.mean(t ** 2) + 1e-8)
+            for name, t in t_out.items():
+                s = s_out[name]
+                if not t.is_floating_point():
+                    continue
+                if name in scores and t.ndim >= 2:
+                    loss = loss + torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1),
+                                                             log_target=True, reduction="batchmean")
+                elif not scores:
+                    loss = loss + torch.mean((s - t) ** 2) / (torch.mean(t ** 2) + 1e-8)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            advance(1)
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return losses
+
+
+def _component_ms(bound_before: _Bound, bound_after: _Bound, args: tuple) -> dict[str, float]:
+    def call(b: _Bound) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.inference_mode():
+                return b(*args)
+        return run
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ms = latency.median_ms({"before": call(bound_before), "after": call(bound_after)}, rounds=25)
+    finally:
+        torch.set_num_threads(before)
+    return {"eager_ms_before": round(ms["before"], 4), "eager_ms_after": round(ms["after"], 4),
+            "eager_latency_ratio": round(ms["after"] / ms["before"], 3) if ms["before"] else math.nan}
+
+
+# ---- the job ----------------------------------------------------------------------------------------
+
+def prune(config: str | Path, targets: dict[str, float], out: str | Path, align: int = 8, steps: int = 300,
+          trust_checkpoint: bool = False, progress: Progress | None = None) -> PruneResult:
+    progress = progress or Progress()
+    t0 = time.perf_counter()
+    if align < 1 or steps < 0:
+        raise UsageError(f"--align {align} / --steps {steps}: the alignment is at least 1 and the steps at least 0.")
+    spec = load_spec(config)
+    out_config = output_path(spec.path, Path(out))
+    tp = _torch_pruning()
+    original = build_model(spec, trust_checkpoint)
+    split = capture_split(original, spec)
+    check_targets(spec, split, targets)
+    paths = {c: split.components[c].module for c in targets}
+    progress.log(f"loaded {spec.factory} ({sum(p.numel() for p in original.parameters()):,} parameters)")
+
+    batches = [inputs for inputs, _ in read(spec, "calibration", spec.calibration.samples)]
+    if not batches:
+        raise ConfigError(f"{spec.path}: field 'calibration.source': {spec.calibration.source}() yielded no batches.")
+    runner = EagerRunner(original, split.model_inputs, split.model_outputs)
+    student = copy.deepcopy(original)
+    s_runner = EagerRunner(student, split.model_inputs, split.model_outputs)
+    components: dict[str, Any] = {}
+    bounds: dict[str, tuple[_Bound, _Bound, tuple]] = {}
+    with progress.task(f"prune {', '.join(f'{c} to {r:.0%} of its MACs' for c, r in targets.items())}",
+                       len(targets)) as advance:
+        for comp, keep in targets.items():
+            args, kwargs = recorded_call(student, paths[comp], s_runner, batches[0])
+            bound = _Bound(student.get_submodule(paths[comp]), kwargs)
+            reached = prune_component(tp, bound, args, keep, align, progress.log)
+            if reached["params_after"] >= reached["params_before"]:
+                raise PruneError(f"-p {comp}={keep}: nothing in '{comp}' could be pruned (every layer's output "
+                                 "channels are its outputs, or it has no convolution or linear layer).")
+            if reached["macs_kept"] > keep:
+                raise PruneError(f"-p {comp}={keep}: pruning stopped at {reached['macs_kept']:.0%} of {comp}'s MACs "
+                                 f"(at most {MAX_CHANNEL_SHARE:.0%} of each layer's channels go, and the layers that "
+                                 f"feed its outputs keep theirs). Ask for at least {reached['macs_kept']:.2f}.")
+            components[comp] = {"target_macs_kept": keep, **reached}
+            b_args, b_kwargs = recorded_call(original, paths[comp], runner, batches[0])
+            bounds[comp] = (_Bound(original.get_submodule(paths[comp]), b_kwargs), bound, args)
+            advance(1)
+    for comp, (before, after, args) in bounds.items():
+        components[comp].update(_component_ms(before, after, args))
+        components[comp]["aligned_to"] = align
+
+    scores = set(spec.score_outputs)
+    accuracy: dict[str, Any] | None = None
+    if spec.evaluation:
+        accuracy = {"before_recovery": _score(spec, student, split, progress, "pruned")}
+    losses = distill(student, original, paths, split, batches, scores, steps, progress)
+    if spec.evaluation:
+        acc = _score_all(spec, {"original": original, "pruned": student}, split, progress)
+        accuracy = {"metric": acc["metric"], "samples": acc["samples"], "original": acc["scores"]["original"],
+                    "before_recovery": accuracy["before_recovery"], "after_recovery": acc["scores"]["pruned"]}
+        drop = accuracy["original"] - accuracy["after_recovery"]
+        if spec.max_accuracy_drop is not None and drop > spec.max_accuracy_drop:
+            raise PruneError(f"the pruned model scores {accuracy['after_recovery']:.4f} against the original's "
+                             f"{accuracy['original']:.4f} on {acc['samples']} samples, a drop of {drop:.4f} > "
+                             f"[tolerance].max_accuracy_drop {spec.max_accuracy_drop}. Nothing was written. Keep "
+                             "more of the MACs, or recover longer (--steps).")
+
+    plan = plan_of(original, student)
+    weights = out_config.with_suffix(".safetensors")
+    report = {"kind": "mmopt-prune-report", "config": str(spec.path), "pruned_config": str(out_config),
+              "checkpoint": str(weights),
+              "parent_checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
+              "parent_checkpoint_sha256": sha256_file(spec.checkpoint) if spec.checkpoint else None,
+              "criterion": "L2 magnitude of each channel's weights (Torch-Pruning MagnitudeImportance, p=2), "
+                           "channels removed by its dependency graph",
+              "torch_pruning": getattr(tp, "__version__", "?"),
+              "components": components,
+              "recovery": {"method": "distillation from the unpruned model on [calibration] data (no labels): MSE "
+                                     "on the pruned components' outputs + KL on the score outputs",
+                           "steps": steps, "optimizer": "Adam lr 1e-3", "seed": SEED,
+                           "batches": len(batches), "loss_first": losses[0] if losses else None,
+                           "loss_last": losses[-1] if losses else None},
+              "accuracy": accuracy,
+              "model_params": {"before": sum(p.numel() for p in original.parameters()),
+                               "after": sum(p.numel() for p in student.parameters())},
+              "plan": plan}
+    _write(spec, out_config, weights, student, plan, report)
+    return PruneResult(out_config, weights, out_config.with_suffix(".prune.json"), report, time.perf_counter() - t0)
+
+
+def _score(spec: ModelSpec, model: torch.nn.Module, split: Any, progress: Progress, label: str) -> float:
+    return _score_all(spec, {label: copy.deepcopy(model)}, split, progress)["scores"][label]
+
+
+def _score_all(spec: ModelSpec, models: dict[str, torch.nn.Module], split: Any, progress: Progress) -> dict[str, Any]:
+    from mmopt.judge.accuracy import eager_predictor
+
+    predictors = {label: eager_predictor(m, split) for label, m in models.items()}
+    with progress.task(f"score {' and '.join(models)}", spec.evaluation.samples) as advance:
+        return evaluate(spec, predictors, on_batch=advance)
+
+
+def _write(spec: ModelSpec, out_config: Path, weights: Path, model: torch.nn.Module, plan: dict[str, Any],
+           report: dict[str, Any]) -> None:
+    """The weights (plan in their metadata), the config pointing at them, the report; each written whole."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    data = save(state, metadata={PLAN_KEY: json.dumps(plan, separators=(",", ":"))})
+    text = pruned_config_text(spec.path.read_text(), weights.name)
+    atomic_write(weights, data)
+    atomic_write(out_config.with_suffix(".prune.json"), (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write(out_config, text.encode())
+    load_spec(out_config)  # the written config reads back
+
+
+def pruned_config_text(text: str, checkpoint: str) -> str:
+    """The original config with ``[model] checkpoint`` set to the pruned weights (``state_dict_key`` dropped:
+    the pruned file holds the state dict itself)."""
+    lines = text.splitlines()
+    head = next((i for i, ln in enumerate(lines) if re.match(r"^\s*\[model\]\s*(#.*)?$", ln)), None)
+    if head is None:
+        raise ConfigError("the config has no [model] table")  # load_spec has refused such a file already
+    end = next((i for i in range(head + 1, len(lines)) if re.match(r"^\s*\[", lines[i])), len(lines))
+    body = [ln for ln in lines[head + 1:end] if not re.match(r"^\s*(checkpoint|state_dict_key)\s*=", ln)]
+    note = "# written by `mmopt prune`: the pruned weights (their plan shapes the factory's model)"
+    return "\n".join([*lines[:head + 1], note, f"checkpoint = {json.dumps(checkpoint)}", *body, *lines[end:]]) + "\n"
