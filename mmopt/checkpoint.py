@@ -115,7 +115,8 @@ def apply_plan(model: torch.nn.Module, plan: dict[str, Any], path: Path) -> None
                                   "have. The factory or its [model.kwargs] changed since `mmopt prune`: prune again."
                                   ) from None
         for attr, value in entry.get("attrs", {}).items():
-            if not hasattr(module, attr) or not _plain(value):
+            current = getattr(module, attr, None)
+            if not _plain(list(current) if isinstance(current, tuple) else current) or not _plain(value):
                 raise CheckpointError(f"{path}: its prune plan sets '{name}.{attr}' = {value!r}, which that module "
                                       "does not have as a size. Prune again with this factory.")
             setattr(module, attr, tuple(value) if isinstance(value, list) else value)

@@ -133,9 +133,14 @@ def recorded_call(model: torch.nn.Module, path: str, runner: EagerRunner, feeds:
     return seen[0]
 
 
+ROOTS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear, torch.nn.MultiheadAttention)
+
+
 def _roots(tp: Any, module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d,
-                                                                         torch.nn.Conv3d, torch.nn.Linear))]
+    """The layers a pruning step can start from (an attention block is one: its projections go with it)."""
+    inside = {id(p) for m in module.modules() if isinstance(m, torch.nn.MultiheadAttention) for p in m.modules()
+              if p is not m}
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, ROOTS) and id(m) not in inside]
 
 
 def frozen_layers(tp: Any, bound: _Bound, args: tuple) -> list[torch.nn.Module]:
@@ -147,18 +152,25 @@ def frozen_layers(tp: Any, bound: _Bound, args: tuple) -> list[torch.nn.Module]:
     for name, _ in _roots(tp, bound):
         trial = copy.deepcopy(bound)
         layer = trial.get_submodule(name)
-        if getattr(layer, "out_channels", getattr(layer, "out_features", 0)) < 2:
+        width = getattr(layer, "out_channels", getattr(layer, "out_features", getattr(layer, "embed_dim", 0)))
+        if width < 2:
             frozen.append(bound.get_submodule(name))
             continue
         graph = tp.DependencyGraph().build_dependency(trial, example_inputs=args)
-        fn = tp.prune_linear_out_channels if isinstance(layer, torch.nn.Linear) else tp.prune_conv_out_channels
-        group = graph.get_pruning_group(layer, fn, idxs=[0])
+        pruner = graph.get_pruner_of_module(layer)
+        if pruner is None:
+            frozen.append(bound.get_submodule(name))
+            continue
+        group = graph.get_pruning_group(layer, pruner.prune_out_channels, idxs=[0])
         if not graph.check_pruning_group(group):
             frozen.append(bound.get_submodule(name))
             continue
         group.prune()
-        with torch.no_grad():
-            after = [tuple(t.shape) for t in trial(*args)]
+        try:
+            with torch.no_grad():
+                after = [tuple(t.shape) for t in trial(*args)]
+        except RuntimeError:  # one channel fewer breaks the forward (heads no longer divide it): keep it
+            after = None
         if after != shapes:
             frozen.append(bound.get_submodule(name))
     return frozen
@@ -179,11 +191,18 @@ def prune_component(tp: Any, bound: _Bound, args: tuple, keep: float, align: int
     pruner = tp.pruner.MetaPruner(bound, args, importance=tp.importance.MagnitudeImportance(p=2),
                                   pruning_ratio=MAX_CHANNEL_SHARE, iterative_steps=STEPS_PER_TARGET,
                                   ignored_layers=frozen, round_to=align, num_heads=heads)
+    with torch.no_grad():
+        shapes = [tuple(t.shape) for t in bound(*args)]
     macs, params, steps = macs0, params0, 0
     while macs > keep * macs0 and steps < STEPS_PER_TARGET:
         pruner.step()
         steps += 1
         macs, params = macs_and_params(tp, bound, args)
+        with torch.no_grad():
+            now = [tuple(t.shape) for t in bound(*args)]
+        if now != shapes:  # the frozen layers must have kept every output as it was
+            raise PruneError(f"pruning changed the component's output shapes {shapes} -> {now}; mmopt froze too "
+                             "little. Report the model; prune another component meanwhile.")
     return {"macs_before": macs0, "macs_after": macs, "macs_kept": round(macs / macs0, 4) if macs0 else 1.0,
             "params_before": params0, "params_after": params, "params_kept": round(params / params0, 4),
             "pruning_steps": steps, "frozen_layers": [n.removeprefix("module.") for n, m in _roots(tp, bound) if m in frozen],

@@ -1,0 +1,223 @@
+"""``mmopt prune`` on the toy model (real Torch-Pruning, real export): the graph really shrinks, interfaces
+stay, alignment holds, the plan rebuilds the model from the factory, recovery is reproducible, and bad input
+or an unreachable target is a clear error that writes nothing."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from mmopt import api
+from mmopt.checkpoint import PLAN_KEY, apply_plan, build_model, prune_plan
+from mmopt.errors import CheckpointError, ConfigError, UsageError
+from mmopt.jobs.prune import PruneError, pruned_config_text
+from mmopt.spec import load_spec
+from support import TESTS
+
+pytest.importorskip("torch_pruning", reason="the prune extra (Torch-Pruning) is part of the test extra")
+
+CALIBRATION = """
+[calibration]
+source = "toydata:calibration_batches"
+samples = 64
+[evaluation]
+source = "toydata:evaluation_batches"
+output = "output"
+"""
+
+
+@pytest.fixture
+def project(tmp_path):
+    from models.toy import CONFIG
+
+    for name in ("toy.py", "toydata.py"):
+        shutil.copy(TESTS / "models" / name, tmp_path / name)
+
+    def write(extra: str = CALIBRATION, name: str = "mmopt.toml"):
+        (tmp_path / name).write_text(CONFIG.format(checkpoint="", extra=extra))
+        return tmp_path / name
+
+    write.root = tmp_path
+    yield write
+    for mod in ("toy", "toydata"):
+        sys.modules.pop(mod, None)
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name != "__pycache__")
+
+
+def initializers(path):
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_prune_shrinks_the_graph_keeps_interfaces_and_exports(project):
+    config = project()
+    r = api.prune(config, {"image": 0.5}, project.root / "mmopt.pruned.toml", align=2, steps=20)
+    c = r.report["components"]["image"]
+    assert c["macs_kept"] <= 0.5 and c["params_after"] < c["params_before"] and c["frozen_layers"] == ["proj"]
+    assert r.report["model_params"]["after"] < r.report["model_params"]["before"]
+    assert set(r.report["accuracy"]) == {"metric", "samples", "original", "before_recovery", "after_recovery"}
+    assert r.report["parent_checkpoint"] is None and r.report["recovery"]["steps"] == 20
+    assert listing(project.root) == ["mmopt.pruned.prune.json", "mmopt.pruned.safetensors", "mmopt.pruned.toml",
+                                     "mmopt.toml", "toy.py", "toydata.py"]
+    assert json.loads((project.root / "mmopt.pruned.prune.json").read_text())["components"]["image"] == c
+
+    before = api.export(config, project.root / "b0")
+    after = api.export(r.config, project.root / "b1")  # parity: the ONNX equals the pruned eager model
+    assert all(not ch.failed for ch in after.checks)
+    for comp in ("image", "text", "fusion"):  # the interfaces the rest reads are unchanged
+        assert after.manifest.components[comp].outputs == before.manifest.components[comp].outputs
+        assert after.manifest.components[comp].inputs == before.manifest.components[comp].inputs
+    w0, w1 = initializers(project.root / "b0" / "image.onnx"), initializers(project.root / "b1" / "image.onnx")
+    conv0 = next(a for a in w0.values() if a.ndim == 4)
+    conv1 = next(a for a in w1.values() if a.ndim == 4)
+    assert conv1.shape[0] < conv0.shape[0] and conv1.shape[0] % 2 == 0  # whole channels gone, aligned
+    assert sum(a.nbytes for a in w1.values()) < sum(a.nbytes for a in w0.values())
+    assert (project.root / "b1" / "image.onnx").stat().st_size < (project.root / "b0" / "image.onnx").stat().st_size
+
+
+def test_the_plan_rebuilds_the_pruned_model_from_the_factory(project):
+    r = api.prune(project(), {"image": 0.5, "text": 0.7}, project.root / "p.toml", align=2, steps=5)
+    plan = prune_plan(r.checkpoint)
+    assert plan == r.report["plan"] and set(plan["modules"]) >= {"image_encoder.conv", "image_encoder.proj"}
+    assert plan["modules"]["image_encoder.conv"]["attrs"]["out_channels"] % 2 == 0
+    spec = load_spec(r.config)
+    a, b = build_model(spec), build_model(spec)  # from the factory's fresh model, twice: the same model
+    x = {"pixel_values": torch.randn(2, 3, 16, 16), "input_ids": torch.randint(0, 50, (2, 6)),
+         "attention_mask": torch.ones(2, 6, dtype=torch.bool)}
+    with torch.no_grad():
+        assert torch.equal(a(**x), b(**x))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(r.checkpoint))
+    assert {k: tuple(v.shape) for k, v in a.state_dict().items()} == {k: tuple(v.shape) for k, v in saved.items()}
+
+
+def test_recovery_is_seeded_and_reproducible(project):
+    config = project()
+    one = api.prune(config, {"image": 0.5}, project.root / "one.toml", align=2, steps=10)
+    two = api.prune(config, {"image": 0.5}, project.root / "two.toml", align=2, steps=10)
+    assert one.report["recovery"]["loss_last"] == two.report["recovery"]["loss_last"]
+    assert one.checkpoint.read_bytes() == two.checkpoint.read_bytes()
+
+
+@pytest.mark.parametrize("targets, error, message", [
+    ({"audio": 0.5}, UsageError, "no component 'audio'; the components are image, text, fusion"),
+    ({"image": 0.0}, UsageError, "must be between 0 and 1"),
+    ({"image": 1.5}, UsageError, "must be between 0 and 1"),
+    ({"fusion": 0.5}, UsageError, "is the rest of the model's forward, not one module"),
+    ({}, UsageError, "nothing to prune"),
+])
+def test_bad_targets_are_refused_before_anything_is_written(project, targets, error, message):
+    config = project()
+    before = listing(project.root)
+    with pytest.raises(error, match=message):
+        api.prune(config, targets, project.root / "p.toml", align=2, steps=1)
+    assert listing(project.root) == before
+
+
+def test_output_paths_beside_the_config_only(project, tmp_path_factory):
+    config = project()
+    elsewhere = tmp_path_factory.mktemp("other") / "p.toml"
+    with pytest.raises(UsageError, match="write the pruned config beside"):
+        api.prune(config, {"image": 0.5}, elsewhere)
+    with pytest.raises(UsageError, match="name the pruned config to write, a .toml file"):
+        api.prune(config, {"image": 0.5}, project.root / "pruned")
+    with pytest.raises(UsageError, match="that is the config being pruned"):
+        api.prune(config, {"image": 0.5}, config)
+
+
+def test_recovery_needs_calibration_data(project):
+    config = project(extra="")
+    with pytest.raises(ConfigError, match=r"no \[calibration\] table: pruning recovers the model by distilling"):
+        api.prune(config, {"image": 0.5}, project.root / "p.toml")
+
+
+def test_an_unreachable_target_or_budget_says_what_was_reached_and_writes_nothing(project):
+    config = project()
+    before = listing(project.root)
+    with pytest.raises(PruneError, match=r"pruning stopped at \d+% of image's MACs"):
+        api.prune(config, {"image": 0.01}, project.root / "p.toml", align=2, steps=1)
+    tight = project(extra=CALIBRATION + "[tolerance]\nmax_accuracy_drop = 0.0\n", name="tight.toml")
+    before = listing(project.root)
+    with pytest.raises(PruneError, match=r"a drop of .* > \[tolerance\]\.max_accuracy_drop 0\.0\. Nothing was written"):
+        api.prune(tight, {"image": 0.3}, project.root / "p.toml", align=2, steps=0)
+    assert listing(project.root) == before
+
+
+def test_a_component_with_nothing_prunable(project, tmp_path):
+    (project.root / "lin.py").write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.image_encoder = torch.nn.Linear(4, 4)\n"
+        "        self.head = torch.nn.Linear(4, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.image_encoder(x))\n"
+        "def build():\n"
+        "    return M()\n"
+        "def cal():\n"
+        "    import numpy as np\n"
+        "    for _ in range(4):\n"
+        "        yield {'x': np.ones((4, 4), np.float32)}\n")
+    cfg = project.root / "lin.toml"
+    cfg.write_text('[model]\nfactory = "lin:build"\n[inputs.x]\nshape = ["batch", 4]\n[dims]\n'
+                   'batch = { min = 1, opt = 4, max = 8 }\n[components]\nimage = "image_encoder"\n'
+                   '[calibration]\nsource = "lin:cal"\nsamples = 16\n')
+    with pytest.raises(PruneError, match="nothing in 'image' could be pruned"):
+        api.prune(cfg, {"image": 0.5}, project.root / "lin.pruned.toml", align=1, steps=1)
+    sys.modules.pop("lin", None)
+
+
+def test_without_torch_pruning_the_error_says_how_to_install(project, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_tp(name, *a, **k):
+        if name == "torch_pruning":
+            raise ImportError("No module named 'torch_pruning'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tp)
+    with pytest.raises(UsageError, match=r"pip install -e '\.\[prune\]'"):
+        api.prune(project(), {"image": 0.5}, project.root / "p.toml")
+
+
+def test_plans_are_checked_before_they_shape_anything(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    with pytest.raises(CheckpointError, match="names module 'nope', which the factory's model does not have"):
+        apply_plan(model, {"modules": {"nope": {"attrs": {"out_channels": 4}}}}, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match=r"sets '0\.out_channels' = 'x'"):
+        apply_plan(model, {"modules": {"0": {"attrs": {"out_channels": "x"}}}}, tmp_path / "w.safetensors")
+    for attr in ("forward", "no_such", "padding_mode"):  # only sizes may be set, never code or other settings
+        with pytest.raises(CheckpointError, match=rf"sets '0\.{attr}' = 4, which that module does not have as a size"):
+            apply_plan(model, {"modules": {"0": {"attrs": {attr: 4}}}}, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match=r"shapes '0\.training', which is no tensor"):
+        apply_plan(model, {"modules": {"0": {"tensors": {"training": [1]}}}}, tmp_path / "w.safetensors")
+    apply_plan(model, {"modules": {"0": {"attrs": {"out_channels": 4}, "tensors": {"weight": [4, 3, 3, 3],
+                                                                                 "bias": [4]}}}}, tmp_path / "w")
+    assert model[0].out_channels == 4 and model[0].weight.shape == (4, 3, 3, 3)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "bad.safetensors"), metadata={PLAN_KEY: "{not json"})
+    with pytest.raises(CheckpointError, match="metadata is not JSON"):
+        prune_plan(tmp_path / "bad.safetensors")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    assert prune_plan(tmp_path / "plain.safetensors") is None
+
+
+def test_the_pruned_config_points_at_the_pruned_weights_only():
+    text = ('# top\n[model]\nfactory = "m:f"\ncheckpoint = "old.pt"\nstate_dict_key = "model"\n\n'
+            '[inputs.x]\nshape = [1]\n')
+    assert pruned_config_text(text, "p.safetensors") == (
+        '# top\n[model]\n# written by `mmopt prune`: the pruned weights (their plan shapes the factory\'s model)\n'
+        'checkpoint = "p.safetensors"\nfactory = "m:f"\n\n[inputs.x]\nshape = [1]\n')
+    assert 'checkpoint = "p.safetensors"' in pruned_config_text('[model]\nfactory = "m:f"\n', "p.safetensors")
