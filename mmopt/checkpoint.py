@@ -70,7 +70,7 @@ def build_model(spec: ModelSpec, trust_checkpoint: bool = False) -> torch.nn.Mod
         state = read_state_dict(spec.checkpoint, spec.state_dict_key, trust_checkpoint, spec.path)
         plan = prune_plan(spec.checkpoint)
         if plan is not None:  # weights of a pruned model: shape the fresh model as the plan says first
-            apply_plan(model, plan, spec.checkpoint)
+            apply_plan(model, plan, spec.checkpoint, state)
         load_strict(model, state, spec.checkpoint)
     return model.eval()
 
@@ -103,11 +103,30 @@ def prune_plan(path: Path) -> dict[str, Any] | None:
     return plan
 
 
-def apply_plan(model: torch.nn.Module, plan: dict[str, Any], path: Path) -> None:
-    """Give each module the plan names its pruned sizes: integer attributes (``out_channels``,
-    ``num_features``, ``embed_dim``, ...) and empty parameters / buffers of the recorded shapes, which the
-    checkpoint then fills. Nothing from the file is executed: the plan holds names and integers only."""
+# The attributes a plan may set: sizes that pruning narrows, nothing that changes what a layer computes
+# (stride, groups of a non-depthwise conv, padding, dims, flags). Each new value is a positive int (or a tuple
+# of them) no larger than the built model's.
+SIZE_ATTRS = frozenset({"in_channels", "out_channels", "in_features", "out_features", "num_features",
+                        "num_channels", "normalized_shape", "embed_dim", "kdim", "vdim", "head_dim",
+                        "num_embeddings", "embedding_dim", "hidden_size", "num_heads"})
+
+
+def apply_plan(model: torch.nn.Module, plan: dict[str, Any], path: Path,
+               state: dict[str, torch.Tensor] | None = None) -> None:
+    """Give each module the plan names its pruned sizes (allow-listed integer attributes, ``SIZE_ATTRS``, and a
+    depthwise conv's ``groups``) and empty parameters / persistent buffers of the recorded shapes, which the
+    checkpoint ``state`` then fills: every shape must be the one ``state`` holds for that name. Nothing from
+    the file is executed, and tensors shared by several modules (tied weights) stay shared."""
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"{path}: its prune plan {msg}. Prune again with this factory (`mmopt prune`).")
+
+    replaced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (old, new); old kept alive: ids stay unique
     for name, entry in plan["modules"].items():
+        if not isinstance(name, str) or not name or any(part.startswith("_") for part in name.split(".")):
+            raise bad(f"names module {name!r}, which is not a submodule")
+        if not isinstance(entry, dict) or not set(entry) <= {"attrs", "tensors"} or \
+                not all(isinstance(entry.get(k, {}), dict) for k in ("attrs", "tensors")):
+            raise bad(f"entry for '{name}' is not {{\"attrs\": {{...}}, \"tensors\": {{...}}}}")
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -116,20 +135,46 @@ def apply_plan(model: torch.nn.Module, plan: dict[str, Any], path: Path) -> None
                                   ) from None
         for attr, value in entry.get("attrs", {}).items():
             current = getattr(module, attr, None)
-            if not _plain(list(current) if isinstance(current, tuple) else current) or not _plain(value):
+            depthwise = attr == "groups" and isinstance(module, torch.nn.modules.conv._ConvNd) and \
+                current == getattr(module, "in_channels", None)
+            if (attr not in SIZE_ATTRS and not depthwise) or not _plain(value) or \
+                    not _plain(list(current) if isinstance(current, tuple) else current) or \
+                    not _no_larger(value, current):
                 raise CheckpointError(f"{path}: its prune plan sets '{name}.{attr}' = {value!r}, which that module "
-                                      "does not have as a size. Prune again with this factory.")
+                                      "does not have as a size (a positive value no larger than the built model's). "
+                                      "Prune again with this factory.")
             setattr(module, attr, tuple(value) if isinstance(value, list) else value)
         for pname, shape in entry.get("tensors", {}).items():
-            old = getattr(module, pname, None)
-            if not isinstance(old, torch.Tensor) or not _plain(shape):
-                raise CheckpointError(f"{path}: its prune plan shapes '{name}.{pname}', which is no tensor of that "
-                                      "module. Prune again with this factory.")
-            new = torch.empty(tuple(shape), dtype=old.dtype)
-            if isinstance(old, torch.nn.Parameter):
-                setattr(module, pname, torch.nn.Parameter(new, requires_grad=old.requires_grad))
+            persistent = pname in module._parameters or (pname in module._buffers and pname not in
+                                                         module._non_persistent_buffers_set)
+            old = getattr(module, pname, None) if persistent else None
+            key = f"{name}.{pname}"
+            if not isinstance(old, torch.Tensor) or not _plain(shape) or not _no_larger(shape, list(old.shape)):
+                raise bad(f"shapes '{key}' as {shape!r}, which is no parameter or saved buffer of that module, or "
+                          "not a narrowing of it")
+            if state is not None and (key not in state or list(state[key].shape) != list(shape)):
+                raise bad(f"shapes '{key}' as {shape}, but the checkpoint holds "
+                          f"{list(state[key].shape) if key in state else 'no such tensor'}")
+            if id(old) in replaced:
+                new = replaced[id(old)][1]
             else:
-                setattr(module, pname, new)
+                new = torch.empty(tuple(shape), dtype=old.dtype)
+                if isinstance(old, torch.nn.Parameter):
+                    new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+                replaced[id(old)] = (old, new)
+            setattr(module, pname, new)
+    # a tied alias the plan did not list (one name per shared tensor is enough) follows its tensor
+    for mod in model.modules():
+        for pname, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is not None and id(t) in replaced and replaced[id(t)][0] is t:
+                setattr(mod, pname, replaced[id(t)][1])
+
+
+def _no_larger(value: Any, current: Any) -> bool:
+    """``value`` (int or list of ints, each >= 1) is, element by element, at most ``current``."""
+    v = value if isinstance(value, list) else [value]
+    c = list(current) if isinstance(current, (list, tuple)) else [current]
+    return len(v) == len(c) and all(isinstance(a, int) and isinstance(b, int) and 1 <= a <= b for a, b in zip(v, c))
 
 
 def _plain(value: Any) -> bool:

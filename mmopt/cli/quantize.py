@@ -82,7 +82,7 @@ def show(result: Any) -> None:
     console.print(tables.converted_table(result))
     for comp, why in result.kept_fp32.items():
         console.print(f"[yellow]kept fp32:[/] {escape(why)}", highlight=False)
-    searched = m.results.get("policy_search")
+    searched = result.search  # this run's search only (the manifest keeps an earlier run's)
     if searched:
         console.print(tables.search_table(searched))
         for row in searched.get("skipped", []):

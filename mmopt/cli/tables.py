@@ -132,7 +132,7 @@ def search_table(table: dict[str, Any]) -> Table:
                                                                                     else ()), ("", False)):
         t.add_column(col, justify="right" if right else "left")
     for r in table["candidates"]:
-        parity = "pass" if r["parity_ok"] else f"fail ({r['parity_failures']} outputs)"
+        parity = "pass" if r["parity_ok"] else f"fail ({r['parity_failures']} checks)"
         acc = []
         if scored:
             acc = [f"{r['accuracy'] * 100:.2f}%" + ("" if r.get("accuracy_ok", True) else " (over budget)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from mmopt.capture import flatten_named, split as capture_split
-from mmopt.checkpoint import PLAN_KEY, build_model
+from mmopt.checkpoint import PLAN_KEY, SIZE_ATTRS, build_model
 from mmopt.data import read
 from mmopt.errors import ConfigError, MmoptError, UsageError
 from mmopt.judge import latency
@@ -130,6 +131,9 @@ def recorded_call(model: torch.nn.Module, path: str, runner: EagerRunner, feeds:
             runner.forward(to_torch(feeds, runner.inputs, "cpu"))
     finally:
         handle.remove()
+    if not seen:
+        raise PruneError(f"the model's forward never called '{path}' on the first calibration batch, so there is "
+                         "nothing to prune it against.")
     return seen[0]
 
 
@@ -169,7 +173,7 @@ def frozen_layers(tp: Any, bound: _Bound, args: tuple) -> list[torch.nn.Module]:
         try:
             with torch.no_grad():
                 after = [tuple(t.shape) for t in trial(*args)]
-        except RuntimeError:  # one channel fewer breaks the forward (heads no longer divide it): keep it
+        except Exception:  # one channel fewer breaks the forward (heads no longer divide it, a check): keep it
             after = None
         if after != shapes:
             frozen.append(bound.get_submodule(name))
@@ -220,8 +224,14 @@ def plan_of(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any
         old = before.get(name)
         if old is None or not name:
             continue
-        attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(mod).items()
-                 if not k.startswith("_") and _size(v) and _size(getattr(old, k, None)) and v != getattr(old, k)}
+        changed = {k: v for k, v in vars(mod).items()
+                   if not k.startswith("_") and _size(v) and _size(getattr(old, k, None)) and v != getattr(old, k)}
+        unknown = [k for k in changed if k not in SIZE_ATTRS and not (k == "groups" and getattr(old, "groups", 0) ==
+                                                                       getattr(old, "in_channels", -1))]
+        if unknown:
+            raise PruneError(f"pruning changed {name}.{', '.join(unknown)}, which is not a size a pruned checkpoint may "
+                             "record. Report the model; prune another component meanwhile.")
+        attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in changed.items()}
         tensors: dict[str, list[int]] = {}
         for k, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
             ref = getattr(old, k, None)
@@ -334,6 +344,9 @@ def prune(config: str | Path, targets: dict[str, float], out: str | Path, align:
         raise UsageError(f"--align {align} / --steps {steps}: the alignment is at least 1 and the steps at least 0.")
     spec = load_spec(config)
     out_config = output_path(spec.path, Path(out))
+    weights, report_path = out_config.with_suffix(".safetensors"), out_config.with_suffix(".prune.json")
+    check_outputs(spec, out_config, weights, report_path)
+    config_text = pruned_config_text(spec.path, weights.name)  # before any work: a config it cannot edit fails now
     tp = _torch_pruning()
     original = build_model(spec, trust_checkpoint)
     split = capture_split(original, spec)
@@ -356,12 +369,15 @@ def prune(config: str | Path, targets: dict[str, float], out: str | Path, align:
             bound = _Bound(student.get_submodule(paths[comp]), kwargs)
             reached = prune_component(tp, bound, args, keep, align, progress.log)
             if reached["params_after"] >= reached["params_before"]:
-                raise PruneError(f"-p {comp}={keep}: nothing in '{comp}' could be pruned (every layer's output "
-                                 "channels are its outputs, or it has no convolution or linear layer).")
+                raise PruneError(f"-p {comp}={keep}: nothing in '{comp}' could be pruned: every layer's output channels "
+                                 f"are its outputs, it has no convolution or linear layer, or its layers are no wider "
+                                 f"than --align {align} (kept channels are rounded down to multiples of it: lower it).")
             if reached["macs_kept"] > keep:
-                raise PruneError(f"-p {comp}={keep}: pruning stopped at {reached['macs_kept']:.0%} of {comp}'s MACs "
-                                 f"(at most {MAX_CHANNEL_SHARE:.0%} of each layer's channels go, and the layers that "
-                                 f"feed its outputs keep theirs). Ask for at least {reached['macs_kept']:.2f}.")
+                least = math.ceil(reached["macs_kept"] * 100) / 100
+                raise PruneError(f"-p {comp}={keep}: pruning stopped at {reached['macs_kept']:.1%} of {comp}'s MACs "
+                                 f"(at most about {MAX_CHANNEL_SHARE:.0%} of each layer's channels go, the layers that "
+                                 f"feed its outputs keep theirs, and --align {align} rounds what is kept). Ask for at "
+                                 f"least {least:.2f}, or lower --align. Nothing was written.")
             components[comp] = {"target_macs_kept": keep, **reached}
             b_args, b_kwargs = recorded_call(original, paths[comp], runner, batches[0])
             bounds[comp] = (_Bound(original.get_submodule(paths[comp]), b_kwargs), bound, args)
@@ -387,9 +403,9 @@ def prune(config: str | Path, targets: dict[str, float], out: str | Path, align:
                              "more of the MACs, or recover longer (--steps).")
 
     plan = plan_of(original, student)
-    weights = out_config.with_suffix(".safetensors")
+    data = _weights(student, plan)
     report = {"kind": "mmopt-prune-report", "config": str(spec.path), "pruned_config": str(out_config),
-              "checkpoint": str(weights),
+              "checkpoint": str(weights), "checkpoint_sha256": hashlib.sha256(data).hexdigest(),
               "parent_checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
               "parent_checkpoint_sha256": sha256_file(spec.checkpoint) if spec.checkpoint else None,
               "criterion": "L2 magnitude of each channel's weights (Torch-Pruning MagnitudeImportance, p=2), "
@@ -397,7 +413,9 @@ def prune(config: str | Path, targets: dict[str, float], out: str | Path, align:
               "torch_pruning": getattr(tp, "__version__", "?"),
               "components": components,
               "recovery": {"method": "distillation from the unpruned model on [calibration] data (no labels): MSE "
-                                     "on the pruned components' outputs + KL on the score outputs",
+                                     "on the pruned components' outputs + "
+                                     + (f"KL on the score outputs ({', '.join(sorted(scores))})" if scores
+                                        else "MSE on every float output of the model"),
                            "steps": steps, "optimizer": "Adam lr 1e-3", "seed": SEED,
                            "batches": len(batches), "loss_first": losses[0] if losses else None,
                            "loss_last": losses[-1] if losses else None},
@@ -405,44 +423,88 @@ def prune(config: str | Path, targets: dict[str, float], out: str | Path, align:
               "model_params": {"before": sum(p.numel() for p in original.parameters()),
                                "after": sum(p.numel() for p in student.parameters())},
               "plan": plan}
-    _write(spec, out_config, weights, student, plan, report)
-    return PruneResult(out_config, weights, out_config.with_suffix(".prune.json"), report, time.perf_counter() - t0)
+    # the config last: until it is written, no config names the new weights
+    atomic_write(weights, data)
+    atomic_write(report_path, (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write(out_config, config_text.encode())
+    return PruneResult(out_config, weights, report_path, report, time.perf_counter() - t0)
 
 
 def _score(spec: ModelSpec, model: torch.nn.Module, split: Any, progress: Progress, label: str) -> float:
-    return _score_all(spec, {label: copy.deepcopy(model)}, split, progress)["scores"][label]
+    return _score_all(spec, {label: model}, split, progress)["scores"][label]
 
 
 def _score_all(spec: ModelSpec, models: dict[str, torch.nn.Module], split: Any, progress: Progress) -> dict[str, Any]:
     from mmopt.judge.accuracy import eager_predictor
 
-    predictors = {label: eager_predictor(m, split) for label, m in models.items()}
+    # wrapped: not memoised (the student changes in place between scorings, and a memo would keep it alive)
+    predictors = {label: (lambda inputs, p=eager_predictor(m, split): p(inputs)) for label, m in models.items()}
     with progress.task(f"score {' and '.join(models)}", spec.evaluation.samples) as advance:
         return evaluate(spec, predictors, on_batch=advance)
 
 
-def _write(spec: ModelSpec, out_config: Path, weights: Path, model: torch.nn.Module, plan: dict[str, Any],
-           report: dict[str, Any]) -> None:
-    """The weights (plan in their metadata), the config pointing at them, the report; each written whole."""
+def _weights(model: torch.nn.Module, plan: dict[str, Any]) -> bytes:
+    """The state dict as safetensors bytes with the plan in the metadata; a tensor shared by several names
+    (tied weights) is written once, under its first name (``load_strict`` fills the aliases)."""
     from safetensors.torch import save
 
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    data = save(state, metadata={PLAN_KEY: json.dumps(plan, separators=(",", ":"))})
-    text = pruned_config_text(spec.path.read_text(), weights.name)
-    atomic_write(weights, data)
-    atomic_write(out_config.with_suffix(".prune.json"), (json.dumps(report, indent=1) + "\n").encode())
-    atomic_write(out_config, text.encode())
-    load_spec(out_config)  # the written config reads back
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        where = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if where in seen:
+            continue
+        seen.add(where)
+        state[k] = v.detach().contiguous()
+    return save(state, metadata={PLAN_KEY: json.dumps(plan, separators=(",", ":"))})
 
 
-def pruned_config_text(text: str, checkpoint: str) -> str:
+NOTE = "# written by `mmopt prune`: the pruned weights (their plan shapes the factory's model)"
+
+
+def check_outputs(spec: ModelSpec, out_config: Path, weights: Path, report_path: Path) -> None:
+    """Refuse to write over the original checkpoint or over files ``mmopt prune`` did not write."""
+    from mmopt.checkpoint import prune_plan
+
+    if spec.checkpoint is not None and weights.resolve() == Path(spec.checkpoint).resolve():
+        raise UsageError(f"-o {out_config.name}: its weights would be {weights.name}, the checkpoint being pruned. "
+                         "Choose another name.")
+    ours = {out_config: lambda p: NOTE in p.read_text(errors="replace"),
+            weights: lambda p: prune_plan(p) is not None,
+            report_path: lambda p: json.loads(p.read_text()).get("kind") == "mmopt-prune-report"}
+    for path, written_by_prune in ours.items():
+        try:
+            mine = not path.exists() or written_by_prune(path)
+        except Exception:
+            mine = False
+        if not mine:
+            raise UsageError(f"-o {out_config.name}: {path.name} exists and was not written by `mmopt prune`; "
+                             "choose another name or move it away.")
+
+
+def pruned_config_text(config: Path, checkpoint: str) -> str:
     """The original config with ``[model] checkpoint`` set to the pruned weights (``state_dict_key`` dropped:
-    the pruned file holds the state dict itself)."""
+    the pruned file holds the state dict itself). The edit is checked: the new text must parse to the old
+    document with only those two keys changed, or the config is one this line-based edit cannot handle."""
+    import tomllib
+
+    text = config.read_text()
     lines = text.splitlines()
     head = next((i for i, ln in enumerate(lines) if re.match(r"^\s*\[model\]\s*(#.*)?$", ln)), None)
-    if head is None:
-        raise ConfigError("the config has no [model] table")  # load_spec has refused such a file already
-    end = next((i for i in range(head + 1, len(lines)) if re.match(r"^\s*\[", lines[i])), len(lines))
-    body = [ln for ln in lines[head + 1:end] if not re.match(r"^\s*(checkpoint|state_dict_key)\s*=", ln)]
-    note = "# written by `mmopt prune`: the pruned weights (their plan shapes the factory's model)"
-    return "\n".join([*lines[:head + 1], note, f"checkpoint = {json.dumps(checkpoint)}", *body, *lines[end:]]) + "\n"
+    end = next((i for i in range(head + 1, len(lines)) if re.match(r"^\s*\[", lines[i])), len(lines)) \
+        if head is not None else 0
+    body = [ln for ln in lines[head + 1:end] if not re.match(r"^\s*(checkpoint|state_dict_key)\s*=", ln)] \
+        if head is not None else []
+    new = "\n".join([*lines[:head + 1], NOTE, f"checkpoint = {json.dumps(checkpoint)}", *body, *lines[end:]]) + "\n" \
+        if head is not None else ""
+    want = tomllib.loads(text)
+    want.setdefault("model", {})["checkpoint"] = checkpoint
+    want["model"].pop("state_dict_key", None)
+    try:
+        ok = head is not None and tomllib.loads(new) == want
+    except tomllib.TOMLDecodeError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{config}: mmopt prune writes a copy of this config with [model] checkpoint changed, and "
+                          "cannot edit this one line by line (write [model] as a table with one key per line). "
+                          "Nothing was pruned.")
+    return new

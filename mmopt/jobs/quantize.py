@@ -46,6 +46,7 @@ class QuantizeResult:
     seconds: float = 0.0
     kept_fp32: dict[str, str] = field(default_factory=dict)  # component -> why it could not be converted
     sensitivity_error: str | None = None  # why the sensitivity report could not be made (the conversion stands)
+    search: dict[str, Any] | None = None  # what this run's "auto" search tried (None: no component was auto)
 
 
 def resolve_policy(spec: ModelSpec, manifest: Manifest, override: dict[str, str] | None) -> dict[str, str]:
@@ -164,6 +165,7 @@ def search_autos(result: QuantizeResult, spec: ModelSpec, model: Any, split: Any
     policy, table, searched = search.search(spec, model, split, result.policy, files, scratch, cal, converter,
                                             progress)
     result.manifest.results["policy_search"] = table
+    result.search = table
     result.policy, result.label = policy, policy_label(policy)
     return searched
 

@@ -134,7 +134,10 @@ def join_islands(proto: onnx.ModelProto) -> None:
 
 
 def _to(cast: onnx.NodeProto) -> int:
-    return next(a.i for a in cast.attribute if a.name == "to")  # a Cast always has "to"
+    for a in cast.attribute:
+        if a.name == "to":
+            return a.i
+    raise ValueError(f"Cast node '{cast.name}' has no 'to' attribute: the graph is invalid")
 
 
 def _types(proto: onnx.ModelProto) -> dict[str, int]:

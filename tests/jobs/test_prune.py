@@ -97,6 +97,69 @@ def test_the_plan_rebuilds_the_pruned_model_from_the_factory(project):
 
     saved = load_file(str(r.checkpoint))
     assert {k: tuple(v.shape) for k, v in a.state_dict().items()} == {k: tuple(v.shape) for k, v in saved.items()}
+    # the rebuilt model is the recovered one: it scores what the report says, on the same samples
+    from mmopt.capture import split as capture_split
+    from mmopt.judge.accuracy import eager_predictor, evaluate
+
+    score = evaluate(spec, {"rebuilt": (lambda i, p=eager_predictor(a, capture_split(a, spec)): p(i))})
+    assert score["scores"]["rebuilt"] == r.report["accuracy"]["after_recovery"]
+    import hashlib
+
+    assert r.report["checkpoint_sha256"] == hashlib.sha256(r.checkpoint.read_bytes()).hexdigest()
+
+
+def test_outputs_never_replace_the_original_weights_or_foreign_files(project):
+    config = project()
+    shutil.copy(TESTS / "models" / "toy.py", project.root / "notes.toml")
+    with pytest.raises(UsageError, match="notes.toml exists and was not written by `mmopt prune`"):
+        api.prune(config, {"image": 0.5}, project.root / "notes.toml", align=2, steps=1)
+    (project.root / "w.safetensors").write_bytes(b"not mine")
+    with pytest.raises(UsageError, match="w.safetensors exists and was not written by `mmopt prune`"):
+        api.prune(config, {"image": 0.5}, project.root / "w.toml", align=2, steps=1)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in __import__("toy").build().state_dict().items()},
+              str(project.root / "toy.safetensors"))
+    with_ckpt = project(name="c.toml")
+    with_ckpt.write_text(with_ckpt.read_text().replace('factory = "toy:build"',
+                                                       'factory = "toy:build"\ncheckpoint = "toy.safetensors"'))
+    with pytest.raises(UsageError, match="its weights would be toy.safetensors, the checkpoint being pruned"):
+        api.prune(with_ckpt, {"image": 0.5}, project.root / "toy.toml", align=2, steps=1)
+    r = api.prune(config, {"image": 0.5}, project.root / "again.toml", align=2, steps=1)
+    api.prune(config, {"image": 0.5}, r.config, align=2, steps=1)  # its own earlier output: replaced
+
+
+def test_tied_weights_are_written_once_and_stay_tied(project):
+    (project.root / "tied.py").write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.image_encoder = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(), "
+        "torch.nn.Linear(32, 4))\n"
+        "        self.head = torch.nn.Linear(4, 4)\n"
+        "        self.out = torch.nn.Linear(4, 4)\n"
+        "        self.out.weight = self.head.weight\n"
+        "    def forward(self, x):\n"
+        "        return self.out(self.head(self.image_encoder(x)))\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return M()\n"
+        "def cal():\n"
+        "    import numpy as np\n"
+        "    for _ in range(4):\n"
+        "        yield {'x': np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)}\n")
+    cfg = project.root / "tied.toml"
+    cfg.write_text('[model]\nfactory = "tied:build"\n[inputs.x]\nshape = ["batch", 4]\n[dims]\n'
+                   'batch = { min = 1, opt = 4, max = 8 }\n[components]\nimage = "image_encoder"\n'
+                   '[calibration]\nsource = "tied:cal"\nsamples = 16\n')
+    r = api.prune(cfg, {"image": 0.5}, project.root / "tied.pruned.toml", align=4, steps=2)
+    from safetensors.torch import load_file
+
+    assert "out.weight" not in load_file(str(r.checkpoint))  # one name per shared tensor
+    m = build_model(load_spec(r.config))
+    assert m.out.weight is m.head.weight and m.image_encoder[0].out_features < 32
+    sys.modules.pop("tied", None)
 
 
 def test_recovery_is_seeded_and_reproducible(project):
@@ -142,8 +205,10 @@ def test_recovery_needs_calibration_data(project):
 def test_an_unreachable_target_or_budget_says_what_was_reached_and_writes_nothing(project):
     config = project()
     before = listing(project.root)
-    with pytest.raises(PruneError, match=r"pruning stopped at \d+% of image's MACs"):
+    with pytest.raises(PruneError, match=r"pruning stopped at [\d.]+% of image's MACs .* Ask for at least 0\.\d\d, "
+                                         r"or lower --align\. Nothing was written\."):
         api.prune(config, {"image": 0.01}, project.root / "p.toml", align=2, steps=1)
+    assert listing(project.root) == before
     tight = project(extra=CALIBRATION + "[tolerance]\nmax_accuracy_drop = 0.0\n", name="tight.toml")
     before = listing(project.root)
     with pytest.raises(PruneError, match=r"a drop of .* > \[tolerance\]\.max_accuracy_drop 0\.0\. Nothing was written"):
@@ -197,10 +262,27 @@ def test_plans_are_checked_before_they_shape_anything(tmp_path):
         apply_plan(model, {"modules": {"nope": {"attrs": {"out_channels": 4}}}}, tmp_path / "w.safetensors")
     with pytest.raises(CheckpointError, match=r"sets '0\.out_channels' = 'x'"):
         apply_plan(model, {"modules": {"0": {"attrs": {"out_channels": "x"}}}}, tmp_path / "w.safetensors")
-    for attr in ("forward", "no_such", "padding_mode"):  # only sizes may be set, never code or other settings
-        with pytest.raises(CheckpointError, match=rf"sets '0\.{attr}' = 4, which that module does not have as a size"):
-            apply_plan(model, {"modules": {"0": {"attrs": {attr: 4}}}}, tmp_path / "w.safetensors")
-    with pytest.raises(CheckpointError, match=r"shapes '0\.training', which is no tensor"):
+    # only sizes may be set, never code or other settings, and only narrowed
+    for attr, value in [("forward", 4), ("no_such", 4), ("padding_mode", 4), ("stride", [2, 2]), ("groups", 1),
+                        ("_version", 1), ("dilation", [1, 1]), ("out_channels", -3), ("out_channels", 0),
+                        ("out_channels", 9), ("in_channels", True)]:
+        with pytest.raises(CheckpointError, match=rf"sets '0\.{attr}' = .*, which that module does not have as a size"):
+            apply_plan(model, {"modules": {"0": {"attrs": {attr: value}}}}, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match="names module '', which is not a submodule"):
+        apply_plan(model, {"modules": {"": {"attrs": {}}}}, tmp_path / "w")
+    with pytest.raises(CheckpointError, match="names module '0._modules'"):
+        apply_plan(model, {"modules": {"0._modules": {}}}, tmp_path / "w")
+    with pytest.raises(CheckpointError, match="entry for '0' is not"):
+        apply_plan(model, {"modules": {"0": ["attrs"]}}, tmp_path / "w")
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(8))
+    bn[0].register_buffer("scratch", torch.zeros(8), persistent=False)
+    with pytest.raises(CheckpointError, match=r"shapes '0\.scratch' as \[4\], which is no parameter or saved buffer"):
+        apply_plan(bn, {"modules": {"0": {"tensors": {"scratch": [4]}}}}, tmp_path / "w")
+    with pytest.raises(CheckpointError, match=r"shapes '0\.weight' as \[16\], .* not a narrowing"):
+        apply_plan(bn, {"modules": {"0": {"tensors": {"weight": [16]}}}}, tmp_path / "w")
+    with pytest.raises(CheckpointError, match=r"shapes '0\.weight' as \[4\], but the checkpoint holds \[8\]"):
+        apply_plan(bn, {"modules": {"0": {"tensors": {"weight": [4]}}}}, tmp_path / "w", {"0.weight": torch.ones(8)})
+    with pytest.raises(CheckpointError, match=r"shapes '0\.training' as \[1\], which is no parameter or saved buffer"):
         apply_plan(model, {"modules": {"0": {"tensors": {"training": [1]}}}}, tmp_path / "w.safetensors")
     apply_plan(model, {"modules": {"0": {"attrs": {"out_channels": 4}, "tensors": {"weight": [4, 3, 3, 3],
                                                                                  "bias": [4]}}}}, tmp_path / "w")
@@ -214,10 +296,17 @@ def test_plans_are_checked_before_they_shape_anything(tmp_path):
     assert prune_plan(tmp_path / "plain.safetensors") is None
 
 
-def test_the_pruned_config_points_at_the_pruned_weights_only():
-    text = ('# top\n[model]\nfactory = "m:f"\ncheckpoint = "old.pt"\nstate_dict_key = "model"\n\n'
-            '[inputs.x]\nshape = [1]\n')
-    assert pruned_config_text(text, "p.safetensors") == (
+def test_the_pruned_config_points_at_the_pruned_weights_only(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('# top\n[model]\nfactory = "m:f"\ncheckpoint = "old.pt"\nstate_dict_key = "model"\n\n'
+                   '[inputs.x]\nshape = [1]\n')
+    assert pruned_config_text(cfg, "p.safetensors") == (
         '# top\n[model]\n# written by `mmopt prune`: the pruned weights (their plan shapes the factory\'s model)\n'
         'checkpoint = "p.safetensors"\nfactory = "m:f"\n\n[inputs.x]\nshape = [1]\n')
-    assert 'checkpoint = "p.safetensors"' in pruned_config_text('[model]\nfactory = "m:f"\n', "p.safetensors")
+    cfg.write_text('[model]\nfactory = "m:f"\n')
+    assert 'checkpoint = "p.safetensors"' in pruned_config_text(cfg, "p.safetensors")
+    for odd in ('model = { factory = "m:f", checkpoint = "a.pt" }\n', 'model.factory = "m:f"\n',
+                '[model]\nfactory = "m:f"\nkwargs = { sizes = [\n[1, 2]] }\ncheckpoint = "a.pt"\n'):
+        cfg.write_text(odd)
+        with pytest.raises(ConfigError, match="cannot edit this one line by line"):
+            pruned_config_text(cfg, "p.safetensors")

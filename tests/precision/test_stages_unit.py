@@ -17,6 +17,13 @@ RNG = np.random.default_rng(0)
 TOL = {"max_abs": 1e-3, "max_rel": 1e-3, "min_cosine": 0.999, "min_argmax": 0.9, "max_norm_change": 0.05}
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Each test draws its data from a fresh generator: results do not depend on which tests ran before."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def model(nodes, inputs, outputs, inits=(), opset=17, check=True) -> onnx.ModelProto:
     g = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in inits])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
