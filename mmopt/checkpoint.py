@@ -108,7 +108,8 @@ def prune_plan(path: Path) -> dict[str, Any] | None:
 # of them) no larger than the built model's.
 SIZE_ATTRS = frozenset({"in_channels", "out_channels", "in_features", "out_features", "num_features",
                         "num_channels", "normalized_shape", "embed_dim", "kdim", "vdim", "head_dim",
-                        "num_embeddings", "embedding_dim", "hidden_size", "num_heads"})
+                        "num_embeddings", "embedding_dim", "hidden_size", "num_heads", "num_attention_heads",
+                        "all_head_size"})
 
 
 def apply_plan(model: torch.nn.Module, plan: dict[str, Any], path: Path,

@@ -68,13 +68,18 @@ def prune(
     result = api.prune(config, parse_targets(targets), out, align, steps, trust_checkpoint, RichProgress(console))
     rep = result.report
     t = Table(title="pruned", title_justify="left")
-    for col in ("component", "MACs", "kept", "params", "kept", "eager latency", "frozen (outputs)"):
-        t.add_column(col, justify="left" if col in ("component", "frozen (outputs)") else "right")
+    for col in ("component", "MACs", "kept", "params", "kept", "heads", "eager latency", "frozen"):
+        t.add_column(col, justify="left" if col in ("component", "heads") else "right")
     for comp, c in rep["components"].items():
+        heads = sorted({(h["heads_before"], h["heads"]) for h in c["attention_heads"]})
         t.add_row(escape(comp), f"{c['macs_before'] / 1e6:.2f}M -> {c['macs_after'] / 1e6:.2f}M", f"{c['macs_kept']:.0%}",
                   f"{c['params_before']:,} -> {c['params_after']:,}", f"{c['params_kept']:.0%}",
-                  f"{c['eager_latency_ratio']:.2f}x", escape(", ".join(c["frozen_layers"])))
+                  ", ".join(f"{a} -> {b}" for a, b in heads) or "-", f"{c['eager_latency_ratio']:.2f}x",
+                  f"{len(c['frozen_layers'])} layers")
     console.print(t)
+    console.print("frozen: the layers whose outputs the rest of the model reads keep their width (the report lists "
+                  "them); heads: per attention block, whole heads removed, head size kept", style="dim",
+                  highlight=False)
     acc = rep["accuracy"]
     if acc:
         console.print(f"{escape(acc['metric'])} on {acc['samples']} samples: original {acc['original'] * 100:.2f}%, "

@@ -147,13 +147,16 @@ def _roots(tp: Any, module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]
     return [(n, m) for n, m in module.named_modules() if isinstance(m, ROOTS) and id(m) not in inside]
 
 
-def frozen_layers(tp: Any, bound: _Bound, args: tuple) -> list[torch.nn.Module]:
+def frozen_layers(tp: Any, bound: _Bound, args: tuple, skip: set[torch.nn.Module] = frozenset()
+                  ) -> list[torch.nn.Module]:
     """Layers whose output channels reach the component's outputs: a dry run pruning one channel of each (on a
     copy) that changes an output's shape. These keep their width, so the rest of the model reads the same."""
     with torch.no_grad():
         shapes = [tuple(t.shape) for t in bound(*args)]
     frozen = []
-    for name, _ in _roots(tp, bound):
+    for name, layer0 in _roots(tp, bound):
+        if layer0 in skip:  # q / k / v projections: they lose whole heads, never a single channel
+            continue
         trial = copy.deepcopy(bound)
         layer = trial.get_submodule(name)
         width = getattr(layer, "out_channels", getattr(layer, "out_features", getattr(layer, "embed_dim", 0)))
@@ -186,18 +189,83 @@ def macs_and_params(tp: Any, bound: _Bound, args: tuple) -> tuple[float, int]:
     return float(macs), int(params)
 
 
+# Attention blocks whose heads are separate q / k / v projections: (heads attribute, head size attribute,
+# projection names, attributes derived from the head count). Hugging Face's CLIP, ViT, SigLIP, Whisper, ...
+# name them num_heads / head_dim / q_proj, k_proj, v_proj; BERT-style ones num_attention_heads /
+# attention_head_size / query, key, value (with all_head_size = heads x head size).
+HEAD_STYLES = (("num_heads", "head_dim", ("q_proj", "k_proj", "v_proj"), ()),
+               ("num_attention_heads", "attention_head_size", ("query", "key", "value"), ("all_head_size",)))
+
+
+def attention_blocks(module: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple]]:
+    """(block, style) of every attention block with per-head q / k / v linears (``HEAD_STYLES``)."""
+    out = []
+    for m in module.modules():
+        for style in HEAD_STYLES:
+            heads, size, projs, _ = style
+            if all(isinstance(getattr(m, a, None), int) for a in (heads, size)) and \
+                    all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in projs):
+                out.append((m, style))
+                break
+    return out
+
+
+def fix_head_counts(blocks: list[tuple[torch.nn.Module, tuple]]) -> None:
+    """After heads went: each block's head count (and what follows from it) from its q projection's width;
+    the head size never changes."""
+    for m, (heads, size, projs, derived) in blocks:
+        width = getattr(m, projs[0]).out_features
+        setattr(m, heads, width // getattr(m, size))
+        for attr in derived:
+            setattr(m, attr, width)
+
+
+def prune_heads(tp: Any, bound: _Bound, args: tuple, blocks: list[tuple[torch.nn.Module, tuple]], keep: float
+                ) -> list[list[Any]]:
+    """Remove the same share of whole heads (1 - ``keep``, at least one head left) from each attention block
+    with per-head projections: the heads whose q / k / v rows and output-projection columns have the smallest
+    L2 norm. The dependency graph carries each removal through q, k, v and the output projection."""
+    history = []
+    names = {id(m): n.removeprefix("module.") for n, m in bound.named_modules()}
+    for block, (heads_attr, size_attr, projs, _) in blocks:
+        heads, size = getattr(block, heads_attr), getattr(block, size_attr)
+        drop = min(heads - 1, int(heads * (1.0 - keep)))
+        if drop < 1:
+            continue
+        q, k, v = (getattr(block, n) for n in projs)
+        rows = sum(p.weight.detach().reshape(heads, size, -1).pow(2).sum((1, 2)) for p in (q, k, v))
+        out_proj = next((c for c in block.modules() if isinstance(c, torch.nn.Linear) and c not in (q, k, v)
+                         and c.in_features == q.out_features), None)
+        if out_proj is not None:  # CLIP-style blocks hold their output projection; BERT's sits beside them
+            rows = rows + out_proj.weight.detach().reshape(out_proj.out_features, heads, size).pow(2).sum((0, 2))
+        gone = sorted(int(h) for h in torch.argsort(rows)[:drop])
+        idxs = [h * size + i for h in gone for i in range(size)]
+        graph = tp.DependencyGraph().build_dependency(bound, example_inputs=args)
+        group = graph.get_pruning_group(q, tp.prune_linear_out_channels, idxs=idxs)
+        group.prune()
+        fix_head_counts([(block, (heads_attr, size_attr, projs, _))])
+        history.append([names[id(q)], True, idxs])
+    return history
+
+
 def prune_component(tp: Any, bound: _Bound, args: tuple, keep: float, align: int, log: Callable[[str], None]
                     ) -> dict[str, Any]:
-    """Prune ``bound`` in place until its MACs are at most ``keep`` of what they were; what was reached."""
+    """Prune ``bound`` in place until its MACs are at most ``keep`` of what they were; what was reached.
+    Attention blocks lose whole heads (their q / k / v projections in head-sized groups), never head size."""
     macs0, params0 = macs_and_params(tp, bound, args)
-    frozen = frozen_layers(tp, bound, args)
+    blocks = attention_blocks(bound)
+    heads_before = {id(m): getattr(m, st[0]) for m, st in blocks}
+    qkv = [getattr(m, n) for m, style in blocks for n in style[2]]
+    frozen = frozen_layers(tp, bound, args, skip=set(qkv))
+    head_history = prune_heads(tp, bound, args, blocks, keep)
     heads = {m: m.num_heads for m in bound.modules() if isinstance(m, torch.nn.MultiheadAttention)}
     pruner = tp.pruner.MetaPruner(bound, args, importance=tp.importance.MagnitudeImportance(p=2),
                                   pruning_ratio=MAX_CHANNEL_SHARE, iterative_steps=STEPS_PER_TARGET,
-                                  ignored_layers=frozen, round_to=align, num_heads=heads)
+                                  ignored_layers=[*frozen, *qkv], round_to=align, num_heads=heads)
     with torch.no_grad():
         shapes = [tuple(t.shape) for t in bound(*args)]
     macs, params, steps = macs0, params0, 0
+    macs, params = macs_and_params(tp, bound, args)
     while macs > keep * macs0 and steps < STEPS_PER_TARGET:
         pruner.step()
         steps += 1
@@ -209,9 +277,13 @@ def prune_component(tp: Any, bound: _Bound, args: tuple, keep: float, align: int
                              "little. Report the model; prune another component meanwhile.")
     return {"macs_before": macs0, "macs_after": macs, "macs_kept": round(macs / macs0, 4) if macs0 else 1.0,
             "params_before": params0, "params_after": params, "params_kept": round(params / params0, 4),
-            "pruning_steps": steps, "frozen_layers": [n.removeprefix("module.") for n, m in _roots(tp, bound) if m in frozen],
-            "history": [[name.removeprefix("module."), bool(out), [int(i) for i in idxs]]
-                        for name, out, idxs in pruner.pruning_history()]}
+            "pruning_steps": steps,
+            "attention_heads": [{"block": n.removeprefix("module."), "heads_before": heads_before[id(m)],
+                                 "heads": getattr(m, st[0]), "head_size": getattr(m, st[1])}
+                                for n, m in bound.named_modules() for b_, st in blocks if b_ is m],
+            "frozen_layers": [n.removeprefix("module.") for n, m in _roots(tp, bound) if m in frozen],
+            "history": head_history + [[name.removeprefix("module."), bool(out), [int(i) for i in idxs]]
+                                       for name, out, idxs in pruner.pruning_history()]}
 
 
 # ---- the plan: what shapes a fresh model --------------------------------------------------------------

@@ -310,3 +310,54 @@ def test_the_pruned_config_points_at_the_pruned_weights_only(tmp_path):
         cfg.write_text(odd)
         with pytest.raises(ConfigError, match="cannot edit this one line by line"):
             pruned_config_text(cfg, "p.safetensors")
+
+
+HF_DATA = '''
+import numpy as np
+
+
+def clip():
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        yield {"input_ids": rng.integers(0, 99, (4, 12)), "pixel_values": rng.standard_normal((4, 3, 32, 32)).astype(
+            np.float32), "attention_mask": np.ones((4, 12), np.int64)}
+
+
+def audio_text():
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        yield {"input_values": rng.uniform(-1, 1, (4, 1600)).astype(np.float32),
+               "input_ids": rng.integers(0, 99, (4, 12)), "attention_mask": np.ones((4, 12), np.int64)}
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, comp, block", [("clip", "image", "encoder.layers.0.self_attn"),
+                                               ("audio_text", "text", "encoder.layer.0.attention.self")])
+def test_hugging_face_attention_loses_whole_heads_with_its_head_count_fixed(tmp_path, name, comp, block):
+    """CLIP's (num_heads / head_dim, q_proj ...) and BERT's (num_attention_heads / attention_head_size, query ...)
+    attention: half the heads go, head size stays, the counts are fixed on the module, and the pruned model
+    exports with parity against its eager self."""
+    pytest.importorskip("transformers")
+    from models.hf import CONFIGS
+
+    shutil.copytree(TESTS / "models", tmp_path / "models")
+    (tmp_path / "hfdata.py").write_text(HF_DATA)
+    config = tmp_path / "mmopt.toml"
+    config.write_text(CONFIGS[name] + f'[calibration]\nsource = "hfdata:{name}"\nsamples = 16\n')
+    try:
+        r = api.prune(config, {comp: 0.5}, tmp_path / "mmopt.pruned.toml", align=8, steps=2)
+        heads = r.report["components"][comp]["attention_heads"]
+        assert heads and all(h["heads_before"] == 4 and h["heads"] == 2 for h in heads)
+        assert any(h["block"] == block for h in heads)
+        model = build_model(load_spec(r.config))
+        root = model.get_submodule({"image": "vision_model", "text": "text"}[comp])
+        attn = root.get_submodule(block)
+        counts = (attn.num_heads, attn.head_dim) if hasattr(attn, "head_dim") else \
+            (attn.num_attention_heads, attn.attention_head_size, attn.all_head_size)
+        assert counts[:2] == (2, 8) and (len(counts) == 2 or counts[2] == 16)
+        out = api.export(r.config, tmp_path / "bundle")
+        assert all(not c.failed for c in out.checks)
+    finally:
+        for mod in [m for m in sys.modules if m in ("models", "hfdata") or m.startswith("models.")]:
+            sys.modules.pop(mod)
