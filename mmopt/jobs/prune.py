@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -248,10 +249,11 @@ def prune_heads(tp: Any, bound: _Bound, args: tuple, blocks: list[tuple[torch.nn
     return history
 
 
-def prune_component(tp: Any, bound: _Bound, args: tuple, keep: float, align: int, log: Callable[[str], None]
-                    ) -> dict[str, Any]:
-    """Prune ``bound`` in place until its MACs are at most ``keep`` of what they were; what was reached.
-    Attention blocks lose whole heads (their q / k / v projections in head-sized groups), never head size."""
+def prune_component(tp: Any, bound: _Bound, args: tuple, keep: float, align: int, log: Callable[[str], None],
+                    latency_ratio: Callable[[], float] | None = None) -> dict[str, Any]:
+    """Prune ``bound`` in place until its MACs are at most ``keep`` of what they were (or, given
+    ``latency_ratio``, until that measurement of the exported graph is); what was reached. Attention blocks
+    lose whole heads (their q / k / v projections in head-sized groups), never head size."""
     macs0, params0 = macs_and_params(tp, bound, args)
     blocks = attention_blocks(bound)
     heads_before = {id(m): getattr(m, st[0]) for m, st in blocks}
@@ -266,7 +268,17 @@ def prune_component(tp: Any, bound: _Bound, args: tuple, keep: float, align: int
         shapes = [tuple(t.shape) for t in bound(*args)]
     macs, params, steps = macs0, params0, 0
     macs, params = macs_and_params(tp, bound, args)
-    while macs > keep * macs0 and steps < STEPS_PER_TARGET:
+    ratios: list[float] = []
+
+    def short() -> bool:
+        if latency_ratio is None:
+            return macs > keep * macs0
+        ratios.append(latency_ratio())
+        log(f"  step {steps}: {macs / macs0:.0%} of the MACs, exported graph at {ratios[-1]:.2f}x the original's "
+            "latency")
+        return ratios[-1] > keep
+
+    while short() and steps < STEPS_PER_TARGET:
         pruner.step()
         steps += 1
         macs, params = macs_and_params(tp, bound, args)
@@ -277,7 +289,7 @@ def prune_component(tp: Any, bound: _Bound, args: tuple, keep: float, align: int
                              "little. Report the model; prune another component meanwhile.")
     return {"macs_before": macs0, "macs_after": macs, "macs_kept": round(macs / macs0, 4) if macs0 else 1.0,
             "params_before": params0, "params_after": params, "params_kept": round(params / params0, 4),
-            "pruning_steps": steps,
+            "pruning_steps": steps, **({"latency_ratio_per_step": ratios} if latency_ratio else {}),
             "attention_heads": [{"block": n.removeprefix("module."), "heads_before": heads_before[id(m)],
                                  "heads": getattr(m, st[0]), "head_size": getattr(m, st[1])}
                                 for n, m in bound.named_modules() for b_, st in blocks if b_ is m],
@@ -406,14 +418,42 @@ def _component_ms(bound_before: _Bound, bound_after: _Bound, args: tuple) -> dic
             "eager_latency_ratio": round(ms["after"] / ms["before"], 3) if ms["before"] else math.nan}
 
 
+def _onnx_latency(original: torch.nn.Module, student: torch.nn.Module, split: Any, comp: str, tmp: Path
+                  ) -> Callable[[], float]:
+    """A measurement: ``comp`` of ``student`` exported as ``mmopt export`` does and timed against the original's
+    export (ONNX Runtime CPU, one thread, the opt-size capture, medians of interleaved rounds): the ratio."""
+    from mmopt.ort import session
+    from mmopt.stages.export import example_inputs, export_component
+
+    spec = split.components[comp]
+    tmp.mkdir(parents=True, exist_ok=True)
+    feeds = {t.name: a.detach().numpy() for t, a in zip(spec.inputs, example_inputs(split, comp, "opt"))}
+    base = session(str(export_component(original, split, comp, tmp / "original.onnx")), threads=1)
+
+    def ratio() -> float:
+        now = session(str(export_component(student, split, comp, tmp / "pruned.onnx")), threads=1)
+        ms = latency.median_ms({"original": lambda: base.run(None, feeds), "pruned": lambda: now.run(None, feeds)},
+                               rounds=20)
+        return ms["pruned"] / ms["original"]
+    return ratio
+
+
 # ---- the job ----------------------------------------------------------------------------------------
 
+TARGETS = ("macs", "latency")
+
+
 def prune(config: str | Path, targets: dict[str, float], out: str | Path, align: int = 8, steps: int = 300,
-          trust_checkpoint: bool = False, progress: Progress | None = None) -> PruneResult:
+          trust_checkpoint: bool = False, progress: Progress | None = None, target: str = "macs") -> PruneResult:
+    """``targets``: component -> the share to keep of its MACs (``target="macs"``) or of its exported graph's
+    latency on ONNX Runtime CPU, one thread, at the opt size (``target="latency"``: measured after every
+    pruning step, interleaved with the original graph)."""
     progress = progress or Progress()
     t0 = time.perf_counter()
     if align < 1 or steps < 0:
         raise UsageError(f"--align {align} / --steps {steps}: the alignment is at least 1 and the steps at least 0.")
+    if target not in TARGETS:
+        raise UsageError(f"--target {target}: choose one of {', '.join(TARGETS)}.")
     spec = load_spec(config)
     out_config = output_path(spec.path, Path(out))
     weights, report_path = out_config.with_suffix(".safetensors"), out_config.with_suffix(".prune.json")
@@ -434,26 +474,38 @@ def prune(config: str | Path, targets: dict[str, float], out: str | Path, align:
     s_runner = EagerRunner(student, split.model_inputs, split.model_outputs)
     components: dict[str, Any] = {}
     bounds: dict[str, tuple[_Bound, _Bound, tuple]] = {}
-    with progress.task(f"prune {', '.join(f'{c} to {r:.0%} of its MACs' for c, r in targets.items())}",
-                       len(targets)) as advance:
+    what = "MACs" if target == "macs" else "exported latency"
+    with tempfile.TemporaryDirectory(prefix="mmopt-prune-") as scratch, \
+            progress.task(f"prune {', '.join(f'{c} to {r:.0%} of its {what}' for c, r in targets.items())}",
+                          len(targets)) as advance:
+        onnx_ratio = {c: _onnx_latency(original, student, split, c, Path(scratch) / c) for c in targets}
         for comp, keep in targets.items():
             args, kwargs = recorded_call(student, paths[comp], s_runner, batches[0])
             bound = _Bound(student.get_submodule(paths[comp]), kwargs)
-            reached = prune_component(tp, bound, args, keep, align, progress.log)
+            reached = prune_component(tp, bound, args, keep, align, progress.log,
+                                      onnx_ratio[comp] if target == "latency" else None)
             if reached["params_after"] >= reached["params_before"]:
                 raise PruneError(f"-p {comp}={keep}: nothing in '{comp}' could be pruned: every layer's output channels "
                                  f"are its outputs, it has no convolution or linear layer, or its layers are no wider "
                                  f"than --align {align} (kept channels are rounded down to multiples of it: lower it).")
-            if reached["macs_kept"] > keep:
+            if target == "latency" and reached["latency_ratio_per_step"][-1] > keep:
+                got = reached["latency_ratio_per_step"][-1]
+                raise PruneError(f"-p {comp}={keep}: after {reached['pruning_steps']} pruning steps ({reached['macs_kept']:.0%} "
+                                 f"of the MACs) {comp}'s exported graph still runs at {got:.2f}x the original's latency "
+                                 f"on ONNX Runtime CPU. Ask for at least {math.ceil(got * 100) / 100:.2f}. Nothing was "
+                                 "written.")
+            if target == "macs" and reached["macs_kept"] > keep:
                 least = math.ceil(reached["macs_kept"] * 100) / 100
                 raise PruneError(f"-p {comp}={keep}: pruning stopped at {reached['macs_kept']:.1%} of {comp}'s MACs "
                                  f"(at most about {MAX_CHANNEL_SHARE:.0%} of each layer's channels go, the layers that "
                                  f"feed its outputs keep theirs, and --align {align} rounds what is kept). Ask for at "
                                  f"least {least:.2f}, or lower --align. Nothing was written.")
-            components[comp] = {"target_macs_kept": keep, **reached}
+            components[comp] = {"target": target, "target_kept": keep, **reached}
             b_args, b_kwargs = recorded_call(original, paths[comp], runner, batches[0])
             bounds[comp] = (_Bound(original.get_submodule(paths[comp]), b_kwargs), bound, args)
             advance(1)
+            # the exported graphs, original and pruned, timed in one run
+            components[comp]["onnx_latency_ratio"] = round(onnx_ratio[comp](), 3)
     for comp, (before, after, args) in bounds.items():
         components[comp].update(_component_ms(before, after, args))
         components[comp]["aligned_to"] = align

@@ -361,3 +361,31 @@ def test_hugging_face_attention_loses_whole_heads_with_its_head_count_fixed(tmp_
     finally:
         for mod in [m for m in sys.modules if m in ("models", "hfdata") or m.startswith("models.")]:
             sys.modules.pop(mod)
+
+
+def test_a_latency_target_prunes_until_the_measured_ratio_is_reached(project):
+    """The stop rule, with a scripted measurement; the measurement itself (a real export timed on ONNX Runtime)
+    is the next test."""
+    import torch_pruning as tp
+
+    from mmopt.jobs.prune import _Bound, prune_component
+
+    from models.toy import build
+
+    bound = _Bound(build().image_encoder, {})
+    measured = iter([1.0, 0.9, 0.7, 0.4])
+    r = prune_component(tp, bound, (torch.randn(2, 3, 16, 16),), 0.75, 2, lambda m: None, lambda: next(measured))
+    assert r["latency_ratio_per_step"] == [1.0, 0.9, 0.7] and r["pruning_steps"] == 2
+
+
+def test_the_exported_latency_ratio_is_measured_on_real_graphs(project):
+    from mmopt.capture import split as capture_split
+    from mmopt.jobs.prune import _onnx_latency
+
+    spec = load_spec(project())
+    model = build_model(spec)
+    split = capture_split(model, spec)
+    ratio = _onnx_latency(model, model, split, "image", project.root / "scratch")()
+    assert 0.5 < ratio < 2.0  # the same graph twice: about 1 on a noisy machine
+    with pytest.raises(UsageError, match="--target speed: choose one of macs, latency"):
+        api.prune(project(), {"image": 0.5}, project.root / "p.toml", target="speed")
