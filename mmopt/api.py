@@ -23,13 +23,14 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
 
 
 def prune(config: str | Path, targets: dict[str, float], out: str | Path, align: int = 8, steps: int = 300,
-          trust_checkpoint: bool = False, progress: Progress | None = None, target: str = "macs") -> Any:
+          trust_checkpoint: bool = False, progress: Progress | None = None, target: str = "macs",
+          sparse_2_4: bool = False) -> Any:
     """Structurally prune components to a share of their MACs, recover by distillation on [calibration] data,
     and write a pruned config beside ``config`` (with its weights and a JSON report): see mmopt.jobs.prune.
     Needs the ``prune`` extra (Torch-Pruning)."""
     from mmopt.jobs.prune import prune as prune_job
 
-    return prune_job(config, targets, out, align, steps, trust_checkpoint, progress, target)
+    return prune_job(config, targets, out, align, steps, trust_checkpoint, progress, target, sparse_2_4)
 
 
 def quantize(bundle: str | Path, config: str | Path | None = None, progress: Progress | None = None,

@@ -43,6 +43,10 @@ def prune(
     target: str = typer.Option("macs", "--target",
                                help="What SHARE keeps: `macs` (counted), or `latency` of the component's exported "
                                     "graph on ONNX Runtime CPU at one thread, measured after every pruning step."),
+    sparse_2_4: bool = typer.Option(False, "--sparse-2-4",
+                                    help="Also make the pruned components' Conv / Linear weights 2:4 sparse (two "
+                                         "largest of every four input weights kept, held through recovery) for "
+                                         "TensorRT's sparse kernels: then `mmopt build --sparse` on an Ampere+ GPU."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="Allow a .pt checkpoint that needs pickled code (only for files "
                                                "you trust)."),
@@ -69,7 +73,7 @@ def prune(
 
     out = out or config.with_name(config.stem + ".pruned.toml")
     result = api.prune(config, parse_targets(targets), out, align, steps, trust_checkpoint, RichProgress(console),
-                       target)
+                       target, sparse_2_4)
     rep = result.report
     t = Table(title="pruned", title_justify="left")
     for col in ("component", "MACs", "kept", "params", "kept", "heads", "ONNX latency", "frozen"):
@@ -85,6 +89,12 @@ def prune(
                   "them); heads: per attention block, whole heads removed, head size kept; ONNX latency: the pruned "
                   "component's exported graph over the original's (ONNX Runtime CPU, 1 thread, opt size, "
                   "interleaved)", style="dim", highlight=False)
+    for comp, c in rep["components"].items():
+        if "sparse_2_4" in c:
+            sp = c["sparse_2_4"]
+            console.print(f"{escape(comp)}: 2:4 sparse weights in {sp['layers']} layers, pattern verified in the "
+                          f"exported graph ({sp['weights_2_4']} of its {sp['weights']} weights); speed "
+                          f"{escape(sp['speed'])}", highlight=False)
     acc = rep["accuracy"]
     if acc:
         console.print(f"{escape(acc['metric'])} on {acc['samples']} samples: original {acc['original'] * 100:.2f}%, "

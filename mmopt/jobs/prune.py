@@ -352,9 +352,11 @@ def _outputs_of(model: torch.nn.Module, paths: dict[str, str]) -> Iterator[dict[
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, paths: dict[str, str], split: Any,
-            batches: list[dict[str, np.ndarray]], scores: set[str], steps: int, progress: Progress) -> list[float]:
+            batches: list[dict[str, np.ndarray]], scores: set[str], steps: int, progress: Progress,
+            masks: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> list[float]:
     """``steps`` Adam steps on the pruned components' parameters: MSE on their outputs (relative to the
-    teacher's scale) plus KL on the score outputs (MSE on every float output when none is named)."""
+    teacher's scale) plus KL on the score outputs (MSE on every float output when none is named). ``masks``
+    (2:4 sparsity) are applied again after every step, so the zeros stay zeros."""
     torch.manual_seed(SEED)
     trainable = [p for path in paths.values() for p in student.get_submodule(path).parameters()]
     for p in student.parameters():
@@ -393,6 +395,9 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, paths: dict[str,
             opt.zero_grad()
             loss.backward()
             opt.step()
+            with torch.no_grad():
+                for param, mask in (masks or {}).items():
+                    param.mul_(mask)
             losses.append(float(loss.detach()))
             advance(1)
     student.eval()
@@ -438,13 +443,71 @@ def _onnx_latency(original: torch.nn.Module, student: torch.nn.Module, split: An
     return ratio
 
 
+# ---- 2:4 semi-structured sparsity ------------------------------------------------------------------
+
+def _grouped(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` as [rows, groups, 4] along its input dimension (a conv's input channels, per output and
+    kernel position: the layout TensorRT's sparse kernels read), or None when that dimension is not a
+    multiple of 4."""
+    w = weight.detach()
+    if w.ndim == 4:
+        w = w.permute(0, 2, 3, 1)  # [out, kh, kw, in]
+    elif w.ndim != 2:
+        return None
+    if w.shape[-1] % 4:
+        return None
+    return w.reshape(-1, w.shape[-1] // 4, 4)
+
+
+def two_four_masks(module: torch.nn.Module) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """For every Conv / Linear weight of ``module`` with a 4-divisible input dimension: the mask keeping the
+    two largest magnitudes of each 4 consecutive input weights (semi-structured 2:4)."""
+    masks = {}
+    for m in module.modules():
+        if not isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) or getattr(m, "groups", 1) != 1:
+            continue
+        g = _grouped(m.weight)
+        if g is None:
+            continue
+        keep = torch.zeros_like(g, dtype=torch.bool)
+        keep.scatter_(-1, g.abs().topk(2, dim=-1).indices, True)
+        mask = keep.reshape(*(m.weight.permute(0, 2, 3, 1).shape if m.weight.ndim == 4 else m.weight.shape))
+        if m.weight.ndim == 4:
+            mask = mask.permute(0, 3, 1, 2)
+        masks[m.weight] = mask.to(m.weight.dtype).contiguous()
+    return masks
+
+
+def two_four_pattern(onnx_path: Path) -> dict[str, int]:
+    """How many of the exported graph's weights hold the 2:4 pattern (at most two non-zeros in every 4
+    consecutive input weights: axis 1 of a Conv weight, either axis of a 2-D MatMul / Gemm weight) and how
+    many weight tensors of rank 2 or 4 there are."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(onnx_path))
+    found, total = 0, 0
+    for t in proto.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.ndim not in (2, 4) or a.size < 16:
+            continue
+        total += 1
+        views = [np.moveaxis(a, 1, -1)] if a.ndim == 4 else [a, a.T]
+        for v in views:
+            if v.shape[-1] % 4 == 0 and (np.count_nonzero(v.reshape(-1, 4), axis=1) <= 2).all():
+                found += 1
+                break
+    return {"weights_2_4": found, "weights": total}
+
+
 # ---- the job ----------------------------------------------------------------------------------------
 
 TARGETS = ("macs", "latency")
 
 
 def prune(config: str | Path, targets: dict[str, float], out: str | Path, align: int = 8, steps: int = 300,
-          trust_checkpoint: bool = False, progress: Progress | None = None, target: str = "macs") -> PruneResult:
+          trust_checkpoint: bool = False, progress: Progress | None = None, target: str = "macs",
+          sparse_2_4: bool = False) -> PruneResult:
     """``targets``: component -> the share to keep of its MACs (``target="macs"``) or of its exported graph's
     latency on ONNX Runtime CPU, one thread, at the opt size (``target="latency"``: measured after every
     pruning step, interleaved with the original graph)."""
@@ -514,7 +577,34 @@ def prune(config: str | Path, targets: dict[str, float], out: str | Path, align:
     accuracy: dict[str, Any] | None = None
     if spec.evaluation:
         accuracy = {"before_recovery": _score(spec, student, split, progress, "pruned")}
-    losses = distill(student, original, paths, split, batches, scores, steps, progress)
+    masks: dict[torch.nn.Parameter, torch.Tensor] = {}
+    if sparse_2_4:  # after the channels went: the kept weights, then recovery with the zeros held
+        for comp, path in paths.items():
+            comp_masks = two_four_masks(student.get_submodule(path))
+            with torch.no_grad():
+                for param, mask in comp_masks.items():
+                    param.mul_(mask)
+            if not comp_masks:
+                raise PruneError(f"--sparse-2-4: no Conv / Linear weight of '{comp}' has an input dimension that is a "
+                                 "multiple of 4 after pruning, so none can be 2:4 sparse. Drop --sparse-2-4 or use an "
+                                 "--align that is a multiple of 4. Nothing was written.")
+            masks.update(comp_masks)
+            components[comp]["sparse_2_4"] = {"layers": len(comp_masks)}
+    losses = distill(student, original, paths, split, batches, scores, steps, progress, masks)
+    if sparse_2_4:
+        from mmopt.stages.export import export_component
+
+        with tempfile.TemporaryDirectory(prefix="mmopt-prune-") as scratch:
+            for comp in paths:
+                found = two_four_pattern(export_component(student, split, comp, Path(scratch) / f"{comp}.onnx"))
+                if found["weights_2_4"] < components[comp]["sparse_2_4"]["layers"]:
+                    raise PruneError(f"{comp}: {components[comp]['sparse_2_4']['layers']} weights were made 2:4 "
+                                     f"sparse, but only {found['weights_2_4']} of the exported graph's hold the "
+                                     "pattern. Report the model.")
+                components[comp]["sparse_2_4"].update(
+                    found, pattern_verified_in_onnx=True,
+                    speed="not measurable here: 2:4 kernels exist only in TensorRT on Ampere or newer GPUs; build "
+                          "with `mmopt build --sparse` there and keep it only if `mmopt bench` shows a gain")
     if spec.evaluation:
         acc = _score_all(spec, {"original": original, "pruned": student}, split, progress)
         accuracy = {"metric": acc["metric"], "samples": acc["samples"], "original": acc["scores"]["original"],

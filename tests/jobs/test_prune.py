@@ -389,3 +389,24 @@ def test_the_exported_latency_ratio_is_measured_on_real_graphs(project):
     assert 0.5 < ratio < 2.0  # the same graph twice: about 1 on a noisy machine
     with pytest.raises(UsageError, match="--target speed: choose one of macs, latency"):
         api.prune(project(), {"image": 0.5}, project.root / "p.toml", target="speed")
+
+
+def test_two_four_sparsity_is_kept_through_recovery_and_found_in_the_exported_graph(project):
+    from mmopt.jobs.prune import two_four_masks, two_four_pattern
+
+    lin = torch.nn.Linear(8, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1., -5, 2, 0.5, 9, 8, -7, 6]] * 3))
+    (mask,) = two_four_masks(lin).values()
+    assert mask[0].tolist() == [0, 1, 1, 0, 1, 1, 0, 0]  # the two largest magnitudes of each four
+    with pytest.raises(PruneError, match="none can be 2:4 sparse"):  # 2 channels left: the projection reads 2
+        api.prune(project(), {"image": 0.5}, project.root / "s.toml", align=2, steps=5, sparse_2_4=True)
+    r = api.prune(project(), {"image": 0.6}, project.root / "s.toml", align=4, steps=5, sparse_2_4=True)
+    sp = r.report["components"]["image"]["sparse_2_4"]
+    assert sp["layers"] == 1 and sp["pattern_verified_in_onnx"] and "not measurable here" in sp["speed"]
+    api.export(r.config, project.root / "b")
+    found = two_four_pattern(project.root / "b" / "image.onnx")
+    assert found["weights_2_4"] == 1  # the projection (4 inputs after pruning); the 3-channel conv is left dense
+    dense = api.prune(project(), {"image": 0.6}, project.root / "d.toml", align=4, steps=5)
+    api.export(dense.config, project.root / "bd")
+    assert two_four_pattern(project.root / "bd" / "image.onnx")["weights_2_4"] == 0
