@@ -25,9 +25,10 @@ def export(config: str | Path, out_dir: str | Path, trust_checkpoint: bool = Fal
 def prune(config: str | Path, targets: dict[str, float], out: str | Path, align: int = 8, steps: int = 300,
           trust_checkpoint: bool = False, progress: Progress | None = None, target: str = "macs",
           sparse_2_4: bool = False) -> Any:
-    """Structurally prune components to a share of their MACs, recover by distillation on [calibration] data,
-    and write a pruned config beside ``config`` (with its weights and a JSON report): see mmopt.jobs.prune.
-    Needs the ``prune`` extra (Torch-Pruning)."""
+    """Structurally prune components (channels, whole attention heads) to a share of their MACs or, with
+    ``target="latency"``, of their exported graph's latency; optionally 2:4 sparse; recover by distillation on
+    [calibration] data; write a pruned config beside ``config`` (with its weights and a JSON report): see
+    mmopt.jobs.prune. Needs the ``prune`` extra (Torch-Pruning)."""
     from mmopt.jobs.prune import prune as prune_job
 
     return prune_job(config, targets, out, align, steps, trust_checkpoint, progress, target, sparse_2_4)

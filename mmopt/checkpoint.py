@@ -103,6 +103,14 @@ def prune_plan(path: Path) -> dict[str, Any] | None:
     return plan
 
 
+# Attention blocks whose heads are separate q / k / v projections: (heads attribute, head size attribute,
+# projection names, attributes derived from the head count). Hugging Face's CLIP, ViT, SigLIP, Whisper, ...
+# name them num_heads / head_dim / q_proj, k_proj, v_proj; BERT-style ones num_attention_heads /
+# attention_head_size / query, key, value (with all_head_size = heads x head size). `mmopt prune` removes
+# whole heads of these; a loaded plan must leave each one consistent (``check_heads``).
+HEAD_STYLES = (("num_heads", "head_dim", ("q_proj", "k_proj", "v_proj"), ()),
+               ("num_attention_heads", "attention_head_size", ("query", "key", "value"), ("all_head_size",)))
+
 # The attributes a plan may set: sizes that pruning narrows, nothing that changes what a layer computes
 # (stride, groups of a non-depthwise conv, padding, dims, flags). Each new value is a positive int (or a tuple
 # of them) no larger than the built model's.
@@ -164,11 +172,37 @@ def apply_plan(model: torch.nn.Module, plan: dict[str, Any], path: Path,
                     new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
                 replaced[id(old)] = (old, new)
             setattr(module, pname, new)
+    check_heads(model, plan, path)
     # a tied alias the plan did not list (one name per shared tensor is enough) follows its tensor
     for mod in model.modules():
         for pname, t in [*mod._parameters.items(), *mod._buffers.items()]:
             if t is not None and id(t) in replaced and replaced[id(t)][0] is t:
                 setattr(mod, pname, replaced[id(t)][1])
+
+
+def check_heads(model: torch.nn.Module, plan: dict[str, Any], path: Path) -> None:
+    """Every attention block the plan touched still computes whole heads of its trained size: heads x head size
+    equals the width of q, k and v (and ``all_head_size``); a ``nn.MultiheadAttention``'s heads divide its
+    width. A plan that changed a head count alone (the weights untouched) is refused."""
+    touched = set(plan["modules"])
+    for name, m in model.named_modules():
+        if not any(t == name or t.startswith(f"{name}.") for t in touched):
+            continue
+        if isinstance(m, torch.nn.MultiheadAttention):
+            ok = m.num_heads * m.head_dim == m.embed_dim
+        else:
+            ok = True
+            for heads, size, projs, derived in HEAD_STYLES:
+                if isinstance(getattr(m, heads, None), int) and isinstance(getattr(m, size, None), int) and \
+                        all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in projs):
+                    width = getattr(m, heads) * getattr(m, size)
+                    ok = {getattr(m, n).out_features for n in projs} == {width} and \
+                        all(getattr(m, d, width) == width for d in derived)
+                    break
+        if not ok:
+            raise CheckpointError(f"{path}: its prune plan leaves attention block '{name}' inconsistent (its head "
+                                  "count times head size no longer equals its projections' width). Prune again with "
+                                  "this factory (`mmopt prune`).")
 
 
 def _no_larger(value: Any, current: Any) -> bool:

@@ -24,16 +24,16 @@ def parse_targets(items: list[str]) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep or not comp.strip():
-            raise UsageError(f"--prune {item!r}: write COMPONENT=SHARE, the share of its MACs to keep, e.g. "
-                             "-p image=0.5.")
+            raise UsageError(f"--prune {item!r}: write COMPONENT=SHARE, the share to keep (of its MACs, or of its "
+                             "latency with --target latency), e.g. -p image=0.5.")
     return targets
 
 
 def prune(
     config: Path = typer.Argument(..., help="mmopt.toml of the model to prune (with a \\[calibration] table)."),
     targets: list[str] = typer.Option([], "--prune", "-p", metavar="COMP=SHARE",
-                                      help="A component and the share of its MACs to keep, in (0, 1) "
-                                           "(repeatable), e.g. -p image=0.5."),
+                                      help="A component and the share to keep, in (0, 1), of its MACs (or of its "
+                                           "latency, with --target latency); repeatable, e.g. -p image=0.5."),
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="The pruned config to write, beside CONFIG. Default: "
                                             "<config>.pruned.toml."),

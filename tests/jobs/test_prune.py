@@ -3,6 +3,7 @@ stay, alignment holds, the plan rebuilds the model from the factory, recovery is
 or an unreachable target is a clear error that writes nothing."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
@@ -410,3 +411,79 @@ def test_two_four_sparsity_is_kept_through_recovery_and_found_in_the_exported_gr
     dense = api.prune(project(), {"image": 0.6}, project.root / "d.toml", align=4, steps=5)
     api.export(dense.config, project.root / "bd")
     assert two_four_pattern(project.root / "bd" / "image.onnx")["weights_2_4"] == 0
+
+
+class _Attention(torch.nn.Module):
+    """CLIP-style attention (num_heads / head_dim / q_proj ...), optionally returning its attention maps or
+    with narrower k / v (grouped-query)."""
+
+    def __init__(self, maps: bool = False, kv_heads: int = 4):
+        super().__init__()
+        self.num_heads, self.head_dim, self.maps = 4, 4, maps
+        self.q_proj = torch.nn.Linear(16, 16)
+        self.k_proj = torch.nn.Linear(16, kv_heads * 4)
+        self.v_proj = torch.nn.Linear(16, kv_heads * 4)
+        self.out_proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        w = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1)
+        o = self.out_proj((w @ v).transpose(1, 2).reshape(b, t, -1))
+        return (x + o, w) if self.maps else x + o
+
+
+def test_heads_to_drop_rounds_the_share_without_float_error():
+    from mmopt.jobs.prune import heads_to_drop
+
+    cases = {(10, 0.9): 1, (5, 0.8): 1, (10, 0.8): 2, (20, 0.8): 4, (20, 0.9): 2, (4, 0.5): 2, (1, 0.1): 0,
+             (4, 0.01): 3, (4, 0.99): 0}
+    assert {k: heads_to_drop(*k) for k in cases} == cases
+
+
+def test_the_weakest_heads_go_and_the_others_compute_as_before():
+    import torch_pruning as tp
+
+    from mmopt.jobs.prune import _Bound, attention_blocks, prune_heads
+
+    torch.manual_seed(0)
+    block = _Attention()
+    with torch.no_grad():
+        for p in (block.q_proj, block.k_proj, block.v_proj):
+            p.weight[8:12] *= 1e-3  # head 2
+            p.weight[0:4] *= 1e-2  # head 0
+    x = torch.randn(2, 5, 16)
+    reference = copy.deepcopy(block)
+    with torch.no_grad():  # what heads 0 and 2 contribute, taken away by hand
+        reference.v_proj.weight[0:4] = 0
+        reference.v_proj.weight[8:12] = 0
+        reference.v_proj.bias[0:4] = 0
+        reference.v_proj.bias[8:12] = 0
+        want = reference(x)
+    bound = _Bound(block, {})
+    history, whole = prune_heads(tp, bound, (x,), attention_blocks(bound), 0.5, [])
+    assert whole == [] and history[0][2] == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert (block.num_heads, block.head_dim, block.q_proj.out_features, block.out_proj.in_features) == (2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), want)
+
+
+def test_grouped_query_blocks_and_blocks_whose_maps_are_outputs_keep_their_heads():
+    import torch_pruning as tp
+
+    from mmopt.jobs.prune import _Bound, attention_blocks, prune_heads
+
+    assert attention_blocks(_Bound(_Attention(kv_heads=2), {})) == []  # k / v narrower than q: not matched
+    block = _Attention(maps=True)
+    bound = _Bound(block, {})
+    history, whole = prune_heads(tp, bound, (torch.randn(2, 5, 16),), attention_blocks(bound), 0.5, [])
+    assert history == [] and whole == [block] and block.num_heads == 4  # the maps' head axis is an output
+
+
+def test_a_plan_that_changes_a_head_count_alone_is_refused(tmp_path):
+    model = torch.nn.Sequential(_Attention())
+    with pytest.raises(CheckpointError, match="leaves attention block '0' inconsistent"):
+        apply_plan(model, {"modules": {"0": {"attrs": {"num_heads": 2}}}}, tmp_path / "w")
+    mha = torch.nn.Sequential(torch.nn.MultiheadAttention(16, 4))
+    with pytest.raises(CheckpointError, match="leaves attention block '0' inconsistent"):
+        apply_plan(mha, {"modules": {"0": {"attrs": {"num_heads": 3}}}}, tmp_path / "w")
