@@ -42,7 +42,7 @@ GROUPS = {
                  ["tests/trt/test_api_conformance.py", "tests/trt/test_trt_protocol.py"]),
     "store": (["mmopt/store.py"], ["tests/test_store_unit.py", "tests/reliability/test_faults.py"],
               ["tests/reliability/test_faults.py"]),
-    "gates": (["mmopt/judge/compare.py", "mmopt/bench/gates.py"],
+    "gates": (["mmopt_runtime/compare.py", "mmopt/judge/compare.py", "mmopt/bench/gates.py"],
               ["tests/judge/test_compare_exact.py", "tests/judge/test_compare_edges.py", "tests/bench/test_gates_unit.py"],
               []),
     "precision-stages": (["mmopt/stages/int8.py", "mmopt/stages/fp16.py", "mmopt/stages/ranges.py"],
@@ -68,7 +68,7 @@ def markers(group: str) -> str:
 
 
 def setup_cfg(modules: list[str], tests: list[str], group: str) -> str:
-    lines = ["[mutmut]", "source_paths=mmopt", "only_mutate=", *(f"    {m}" for m in modules),
+    lines = ["[mutmut]", "source_paths=", "    mmopt", "    mmopt_runtime", "only_mutate=", *(f"    {m}" for m in modules),
              "pytest_add_cli_args_test_selection=", *(f"    {t}" for t in tests),
              "pytest_add_cli_args=", "    -m", f"    {markers(group)}",
              "also_copy=", "    benchmarks", "    docs", "    README.md", "    pyproject.toml"]

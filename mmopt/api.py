@@ -34,6 +34,16 @@ def prune(config: str | Path, targets: dict[str, float], out: str | Path, align:
     return prune_job(config, targets, out, align, steps, trust_checkpoint, progress, target, sparse_2_4)
 
 
+def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, config: str | Path | None = None,
+            trust_checkpoint: bool = False, progress: Progress | None = None) -> Any:
+    """One policy of ``bundle`` (component -> precision; fp32 where missing) as a deployment package for the
+    torch-free runtime (``mmopt-run``): graphs, golden samples, hashes, lineage; self-tested before it is
+    written. See mmopt.jobs.package."""
+    from mmopt.jobs.package import package as package_job
+
+    return package_job(bundle, policy, out, config, trust_checkpoint, progress)
+
+
 def quantize(bundle: str | Path, config: str | Path | None = None, progress: Progress | None = None,
              precision: dict[str, str] | None = None, trust_checkpoint: bool = False,
              sensitivity: bool = True) -> QuantizeResult:

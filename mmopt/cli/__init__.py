@@ -58,9 +58,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from mmopt.cli import bench, build, bundle, export, prune, quantize
+    from mmopt.cli import bench, build, bundle, export, package, prune, quantize
 
-    for module in (export, bundle, build, quantize, prune, bench):
+    for module in (export, bundle, build, quantize, prune, package, bench):
         module.register(app)
 
 

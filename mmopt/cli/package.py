@@ -1,0 +1,53 @@
+"""``mmopt package``: one policy of a bundle as a package for the torch-free device runtime (``mmopt-run``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(package)
+
+
+def package(
+    bundle: Path = typer.Argument(Path("build"), help="Bundle folder written by `mmopt export` / `mmopt quantize`."),
+    precision: list[str] = typer.Option([], "--precision", "-p", metavar="COMP=PREC",
+                                        help="The precision to ship per component (repeatable; fp32 where not "
+                                             "given). The bundle must hold it."),
+    out: Path = typer.Option(..., "--out", "-o", help="Package folder to write (a .tar.gz of it is written beside)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="mmopt.toml to read the golden samples' data from. Default: the "
+                                               "config the bundle was exported from."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
+                                          help="Allow a .pt checkpoint that needs pickled code (only for files "
+                                               "you trust)."),
+) -> None:
+    r"""Write one policy of a bundle as a deployment package, self-tested by the device runtime.
+
+    The package holds one ONNX graph per component at the chosen precision, golden samples (a few real
+    \[evaluation] or \[calibration] samples with the eager model's outputs and the policy's tolerance), and
+    package.json: wiring, IO, dynamic axes with min / opt / max, every file's sha256, the verified parity and
+    lineage back to the bundle. On the device, the runtime (`pip install ./runtime`: numpy and onnxruntime,
+    no torch) checks the hashes and the golden outputs before it serves:
+
+        mmopt package build/ -p image=int8-cpu -o vqa-pkg/
+        mmopt-run selftest vqa-pkg/
+        mmopt-run infer vqa-pkg/ --inputs sample.npz --out result.npz
+    """
+    from mmopt import api
+    from mmopt.cli import console
+    from mmopt.cli.quantize import parse_policy
+    from mmopt.progress import RichProgress
+
+    r = api.package(bundle, parse_policy(precision), out, config, trust_checkpoint, RichProgress(console))
+    g = r.manifest["golden"]
+    console.print(f"self-test by the runtime: {g['samples']} golden samples from {escape(g['source'])} pass the "
+                  f"policy's gate (min cosine {min(o['cos_min'] for o in r.selftest['outputs'].values()):.6f})",
+                  highlight=False)
+    console.print(f"[green]package written:[/] {escape(str(r.folder))} and {escape(r.archive.name)} "
+                  f"({len(r.manifest['files'])} files, {r.seconds:.1f} s)", highlight=False)
+    console.print(f"next: on the device, pip install ./runtime (numpy + onnxruntime, no torch), then mmopt-run "
+                  f"selftest {escape(r.folder.name)}/", highlight=False, style="dim")

@@ -1,0 +1,209 @@
+"""``mmopt package``: one policy of a bundle as a deployment package that ``mmopt-run`` (the torch-free runtime,
+``mmopt_runtime``) loads, verifies, self-tests and serves.
+
+The package is a folder, plus a ``.tar.gz`` of it:
+- one ONNX graph per component at the chosen precision (ONNX Runtime runs them; TensorRT engine sets are
+  not packaged yet);
+- ``golden.npz``: a few real samples (from [evaluation], else [calibration], else the opt-size capture's
+  random inputs) with the eager model's outputs for them, and ``package.json``'s ``golden.tolerance``, the
+  policy's pipeline gate;
+- ``package.json``: wiring, IO names, dtypes, dynamic axes with min / opt / max, every file's sha256, the
+  parity the policy was verified at in the bundle, and lineage back to the bundle.
+
+Before anything is replaced, the staged package is loaded by the runtime itself and must pass its own
+golden self-test. The folder is written as a hidden sibling and renamed into place; the archive is written
+whole.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmopt import __version__
+from mmopt.errors import BundleError, UsageError
+from mmopt.manifest import Manifest
+from mmopt.progress import Progress
+from mmopt.store import atomic_write
+from mmopt_runtime.package import FORMAT, KIND, MANIFEST, Package, PackageError, sha256_file
+
+GOLDEN_ROWS = 4
+
+
+@dataclasses.dataclass
+class PackageResult:
+    folder: Path
+    archive: Path
+    manifest: dict[str, Any]
+    selftest: dict[str, Any]
+    seconds: float
+
+
+def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, config: str | Path | None = None,
+            trust_checkpoint: bool = False, progress: Progress | None = None) -> PackageResult:
+    from mmopt import reference
+    from mmopt.judge.parity import scores_of, tolerance_for
+
+    progress = progress or Progress()
+    t0 = time.perf_counter()
+    bundle, out = Path(bundle), Path(out).resolve()
+    manifest = Manifest.read_verified(bundle)
+    unknown = sorted(set(policy or {}) - set(manifest.components))
+    if unknown:
+        raise UsageError(f"-p {unknown[0]}=...: no component '{unknown[0]}'; the bundle's components are "
+                         f"{', '.join(manifest.components)}.")
+    chosen = {c: (policy or {}).get(c, "fp32") for c in manifest.components}
+    artifacts = {}
+    for comp, prec in chosen.items():
+        try:
+            artifacts[comp] = manifest.artifact(comp, prec)
+        except BundleError as e:
+            raise UsageError(f"-p {comp}={prec}: {e} Convert it first (`mmopt quantize {bundle} -p {comp}={prec}`), "
+                             "or package another precision.") from None
+    check_out(out, bundle)
+    ref = reference.load(bundle, manifest, config, trust_checkpoint)
+    spec, split = ref.spec, ref.split
+
+    stage = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        with progress.task(f"package {' '.join(f'{c}={p}' for c, p in chosen.items())}", 3) as advance:
+            files = {}
+            for comp, art in artifacts.items():
+                src = manifest.file(bundle, art)
+                _single_file(src, comp)
+                shutil.copy2(src, stage / art.file)
+                files[art.file] = sha256_file(stage / art.file)
+            advance(1, doing="golden samples")
+            golden_in, source = golden_inputs(spec, split)
+            golden_out = _eager(ref.model, split, golden_in)
+            buf = io.BytesIO()
+            np.savez(buf, **{f"input/{k}": v for k, v in golden_in.items()},
+                     **{f"output/{k}": v for k, v in golden_out.items()})
+            (stage / "golden.npz").write_bytes(buf.getvalue())
+            files["golden.npz"] = sha256_file(stage / "golden.npz")
+            advance(1, doing="self-test with the runtime")
+            doc = {"kind": KIND, "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "policy": chosen,
+                   "model": {"inputs": [t.to_json() for t in split.model_inputs],
+                             "outputs": [t.to_json() for t in split.model_outputs],
+                             "output_sources": dict(split.output_sources)},
+                   "components": {c: {"file": artifacts[c].file, "precision": chosen[c], "kind": s.kind,
+                                      "inputs": [t.to_json() for t in s.inputs],
+                                      "outputs": [t.to_json() for t in s.outputs],
+                                      "calls": [[key, dict(src)] for key, src in s.calls()]}
+                                  for c, s in _ordered(split.components).items()},
+                   "files": files,
+                   "golden": {"file": "golden.npz", "samples": int(next(iter(golden_in.values())).shape[0]),
+                              "source": source, "tolerance": tolerance_for(spec, split, chosen)("pipeline"),
+                              "scores": sorted(scores_of(spec, split, "pipeline"))},
+                   "verified": {"parity": (manifest.results.get("parity") or {}).get(_parity_key(chosen)),
+                                "accuracy": _accuracy(manifest, chosen)},
+                   "lineage": {"bundle": str(bundle.resolve()), "bundle_fingerprint": manifest.fingerprint(),
+                               "artifacts": {c: {"id": a.id, "sha256": a.sha256} for c, a in artifacts.items()},
+                               "factory": spec.factory, "mmopt": __version__}}
+            (stage / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
+            try:
+                selftest = Package.load(stage).selftest_result
+            except PackageError as e:
+                raise BundleError(f"the package failed its own self-test before it was written: {e}") from None
+            advance(1)
+        _commit(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    archive = out.with_name(out.name + ".tar.gz")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(out, arcname=out.name)
+    atomic_write(archive, buf.getvalue())
+    return PackageResult(out, archive, doc, selftest, time.perf_counter() - t0)
+
+
+def _single_file(path: Path, comp: str) -> None:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        raise UsageError(f"{path}: component '{comp}' keeps its weights in external data files (a graph over 2 GB); "
+                         "packages hold single-file graphs only, for now.")
+
+
+def _ordered(components: dict[str, Any]) -> dict[str, Any]:
+    """Encoders first, then the fusion: the order the pipeline runs them in (the runtime orders by wiring)."""
+    return {**{c: s for c, s in components.items() if s.kind == "encoder"},
+            **{c: s for c, s in components.items() if s.kind != "encoder"}}
+
+
+def _parity_key(policy: dict[str, str]) -> str:
+    from mmopt.precision.convert import parity_key
+
+    return parity_key(policy)
+
+
+def _accuracy(manifest: Manifest, policy: dict[str, str]) -> Any:
+    from mmopt.precision.convert import policy_label
+
+    acc = manifest.results.get("accuracy") or {}
+    return acc.get(policy_label(policy)) if isinstance(acc, dict) else None
+
+
+def check_out(out: Path, bundle: Path) -> None:
+    if out == bundle.resolve() or bundle.resolve() in out.parents:
+        raise UsageError(f"-o {out}: a package cannot be written inside its bundle. Choose a folder beside it.")
+    if out.exists() and not (out.is_dir() and (out / MANIFEST).is_file() and
+                             _kind(out / MANIFEST) == KIND):
+        raise UsageError(f"-o {out}: exists and is not an mmopt package; refusing to replace it. Choose a new "
+                         "folder.")
+
+
+def _kind(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _commit(stage: Path, out: Path) -> None:
+    """``stage`` becomes ``out``: an earlier package there is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        os.rename(out, old)
+    try:
+        os.rename(stage, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def golden_inputs(spec: Any, split: Any) -> tuple[dict[str, np.ndarray], str]:
+    """A few real full-model samples: [evaluation] data, else [calibration], else the opt-size capture."""
+    from mmopt.data import read
+
+    for kind in ("evaluation", "calibration"):
+        if getattr(spec, kind) is not None:
+            for inputs, _ in read(spec, kind, GOLDEN_ROWS):
+                return {k: np.ascontiguousarray(v[:GOLDEN_ROWS]) for k, v in inputs.items()}, \
+                    f"{kind}: {getattr(spec, kind).source}"
+    run = split.runs["opt"]
+    return {k: v.detach().cpu().numpy() for k, v in run.inputs.items()}, "random inputs at the opt size"
+
+
+def _eager(model: Any, split: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from mmopt.runners.eager import EagerRunner
+
+    with EagerRunner(model, split.model_inputs, split.model_outputs) as runner:
+        return runner.infer(feeds, check=False)

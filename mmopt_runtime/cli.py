@@ -1,0 +1,52 @@
+"""``mmopt-run``: the device side of a package: ``selftest``, ``infer``, ``bench``. Exit 0 on success, 1 when the
+package is refused (tampered, incompatible, golden outputs off), 2 on bad usage."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mmopt_runtime.package import Package, PackageError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mmopt-run", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("selftest", help="verify hashes and run the golden self-test (refuses on any mismatch)")
+    s.add_argument("package", type=Path)
+    i = sub.add_parser("infer", help="run the pipeline on inputs from an .npz file, write the outputs to another")
+    i.add_argument("package", type=Path)
+    i.add_argument("--inputs", type=Path, required=True, help=".npz with one array per model input")
+    i.add_argument("--out", type=Path, required=True, help=".npz to write, one array per model output")
+    b = sub.add_parser("bench", help="pipeline latency at the exported min / opt / max sizes, as JSON")
+    b.add_argument("package", type=Path)
+    b.add_argument("--rounds", type=int, default=50)
+    args = ap.parse_args(argv)
+    try:
+        pkg = Package.load(args.package)
+        if args.command == "selftest":
+            print(json.dumps({"package": str(args.package), "load_ms": round(pkg.load_ms, 1), **pkg.selftest_result},
+                             indent=1))
+        elif args.command == "infer":
+            with __import__("numpy").load(args.inputs, allow_pickle=False) as data:
+                feeds = {k: data[k] for k in data.files}
+            out = pkg.infer(feeds)
+            tmp = args.out.with_name(f".{args.out.name}.tmp")
+            with open(tmp, "wb") as f:
+                __import__("numpy").savez(f, **out)
+            tmp.replace(args.out)
+            print(f"wrote {args.out}: {', '.join(f'{k} {list(v.shape)}' for k, v in out.items())}")
+        else:
+            print(json.dumps(pkg.bench(args.rounds), indent=1))
+    except PackageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

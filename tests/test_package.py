@@ -1,0 +1,171 @@
+"""``mmopt package`` and the torch-free runtime (``mmopt_runtime``, ``mmopt-run``) on the toy model: the package is
+self-tested before it is written; the runtime, run with torch, onnx and mmopt made unimportable, verifies it,
+self-tests it and computes exactly what mmopt's own pipeline computes on the same graphs; a tampered file, a
+path outside the package or golden outputs that no longer match are refused, by name."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from mmopt import api
+from mmopt.errors import UsageError
+from mmopt_runtime import Package, PackageError
+from mmopt_runtime.package import sha256_file
+from support import ROOT, TESTS
+
+BLOCKED = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "onnx", "mmopt", "onnxsim"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+from mmopt_runtime.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from models.toy import CONFIG
+
+    d = tmp_path_factory.mktemp("pkg")
+    for name in ("toy.py", "toydata.py"):
+        shutil.copy(TESTS / "models" / name, d / name)
+    (d / "mmopt.toml").write_text(CONFIG.format(checkpoint="", extra=(
+        '[calibration]\nsource = "toydata:calibration_batches"\nsamples = 32\n'
+        '[evaluation]\nsource = "toydata:evaluation_batches"\noutput = "output"\n')))
+    api.export(d / "mmopt.toml", d / "bundle")
+    api.quantize(d / "bundle", precision={"text": "int8-dynamic"}, sensitivity=False)
+    yield d / "bundle"
+    for mod in ("toy", "toydata"):
+        sys.modules.pop(mod, None)
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-c", BLOCKED, *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=cwd, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture
+def pkg(bundle, tmp_path):
+    r = api.package(bundle, {"text": "int8-dynamic"}, tmp_path / "pkg")
+    return r
+
+
+def test_the_package_holds_the_policy_its_hashes_and_golden_samples(pkg, bundle):
+    doc = json.loads((pkg.folder / "package.json").read_text())
+    assert doc["policy"] == {"image": "fp32", "text": "int8-dynamic", "fusion": "fp32"}
+    assert sorted(p.name for p in pkg.folder.iterdir()) == ["fusion.onnx", "golden.npz", "image.onnx",
+                                                            "package.json", "text.int8-dynamic.onnx"]
+    assert doc["files"] == {n: sha256_file(pkg.folder / n) for n in doc["files"]}
+    assert doc["golden"]["samples"] == 4 and doc["golden"]["source"] == "evaluation: toydata:evaluation_batches"
+    assert doc["golden"]["tolerance"]["min_cosine"] == 0.98  # the policy's gate: its int8 component's
+    assert doc["lineage"]["bundle_fingerprint"] and doc["lineage"]["artifacts"]["text"]["id"]
+    assert pkg.selftest["passed"] is True
+    with tarfile.open(pkg.archive) as tar:
+        assert sorted(tar.getnames()) == sorted(["pkg", *(f"pkg/{n}" for n in [*doc["files"], "package.json"])])
+    assert not [p for p in pkg.folder.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_the_runtime_needs_no_torch_and_computes_what_mmopts_pipeline_does(pkg, tmp_path):
+    r = run("selftest", pkg.folder)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["passed"] is True
+    with np.load(pkg.folder / "golden.npz") as g:
+        feeds = {k[len("input/"):]: g[k] for k in g.files if k.startswith("input/")}
+    np.savez(tmp_path / "in.npz", **feeds)
+    r = run("infer", pkg.folder, "--inputs", tmp_path / "in.npz", "--out", tmp_path / "out.npz")
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "out.npz") as out:
+        served = {k: out[k] for k in out.files}
+    # mmopt's own pipeline, on the same graphs
+    from mmopt.manifest import Manifest
+    from mmopt.runners.onnxrt import OnnxRuntimeRunner
+    from mmopt.runners.pipeline import Pipeline
+
+    m = Manifest.read(pkg.manifest["lineage"]["bundle"])
+    runners = {c: OnnxRuntimeRunner(pkg.folder / pkg.manifest["components"][c]["file"], s.inputs, s.outputs,
+                                    threads=1).__enter__() for c, s in m.components.items()}
+    want = Pipeline(m.components, m.model["output_sources"], runners).infer(feeds)
+    assert served.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(served[k], want[k])
+    r = run("bench", pkg.folder, "--rounds", "3")
+    assert r.returncode == 0 and set(json.loads(r.stdout)["latency"]) == {"min", "opt", "max"}
+
+
+def test_a_tampered_file_is_refused_by_name(pkg):
+    graph = pkg.folder / "image.onnx"
+    data = graph.read_bytes()
+    graph.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one byte flipped
+    r = run("selftest", pkg.folder)
+    assert r.returncode == 1 and f"{graph}: sha256 differs from the package manifest" in r.stderr
+    with pytest.raises(PackageError, match="sha256 differs"):
+        Package.load(pkg.folder)
+
+
+@pytest.mark.parametrize("path", ["../outside.onnx", "/etc/passwd", "a/../../b", "sub\\x.onnx"])
+def test_a_path_outside_the_package_is_refused(pkg, path):
+    doc = json.loads((pkg.folder / "package.json").read_text())
+    doc["components"]["image"]["file"] = path
+    doc["files"][path] = "0" * 64
+    (pkg.folder / "package.json").write_text(json.dumps(doc))
+    with pytest.raises(PackageError, match=r"not a (plain path|file name) inside the package"):
+        Package.load(pkg.folder)
+
+
+def test_golden_outputs_that_no_longer_match_are_refused(pkg):
+    golden = pkg.folder / "golden.npz"
+    with np.load(golden) as g:
+        data = {k: g[k] for k in g.files}
+    data["output/output"] = data["output/output"] * 2.0  # e.g. a device computing something else
+    np.savez(golden, **data)
+    doc = json.loads((pkg.folder / "package.json").read_text())
+    doc["files"]["golden.npz"] = sha256_file(golden)
+    (pkg.folder / "package.json").write_text(json.dumps(doc))
+    r = run("selftest", pkg.folder)
+    assert r.returncode == 1 and "the golden self-test fails" in r.stderr and "output:" in r.stderr
+
+
+def test_bad_input_is_refused_before_anything_is_written(bundle, tmp_path):
+    with pytest.raises(UsageError, match="no component 'audio'"):
+        api.package(bundle, {"audio": "fp32"}, tmp_path / "p")
+    with pytest.raises(UsageError, match=r"-p image=int8-cpu: bundle has no int8-cpu artifact .* Convert it first"):
+        api.package(bundle, {"image": "int8-cpu"}, tmp_path / "p")
+    with pytest.raises(UsageError, match="cannot be written inside its bundle"):
+        api.package(bundle, None, bundle / "p")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="exists and is not an mmopt package"):
+        api.package(bundle, None, mine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_a_package_is_replaced_whole(bundle, tmp_path):
+    first = api.package(bundle, None, tmp_path / "p")
+    assert first.manifest["policy"]["text"] == "fp32"
+    second = api.package(bundle, {"text": "int8-dynamic"}, tmp_path / "p")
+    assert (tmp_path / "p" / "text.int8-dynamic.onnx").exists() and not (tmp_path / "p" / "text.onnx").exists()
+    assert second.manifest["policy"]["text"] == "int8-dynamic"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "p.tar.gz"]
+
+
+def test_the_runtime_checks_inputs_against_the_package(pkg):
+    p = Package.load(pkg.folder)
+    with np.load(pkg.folder / "golden.npz") as g:
+        feeds = {k[len("input/"):]: g[k] for k in g.files if k.startswith("input/")}
+    with pytest.raises(PackageError, match=r"missing \['pixel_values'\]"):
+        p.infer({k: v for k, v in feeds.items() if k != "pixel_values"})
+    with pytest.raises(PackageError, match=r"input 'pixel_values': axis 2 is 8, the package takes 16"):
+        p.infer({**feeds, "pixel_values": feeds["pixel_values"][:, :, :8]})
+    with pytest.raises(PackageError, match=r"batch = 64 is outside the exported range 1\.\.32"):
+        p.infer({k: np.repeat(v, 16, axis=0) for k, v in feeds.items()})
+    assert p.infer(feeds)["output"].shape == (4, 5)
