@@ -19,6 +19,7 @@ from typing import Any
 from mmopt import store
 from mmopt.errors import BundleError
 from mmopt.spec import ComponentSpec, TensorSpec
+from mmopt_runtime.package import sha256_file as _sha256
 
 SCHEMA_VERSION = 2  # 2: "kind" names an mmopt bundle; every document is checked against MANIFEST_SCHEMA
 MANIFEST = store.MANIFEST
@@ -39,16 +40,8 @@ def sha256_file(path: Path) -> str:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
-        _DIGESTS[key] = _sha256(path)
+        _DIGESTS[key] = _sha256(path)  # the runtime's reader: one way to hash a file
     return _DIGESTS[key]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
