@@ -1,5 +1,6 @@
 """``mmopt-run``: the device side of a package: ``selftest``, ``infer``, ``bench``. Exit 0 on success, 1 when the
-package is refused (tampered, incompatible, golden outputs off), 2 on bad usage."""
+package is refused (a file changed or missing, a malformed manifest, golden outputs off, inputs it cannot
+take), 2 when an input or output file given on the command line cannot be read or written."""
 from __future__ import annotations
 
 import argparse

@@ -2,11 +2,11 @@
 
 Needs numpy and onnxruntime only (no torch, no onnx, no mmopt build code). ``Package.load(folder)``:
 
-1. reads ``package.json`` and checks every listed file: a plain relative path inside the package (no ``..``,
-   no absolute path, no symlink out), present, with the recorded sha256. Any mismatch refuses the package,
-   naming the file;
-2. opens one ONNX Runtime session per component graph and checks each graph's inputs and outputs against the
-   manifest;
+1. reads ``package.json``, checks its structure and wiring, and reads every listed file once: a plain
+   relative path inside the package (no ``..``, no absolute path, no symlink out), present, with the recorded
+   sha256. Any mismatch refuses the package, naming the file or field;
+2. opens one ONNX Runtime session per component from the bytes it hashed and checks each graph's inputs
+   and outputs against the manifest;
 3. runs the golden self-test: the package's own pipeline on the recorded inputs must match the recorded
    eager outputs within the policy's tolerance (``mmopt_runtime.compare``, the gate mmopt itself uses).
 
@@ -16,8 +16,11 @@ ONNX graphs on ONNX Runtime.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
+import re
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -65,9 +68,11 @@ def confined(root: Path, rel: Any, field: str) -> Path:
 
 
 class _Graph:
-    """One component's ONNX graph on ONNX Runtime, checked against the manifest's inputs and outputs."""
+    """One component's ONNX graph on ONNX Runtime, checked against the manifest's inputs and outputs. The
+    session is made from the very bytes whose sha256 was checked, never from the path: a file swapped after
+    the check is never loaded, and a graph naming external data files (which no hash covers) fails to load."""
 
-    def __init__(self, name: str, path: Path, spec: dict[str, Any], threads: int | None):
+    def __init__(self, name: str, path: Path, data: bytes, spec: dict[str, Any], threads: int | None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -75,9 +80,10 @@ class _Graph:
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise PackageError(f"{path}: ONNX Runtime cannot load the graph of component '{name}' ({e}).") from None
+            raise PackageError(f"{path}: ONNX Runtime cannot load the graph of component '{name}' ({e}). A graph "
+                               "whose weights sit in external data files cannot be packaged.") from None
         self.name = name
         self.inputs = {t["name"]: t for t in spec["inputs"]}
         self.outputs = [t["name"] for t in spec["outputs"]]
@@ -86,15 +92,24 @@ class _Graph:
         problems = [f"input '{n}' missing" for n in self.inputs if n not in have_in]
         problems += [f"unexpected input '{n}'" for n in have_in if n not in self.inputs]
         problems += [f"output '{n}' missing" for n in self.outputs if n not in have_out]
-        for n, t in self.inputs.items():
-            if n in have_in and ORT_TYPES.get(have_in[n].type) != t["dtype"]:
-                problems.append(f"input '{n}' is {have_in[n].type}, the manifest says {t['dtype']}")
+        for kind, want, have in (("input", self.inputs, have_in),
+                                 ("output", {t["name"]: t for t in spec["outputs"]}, have_out)):
+            for n, t in want.items():
+                if n not in have:
+                    continue
+                if ORT_TYPES.get(have[n].type) != t["dtype"]:
+                    problems.append(f"{kind} '{n}' is {have[n].type}, the manifest says {t['dtype']}")
+                if have[n].shape is not None and len(have[n].shape) != len(t["shape"]):
+                    problems.append(f"{kind} '{n}' has rank {len(have[n].shape)}, the manifest says {len(t['shape'])}")
         if problems:
             raise PackageError(f"{path}: is not the graph of component '{name}': {'; '.join(problems)}. Rebuild the "
                                "package with `mmopt package`.")
 
     def infer(self, feeds: dict[str, np.ndarray], check: bool = False) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
+        try:
+            return dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
+        except Exception as e:  # onnxruntime's Fail / InvalidArgument: an input the graph cannot take
+            raise PackageError(f"component '{self.name}': ONNX Runtime failed on these inputs ({e}).") from None
 
 
 class Package:
@@ -110,13 +125,15 @@ class Package:
         t0 = time.perf_counter()
         root = Path(folder)
         manifest = read_manifest(root)
-        verify_files(root, manifest)
-        graphs = {c: _Graph(c, confined(root, spec["file"], f"components.{c}.file"), spec, threads)
+        check_structure(root, manifest)
+        data = verify_files(root, manifest)
+        graphs = {c: _Graph(c, confined(root, spec["file"], f"components.{c}.file"), data[spec["file"]], spec, threads)
                   for c, spec in manifest["components"].items()}
         steps = [(key, graphs[c].infer, tuple(sources.items()),
                   {o["name"]: f"{key}:{o['name']}" for o in spec["outputs"]})
                  for c, spec in manifest["components"].items() for key, sources in spec["calls"]]
         pkg = cls(root, manifest, Pipeline(steps, manifest["model"]["output_sources"]), 0.0)
+        pkg._golden = data[manifest["golden"]["file"]]
         if selftest:
             pkg.selftest()
         pkg.load_ms = (time.perf_counter() - t0) * 1000
@@ -130,14 +147,22 @@ class Package:
         if missing or extra:
             raise PackageError(f"inputs: missing {missing}, unexpected {extra}; the package takes "
                                f"{', '.join(self.inputs)}.")
-        out = {}
+        out, sizes = {}, {}
         for name, t in self.inputs.items():
             a = np.asarray(feeds[name])
             want = DTYPES[t["dtype"]]
             if a.dtype != want:
-                if not np.can_cast(a.dtype, want, casting="same_kind") and t["dtype"] != "bool":
-                    raise PackageError(f"input '{name}': dtype {a.dtype}, the package takes {t['dtype']}.")
+                ok = np.can_cast(a.dtype, want, casting="safe") if t["dtype"] != "bool" else \
+                    (np.issubdtype(a.dtype, np.integer) and bool(np.isin(a, (0, 1)).all()))
+                if not ok:
+                    raise PackageError(f"input '{name}': dtype {a.dtype}, the package takes {t['dtype']} (no lossy "
+                                       "conversion is made).")
                 a = a.astype(want)
+            if t.get("range") is not None and np.issubdtype(a.dtype, np.integer) and a.size:
+                lo, hi = t["range"]
+                if a.min() < lo or a.max() > hi:
+                    raise PackageError(f"input '{name}': values {int(a.min())}..{int(a.max())} outside the exported "
+                                       f"range {int(lo)}..{int(hi)}.")
             if a.ndim != len(t["shape"]):
                 raise PackageError(f"input '{name}': rank {a.ndim}, the package takes {t['shape']}.")
             lo, hi = t["shapes"]["min"], t["shapes"]["max"]
@@ -147,6 +172,9 @@ class Package:
                 if isinstance(dim, str) and not lo[axis] <= n <= hi[axis]:
                     raise PackageError(f"input '{name}': {dim} = {n} is outside the exported range "
                                        f"{lo[axis]}..{hi[axis]}.")
+                if isinstance(dim, str) and sizes.setdefault(dim, (n, name))[0] != n:
+                    raise PackageError(f"input '{name}': {dim} = {n}, but input '{sizes[dim][1]}' has {dim} = "
+                                       f"{sizes[dim][0]}.")
             out[name] = np.ascontiguousarray(a)
         return out
 
@@ -157,9 +185,20 @@ class Package:
         """The pipeline on the golden inputs against the golden eager outputs, gated by the policy's
         tolerance. Raises ``PackageError`` listing every failing output."""
         golden = self.manifest["golden"]
-        with np.load(confined(self.root, golden["file"], "golden.file"), allow_pickle=False) as data:
-            inputs = {k[len("input/"):]: data[k] for k in data.files if k.startswith("input/")}
-            outputs = {k[len("output/"):]: data[k] for k in data.files if k.startswith("output/")}
+        where = self.root / golden["file"]
+        try:
+            with np.load(io.BytesIO(self._golden), allow_pickle=False) as data:  # the bytes that were hashed
+                inputs = {k[len("input/"):]: data[k] for k in data.files if k.startswith("input/")}
+                outputs = {k[len("output/"):]: data[k] for k in data.files if k.startswith("output/")}
+        except Exception as e:
+            raise PackageError(f"{where}: not a golden .npz of arrays ({e}). Rebuild the package.") from None
+        model_outputs = {t["name"] for t in self.manifest["model"]["outputs"]}
+        if set(outputs) != model_outputs or not inputs:
+            raise PackageError(f"{where}: holds outputs {sorted(outputs)} and {len(inputs)} inputs; the self-test needs "
+                               f"every model output ({sorted(model_outputs)}) and the inputs. Rebuild the package.")
+        rows_in = {int(np.shape(a)[0]) if np.ndim(a) else 0 for a in inputs.values()}
+        if rows_in != {golden["samples"]} or golden["samples"] < 1:
+            raise PackageError(f"{where}: {sorted(rows_in)} samples, the manifest says {golden['samples']}.")
         got = self.infer(inputs)
         tol, scores = golden["tolerance"], set(golden.get("scores", []))
         rows, bad = {}, []
@@ -176,8 +215,10 @@ class Package:
         self.selftest_result = {"passed": True, "samples": golden["samples"], "outputs": rows}
         return self.selftest_result
 
-    def bench(self, rounds: int = 50, batch: str = "opt") -> dict[str, Any]:
+    def bench(self, rounds: int = 50) -> dict[str, Any]:
         """Median latency (ms) of the pipeline at the exported min / opt / max batch, on random inputs."""
+        if rounds < 1:
+            raise PackageError(f"bench: --rounds {rounds}; give at least 1.")
         rng = np.random.default_rng(0)
         out = {}
         for size in ("min", "opt", "max"):
@@ -207,7 +248,7 @@ class Package:
 def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(), parse_constant=_no_constants)
     except FileNotFoundError:
         raise PackageError(f"{root}: no {MANIFEST}: not an mmopt package. Make one with `mmopt package`.") from None
     except (OSError, ValueError) as e:
@@ -223,17 +264,105 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    """Every listed file inside the package with its recorded sha256; every file the package uses listed."""
+def _no_constants(name: str) -> Any:
+    if name == "Infinity":  # int8's absolute-error gate is off: max_abs inf
+        return math.inf
+    raise ValueError(f"{name} is not a number a package may hold")
+
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+TOLERANCE = ("max_abs", "max_rel", "min_cosine", "min_argmax", "max_norm_change")
+
+
+def check_structure(root: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's shape, every field the runtime reads, and the wiring: each call's sources are its graph's
+    inputs and each reads a model input or an output of a call before it; the model outputs resolve; the
+    golden tolerance is a real gate (every key a number, none NaN). Refusals name the field."""
+    where = root / MANIFEST
+
+    def bad(field: str, why: str) -> PackageError:
+        return PackageError(f"{where}: field '{field}' {why}. Rebuild the package with `mmopt package`.")
+
+    def tensors(value: Any, field: str) -> list[dict[str, Any]]:
+        if not isinstance(value, list) or not value:
+            raise bad(field, "is not a list of tensors")
+        for i, t in enumerate(value):
+            ok = isinstance(t, dict) and isinstance(t.get("name"), str) and t.get("dtype") in DTYPES and \
+                isinstance(t.get("shape"), list) and isinstance(t.get("shapes"), dict) and \
+                all(isinstance(t["shapes"].get(k), list) and len(t["shapes"][k]) == len(t["shape"])
+                    for k in ("min", "opt", "max"))
+            if not ok:
+                raise bad(f"{field}[{i}]", "is not a tensor (name, dtype, shape, shapes min / opt / max)")
+        return value
+
+    model = manifest["model"]
+    names = {t["name"] for t in tensors(model.get("inputs"), "model.inputs")}
+    tensors(model.get("outputs"), "model.outputs")
+    if not isinstance(manifest["files"], dict) or not all(isinstance(k, str) and isinstance(v, str) and HEX64.match(v)
+                                                          for k, v in manifest["files"].items()):
+        raise bad("files", "is not a table of file -> sha256")
+    made: dict[str, set[str]] = {}
+    for c, spec in manifest["components"].items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("file"), str):
+            raise bad(f"components.{c}", "is not a component with a file")
+        ins = {t["name"] for t in tensors(spec.get("inputs"), f"components.{c}.inputs")}
+        outs = {t["name"] for t in tensors(spec.get("outputs"), f"components.{c}.outputs")}
+        calls = spec.get("calls")
+        if not isinstance(calls, list) or not calls:
+            raise bad(f"components.{c}.calls", "is not a list of calls")
+        for i, call in enumerate(calls):
+            if not (isinstance(call, list) and len(call) == 2 and isinstance(call[0], str) and
+                    isinstance(call[1], dict) and re.fullmatch(rf"{re.escape(c)}(@[2-9]|@[1-9][0-9]+)?", call[0])):
+                raise bad(f"components.{c}.calls[{i}]", f"is not [\"{c}\" or \"{c}@k\", {{input: source}}]")
+            key, sources = call
+            if key in made:
+                raise bad(f"components.{c}.calls[{i}]", f"repeats the call '{key}'")
+            if set(sources) != ins:
+                raise bad(f"components.{c}.calls[{i}]", f"feeds {sorted(sources)}, the graph takes {sorted(ins)}")
+            made[key] = outs
+    for c, spec in manifest["components"].items():
+        for i, (key, sources) in enumerate(spec["calls"]):
+            for n, src in sources.items():
+                kind, _, out = str(src).partition(":")
+                if not ((kind == "input" and out in names) or (kind in made and out in made[kind] and kind != key)):
+                    raise bad(f"components.{c}.calls[{i}].{n}", f"reads '{src}', which is no model input and no "
+                                                                "output of another call")
+    sources = model.get("output_sources")
+    if not isinstance(sources, dict) or set(sources) != {t["name"] for t in model["outputs"]} or not all(
+            str(v).partition(":")[0] in made and str(v).partition(":")[2] in made[str(v).partition(":")[0]]
+            for v in sources.values()):
+        raise bad("model.output_sources", "does not map every model output to an output of a call")
+    golden = manifest["golden"]
+    if not isinstance(golden.get("file"), str) or not isinstance(golden.get("samples"), int) or \
+            not isinstance(golden.get("scores", []), list):
+        raise bad("golden", "is not {file, samples, tolerance, scores}")
+    tol = golden.get("tolerance")
+    if not isinstance(tol, dict) or set(TOLERANCE) - set(tol) or not all(
+            isinstance(tol[k], (int, float)) and not isinstance(tol[k], bool) and not math.isnan(tol[k])
+            for k in TOLERANCE) or not (-1 <= tol["min_cosine"] <= 1 and 0 <= tol["min_argmax"] <= 1) or \
+            any(math.isinf(tol[k]) for k in TOLERANCE if k not in ("max_abs", "max_rel")):
+        raise bad("golden.tolerance", f"is not a gate: {', '.join(TOLERANCE)}, each a number (not NaN; "
+                                      "min_cosine in [-1, 1], min_argmax in [0, 1])")
+
+
+def verify_files(root: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """Every listed file inside the package with its recorded sha256; every file the package uses listed.
+    Returns the bytes that were hashed: they are what gets loaded."""
     files = manifest["files"]
     used = [spec["file"] for spec in manifest["components"].values()] + [manifest["golden"]["file"]]
     unlisted = [f for f in used if f not in files]
     if unlisted:
         raise PackageError(f"{root / MANIFEST}: uses {unlisted} without a sha256 in 'files'. Rebuild the package.")
+    data = {}
     for rel, digest in files.items():
         path = confined(root, rel, f"files.{rel}")
-        if not path.is_file():
-            raise PackageError(f"{path}: listed in the package but missing. Copy the whole package again.")
-        if sha256_file(path) != digest:
+        try:
+            data[rel] = path.read_bytes()
+        except FileNotFoundError:
+            raise PackageError(f"{path}: listed in the package but missing. Copy the whole package again.") from None
+        except OSError as e:
+            raise PackageError(f"{path}: cannot be read ({e.strerror}).") from None
+        if hashlib.sha256(data[rel]).hexdigest() != digest:
             raise PackageError(f"{path}: sha256 differs from the package manifest: the file was changed or "
                                "corrupted in transfer. Copy the package again; do not serve this one.")
+    return data

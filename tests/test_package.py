@@ -5,6 +5,7 @@ path outside the package or golden outputs that no longer match are refused, by 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -169,3 +170,82 @@ def test_the_runtime_checks_inputs_against_the_package(pkg):
     with pytest.raises(PackageError, match=r"batch = 64 is outside the exported range 1\.\.32"):
         p.infer({k: np.repeat(v, 16, axis=0) for k, v in feeds.items()})
     assert p.infer(feeds)["output"].shape == (4, 5)
+
+
+def edit(pkg, change):
+    """Apply ``change`` to package.json (the manifest is not signed: these are edits a hash cannot catch)."""
+    doc = json.loads((pkg.folder / "package.json").read_text())
+    change(doc)
+    (pkg.folder / "package.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["components"].__setitem__("image", "x"), r"field 'components\.image' is not a component"),
+    (lambda d: d["components"]["image"].__setitem__("file", ["a"]), r"field 'components\.image' is not a component"),
+    (lambda d: d["golden"].pop("file"), r"field 'golden' is not"),
+    (lambda d: d["golden"]["tolerance"].__setitem__("min_cosine", float("nan")), r"NaN is not a number"),
+    (lambda d: d["golden"]["tolerance"].pop("max_norm_change"), r"golden\.tolerance"),
+    (lambda d: d["golden"]["tolerance"].__setitem__("min_cosine", "high"), r"golden\.tolerance"),
+    (lambda d: d["components"]["fusion"]["calls"][0][1].__setitem__("image.output", "imag:output"),
+     r"reads 'imag:output', which is no model input"),
+    (lambda d: d["components"]["fusion"]["calls"][0][1].__setitem__("extra", "input:pixel_values"), r"feeds .* the graph"),
+    (lambda d: d["model"]["output_sources"].__setitem__("output", "fusion:nope"), r"model\.output_sources"),
+    (lambda d: d["model"]["inputs"][0].__setitem__("dtype", "complex64"), r"model\.inputs\[0\]"),
+    (lambda d: d["files"].__setitem__("image.onnx", "not a hash"), r"field 'files'"),
+])
+def test_a_malformed_manifest_is_refused_naming_the_field(pkg, change, message):
+    edit(pkg, change)
+    with pytest.raises(PackageError, match=message):
+        Package.load(pkg.folder)
+    r = run("selftest", pkg.folder)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+def test_a_self_test_with_nothing_to_compare_is_refused(pkg):
+    golden = pkg.folder / "golden.npz"
+    with np.load(golden) as g:
+        inputs_only = {k: g[k] for k in g.files if k.startswith("input/")}
+    np.savez(golden, **inputs_only)
+    edit(pkg, lambda d: d["files"].__setitem__("golden.npz", sha256_file(golden)))
+    with pytest.raises(PackageError, match="the self-test needs every model output"):
+        Package.load(pkg.folder)
+
+
+def test_a_graph_with_external_data_no_hash_covers_is_refused(pkg):
+    import onnx
+
+    graph = pkg.folder / "image.onnx"
+    proto = onnx.load(str(graph))
+    onnx.save(proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True, location="image.data",
+              size_threshold=0)
+    edit(pkg, lambda d: d["files"].__setitem__("image.onnx", sha256_file(graph)))
+    with pytest.raises(PackageError, match="cannot load the graph of component 'image'"):
+        Package.load(pkg.folder)
+
+
+def test_inputs_are_never_converted_lossily(pkg):
+    p = Package.load(pkg.folder)
+    with np.load(pkg.folder / "golden.npz") as g:
+        feeds = {k[len("input/"):]: g[k] for k in g.files if k.startswith("input/")}
+    with pytest.raises(PackageError, match=r"input 'pixel_values': dtype float64, the package takes float32"):
+        p.infer({**feeds, "pixel_values": feeds["pixel_values"].astype(np.float64)})
+    with pytest.raises(PackageError, match=r"input 'input_ids': values .* outside the exported range 0\.\.49"):
+        p.infer({**feeds, "input_ids": feeds["input_ids"] + 100})
+    assert p.infer({**feeds, "input_ids": feeds["input_ids"].astype(np.int32)})["output"].shape == (4, 5)
+    mask = feeds["attention_mask"]
+    assert p.infer({**feeds, "attention_mask": mask.astype(np.int64)})["output"].shape == (4, 5)  # 0 / 1 ints
+    with pytest.raises(PackageError, match="input 'attention_mask': dtype float32"):
+        p.infer({**feeds, "attention_mask": mask.astype(np.float32)})
+    with pytest.raises(PackageError, match=r"batch = 2, but input 'pixel_values' has batch = 4"):
+        p.infer({**feeds, "input_ids": feeds["input_ids"][:2], "attention_mask": mask[:2]})
+
+
+def test_a_run_killed_between_the_renames_is_repaired_by_the_next(bundle, tmp_path):
+    first = api.package(bundle, None, tmp_path / "p")
+    os.rename(first.folder, tmp_path / ".p.999999.old")  # as a run killed after moving the old package aside
+    (tmp_path / ".p.999999.partial").mkdir()
+    from mmopt.jobs.package import recover
+
+    recover(tmp_path / "p")
+    assert (tmp_path / "p" / "package.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "p.tar.gz"]

@@ -68,6 +68,8 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
         except BundleError as e:
             raise UsageError(f"-p {comp}={prec}: {e} Convert it first (`mmopt quantize {bundle} -p {comp}={prec}`), "
                              "or package another precision.") from None
+    archive = out.with_name(out.name + ".tar.gz")
+    recover(out)
     check_out(out, bundle)
     ref = reference.load(bundle, manifest, config, trust_checkpoint)
     spec, split = ref.spec, ref.split
@@ -83,6 +85,9 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
                 _single_file(src, comp)
                 shutil.copy2(src, stage / art.file)
                 files[art.file] = sha256_file(stage / art.file)
+                if files[art.file] != art.sha256:
+                    raise BundleError(f"{src}: changed since the bundle was verified (sha256 differs from its "
+                                      "manifest). Run `mmopt verify` and re-export.")
             advance(1, doing="golden samples")
             golden_in, source = golden_inputs(spec, split)
             golden_out = _eager(ref.model, split, golden_in)
@@ -117,15 +122,16 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
             except PackageError as e:
                 raise BundleError(f"the package failed its own self-test before it was written: {e}") from None
             advance(1)
+        # the archive first, streamed from the stage into a hidden sibling: it and the folder change together
+        tmp_archive = archive.with_name(f".{archive.name}.{os.getpid()}.partial")
+        with tarfile.open(tmp_archive, "w:gz") as tar:
+            tar.add(stage, arcname=out.name)
         _commit(stage, out)
+        os.replace(tmp_archive, archive)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        Path(archive.with_name(f".{archive.name}.{os.getpid()}.partial")).unlink(missing_ok=True)
         raise
-    archive = out.with_name(out.name + ".tar.gz")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        tar.add(out, arcname=out.name)
-    atomic_write(archive, buf.getvalue())
     return PackageResult(out, archive, doc, selftest, time.perf_counter() - t0)
 
 
@@ -157,6 +163,33 @@ def _accuracy(manifest: Manifest, policy: dict[str, str]) -> Any:
     return acc.get(policy_label(policy)) if isinstance(acc, dict) else None
 
 
+def recover(out: Path) -> None:
+    """What a killed earlier run left beside ``out``: its old package put back if ``out`` is missing (killed
+    between the two renames), staged folders and archives of processes that are gone removed."""
+    for p in sorted(out.parent.glob(f".{out.name}.*.old")) + sorted(out.parent.glob(f".{out.name}*.partial")):
+        pid = p.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        if p.name.endswith(".old") and not out.exists():
+            os.rename(p, out)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def check_out(out: Path, bundle: Path) -> None:
     if out == bundle.resolve() or bundle.resolve() in out.parents:
         raise UsageError(f"-o {out}: a package cannot be written inside its bundle. Choose a folder beside it.")
@@ -164,6 +197,10 @@ def check_out(out: Path, bundle: Path) -> None:
                              _kind(out / MANIFEST) == KIND):
         raise UsageError(f"-o {out}: exists and is not an mmopt package; refusing to replace it. Choose a new "
                          "folder.")
+    archive = out.with_name(out.name + ".tar.gz")
+    if archive.exists() and not out.exists():
+        raise UsageError(f"-o {out}: {archive.name} exists beside it but no package does; move it away or choose "
+                         "another name.")
 
 
 def _kind(path: Path) -> Any:
