@@ -36,7 +36,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
-from mmopt.errors import BundleError, MmoptError
+from mmopt.errors import BundleError, MmoptError, interrupted
 
 KIND = "mmopt-bundle"
 MANIFEST = "manifest.json"
@@ -479,6 +479,8 @@ def _commit(target: Path, keep_existing: bool, log: Log, created: bool, waiter: 
         if keep_existing:
             _copy_tree(target, stage)
         yield stage
+        if interrupted():  # a Ctrl-C that a library swallowed (torch's exporter retries after one): no commit
+            raise KeyboardInterrupt
         if manifest_digest(target) != before or _listing(target) != listed:
             raise BundleError(f"{target}: was changed by another process while this run worked on it (files "
                               "added, removed or rewritten by something that does not take mmopt's lock). "

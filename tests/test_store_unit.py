@@ -478,3 +478,20 @@ def test_folders_that_cannot_be_locked_opened_made_or_replaced(tmp_path, monkeyp
         os.close(fd)
     assert str(e.value) == ("cannot lock the bundle folder (No locks available): this filesystem does not support "
                             "flock on folders (NFS or CIFS?). Write the bundle on a local disk, then copy it.")
+
+
+def test_a_ctrl_c_a_library_swallowed_still_stops_the_commit(tmp_path, monkeypatch):
+    """torch's exporter catches a KeyboardInterrupt and retries with another strategy; the CLI's handler has
+    noted the signal, and the transaction refuses to commit what the interrupted run went on to write."""
+    from mmopt import errors
+
+    monkeypatch.setattr(errors, "_INTERRUPTED", [False])
+    target = bundle(tmp_path / "out", generation=0)
+    said: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        with store.transaction(target, log=said.append) as stage:
+            (stage / "manifest.json").write_text(json.dumps({"schema_version": 2, "kind": store.KIND}))
+            errors.note_interrupt()  # the signal arrived; the library swallowed its KeyboardInterrupt
+    assert json.loads((target / "manifest.json").read_text())["generation"] == 0
+    assert said == [f"{target}: interrupted; nothing was written, the earlier bundle is unchanged"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -204,6 +204,8 @@ def export_component(model: torch.nn.Module, split: Split, comp: str, path: Path
                                                   ". If the message names a data-dependent shape or an unsupported "
                                                   "op, simplify that part of the model or export a different "
                                                   "submodule.")) from e
+    if interrupted():  # torch's exporter caught the Ctrl-C and went on with another strategy: stop here
+        raise KeyboardInterrupt
     proto = program.model_proto
     name_dims(proto, spec)
     save(proto, path, large=nbytes > TWO_GB)
