@@ -146,8 +146,7 @@ def apply_plan(model: torch.nn.Module, plan: dict[str, Any], path: Path,
             current = getattr(module, attr, None)
             depthwise = attr == "groups" and isinstance(module, torch.nn.modules.conv._ConvNd) and \
                 current == getattr(module, "in_channels", None)
-            if (attr not in SIZE_ATTRS and not depthwise) or not _plain(value) or \
-                    not _plain(list(current) if isinstance(current, tuple) else current) or \
+            if (attr not in SIZE_ATTRS and not depthwise) or not is_size(value) or not is_size(current) or \
                     not _no_larger(value, current):
                 raise CheckpointError(f"{path}: its prune plan sets '{name}.{attr}' = {value!r}, which that module "
                                       "does not have as a size (a positive value no larger than the built model's). "
@@ -158,7 +157,7 @@ def apply_plan(model: torch.nn.Module, plan: dict[str, Any], path: Path,
                                                          module._non_persistent_buffers_set)
             old = getattr(module, pname, None) if persistent else None
             key = f"{name}.{pname}"
-            if not isinstance(old, torch.Tensor) or not _plain(shape) or not _no_larger(shape, list(old.shape)):
+            if not isinstance(old, torch.Tensor) or not is_size(shape) or not _no_larger(shape, list(old.shape)):
                 raise bad(f"shapes '{key}' as {shape!r}, which is no parameter or saved buffer of that module, or "
                           "not a narrowing of it")
             if state is not None and (key not in state or list(state[key].shape) != list(shape)):
@@ -212,12 +211,12 @@ def _no_larger(value: Any, current: Any) -> bool:
     return len(v) == len(c) and all(isinstance(a, int) and isinstance(b, int) and 1 <= a <= b for a, b in zip(v, c))
 
 
-def _plain(value: Any) -> bool:
-    """An int, or a list of ints: all a prune plan may hold."""
+def is_size(value: Any) -> bool:
+    """An int, or a non-empty list / tuple of ints (never bools): a size, all a prune plan may hold."""
     if isinstance(value, bool):
         return False
-    return isinstance(value, int) or (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                       for v in value))
+    return isinstance(value, int) or (isinstance(value, (list, tuple)) and bool(value) and
+                                      all(isinstance(v, int) and not isinstance(v, bool) for v in value))
 
 
 def read_state_dict(path: Path, key: str | None, trust: bool, config: Path) -> dict[str, torch.Tensor]:

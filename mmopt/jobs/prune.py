@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from mmopt.capture import flatten_named, split as capture_split
-from mmopt.checkpoint import HEAD_STYLES, PLAN_KEY, SIZE_ATTRS, build_model
+from mmopt.checkpoint import HEAD_STYLES, PLAN_KEY, SIZE_ATTRS, build_model, is_size
 from mmopt.data import read
 from mmopt.errors import ConfigError, MmoptError, UsageError
 from mmopt.judge import latency
@@ -151,12 +151,16 @@ def _roots(tp: Any, module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]
     return [(n, m) for n, m in module.named_modules() if isinstance(m, ROOTS) and id(m) not in inside]
 
 
-def frozen_layers(tp: Any, bound: _Bound, args: tuple, skip: set[torch.nn.Module] = frozenset()
-                  ) -> list[torch.nn.Module]:
-    """Layers whose output channels reach the component's outputs: a dry run pruning one channel of each (on a
-    copy) that changes an output's shape. These keep their width, so the rest of the model reads the same."""
+def output_shapes(module: torch.nn.Module, args: tuple) -> list[tuple[int, ...]]:
+    """The shapes of ``module``'s outputs on ``args``: what the rest of the model reads, so what must not change."""
     with torch.no_grad():
-        shapes = [tuple(t.shape) for t in bound(*args)]
+        return [tuple(t.shape) for t in module(*args)]
+
+
+def frozen_layers(tp: Any, bound: _Bound, args: tuple, shapes: list[tuple[int, ...]],
+                  skip: set[torch.nn.Module] = frozenset()) -> list[torch.nn.Module]:
+    """Layers whose output channels reach the component's outputs (``shapes``): a dry run pruning one channel of
+    each (on a copy) that changes an output's shape. These keep their width, so the rest reads the same."""
     frozen = []
     for name, layer0 in _roots(tp, bound):
         if layer0 in skip:  # q / k / v projections: they lose whole heads, never a single channel
@@ -178,8 +182,7 @@ def frozen_layers(tp: Any, bound: _Bound, args: tuple, skip: set[torch.nn.Module
             continue
         group.prune()
         try:
-            with torch.no_grad():
-                after = [tuple(t.shape) for t in trial(*args)]
+            after = output_shapes(trial, args)
         except Exception:  # one channel fewer breaks the forward (heads no longer divide it, a check): keep it
             after = None
         if after != shapes:
@@ -227,7 +230,8 @@ def heads_to_drop(heads: int, keep: float) -> int:
 
 
 def prune_heads(tp: Any, bound: _Bound, args: tuple, blocks: list[tuple[torch.nn.Module, tuple]], keep: float,
-                frozen: list[torch.nn.Module]) -> tuple[list[list[Any]], list[torch.nn.Module]]:
+                frozen: list[torch.nn.Module], shapes: list[tuple[int, ...]]
+                ) -> tuple[list[list[Any]], list[torch.nn.Module]]:
     """Remove the same share of whole heads (``heads_to_drop``) from each attention block with per-head
     projections: the heads whose q / k / v rows (and, where the block holds it, output-projection columns)
     have the smallest L2 norm. The dependency graph carries each removal through q, k, v and the output
@@ -236,8 +240,6 @@ def prune_heads(tp: Any, bound: _Bound, args: tuple, blocks: list[tuple[torch.nn
     Returns the history and the blocks that kept their heads."""
     history, whole = [], []
     names = {id(m): n.removeprefix("module.") for n, m in bound.named_modules()}
-    with torch.no_grad():
-        shapes = [tuple(t.shape) for t in bound(*args)]
     for block, style in blocks:
         heads_attr, size_attr, projs, _ = style
         heads, size = getattr(block, heads_attr), getattr(block, size_attr)
@@ -284,8 +286,7 @@ def _heads_can_go(tp: Any, bound: _Bound, args: tuple, block: torch.nn.Module, s
     if {getattr(t_block, n).out_features for n in projs} != {want}:
         return False
     try:
-        with torch.no_grad():
-            return [tuple(t.shape) for t in trial(*args)] == shapes
+        return output_shapes(trial, args) == shapes
     except Exception:
         return False
 
@@ -299,21 +300,19 @@ def prune_component(tp: Any, bound: _Bound, args: tuple, keep: float, align: int
     blocks = attention_blocks(bound)
     heads_before = {id(m): getattr(m, st[0]) for m, st in blocks}
     qkv = [getattr(m, n) for m, style in blocks for n in style[2]]
-    frozen = frozen_layers(tp, bound, args, skip=set(qkv))
-    with torch.no_grad():
-        shapes = [tuple(t.shape) for t in bound(*args)]  # before anything goes: what the rest reads
-    head_history, whole = prune_heads(tp, bound, args, blocks, keep, frozen)
+    shapes = output_shapes(bound, args)  # before anything goes: what the rest reads
+    frozen = frozen_layers(tp, bound, args, shapes, skip=set(qkv))
+    head_history, whole = prune_heads(tp, bound, args, blocks, keep, frozen, shapes)
     heads = {m: m.num_heads for m in bound.modules() if isinstance(m, torch.nn.MultiheadAttention)}
     pruner = tp.pruner.MetaPruner(bound, args, importance=tp.importance.MagnitudeImportance(p=2),
                                   pruning_ratio=MAX_CHANNEL_SHARE, iterative_steps=STEPS_PER_TARGET,
                                   ignored_layers=[*frozen, *qkv], round_to=align, num_heads=heads)
-    with torch.no_grad():
-        now = [tuple(t.shape) for t in bound(*args)]
+    now = output_shapes(bound, args)
     if now != shapes:
         raise PruneError(f"removing attention heads changed the component's output shapes {shapes} -> {now}. Report "
                          "the model; prune another component meanwhile.")
-    macs, params, steps = macs0, params0, 0
-    macs, params = macs_and_params(tp, bound, args)
+    steps = 0
+    macs, params = macs_and_params(tp, bound, args)  # after the heads went
     ratios: list[float] = []
 
     def short() -> bool:
@@ -330,8 +329,7 @@ def prune_component(tp: Any, bound: _Bound, args: tuple, keep: float, align: int
         pruner.step()
         steps += 1
         macs, params = macs_and_params(tp, bound, args)
-        with torch.no_grad():
-            now = [tuple(t.shape) for t in bound(*args)]
+        now = output_shapes(bound, args)
         if now != shapes:  # the frozen layers must have kept every output as it was
             raise PruneError(f"pruning changed the component's output shapes {shapes} -> {now}; mmopt froze too "
                              "little. Report the model; prune another component meanwhile.")
@@ -358,7 +356,7 @@ def plan_of(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any
         if old is None or not name:
             continue
         changed = {k: v for k, v in vars(mod).items()
-                   if not k.startswith("_") and _size(v) and _size(getattr(old, k, None)) and v != getattr(old, k)}
+                   if not k.startswith("_") and is_size(v) and is_size(getattr(old, k, None)) and v != getattr(old, k)}
         unknown = [k for k in changed if k not in SIZE_ATTRS and not (k == "groups" and getattr(old, "groups", 0) ==
                                                                        getattr(old, "in_channels", -1))]
         if unknown:
@@ -373,13 +371,6 @@ def plan_of(original: torch.nn.Module, pruned: torch.nn.Module) -> dict[str, Any
         if attrs or tensors:
             modules[name] = {**({"attrs": attrs} if attrs else {}), **({"tensors": tensors} if tensors else {})}
     return {"format": 1, "modules": modules}
-
-
-def _size(v: Any) -> bool:
-    if isinstance(v, bool):
-        return False
-    return isinstance(v, int) or (isinstance(v, tuple) and bool(v) and all(isinstance(x, int) and
-                                                                            not isinstance(x, bool) for x in v))
 
 
 # ---- recovery ---------------------------------------------------------------------------------------

@@ -444,7 +444,7 @@ def test_heads_to_drop_rounds_the_share_without_float_error():
 def test_the_weakest_heads_go_and_the_others_compute_as_before():
     import torch_pruning as tp
 
-    from mmopt.jobs.prune import _Bound, attention_blocks, prune_heads
+    from mmopt.jobs.prune import _Bound, attention_blocks, output_shapes, prune_heads
 
     torch.manual_seed(0)
     block = _Attention()
@@ -461,7 +461,7 @@ def test_the_weakest_heads_go_and_the_others_compute_as_before():
         reference.v_proj.bias[8:12] = 0
         want = reference(x)
     bound = _Bound(block, {})
-    history, whole = prune_heads(tp, bound, (x,), attention_blocks(bound), 0.5, [])
+    history, whole = prune_heads(tp, bound, (x,), attention_blocks(bound), 0.5, [], output_shapes(bound, (x,)))
     assert whole == [] and history[0][2] == [0, 1, 2, 3, 8, 9, 10, 11]
     assert (block.num_heads, block.head_dim, block.q_proj.out_features, block.out_proj.in_features) == (2, 4, 8, 8)
     with torch.no_grad():
@@ -471,12 +471,13 @@ def test_the_weakest_heads_go_and_the_others_compute_as_before():
 def test_grouped_query_blocks_and_blocks_whose_maps_are_outputs_keep_their_heads():
     import torch_pruning as tp
 
-    from mmopt.jobs.prune import _Bound, attention_blocks, prune_heads
+    from mmopt.jobs.prune import _Bound, attention_blocks, output_shapes, prune_heads
 
     assert attention_blocks(_Bound(_Attention(kv_heads=2), {})) == []  # k / v narrower than q: not matched
     block = _Attention(maps=True)
     bound = _Bound(block, {})
-    history, whole = prune_heads(tp, bound, (torch.randn(2, 5, 16),), attention_blocks(bound), 0.5, [])
+    x = torch.randn(2, 5, 16)
+    history, whole = prune_heads(tp, bound, (x,), attention_blocks(bound), 0.5, [], output_shapes(bound, (x,)))
     assert history == [] and whole == [block] and block.num_heads == 4  # the maps' head axis is an output
 
 
