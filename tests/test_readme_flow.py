@@ -51,6 +51,9 @@ def test_the_readme_and_bench_doc_commands_run_as_written(tmp_path):
             # two runs of a sub-millisecond toy pipeline on a shared machine: the latency gate may rightly see a
             # shift here; that it runs, compares and says so is what this test checks (benchmarks/ measure speed)
             assert "vs baseline" in r.stderr
+            assert "next: the failures are listed above and in bench-report/report.md" in " ".join(r.stdout.split())
+            ran.append(words[0])
+            continue
         else:
             assert r.returncode == 0, (f"mmopt {' '.join(words)} exited {r.returncode}:\n{r.stdout[-2000:]}\n"
                                        f"{r.stderr[-3000:]}")
