@@ -18,9 +18,7 @@ LIMITS = {"float32": (-3.4028234663852886e38, 3.4028234663852886e38), "float16":
           "int32": (-2 ** 31, 2 ** 31 - 1), "bool": (0, 1)}
 NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
          "bfloat16": np.float32}
-# ONNX Runtime's type strings (session inputs and outputs) -> mmopt's names.
-ONNXRUNTIME = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+# ONNX Runtime's type strings -> these names: mmopt_runtime.ort.TYPES (the runtime opens graphs too).
 # TensorRT's DataType names -> numpy dtype names (an engine may also hold int8 / uint8 tensors).
 TENSORRT = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
             "INT32": "int32", "INT64": "int64", "BOOL": "bool"}

@@ -33,9 +33,10 @@ import secrets
 import shutil
 import tempfile
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from mmopt_runtime.paths import escape
 from mmopt.errors import BundleError, MmoptError, interrupted
 
 KIND = "mmopt-bundle"
@@ -70,20 +71,7 @@ def confine(bundle: str | Path, rel: Any, field: str) -> Path:
     where = f"{Path(bundle) / MANIFEST}: field '{field}'"
     if not isinstance(rel, str) or not rel:
         raise BundleError(f"{where}: must be a file name inside the bundle, got {rel!r}. Re-export the bundle.")
-    pure = PurePosixPath(rel)
-    problem = None
-    if "\x00" in rel or "\\" in rel:
-        problem = "holds a NUL or backslash"
-    elif pure.is_absolute():
-        problem = "is an absolute path"
-    elif ".." in pure.parts:
-        problem = "climbs out with '..'"
-    elif str(pure) != rel:  # also "./a", which PurePosixPath writes "a"
-        problem = f"is not normalised (write {str(pure)!r})"
-    if problem is None:
-        full = (root / rel).resolve()
-        if full == root or root not in full.parents:
-            problem = f"resolves to {full}, outside the bundle (through a symlink)"
+    full, problem = escape(root, rel, "bundle")
     if problem:
         raise BundleError(f"{where}: {rel!r} {problem}. A bundle may only name files inside itself; this "
                           "manifest was edited or is not from mmopt. Re-export the bundle.")

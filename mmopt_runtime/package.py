@@ -10,8 +10,9 @@ Needs numpy and onnxruntime only (no torch, no onnx, no mmopt build code). ``Pac
 3. runs the golden self-test: the package's own pipeline on the recorded inputs must match the recorded
    eager outputs within the policy's tolerance (``mmopt_runtime.compare``, the gate mmopt itself uses).
 
-Only then does ``infer`` serve. TensorRT engine sets are not in this format yet: every package runs its
-ONNX graphs on ONNX Runtime.
+Only then does ``infer`` serve. Where the package holds a merged graph (``merged``: the components joined
+into one by the wiring), that one graph runs in one session: the split pipeline's per-call overhead is paid
+once. TensorRT engine sets are not in this format yet: every package runs its ONNX graphs on ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ import math
 import os
 import re
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mmopt_runtime.compare import failures, measure
+from mmopt_runtime.paths import escape
+from mmopt_runtime.ort import fast_run, io_problems, session
 from mmopt_runtime.pipeline import Pipeline
 
 KIND = "mmopt-package"
@@ -35,9 +38,6 @@ FORMAT = 1
 MANIFEST = "package.json"
 DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
           "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
-ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
-             "tensor(bool)": "bool"}
 
 
 class PackageError(Exception):
@@ -55,15 +55,12 @@ def sha256_file(path: Path) -> str:
 def confined(root: Path, rel: Any, field: str) -> Path:
     """``root / rel`` when ``rel`` is a plain relative path that stays inside ``root`` (symlinks resolved)."""
     where = f"{root / MANIFEST}: field '{field}'"
-    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+    if not isinstance(rel, str) or not rel:
         raise PackageError(f"{where}: {rel!r} is not a file name inside the package. Rebuild it with `mmopt package`.")
-    pure = PurePosixPath(rel)
-    if pure.is_absolute() or ".." in pure.parts or str(pure) != rel:
-        raise PackageError(f"{where}: {rel!r} is not a plain path inside the package (absolute, '..' or not "
-                           "normalised). The manifest was edited or is not from mmopt: rebuild the package.")
-    full = (root / rel).resolve()
-    if root.resolve() not in full.parents:
-        raise PackageError(f"{where}: {rel!r} resolves to {full}, outside the package (through a symlink).")
+    full, problem = escape(root, rel, "package")
+    if problem:
+        raise PackageError(f"{where}: {rel!r} {problem}. The manifest was edited or is not from mmopt: rebuild the "
+                           "package.")
     return full
 
 
@@ -72,44 +69,27 @@ class _Graph:
     session is made from the very bytes whose sha256 was checked, never from the path: a file swapped after
     the check is never loaded, and a graph naming external data files (which no hash covers) fails to load."""
 
-    def __init__(self, name: str, path: Path, data: bytes, spec: dict[str, Any], threads: int | None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    def __init__(self, name: str | None, path: Path, data: bytes, spec: dict[str, Any], threads: int | None):
+        self.what = "the merged graph" if name is None else f"component '{name}'"  # None: the merged graph
         try:
-            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            self.session = session(data, threads=threads, config={"session.intra_op.allow_spinning": "0"})
         except Exception as e:
-            raise PackageError(f"{path}: ONNX Runtime cannot load the graph of component '{name}' ({e}). A graph "
+            raise PackageError(f"{path}: ONNX Runtime cannot load {self.what} ({e}). A graph "
                                "whose weights sit in external data files cannot be packaged.") from None
         self.name = name
-        self.inputs = {t["name"]: t for t in spec["inputs"]}
         self.outputs = [t["name"] for t in spec["outputs"]]
-        have_in = {i.name: i for i in self.session.get_inputs()}
-        have_out = {o.name: o for o in self.session.get_outputs()}
-        problems = [f"input '{n}' missing" for n in self.inputs if n not in have_in]
-        problems += [f"unexpected input '{n}'" for n in have_in if n not in self.inputs]
-        problems += [f"output '{n}' missing" for n in self.outputs if n not in have_out]
-        for kind, want, have in (("input", self.inputs, have_in),
-                                 ("output", {t["name"]: t for t in spec["outputs"]}, have_out)):
-            for n, t in want.items():
-                if n not in have:
-                    continue
-                if ORT_TYPES.get(have[n].type) != t["dtype"]:
-                    problems.append(f"{kind} '{n}' is {have[n].type}, the manifest says {t['dtype']}")
-                if have[n].shape is not None and len(have[n].shape) != len(t["shape"]):
-                    problems.append(f"{kind} '{n}' has rank {len(have[n].shape)}, the manifest says {len(t['shape'])}")
+        problems = io_problems(self.session, {t["name"]: (t["dtype"], len(t["shape"])) for t in spec["inputs"]},
+                               {t["name"]: (t["dtype"], len(t["shape"])) for t in spec["outputs"]})
         if problems:
-            raise PackageError(f"{path}: is not the graph of component '{name}': {'; '.join(problems)}. Rebuild the "
+            raise PackageError(f"{path}: is not {self.what}: {'; '.join(problems)}. Rebuild the "
                                "package with `mmopt package`.")
+        self._run = fast_run(self.session)  # Package.check_inputs has checked the model's feeds
 
     def infer(self, feeds: dict[str, np.ndarray], check: bool = False) -> dict[str, np.ndarray]:
         try:
-            return dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
+            return dict(zip(self.outputs, self._run(self.outputs, feeds, None)))
         except Exception as e:  # onnxruntime's Fail / InvalidArgument: an input the graph cannot take
-            raise PackageError(f"component '{self.name}': ONNX Runtime failed on these inputs ({e}).") from None
+            raise PackageError(f"{self.what}: ONNX Runtime failed on these inputs ({e}).") from None
 
 
 class Package:
@@ -119,20 +99,36 @@ class Package:
         self.root, self.manifest, self.pipeline, self.load_ms = root, manifest, pipeline, load_ms
         self.inputs = {t["name"]: t for t in manifest["model"]["inputs"]}
         self.selftest_result: dict[str, Any] | None = None
+        self.graph = "split"  # or "merged": what ``infer`` runs
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, threads: int | None = 1, selftest: bool = True) -> "Package":
+    def load(cls, folder: str | os.PathLike, threads: int | None = 1, selftest: bool = True,
+             merged: bool = True) -> "Package":
+        """Verify, load and (by default) self-test the package at ``folder``. Where it holds a merged graph
+        (the components joined into one, checked against the split pipeline when packaged), that one graph
+        runs, in one ONNX Runtime session; ``merged=False`` runs the split graphs instead."""
         t0 = time.perf_counter()
         root = Path(folder)
         manifest = read_manifest(root)
         check_structure(root, manifest)
         data = verify_files(root, manifest)
-        graphs = {c: _Graph(c, confined(root, spec["file"], f"components.{c}.file"), data[spec["file"]], spec, threads)
-                  for c, spec in manifest["components"].items()}
-        steps = [(key, graphs[c].infer, tuple(sources.items()),
-                  {o["name"]: f"{key}:{o['name']}" for o in spec["outputs"]})
-                 for c, spec in manifest["components"].items() for key, sources in spec["calls"]]
-        pkg = cls(root, manifest, Pipeline(steps, manifest["model"]["output_sources"]), 0.0)
+        one = manifest.get("merged") if merged else None
+        if one is not None:
+            model = manifest["model"]
+            graph = _Graph(None, confined(root, one["file"], "merged.file"), data[one["file"]], model, threads)
+            steps = [("merged", graph.infer, tuple((t["name"], f"input:{t['name']}") for t in model["inputs"]),
+                      {t["name"]: f"merged:{t['name']}" for t in model["outputs"]})]
+            outputs = {t["name"]: f"merged:{t['name']}" for t in model["outputs"]}
+        else:
+            graphs = {c: _Graph(c, confined(root, spec["file"], f"components.{c}.file"), data[spec["file"]], spec,
+                                threads)
+                      for c, spec in manifest["components"].items()}
+            steps = [(key, graphs[c].infer, tuple(sources.items()),
+                      {o["name"]: f"{key}:{o['name']}" for o in spec["outputs"]})
+                     for c, spec in manifest["components"].items() for key, sources in spec["calls"]]
+            outputs = manifest["model"]["output_sources"]
+        pkg = cls(root, manifest, Pipeline(steps, outputs), 0.0)
+        pkg.graph = "merged" if one is not None else "split"
         pkg._golden = data[manifest["golden"]["file"]]
         if selftest:
             pkg.selftest()
@@ -209,7 +205,7 @@ class Package:
             raise PackageError(f"{self.root}: the golden self-test fails, so this package does not compute what was "
                                f"verified on this device:\n" + "\n".join(bad) + "\nDo not serve it: check the "
                                "onnxruntime version and the hardware, or rebuild the package.")
-        self.selftest_result = {"passed": True, "samples": golden["samples"], "outputs": rows}
+        self.selftest_result = {"passed": True, "graph": self.graph, "samples": golden["samples"], "outputs": rows}
         return self.selftest_result
 
     def bench(self, rounds: int = 50) -> dict[str, Any]:
@@ -239,7 +235,7 @@ class Package:
                 times.append((time.perf_counter_ns() - t0) / 1e6)
             out[size] = {"shapes": {n: t["shapes"][size] for n, t in self.inputs.items()},
                          "p50_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
-        return {"backend": "onnxruntime-cpu", "rounds": rounds, "latency": out}
+        return {"backend": "onnxruntime-cpu", "graph": self.graph, "rounds": rounds, "latency": out}
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -329,6 +325,9 @@ def check_structure(root: Path, manifest: dict[str, Any]) -> None:
             str(v).partition(":")[0] in made and str(v).partition(":")[2] in made[str(v).partition(":")[0]]
             for v in sources.values()):
         raise bad("model.output_sources", "does not map every model output to an output of a call")
+    one = manifest.get("merged")
+    if one is not None and not (isinstance(one, dict) and isinstance(one.get("file"), str)):
+        raise bad("merged", "is not {file} (or null: no merged graph)")
     golden = manifest["golden"]
     if not isinstance(golden.get("file"), str) or not isinstance(golden.get("samples"), int) or \
             not isinstance(golden.get("scores", []), list):
@@ -346,7 +345,8 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
     """Every listed file inside the package with its recorded sha256; every file the package uses listed.
     Returns the bytes that were hashed: they are what gets loaded."""
     files = manifest["files"]
-    used = [spec["file"] for spec in manifest["components"].values()] + [manifest["golden"]["file"]]
+    used = [spec["file"] for spec in manifest["components"].values()] + [manifest["golden"]["file"]] + \
+        ([manifest["merged"]["file"]] if manifest.get("merged") else [])
     unlisted = [f for f in used if f not in files]
     if unlisted:
         raise PackageError(f"{root / MANIFEST}: uses {unlisted} without a sha256 in 'files'. Rebuild the package.")

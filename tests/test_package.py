@@ -63,8 +63,10 @@ def pkg(bundle, tmp_path):
 def test_the_package_holds_the_policy_its_hashes_and_golden_samples(pkg, bundle):
     doc = json.loads((pkg.folder / "package.json").read_text())
     assert doc["policy"] == {"image": "fp32", "text": "int8-dynamic", "fusion": "fp32"}
-    assert sorted(p.name for p in pkg.folder.iterdir()) == ["fusion.onnx", "golden.npz", "image.onnx",
+    assert sorted(p.name for p in pkg.folder.iterdir()) == ["fusion.onnx", "golden.npz", "image.onnx", "merged.onnx",
                                                             "package.json", "text.int8-dynamic.onnx"]
+    assert doc["merged"] == {"file": "merged.onnx"} and pkg.merged["file"] == "merged.onnx"
+    assert pkg.merged["vs_split"] < 1e-5 and pkg.selftest["graph"] == "merged"
     assert doc["files"] == {n: sha256_file(pkg.folder / n) for n in doc["files"]}
     assert doc["golden"]["samples"] == 4 and doc["golden"]["source"] == "evaluation: toydata:evaluation_batches"
     assert doc["golden"]["tolerance"]["min_cosine"] == 0.98  # the policy's gate: its int8 component's
@@ -78,7 +80,7 @@ def test_the_package_holds_the_policy_its_hashes_and_golden_samples(pkg, bundle)
 def test_the_runtime_needs_no_torch_and_computes_what_mmopts_pipeline_does(pkg, tmp_path):
     r = run("selftest", pkg.folder)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["passed"] is True
+    assert json.loads(r.stdout)["passed"] is True and json.loads(r.stdout)["graph"] == "merged"
     with np.load(pkg.folder / "golden.npz") as g:
         feeds = {k[len("input/"):]: g[k] for k in g.files if k.startswith("input/")}
     np.savez(tmp_path / "in.npz", **feeds)
@@ -95,9 +97,11 @@ def test_the_runtime_needs_no_torch_and_computes_what_mmopts_pipeline_does(pkg, 
     runners = {c: OnnxRuntimeRunner(pkg.folder / pkg.manifest["components"][c]["file"], s.inputs, s.outputs,
                                     threads=1).__enter__() for c, s in m.components.items()}
     want = Pipeline(m.components, m.model["output_sources"], runners).infer(feeds)
-    assert served.keys() == want.keys()
-    for k in want:
-        np.testing.assert_array_equal(served[k], want[k])
+    split = Package.load(pkg.folder, merged=False)
+    assert served.keys() == want.keys() and split.graph == "split"
+    for k in want:  # the split graphs bit for bit; the merged graph (one session) to float rounding
+        np.testing.assert_array_equal(split.infer(feeds)[k], want[k])
+        np.testing.assert_allclose(served[k], want[k], rtol=1e-5, atol=1e-6)
     r = run("bench", pkg.folder, "--rounds", "3")
     assert r.returncode == 0 and set(json.loads(r.stdout)["latency"]) == {"min", "opt", "max"}
 
@@ -112,13 +116,54 @@ def test_a_tampered_file_is_refused_by_name(pkg):
         Package.load(pkg.folder)
 
 
+def test_the_merged_graph_is_hashed_like_every_file_and_optional(pkg):
+    merged = pkg.folder / "merged.onnx"
+    data = merged.read_bytes()
+    merged.write_bytes(data[:-1] + b"\0")
+    with pytest.raises(PackageError, match=r"merged.onnx: sha256 differs from the package manifest"):
+        Package.load(pkg.folder)
+    merged.write_bytes(data)
+    doc = json.loads((pkg.folder / "package.json").read_text())
+    (pkg.folder / "package.json").write_text(json.dumps({**doc, "merged": None}))  # a package without one
+    assert Package.load(pkg.folder).graph == "split"
+    (pkg.folder / "package.json").write_text(json.dumps({**doc, "merged": {"file": 3}}))
+    with pytest.raises(PackageError, match=r"field 'merged' is not \{file\}"):
+        Package.load(pkg.folder)
+
+
+def test_graphs_that_cannot_be_merged_say_why():
+    import onnx
+    from onnx import helper
+
+    from mmopt.stages.merge import MergeError, merge
+
+    def graph(opset):
+        x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 2])
+        y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 2])
+        return helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                                 opset_imports=[helper.make_opsetid("", opset)])
+
+    t = {"dtype": "float32", "shape": ["b", 2], "shapes": {k: [1, 2] for k in ("min", "opt", "max")}}
+    comps = {"a": {"calls": [["a", {"x": "input:x"}]]}, "b": {"calls": [["b", {"x": "a:y"}]]}}
+    model = {"inputs": [{**t, "name": "x"}], "outputs": [{**t, "name": "out"}], "output_sources": {"out": "b:y"}}
+    with pytest.raises(MergeError, match=r"component 'b' imports opset 18 of domain 'ai.onnx', another component 17"):
+        merge(comps, model, {"a": graph(17), "b": graph(18)})
+    joined = merge(comps, model, {"a": graph(17), "b": graph(17)})
+    import onnxruntime as ort
+
+    x = np.array([[-1.0, 2.0]], np.float32)
+    out = ort.InferenceSession(joined.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(out[0], np.maximum(x, 0))
+
+
 @pytest.mark.parametrize("path", ["../outside.onnx", "/etc/passwd", "a/../../b", "sub\\x.onnx"])
 def test_a_path_outside_the_package_is_refused(pkg, path):
     doc = json.loads((pkg.folder / "package.json").read_text())
     doc["components"]["image"]["file"] = path
     doc["files"][path] = "0" * 64
     (pkg.folder / "package.json").write_text(json.dumps(doc))
-    with pytest.raises(PackageError, match=r"not a (plain path|file name) inside the package"):
+    with pytest.raises(PackageError, match=r"field '.*': .* (is an absolute path|climbs out with '\.\.'|holds a NUL "
+                                           r"or backslash)\. The manifest was edited"):
         Package.load(pkg.folder)
 
 
@@ -219,8 +264,8 @@ def test_a_graph_with_external_data_no_hash_covers_is_refused(pkg):
     onnx.save(proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True, location="image.data",
               size_threshold=0)
     edit(pkg, lambda d: d["files"].__setitem__("image.onnx", sha256_file(graph)))
-    with pytest.raises(PackageError, match="cannot load the graph of component 'image'"):
-        Package.load(pkg.folder)
+    with pytest.raises(PackageError, match="cannot load component 'image'"):
+        Package.load(pkg.folder, merged=False)
 
 
 def test_inputs_are_never_converted_lossily(pkg):
@@ -229,7 +274,7 @@ def test_inputs_are_never_converted_lossily(pkg):
         feeds = {k[len("input/"):]: g[k] for k in g.files if k.startswith("input/")}
     with pytest.raises(PackageError, match=r"input 'pixel_values': dtype float64, the package takes float32"):
         p.infer({**feeds, "pixel_values": feeds["pixel_values"].astype(np.float64)})
-    with pytest.raises(PackageError, match=r"component 'text': ONNX Runtime failed on these inputs .*indices"):
+    with pytest.raises(PackageError, match=r"the merged graph: ONNX Runtime failed on these inputs .*'text/.*indices"):
         p.infer({**feeds, "input_ids": feeds["input_ids"] + 100})  # past the embedding table: the graph says so
     assert p.infer({**feeds, "input_ids": feeds["input_ids"].astype(np.int32)})["output"].shape == (4, 5)
     mask = feeds["attention_mask"]

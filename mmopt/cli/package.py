@@ -27,7 +27,8 @@ def package(
 ) -> None:
     r"""Write one policy of a bundle as a deployment package, self-tested by the device runtime.
 
-    The package holds one ONNX graph per component at the chosen precision, golden samples (a few real
+    The package holds one ONNX graph per component at the chosen precision, the same graphs merged into one
+    (checked against the split pipeline; the runtime prefers it: one session call), golden samples (a few real
     \[evaluation] or \[calibration] samples with the eager model's outputs and the policy's tolerance), and
     package.json: wiring, IO, dynamic axes with min / opt / max, every file's sha256, the verified parity and
     lineage back to the bundle. On the device, the runtime (`pip install ./runtime`: numpy and onnxruntime,
@@ -47,6 +48,12 @@ def package(
     console.print(f"self-test by the runtime: {g['samples']} golden samples from {escape(g['source'])} pass the "
                   f"policy's gate (min cosine {min(o['cos_min'] for o in r.selftest['outputs'].values()):.6f})",
                   highlight=False)
+    if "file" in r.merged:
+        console.print(f"merged graph: {escape(r.merged['file'])} runs the whole policy in one ONNX Runtime session "
+                      f"(against the split pipeline: max abs difference {r.merged['vs_split']:.3g})", highlight=False)
+    else:
+        console.print(f"no merged graph ({escape(r.merged['reason'])}): the runtime runs the split graphs",
+                      highlight=False)
     console.print(f"[green]package written:[/] {escape(str(r.folder))} and {escape(r.archive.name)} "
                   f"({len(r.manifest['files'])} files, {r.seconds:.1f} s)", highlight=False)
     console.print(f"next: on the device, pip install ./runtime (numpy + onnxruntime, no torch), then mmopt-run "

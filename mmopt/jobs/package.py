@@ -3,7 +3,8 @@
 
 The package is a folder, plus a ``.tar.gz`` of it:
 - one ONNX graph per component at the chosen precision (ONNX Runtime runs them; TensorRT engine sets are
-  not packaged yet);
+  not packaged yet), and, where there is more than one call, ``merged.onnx``: the same graphs joined by the
+  wiring into one (``mmopt.stages.merge``), checked against the split pipeline, which the runtime prefers;
 - ``golden.npz``: a few real samples (from [evaluation], else [calibration], else the opt-size capture's
   random inputs) with the eager model's outputs for them, and ``package.json``'s ``golden.tolerance``, the
   policy's pipeline gate;
@@ -45,6 +46,7 @@ class PackageResult:
     manifest: dict[str, Any]
     selftest: dict[str, Any]
     seconds: float
+    merged: dict[str, Any]  # {"file", "vs_split": max abs difference} or {"reason": why there is none}
 
 
 def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, config: str | Path | None = None,
@@ -116,9 +118,15 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
                    "lineage": {"bundle": str(bundle.resolve()), "bundle_fingerprint": manifest.fingerprint(),
                                "artifacts": {c: {"id": a.id, "sha256": a.sha256} for c, a in artifacts.items()},
                                "factory": spec.factory, "mmopt": __version__}}
+            merged = add_merged(stage, doc)
             (stage / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
             try:
-                selftest = Package.load(stage).selftest_result
+                split_pkg = Package.load(stage, merged=False)
+                selftest = split_pkg.selftest_result
+                if doc["merged"] is not None:
+                    merged = check_merged(stage, doc, split_pkg, golden_in)
+                    if doc["merged"] is not None:
+                        selftest = Package.load(stage).selftest_result
             except PackageError as e:
                 raise BundleError(f"the package failed its own self-test before it was written: {e}") from None
             advance(1)
@@ -132,7 +140,51 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
         shutil.rmtree(stage, ignore_errors=True)
         Path(archive.with_name(f".{archive.name}.{os.getpid()}.partial")).unlink(missing_ok=True)
         raise
-    return PackageResult(out, archive, doc, selftest, time.perf_counter() - t0)
+    return PackageResult(out, archive, doc, selftest, time.perf_counter() - t0, merged)
+
+
+def add_merged(stage: Path, doc: dict[str, Any]) -> dict[str, Any]:
+    """The components joined into one graph (``mmopt.stages.merge``), written into ``stage`` and named in
+    ``doc["merged"]``; or ``doc["merged"] = None`` and why."""
+    import onnx
+
+    from mmopt.stages.merge import MergeError, merge
+
+    doc["merged"] = None
+    calls = sum(len(spec["calls"]) for spec in doc["components"].values())
+    if calls < 2:
+        return {"reason": "one component call: its graph already is the whole model"}
+    name = next(n for n in ("merged.onnx", *(f"merged.{i}.onnx" for i in range(2, 99))) if n not in doc["files"])
+    try:
+        proto = merge(doc["components"], doc["model"],
+                      {c: onnx.load(str(stage / spec["file"])) for c, spec in doc["components"].items()})
+        onnx.save(proto, str(stage / name))
+    except (MergeError, ValueError) as e:
+        return {"reason": str(e)}
+    doc["files"][name] = sha256_file(stage / name)
+    doc["merged"] = {"file": name}
+    return {"file": name}
+
+
+def check_merged(stage: Path, doc: dict[str, Any], split: Package, golden: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The merged graph against the split pipeline on the golden inputs, with the policy's gate. On a
+    mismatch the merged graph is dropped (the split graphs serve) and the reason returned."""
+    from mmopt_runtime.compare import failures, measure
+
+    whole = Package.load(stage, selftest=False)
+    want, got = split.infer(golden), whole.infer(golden)
+    scores = set(doc["golden"]["scores"])
+    why = [f"{n}: {'; '.join(w)}" for n in want
+           for w in [failures(measure(n, want[n], got[n], n in scores), doc["golden"]["tolerance"])] if w]
+    if why:
+        (stage / doc["merged"]["file"]).unlink()
+        del doc["files"][doc["merged"]["file"]]
+        doc["merged"] = None
+        (stage / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
+        return {"reason": f"the merged graph differs from the split pipeline ({'; '.join(why)})"}
+    return {"file": doc["merged"]["file"],
+            "vs_split": max(float(np.max(np.abs(want[n].astype(np.float64) - got[n].astype(np.float64))))
+                            if want[n].size else 0.0 for n in want)}
 
 
 def _single_file(path: Path, comp: str) -> None:

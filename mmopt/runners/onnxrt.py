@@ -5,12 +5,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mmopt import dtypes
 from mmopt.errors import BackendUnavailable, BundleError, describe
 from mmopt.runners.base import Runner
 from mmopt.spec import TensorSpec
 
-from mmopt.ort import PROVIDERS, available_devices, session
+from mmopt.ort import PROVIDERS, available_devices, fast_run, io_problems, session
 
 
 class OnnxRuntimeRunner(Runner):
@@ -37,41 +36,13 @@ class OnnxRuntimeRunner(Runner):
         except Exception as e:  # not ONNX, truncated, or an op this onnxruntime lacks
             raise BundleError(f"{self.path}: ONNX Runtime cannot load this graph of component '{self.name}' "
                               f"({describe(e)}). Re-export the bundle.") from None
-        self._check_io()
-        self._out_names = [o.name for o in self.session.get_outputs()]
-        # InferenceSession.run re-validates input names in Python on every call; the base class has
-        # already checked the feeds (or the pipeline feeds captured wiring), so call the binding
-        # directly when this onnxruntime exposes it: ~10% of a batch-1 pipeline on small models.
-        inner = getattr(self.session, "_sess", None)
-        self._run = inner.run if hasattr(inner, "run") else \
-            (lambda names, feeds, options: self.session.run(names, feeds, options))
-
-    def _check_io(self) -> None:
-        """The graph must be the component's: same input names, and every output, with the spec's dtypes
-        and ranks. A swapped or foreign file fails here, naming what differs, not deep in a later run."""
-        problems = []
-        graph_in = {i.name: i for i in self.session.get_inputs()}
-        graph_out = {o.name: o for o in self.session.get_outputs()}
-        for kind, want, have, exact in (("input", self.inputs, graph_in, True),
-                                        ("output", self.output_specs, graph_out, False)):
-            missing = [n for n in want if n not in have]
-            extra = [n for n in have if n not in want] if exact else []
-            if missing:
-                problems.append(f"{kind}s {', '.join(missing)} missing (graph has {', '.join(have) or 'none'})")
-            if extra:
-                problems.append(f"unexpected {kind}s {', '.join(extra)}")
-            for name, spec in want.items():
-                if name not in have:
-                    continue
-                dtype = dtypes.ONNXRUNTIME.get(have[name].type, have[name].type)
-                if dtype != spec.dtype:
-                    problems.append(f"{kind} '{name}' is {dtype}, the component's is {spec.dtype}")
-                shape = have[name].shape
-                if shape is not None and len(shape) != len(spec.shape):
-                    problems.append(f"{kind} '{name}' has rank {len(shape)}, the component's has {len(spec.shape)}")
+        problems = io_problems(self.session, {n: (t.dtype, len(t.shape)) for n, t in self.inputs.items()},
+                               {n: (t.dtype, len(t.shape)) for n, t in self.output_specs.items()})
         if problems:
             raise BundleError(f"{self.path}: is not the graph of component '{self.name}': " + "; ".join(problems)
                               + ". The file was replaced or the manifest edited: re-export the bundle.")
+        self._out_names = [o.name for o in self.session.get_outputs()]
+        self._run = fast_run(self.session)
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._out_names, self._run(self._out_names, feeds, None)))
