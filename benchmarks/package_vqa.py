@@ -68,6 +68,7 @@ def main() -> None:
     from mmopt.provenance import machine, tool_versions
     from mmopt.reference import load
     from mmopt.manifest import Manifest
+    from mmopt.precision.convert import policy_label
     from mmopt_runtime import Package
     from peers import session, whole_model_onnx
 
@@ -80,7 +81,7 @@ def main() -> None:
                              sensitivity=False)
         policies = {"fp32": {}, "image int8-cpu": {"image": "int8-cpu"}, f"mixed {mixed.label}": dict(mixed.policy)}
         manifest = Manifest.read_verified(bundle)
-        accuracy = manifest.results.get("accuracy") or {}
+        scores = (manifest.results.get("accuracy") or {}).get("scores") or {}
         ref = load(bundle, manifest)
         whole = session(whole_model_onnx(ref.model, ref.split, tmp / "whole.onnx"), 1)
         whole_out = [o.name for o in whole.get_outputs()]
@@ -88,12 +89,11 @@ def main() -> None:
         for label, policy in policies.items():
             r = api.package(bundle, policy, tmp / f"pkg-{len(info)}")
             info[label] = {"policy": r.manifest["policy"], "merged": r.merged,
-                           "accuracy": accuracy.get(mixed.label if label.startswith("mixed") else
-                                                    "fp32" if label == "fp32" else "image=int8-cpu")}
+                           "accuracy": scores.get(policy_label(r.manifest["policy"]))}
             pkgs[f"{label} merged"] = Package.load(r.folder)
             pkgs[f"{label} split"] = Package.load(r.folder, merged=False)
             info[label]["runtime_process"] = process_seconds(r.folder)
-        results["accuracy_keys"] = sorted(accuracy) if isinstance(accuracy, dict) else None
+        results["accuracy_scored"] = sorted(scores)
         results["policies"] = info
         results["batches"] = {}
         for batch in BATCHES:

@@ -35,13 +35,14 @@ def prune(config: str | Path, targets: dict[str, float], out: str | Path, align:
 
 
 def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, config: str | Path | None = None,
-            trust_checkpoint: bool = False, progress: Progress | None = None) -> Any:
+            trust_checkpoint: bool = False, progress: Progress | None = None,
+            sign_key: str | Path | None = None) -> Any:
     """One policy of ``bundle`` (component -> precision; fp32 where missing) as a deployment package for the
     torch-free runtime (``mmopt-run``): graphs, golden samples, hashes, lineage; self-tested before it is
-    written. See mmopt.jobs.package."""
+    written; signed with ``sign_key`` (a PEM elliptic-curve private key) where given. See mmopt.jobs.package."""
     from mmopt.jobs.package import package as package_job
 
-    return package_job(bundle, policy, out, config, trust_checkpoint, progress)
+    return package_job(bundle, policy, out, config, trust_checkpoint, progress, sign_key)
 
 
 def quantize(bundle: str | Path, config: str | Path | None = None, progress: Progress | None = None,

@@ -13,19 +13,23 @@ from mmopt_runtime.package import Package, PackageError
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mmopt-run", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("package", type=Path)
+    common.add_argument("--public-key", type=Path, default=None,
+                        help="PEM public key of the signer: the package must carry a valid signature made with its "
+                             "private key (`mmopt package --sign-key`). A signed package needs it.")
     sub = ap.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("selftest", help="verify hashes and run the golden self-test (refuses on any mismatch)")
-    s.add_argument("package", type=Path)
-    i = sub.add_parser("infer", help="run the pipeline on inputs from an .npz file, write the outputs to another")
-    i.add_argument("package", type=Path)
+    sub.add_parser("selftest", parents=[common],
+                   help="verify signature, hashes and the golden self-test (refuses on any mismatch)")
+    i = sub.add_parser("infer", parents=[common],
+                       help="run the pipeline on inputs from an .npz file, write the outputs to another")
     i.add_argument("--inputs", type=Path, required=True, help=".npz with one array per model input")
     i.add_argument("--out", type=Path, required=True, help=".npz to write, one array per model output")
-    b = sub.add_parser("bench", help="pipeline latency at the exported min / opt / max sizes, as JSON")
-    b.add_argument("package", type=Path)
+    b = sub.add_parser("bench", parents=[common], help="pipeline latency at the exported min / opt / max sizes, as JSON")
     b.add_argument("--rounds", type=int, default=50)
     args = ap.parse_args(argv)
     try:
-        pkg = Package.load(args.package)
+        pkg = Package.load(args.package, public_key=args.public_key)
         if args.command == "selftest":
             print(json.dumps({"package": str(args.package), "load_ms": round(pkg.load_ms, 1), **pkg.selftest_result},
                              indent=1))

@@ -218,7 +218,7 @@ def test_the_runtime_checks_inputs_against_the_package(pkg):
 
 
 def edit(pkg, change):
-    """Apply ``change`` to package.json (the manifest is not signed: these are edits a hash cannot catch)."""
+    """Apply ``change`` to package.json (in an unsigned package no hash covers the manifest: edits it cannot catch)."""
     doc = json.loads((pkg.folder / "package.json").read_text())
     change(doc)
     (pkg.folder / "package.json").write_text(json.dumps(doc))
@@ -294,3 +294,51 @@ def test_a_run_killed_between_the_renames_is_repaired_by_the_next(bundle, tmp_pa
     recover(tmp_path / "p")
     assert (tmp_path / "p" / "package.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "p.tar.gz"]
+
+
+# ---- signatures (OpenSSF model-signing, key mode) ---------------------------------------------
+
+def _keypair(folder, name):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    (folder / f"{name}.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    (folder / f"{name}.pub.pem").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return folder / f"{name}.pem", folder / f"{name}.pub.pem"
+
+
+def test_a_signed_package_serves_only_with_its_public_key(bundle, tmp_path):
+    pytest.importorskip("model_signing", reason="the sign extra (model-signing) is not installed")
+    key, pub = _keypair(tmp_path, "signer")
+    _, other = _keypair(tmp_path, "other")
+    r = api.package(bundle, {"text": "int8-dynamic"}, tmp_path / "signed", sign_key=key)
+    assert (r.folder / "package.sig").is_file()
+    with tarfile.open(r.archive) as tar:
+        assert "signed/package.sig" in tar.getnames()
+    ok = run("selftest", r.folder, "--public-key", pub)  # torch, onnx and mmopt unimportable
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["signed"] is True
+    with pytest.raises(PackageError, match=r"package.sig: the package is signed, but no public key was given"):
+        Package.load(r.folder)
+    with pytest.raises(PackageError, match=r"does not verify with .*other.pub.pem \(Key mismatch"):
+        Package.load(r.folder, public_key=other)
+    # a manifest edited and every hash redone, as whoever can write package.json could: the signature catches it
+    edit(r, lambda d: d["golden"]["tolerance"].__setitem__("min_cosine", -1.0))
+    with pytest.raises(PackageError, match=r"does not verify .*Hash mismatch for 'package.json'"):
+        Package.load(r.folder, public_key=pub)
+
+
+def test_signing_refusals_come_before_any_work(pkg, bundle, tmp_path):
+    pytest.importorskip("model_signing", reason="the sign extra (model-signing) is not installed")
+    _, pub = _keypair(tmp_path, "signer")
+    with pytest.raises(PackageError, match=r"unsigned \(no package.sig\), but a public key was given"):
+        Package.load(pkg.folder, public_key=pub)
+    with pytest.raises(UsageError, match=r"--sign-key .*missing.pem: no such file"):
+        api.package(bundle, {}, tmp_path / "never", sign_key=tmp_path / "missing.pem")
+    (tmp_path / "bad.pem").write_text("not a key")
+    with pytest.raises(UsageError, match=r"--sign-key .*bad.pem: cannot sign with it"):
+        api.package(bundle, {}, tmp_path / "never", sign_key=tmp_path / "bad.pem")
+    assert not (tmp_path / "never").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

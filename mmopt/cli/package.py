@@ -21,6 +21,10 @@ def package(
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="mmopt.toml to read the golden samples' data from. Default: the "
                                                "config the bundle was exported from."),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", metavar="PRIVATE.pem",
+                                            help="Sign the package with this PEM elliptic-curve private key "
+                                                 "(OpenSSF model-signing; pip install 'mmopt[sign]'). Devices "
+                                                 "then check it with `mmopt-run --public-key`."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="Allow a .pt checkpoint that needs pickled code (only for files "
                                                "you trust)."),
@@ -37,13 +41,18 @@ def package(
         mmopt package build/ -p image=int8-cpu -o vqa-pkg/
         mmopt-run selftest vqa-pkg/
         mmopt-run infer vqa-pkg/ --inputs sample.npz --out result.npz
+
+    Signed (devices refuse it unless the signature verifies with the public key they hold):
+
+        mmopt package build/ -p image=int8-cpu -o vqa-pkg/ --sign-key key.pem
+        mmopt-run selftest vqa-pkg/ --public-key public.pem
     """
     from mmopt import api
     from mmopt.cli import console
     from mmopt.cli.quantize import parse_policy
     from mmopt.progress import RichProgress
 
-    r = api.package(bundle, parse_policy(precision), out, config, trust_checkpoint, RichProgress(console))
+    r = api.package(bundle, parse_policy(precision), out, config, trust_checkpoint, RichProgress(console), sign_key)
     g = r.manifest["golden"]
     console.print(f"self-test by the runtime: {g['samples']} golden samples from {escape(g['source'])} pass the "
                   f"policy's gate (min cosine {min(o['cos_min'] for o in r.selftest['outputs'].values()):.6f})",
@@ -54,7 +63,11 @@ def package(
     else:
         console.print(f"no merged graph ({escape(r.merged['reason'])}): the runtime runs the split graphs",
                       highlight=False)
+    if sign_key is not None:
+        console.print(f"signed with {escape(str(sign_key))}: package.sig covers every file (model-signing, key "
+                      "mode)", highlight=False)
     console.print(f"[green]package written:[/] {escape(str(r.folder))} and {escape(r.archive.name)} "
                   f"({len(r.manifest['files'])} files, {r.seconds:.1f} s)", highlight=False)
+    key = " --public-key public.pem" if sign_key is not None else ""
     console.print(f"next: on the device, pip install ./runtime (numpy + onnxruntime, no torch), then mmopt-run "
-                  f"selftest {escape(r.folder.name)}/", highlight=False, style="dim")
+                  f"selftest {escape(r.folder.name)}/{key}", highlight=False, style="dim")

@@ -34,6 +34,7 @@ from mmopt.errors import BundleError, UsageError
 from mmopt.manifest import Manifest
 from mmopt.progress import Progress
 from mmopt.store import atomic_write
+from mmopt_runtime import signing
 from mmopt_runtime.package import FORMAT, KIND, MANIFEST, Package, PackageError, sha256_file
 
 GOLDEN_ROWS = 4
@@ -50,7 +51,8 @@ class PackageResult:
 
 
 def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, config: str | Path | None = None,
-            trust_checkpoint: bool = False, progress: Progress | None = None) -> PackageResult:
+            trust_checkpoint: bool = False, progress: Progress | None = None,
+            sign_key: str | Path | None = None) -> PackageResult:
     from mmopt import reference
     from mmopt.judge.parity import scores_of, tolerance_for
 
@@ -71,6 +73,8 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
             raise UsageError(f"-p {comp}={prec}: {e} Convert it first (`mmopt quantize {bundle} -p {comp}={prec}`), "
                              "or package another precision.") from None
     archive = out.with_name(out.name + ".tar.gz")
+    if sign_key is not None:
+        _signing_ready(Path(sign_key))
     recover(out)
     check_out(out, bundle)
     ref = reference.load(bundle, manifest, config, trust_checkpoint)
@@ -129,6 +133,11 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
                         selftest = Package.load(stage).selftest_result
             except PackageError as e:
                 raise BundleError(f"the package failed its own self-test before it was written: {e}") from None
+            if sign_key is not None:  # last: the signature covers every file as it will ship
+                try:
+                    signing.sign(stage, sign_key)
+                except signing.SignatureError as e:
+                    raise UsageError(str(e)) from None
             advance(1)
         # the archive first, streamed from the stage into a hidden sibling: it and the folder change together
         tmp_archive = archive.with_name(f".{archive.name}.{os.getpid()}.partial")
@@ -141,6 +150,18 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
         Path(archive.with_name(f".{archive.name}.{os.getpid()}.partial")).unlink(missing_ok=True)
         raise
     return PackageResult(out, archive, doc, selftest, time.perf_counter() - t0, merged)
+
+
+def _signing_ready(key: Path) -> None:
+    """Before any work: the key exists and model-signing imports (signing comes last)."""
+    if not key.is_file():
+        raise UsageError(f"--sign-key {key}: no such file. Give a PEM elliptic-curve private key (e.g. `openssl "
+                         "ecparam -name prime256v1 -genkey -noout -out key.pem`; its public half, for the devices: "
+                         "`openssl ec -in key.pem -pubout -out public.pem`).")
+    try:
+        signing._lib()
+    except signing.SignatureError as e:
+        raise UsageError(f"--sign-key: {e}") from None
 
 
 def add_merged(stage: Path, doc: dict[str, Any]) -> dict[str, Any]:
