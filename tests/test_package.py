@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -342,3 +343,36 @@ def test_signing_refusals_come_before_any_work(pkg, bundle, tmp_path):
     with pytest.raises(UsageError, match=r"--sign-key .*bad.pem: cannot sign with it"):
         api.package(bundle, {}, tmp_path / "never", sign_key=tmp_path / "bad.pem")
     assert not (tmp_path / "never").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ---- the runtime installed alone, in a fresh venv without torch (.ci/run makes it) ---------------------
+
+RUNTIME_VENV = Path(os.environ.get("MMOPT_RUNTIME_VENV", ROOT / ".ci" / "runtime-venv"))
+
+
+@pytest.mark.skipif(not (RUNTIME_VENV / "bin" / "mmopt-run").exists(),
+                    reason=f"no runtime-only venv at {RUNTIME_VENV} (.ci/run makes it: python -m venv, then "
+                           "pip install ./runtime)")
+def test_the_runtime_installed_alone_without_torch_serves_the_package(pkg, tmp_path):
+    py = RUNTIME_VENV / "bin" / "python"
+    env = {"PATH": f"{RUNTIME_VENV / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    probe = subprocess.run([str(py), "-c", "import importlib.util as u, mmopt_runtime; print(mmopt_runtime.__file__, "
+                            "[m for m in ('torch', 'onnx', 'mmopt') if u.find_spec(m)])"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    where, present = probe.stdout.split(" ", 1)
+    assert str(RUNTIME_VENV) in where and present.strip() == "[]", probe.stdout + probe.stderr
+    with np.load(pkg.folder / "golden.npz") as g:
+        feeds = {k[len("input/"):]: g[k] for k in g.files if k.startswith("input/")}
+    np.savez(tmp_path / "in.npz", **feeds)
+    cli = RUNTIME_VENV / "bin" / "mmopt-run"
+    for args in (["selftest", pkg.folder], ["infer", pkg.folder, "--inputs", tmp_path / "in.npz", "--out",
+                                            tmp_path / "out.npz"], ["bench", pkg.folder, "--rounds", "3"]):
+        r = subprocess.run([str(cli), *map(str, args)], capture_output=True, text=True, cwd=tmp_path, env=env,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "out.npz") as out:
+        served = {k: out[k] for k in out.files}
+    want = Package.load(pkg.folder).infer(feeds)  # the same package in this environment, with mmopt and torch
+    assert served.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(served[k], want[k])
