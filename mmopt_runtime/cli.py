@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", parents=[common], help="pipeline latency at the exported min / opt / max sizes, as JSON")
     b.add_argument("--rounds", type=int, default=50)
     args = ap.parse_args(argv)
+    if args.public_key is not None and not args.public_key.is_file():
+        print(f"error: --public-key {args.public_key}: no such file.", file=sys.stderr)
+        return 2
     try:
         pkg = Package.load(args.package, public_key=args.public_key)
         if args.command == "selftest":

@@ -118,7 +118,7 @@ class Package:
             signed = signing.verify(root, public_key)
         except signing.SignatureError as e:
             raise PackageError(str(e)) from None
-        manifest = read_manifest(root)
+        manifest = read_manifest(root, signed)
         check_structure(root, manifest)
         data = verify_files(root, manifest)
         one = manifest.get("merged") if merged else None
@@ -138,7 +138,7 @@ class Package:
             outputs = manifest["model"]["output_sources"]
         pkg = cls(root, manifest, Pipeline(steps, outputs), 0.0)
         pkg.graph = "merged" if one is not None else "split"
-        pkg.signed = signed
+        pkg.signed = signed is not None
         pkg._golden = data[manifest["golden"]["file"]]
         if selftest:
             pkg.selftest()
@@ -263,13 +263,22 @@ class Package:
         return {"backend": "onnxruntime-cpu", "graph": self.graph, "rounds": rounds, "latency": out}
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
+def read_manifest(root: Path, signed: dict[str, str] | None = None) -> dict[str, Any]:
+    """``package.json``, read once; with ``signed`` (the verified signature's digests) its bytes must be the
+    signed ones, so every hash it lists is the signer's."""
     path = root / MANIFEST
     try:
-        manifest = json.loads(path.read_text(), parse_constant=_no_constants)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise PackageError(f"{root}: no {MANIFEST}: not an mmopt package. Make one with `mmopt package`.") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise PackageError(f"{path}: cannot be read ({e.strerror}).") from None
+    if signed is not None and hashlib.sha256(raw).hexdigest() != signed.get(MANIFEST):
+        raise PackageError(f"{path}: is not the manifest the signature covers (it changed after the signature was "
+                           "checked, or was never signed). Do not serve this package: copy it again.")
+    try:
+        manifest = json.loads(raw.decode(), parse_constant=_no_constants)
+    except ValueError as e:  # also UnicodeDecodeError
         raise PackageError(f"{path}: cannot be read as JSON ({e}). Rebuild the package.") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
         raise PackageError(f"{path}: not an mmopt package manifest (no \"kind\": \"{KIND}\").")
@@ -346,10 +355,13 @@ def check_structure(root: Path, manifest: dict[str, Any]) -> None:
                     raise bad(f"components.{c}.calls[{i}].{n}", f"reads '{src}', which is no model input and no "
                                                                 "output of another call")
     sources = model.get("output_sources")
-    if not isinstance(sources, dict) or set(sources) != {t["name"] for t in model["outputs"]} or not all(
-            str(v).partition(":")[0] in made and str(v).partition(":")[2] in made[str(v).partition(":")[0]]
-            for v in sources.values()):
-        raise bad("model.output_sources", "does not map every model output to an output of a call")
+    def resolves(source: Any) -> bool:
+        kind, _, out = str(source).partition(":")
+        return (kind == "input" and out in names) or (kind in made and out in made[kind])
+
+    if not isinstance(sources, dict) or set(sources) != {t["name"] for t in model["outputs"]} or \
+            not all(resolves(v) for v in sources.values()):
+        raise bad("model.output_sources", "does not map every model output to a model input or an output of a call")
     one = manifest.get("merged")
     if one is not None and not (isinstance(one, dict) and isinstance(one.get("file"), str)):
         raise bad("merged", "is not {file} (or null: no merged graph)")

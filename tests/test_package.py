@@ -145,9 +145,11 @@ def test_graphs_that_cannot_be_merged_say_why():
                                  opset_imports=[helper.make_opsetid("", opset)])
 
     t = {"dtype": "float32", "shape": ["b", 2], "shapes": {k: [1, 2] for k in ("min", "opt", "max")}}
-    comps = {"a": {"calls": [["a", {"x": "input:x"}]]}, "b": {"calls": [["b", {"x": "a:y"}]]}}
+    comps = {"a": {"outputs": [{**t, "name": "y"}], "calls": [["a", {"x": "input:x"}]]},
+             "b": {"outputs": [{**t, "name": "y"}], "calls": [["b", {"x": "a:y"}]]}}
     model = {"inputs": [{**t, "name": "x"}], "outputs": [{**t, "name": "out"}], "output_sources": {"out": "b:y"}}
-    with pytest.raises(MergeError, match=r"component 'b' imports opset 18 of domain 'ai.onnx', another component 17"):
+    with pytest.raises(MergeError, match=r"component 'b' imports opset 18 of domain 'ai.onnx', another component 17 "
+                                         r"\(re-export the bundle at one opset"):
         merge(comps, model, {"a": graph(17), "b": graph(18)})
     joined = merge(comps, model, {"a": graph(17), "b": graph(17)})
     import onnxruntime as ort
@@ -155,6 +157,61 @@ def test_graphs_that_cannot_be_merged_say_why():
     x = np.array([[-1.0, 2.0]], np.float32)
     out = ort.InferenceSession(joined.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(out[0], np.maximum(x, 0))
+
+
+def test_merge_follows_the_wiring_not_the_component_order():
+    """A component called twice, the second call reading a component listed after it, and a model output read
+    straight from a model input: the merged graph computes what the split pipeline does."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from mmopt.stages.merge import MergeError, merge
+    from mmopt_runtime.pipeline import Pipeline
+
+    def graph(op):
+        x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 2])
+        y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 2])
+        return helper.make_model(helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g", [x], [y]),
+                                 opset_imports=[helper.make_opsetid("", 17)])
+
+    t = {"dtype": "float32", "shape": ["b", 2], "shapes": {k: [1, 2] for k in ("min", "opt", "max")}}
+    comps = {"a": {"outputs": [{**t, "name": "y"}], "calls": [["a", {"x": "input:x"}], ["a@2", {"x": "b:y"}]]},
+             "b": {"outputs": [{**t, "name": "y"}], "calls": [["b", {"x": "a:y"}]]}}
+    model = {"inputs": [{**t, "name": "x"}], "outputs": [{**t, "name": "out"}, {**t, "name": "echo"}],
+             "output_sources": {"out": "a@2:y", "echo": "input:x"}}
+    graphs = {"a": graph("Neg"), "b": graph("Exp")}
+    joined = merge(comps, model, graphs)
+    x = np.array([[-1.0, 2.0]], np.float32)
+    got = dict(zip(["out", "echo"], ort.InferenceSession(joined.SerializeToString(),
+                                                         providers=["CPUExecutionProvider"]).run(None, {"x": x})))
+    np.testing.assert_allclose(got["out"], -np.exp(-x), rtol=1e-6)
+    np.testing.assert_array_equal(got["echo"], x)
+    sessions = {c: ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"])
+                for c, g in graphs.items()}
+    steps = [(key, (lambda f, _, s=sessions[c]: {"y": s.run(None, f)[0]}), tuple(src.items()), {"y": f"{key}:y"})
+             for c, spec in comps.items() for key, src in spec["calls"]]
+    split = Pipeline(steps, model["output_sources"]).infer({"x": x})
+    np.testing.assert_array_equal(split["out"], got["out"])
+    loop = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "body", [], [])
+    with_sub = graph("Neg")
+    with_sub.graph.node.append(helper.make_node("If", ["c"], ["z"], then_branch=loop, else_branch=loop))
+    with pytest.raises(MergeError, match=r"component 'b' holds sub-graphs \(If / Loop / Scan\)"):
+        merge(comps, model, {"a": graph("Neg"), "b": with_sub})
+
+
+def test_check_inputs_passes_a_known_signature_fast_and_never_caches_a_conversion(pkg):
+    p = Package.load(pkg.folder)
+    with np.load(pkg.folder / "golden.npz") as g:
+        feeds = {k[len("input/"):]: g[k] for k in g.files if k.startswith("input/")}
+    before = len(p._accepted)
+    assert p.check_inputs(feeds).keys() == feeds.keys() and len(p._accepted) == before  # the self-test's
+    as_ints = {**feeds, "attention_mask": feeds["attention_mask"].astype(np.int64)}
+    assert p.check_inputs(as_ints)["attention_mask"].dtype == np.bool_
+    assert len(p._accepted) == before  # converted: checked again every time
+    bad = {**as_ints, "attention_mask": as_ints["attention_mask"] * 3}  # same signature, values no bool takes
+    with pytest.raises(PackageError, match="input 'attention_mask': dtype int64"):
+        p.check_inputs(bad)
 
 
 @pytest.mark.parametrize("path", ["../outside.onnx", "/etc/passwd", "a/../../b", "sub\\x.onnx"])
@@ -327,7 +384,14 @@ def test_a_signed_package_serves_only_with_its_public_key(bundle, tmp_path):
     with pytest.raises(PackageError, match=r"does not verify with .*other.pub.pem \(Key mismatch"):
         Package.load(r.folder, public_key=other)
     # a manifest edited and every hash redone, as whoever can write package.json could: the signature catches it
+    from mmopt_runtime.package import read_manifest
+    from mmopt_runtime.signing import verify
+
+    digests = verify(r.folder, pub)  # checked; then the manifest is swapped before the runtime reads it
+    assert digests["package.json"] == sha256_file(r.folder / "package.json") and "merged.onnx" in digests
     edit(r, lambda d: d["golden"]["tolerance"].__setitem__("min_cosine", -1.0))
+    with pytest.raises(PackageError, match=r"package.json: is not the manifest the signature covers"):
+        read_manifest(r.folder, digests)
     with pytest.raises(PackageError, match=r"does not verify .*Hash mismatch for 'package.json'"):
         Package.load(r.folder, public_key=pub)
 
@@ -342,6 +406,13 @@ def test_signing_refusals_come_before_any_work(pkg, bundle, tmp_path):
     (tmp_path / "bad.pem").write_text("not a key")
     with pytest.raises(UsageError, match=r"--sign-key .*bad.pem: cannot sign with it"):
         api.package(bundle, {}, tmp_path / "never", sign_key=tmp_path / "bad.pem")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    (tmp_path / "rsa.pem").write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with pytest.raises(UsageError, match=r"--sign-key .*rsa.pem: not an elliptic-curve key"):
+        api.package(bundle, {}, tmp_path / "never", sign_key=tmp_path / "rsa.pem")
     assert not (tmp_path / "never").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -126,13 +126,13 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
             (stage / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
             try:
                 split_pkg = Package.load(stage, merged=False)
-                selftest = split_pkg.selftest_result
-                if doc["merged"] is not None:
-                    merged = check_merged(stage, doc, split_pkg, golden_in)
-                    if doc["merged"] is not None:
-                        selftest = Package.load(stage).selftest_result
             except PackageError as e:
                 raise BundleError(f"the package failed its own self-test before it was written: {e}") from None
+            selftest = split_pkg.selftest_result
+            if doc["merged"] is not None:
+                merged = check_merged(stage, doc, split_pkg, golden_in)
+                if doc["merged"] is not None:
+                    selftest = Package.load(stage).selftest_result
             if sign_key is not None:  # last: the signature covers every file as it will ship
                 try:
                     signing.sign(stage, sign_key)
@@ -153,7 +153,8 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
 
 
 def _signing_ready(key: Path) -> None:
-    """Before any work: the key exists and model-signing imports (signing comes last)."""
+    """Before any work: model-signing imports and the key is an unencrypted PEM elliptic-curve private key
+    (signing comes last)."""
     if not key.is_file():
         raise UsageError(f"--sign-key {key}: no such file. Give a PEM elliptic-curve private key (e.g. `openssl "
                          "ecparam -name prime256v1 -genkey -noout -out key.pem`; its public half, for the devices: "
@@ -162,6 +163,18 @@ def _signing_ready(key: Path) -> None:
         signing._lib()
     except signing.SignatureError as e:
         raise UsageError(f"--sign-key: {e}") from None
+    from cryptography.hazmat.primitives.asymmetric import ec  # model-signing's own dependency
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        loaded = load_pem_private_key(key.read_bytes(), password=None)
+    except (ValueError, TypeError) as e:  # not PEM, encrypted, or unsupported
+        raise UsageError(f"--sign-key {key}: cannot sign with it ({e}). Give an unencrypted PEM elliptic-curve "
+                         "private key.") from None
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+        raise UsageError(f"--sign-key {key}: not an elliptic-curve key ({type(loaded).__name__}); model-signing's "
+                         "key mode signs with elliptic-curve keys (e.g. `openssl ecparam -name prime256v1 -genkey -noout -out "
+                         "key.pem`).")
 
 
 def add_merged(stage: Path, doc: dict[str, Any]) -> dict[str, Any]:
@@ -180,8 +193,10 @@ def add_merged(stage: Path, doc: dict[str, Any]) -> dict[str, Any]:
         proto = merge(doc["components"], doc["model"],
                       {c: onnx.load(str(stage / spec["file"])) for c, spec in doc["components"].items()})
         onnx.save(proto, str(stage / name))
-    except (MergeError, ValueError) as e:
+    except MergeError as e:
         return {"reason": str(e)}
+    except Exception as e:  # onnx raising on what merge did not foresee: the split graphs still serve
+        return {"reason": f"onnx could not join the graphs ({type(e).__name__}: {e})"}
     doc["files"][name] = sha256_file(stage / name)
     doc["merged"] = {"file": name}
     return {"file": name}
@@ -192,17 +207,21 @@ def check_merged(stage: Path, doc: dict[str, Any], split: Package, golden: dict[
     mismatch the merged graph is dropped (the split graphs serve) and the reason returned."""
     from mmopt_runtime.compare import failures, measure
 
-    whole = Package.load(stage, selftest=False)
-    want, got = split.infer(golden), whole.infer(golden)
-    scores = set(doc["golden"]["scores"])
-    why = [f"{n}: {'; '.join(w)}" for n in want
-           for w in [failures(measure(n, want[n], got[n], n in scores), doc["golden"]["tolerance"])] if w]
-    if why:
+    try:
+        whole = Package.load(stage)  # its own golden self-test too: what the runtime will serve
+        want, got = split.infer(golden), whole.infer(golden)
+        scores = set(doc["golden"]["scores"])
+        why = [f"{n}: {'; '.join(w)}" for n in want
+               for w in [failures(measure(n, want[n], got[n], n in scores), doc["golden"]["tolerance"])] if w]
+        reason = f"the merged graph differs from the split pipeline ({'; '.join(why)})" if why else None
+    except PackageError as e:  # e.g. an op ONNX Runtime refuses only once the graphs are joined
+        reason = f"the merged graph does not run: {e}"
+    if reason:
         (stage / doc["merged"]["file"]).unlink()
         del doc["files"][doc["merged"]["file"]]
         doc["merged"] = None
         (stage / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
-        return {"reason": f"the merged graph differs from the split pipeline ({'; '.join(why)})"}
+        return {"reason": reason}
     return {"file": doc["merged"]["file"],
             "vs_split": max(float(np.max(np.abs(want[n].astype(np.float64) - got[n].astype(np.float64))))
                             if want[n].size else 0.0 for n in want)}

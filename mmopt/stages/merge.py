@@ -1,11 +1,13 @@
 """One graph for a whole policy: the component graphs joined by the captured wiring.
 
-On ONNX Runtime CPU the split pipeline pays a session call and Python glue per component (about 15% at batch 1
-for the VQA model); one merged graph pays them once. Each call's graph is added under the prefix ``<call>/``
-(``onnx.compose.add_prefix``: nodes, values, initializers, sub-graphs, local functions), its inputs fed by
+On ONNX Runtime CPU the split pipeline pays a session call and Python glue per component (5-11% at batch 1 for
+the VQA model, benchmarks/package_vqa.py); one merged graph pays them once. Each call's graph is added under the prefix ``<call>/``
+(``onnx.compose.add_prefix``: nodes, values, initializers, local functions; graphs holding sub-graphs are
+not merged, since add_prefix misses their outer-scope reads), in wiring order, its inputs fed by
 Identity nodes from the model inputs or from the prefixed outputs of the calls it reads, and each model output
 is an Identity of its source. ONNX Runtime's graph optimizer removes the Identities, so the merged graph
-computes exactly the split pipeline's operators.
+runs the split pipeline's operators (fusions across the former boundaries may round differently; the
+package checks it against the split pipeline).
 
 The wiring is the package manifest's (``components[c].calls``, ``model.output_sources``), so there is one
 description of it. A graph that cannot be merged (different opset versions of one domain, over protobuf's
@@ -18,6 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import compose, helper
+
+from mmopt_runtime.pipeline import ordered
 
 LIMIT = 2 ** 31 - 1  # protobuf's message size limit
 
@@ -36,32 +40,41 @@ def merge(components: dict[str, dict[str, Any]], model: dict[str, Any], graphs: 
             have = opsets.setdefault(imp.domain, imp.version)
             if have != imp.version:
                 raise MergeError(f"component '{comp}' imports opset {imp.version} of domain "
-                                 f"'{imp.domain or 'ai.onnx'}', another component {have}")
+                                 f"'{imp.domain or 'ai.onnx'}', another component {have} (re-export the bundle at "
+                                 "one opset to merge them)")
+    for comp, proto in graphs.items():
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in _all_nodes(proto)
+               for a in n.attribute):
+            # add_prefix leaves a sub-graph's reads of outer-scope names unprefixed (onnx 1.23)
+            raise MergeError(f"component '{comp}' holds sub-graphs (If / Loop / Scan), which onnx.compose does not "
+                             "rename consistently")
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     sparse: list[onnx.SparseTensorProto] = []
     infos: list[onnx.ValueInfoProto] = []
     functions: dict[tuple[str, str], onnx.FunctionProto] = {}
-    for comp, spec in components.items():
-        for key, sources in spec["calls"]:
-            part = compose.add_prefix(graphs[comp], f"{key}/")
-            g = part.graph
-            for inp in g.input:
-                if any(inp.name == t.name for t in g.initializer):
-                    continue  # an initializer listed as an input (old exporters): it stays a weight
-                src = sources[inp.name[len(key) + 1:]]
-                kind, _, tensor = src.partition(":")
-                nodes.append(helper.make_node("Identity", [tensor if kind == "input" else f"{kind}/{tensor}"],
-                                              [inp.name], name=f"{inp.name}/feed"))
-            nodes.extend(g.node)
-            inits.extend(g.initializer)
-            sparse.extend(g.sparse_initializer)
-            infos.extend([*g.value_info, *g.input, *g.output])
-            for f in part.functions:
-                functions[(f.domain, f.name)] = f
+    calls = ordered([(key, comp, tuple(sources.items()), {t["name"]: f"{key}:{t['name']}" for t in spec["outputs"]})
+                     for comp, spec in components.items() for key, sources in spec["calls"]])
+    for key, comp, pairs, _ in calls:  # in wiring order: every node after the nodes it reads
+        sources = dict(pairs)
+        part = compose.add_prefix(graphs[comp], f"{key}/")
+        g = part.graph
+        for inp in g.input:
+            if any(inp.name == t.name for t in g.initializer):
+                continue  # an initializer listed as an input (old exporters): it stays a weight
+            src = sources.get(inp.name[len(key) + 1:])
+            if src is None:
+                raise MergeError(f"call '{key}': the wiring feeds nothing to its graph input "
+                                 f"'{inp.name[len(key) + 1:]}'")
+            nodes.append(helper.make_node("Identity", [_name(src)], [inp.name], name=f"{inp.name}/feed"))
+        nodes.extend(g.node)
+        inits.extend(g.initializer)
+        sparse.extend(g.sparse_initializer)
+        infos.extend([*g.value_info, *g.input, *g.output])
+        for f in part.functions:
+            functions[(f.domain, f.name)] = f
     for out, src in model["output_sources"].items():
-        key, _, tensor = src.partition(":")
-        nodes.append(helper.make_node("Identity", [f"{key}/{tensor}"], [out], name=f"{out}/result"))
+        nodes.append(helper.make_node("Identity", [_name(src)], [out], name=f"{out}/result"))
     inputs = [_info(t) for t in model["inputs"]]
     outputs = [_info(t) for t in model["outputs"]]
     graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits, sparse_initializer=sparse,
@@ -76,6 +89,16 @@ def merge(components: dict[str, dict[str, Any]], model: dict[str, Any], graphs: 
     except onnx.checker.ValidationError as e:
         raise MergeError(f"the joined graph fails onnx.checker ({str(e).splitlines()[0]})") from None
     return merged
+
+
+def _name(source: str) -> str:
+    """A wiring source ("input:<model input>" or "<call>:<output>") as its value's name in the merged graph."""
+    kind, _, tensor = source.partition(":")
+    return tensor if kind == "input" else f"{kind}/{tensor}"
+
+
+def _all_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [*proto.graph.node, *(n for f in proto.functions for n in f.node)]
 
 
 def _info(t: dict[str, Any]) -> onnx.ValueInfoProto:
