@@ -200,6 +200,30 @@ def test_merge_follows_the_wiring_not_the_component_order():
         merge(comps, model, {"a": graph("Neg"), "b": with_sub})
 
 
+def test_a_merged_graph_that_differs_from_the_split_pipeline_is_dropped_with_the_reason(pkg, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from mmopt.jobs.package import check_merged
+
+    stage = tmp_path / "stage"
+    shutil.copytree(pkg.folder, stage)
+    proto = onnx.load(str(stage / "merged.onnx"))
+    w = max(proto.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)  # the largest weight, doubled
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
+    onnx.save(proto, str(stage / "merged.onnx"))
+    doc = json.loads((stage / "package.json").read_text())
+    doc["files"]["merged.onnx"] = sha256_file(stage / "merged.onnx")
+    (stage / "package.json").write_text(json.dumps(doc))
+    with np.load(stage / "golden.npz") as g:
+        golden = {k[len("input/"):]: g[k] for k in g.files if k.startswith("input/")}
+    result = check_merged(stage, doc, Package.load(stage, merged=False), golden)
+    assert result["reason"].startswith("the merged graph ")  # differs, or fails its own golden self-test
+    assert not (stage / "merged.onnx").exists() and "merged.onnx" not in doc["files"]
+    assert json.loads((stage / "package.json").read_text())["merged"] is None
+    assert Package.load(stage).graph == "split"
+
+
 def test_check_inputs_passes_a_known_signature_fast_and_never_caches_a_conversion(pkg):
     p = Package.load(pkg.folder)
     with np.load(pkg.folder / "golden.npz") as g:
@@ -430,7 +454,8 @@ def test_the_runtime_installed_alone_without_torch_serves_the_package(pkg, tmp_p
     probe = subprocess.run([str(py), "-c", "import importlib.util as u, mmopt_runtime; print(mmopt_runtime.__file__, "
                             "[m for m in ('torch', 'onnx', 'mmopt') if u.find_spec(m)])"],
                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
-    where, present = probe.stdout.split(" ", 1)
+    assert probe.returncode == 0, probe.stderr
+    where, _, present = probe.stdout.partition(" ")
     assert str(RUNTIME_VENV) in where and present.strip() == "[]", probe.stdout + probe.stderr
     with np.load(pkg.folder / "golden.npz") as g:
         feeds = {k[len("input/"):]: g[k] for k in g.files if k.startswith("input/")}
