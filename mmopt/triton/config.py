@@ -57,11 +57,15 @@ class Plan:
 
 
 def default_name(manifest: dict[str, Any]) -> str:
-    """The ensemble's name: the last telling part of the factory's module (``mmopt.examples.vqa.model`` ->
-    ``vqa``, ``clip_small`` -> ``clip_small``), else ``model``."""
-    module = str((manifest.get("lineage") or {}).get("factory") or "").partition(":")[0]
+    """The ensemble's name, from the factory: its function when that names the model (``models.hf:clip`` ->
+    ``clip``), else the last telling part of its module (``mmopt.examples.vqa.model:build_model`` -> ``vqa``,
+    ``clip_small:build`` -> ``clip_small``), else ``model``."""
+    module, _, function = str((manifest.get("lineage") or {}).get("factory") or "").partition(":")
+    generic = function.lower() in GENERIC | {"factory", "main", ""} or \
+        function.lower().startswith(("build", "make", "create", "load", "get", "new", "init"))
     parts = [p for p in module.split(".") if p and p.lower() not in GENERIC]
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", parts[-1]) if parts else "model"
+    name = function if not generic else parts[-1] if parts else "model"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 def batch_dim(manifest: dict[str, Any]) -> str | None:

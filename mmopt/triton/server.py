@@ -3,7 +3,7 @@
 scheduler and no other backend, so it serves ``mmopt triton --backend python`` repositories. The tests and
 benchmarks/triton_vqa.py run it; so can a user without a GPU.
 
-The wheel is used from its own virtual environment (``.ci/triton-venv.sh`` makes one): the python backend's
+The wheel is used from its own virtual environment (``.ci/triton-venv.sh`` makes one; ``venv()`` finds it): the python backend's
 stub needs numpy < 2 (with numpy 2 every output reaches the server empty), and mmopt's environment has numpy 2.
 PyTriton's Python API is not used; this does what it does to launch the binary:
 - a backend folder with the wheel's python backend and the stub built for the venv's Python X.Y;
@@ -29,8 +29,8 @@ from pathlib import Path
 from mmopt.errors import BackendUnavailable, MmoptError
 
 ENV = "MMOPT_TRITON_VENV"
-DEFAULT_VENV = Path(__file__).resolve().parents[2] / ".ci" / "triton-venv"
-HOW = "Make it with `bash .ci/triton-venv.sh` (numpy<2, onnxruntime, tritonclient[http,grpc], nvidia-pytriton==0.7.0)."
+HOW = ("Make it with `bash .ci/triton-venv.sh` (numpy<2, onnxruntime, tritonclient[http,grpc], nvidia-pytriton==0.7.0), "
+       f"or point ${ENV} at one.")
 # lines every start logs on a machine without a GPU: harmless
 HARMLESS = ("CudaDriverHelper has not been initialized", "unable to create stream for",
             "failed to allocate pinned system memory")
@@ -58,8 +58,10 @@ class Wheel:
 
 
 def venv(path: str | os.PathLike | None = None) -> Path:
-    """The server's venv: ``path``, else $MMOPT_TRITON_VENV, else .ci/triton-venv of this checkout."""
-    return Path(path or os.environ.get(ENV) or DEFAULT_VENV)
+    """The server's venv: ``path``, else $MMOPT_TRITON_VENV, else ``${XDG_CACHE_HOME:-~/.cache}/mmopt/triton-venv``
+    (where .ci/triton-venv.sh makes it: outside any checkout, so fresh CI clones share it)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(path or os.environ.get(ENV) or cache / "mmopt" / "triton-venv")
 
 
 def find(venv_dir: str | os.PathLike | None = None) -> Wheel:
