@@ -49,7 +49,8 @@ def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *
     """A package (or a bundle, packaged first) as an NVIDIA Triton model repository: one model per component
     and an ensemble wired like the pipeline, validated with Triton's schema before it is written atomically.
     ``options``: backend ("native" | "python"), name, batching, instances, kind ("gpu" | "cpu"),
-    queue_delay_us, config, trust_checkpoint, progress. Needs the ``triton`` extra. See mmopt.jobs.triton."""
+    queue_delay_us, config, trust_checkpoint, public_key (a signed package's), progress. Needs the ``triton``
+    extra. See mmopt.jobs.triton."""
     from mmopt.jobs.triton import triton as triton_job
 
     return triton_job(source, policy, out, **options)

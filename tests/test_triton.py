@@ -335,3 +335,18 @@ def test_without_the_schema_mmopt_says_what_to_install(native, monkeypatch, tmp_
     with pytest.raises(BackendUnavailable, match="model-config schema"):
         api.triton(native.folder, None, tmp_path / "repo")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_signed_package_is_served_only_with_its_public_key(toy_bundle, tmp_path):
+    pytest.importorskip("model_signing", reason="the sign extra (model-signing) is not installed")
+    from test_package import _keypair
+
+    key, pub = _keypair(tmp_path, "signer")
+    signed = api.package(toy_bundle.bundle, None, tmp_path / "signed", sign_key=key)
+    with pytest.raises(Exception, match="the package is signed, but no public key was given"):
+        api.triton(signed.folder, None, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    r = api.triton(signed.folder, None, tmp_path / "repo", public_key=pub)
+    assert json.loads((r.folder / "mmopt-triton.json").read_text())["package"]["signature_verified"] is True
+    with pytest.raises(UsageError, match="--public-key checks a signed package"):
+        api.triton(toy_bundle.bundle, None, tmp_path / "other", public_key=pub)

@@ -44,7 +44,7 @@ def repo(wheel, toy_bundle, tmp_path_factory):
     pkg = api.package(toy_bundle.bundle, None, d / "pkg")
     # a 5 ms queue delay lets the dynamic batcher wait for the concurrent requests even on a loaded machine
     r = api.triton(pkg.folder, None, d / "repo", backend="python", queue_delay_us=5000)
-    return r, Package.load(pkg.folder)
+    return r, Package.load(pkg.folder, merged=False)  # the split graphs: those the members serve
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,9 @@ def triton(
                                                "Default: the config the bundle was exported from."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="For a bundle: allow a .pt checkpoint that needs pickled code."),
+    public_key: Optional[Path] = typer.Option(None, "--public-key",
+                                              help="For a signed package: the public key its signature must verify "
+                                                   "with (`mmopt package --sign-key`)."),
 ) -> None:
     r"""Write a Triton Inference Server model repository: one model per component and an ensemble that wires
     model inputs -> encoders -> fusion -> model outputs as the captured wiring does.
@@ -75,7 +78,7 @@ def triton(
                          "SOURCE).")
     r = api.triton(source, parse_policy(precision), out, backend=backend, name=name, batching=not no_batching,
                    instances=instances, kind=kind, queue_delay_us=queue_delay_us, config=config,
-                   trust_checkpoint=trust_checkpoint, progress=RichProgress(console))
+                   trust_checkpoint=trust_checkpoint, public_key=public_key, progress=RichProgress(console))
     console.print(tables.triton_table(r))
     for m in r.plan.members.values():
         if m.note:

@@ -53,7 +53,7 @@ class TritonResult:
 def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *, backend: str = "native",
            name: str | None = None, batching: bool = True, instances: int = 1, kind: str | None = None,
            queue_delay_us: int = 0, config: str | Path | None = None, trust_checkpoint: bool = False,
-           progress: Progress | None = None) -> TritonResult:
+           public_key: str | Path | None = None, progress: Progress | None = None) -> TritonResult:
     validate.schema()  # the optional extra, before minutes of packaging
     progress = progress or Progress()
     t0 = time.perf_counter()
@@ -62,6 +62,8 @@ def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *
     if what == "package" and (config is not None or trust_checkpoint):
         raise UsageError("--config / --trust-checkpoint are for a bundle source; a package already holds its golden "
                          "samples.")
+    if what == "bundle" and public_key is not None:
+        raise UsageError("--public-key checks a signed package; a bundle is packaged here, unsigned.")
     check_out(out, source)
     recover(out)
     with tempfile.TemporaryDirectory(prefix="mmopt-triton-") as tmp:
@@ -69,7 +71,9 @@ def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *
         if what == "bundle":
             folder = package_job(source, policy, Path(tmp) / "package", config, trust_checkpoint, progress).folder
         try:
-            pkg = Package.load(folder)  # hashes, structure, graphs and the golden self-test
+            # hashes, structure, the signature where there is one, and the golden self-test on the split graphs:
+            # the members serve those (a package's merged graph is for one-process serving)
+            pkg = Package.load(folder, merged=False, public_key=public_key)
         except PackageError as e:
             raise BundleError(f"the package cannot be served: {e}") from None
         if what == "package":
@@ -191,7 +195,8 @@ def write(stage: Path, plan: triton_config.Plan, pkg: Package, source: Path | No
               "max_batch_size": plan.max_batch_size,
               "members": {c: {"model": m.name, "dynamic_batching": m.dynamic_batching, "note": m.note}
                           for c, m in plan.members.items()},
-              "package": {"source": str(source.resolve()) if source else None, "policy": pkg.manifest["policy"],
+              "package": {"source": str(source.resolve()) if source else None, "signature_verified": pkg.signed,
+                          "policy": pkg.manifest["policy"],
                           "model": {k: pkg.manifest["model"][k] for k in ("inputs", "outputs")},
                           "golden": {k: pkg.manifest["golden"].get(k) for k in ("tolerance", "scores")},
                           "lineage": pkg.manifest.get("lineage")},
