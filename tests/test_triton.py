@@ -107,6 +107,7 @@ def test_the_python_flavour_from_a_bundle_through_the_cli(toy_bundle, native, tm
 def test_only_an_mmopt_repository_or_an_empty_folder_is_replaced(pkg, tmp_path):
     out = tmp_path / "repo"
     api.triton(pkg.folder, None, out, backend="python")
+    (tmp_path / ".repo.999999.partial").mkdir()  # as a run killed while it staged: removed by the next
     api.triton(pkg.folder, None, out)  # replaces its own repository whole
     assert validate.check(out).models["toy_image"].config.platform == "onnxruntime_onnx"
     assert not (out / "toy_image" / "1" / "model.py").exists()
@@ -190,6 +191,10 @@ def test_dims_triton_cannot_express_are_refused_naming_component_tensor_and_fix(
     assert {p["key"]: p["value"]["string_value"] for p in fusion.config["parameters"]}["batching"] == "per-request"
     assert fusion.config["max_batch_size"] == 32 and fusion.config["output"][0]["dims"] == [-1]
     assert mixed.members["image"].dynamic_batching
+    dyn = copy.deepcopy(pkg.manifest)
+    dyn["policy"]["text"] = "int8-dynamic"
+    text = tc.plan(dyn).members["text"]
+    assert text.dynamic_batching and "one scale per batch" in text.note
 
 
 def test_no_batching_writes_full_shapes_that_validate(pkg, tmp_path):

@@ -40,7 +40,7 @@ class Member:
     component: str
     config: dict[str, Any]
     dynamic_batching: bool
-    note: str | None = None  # why it does not batch dynamically
+    note: str | None = None  # why it does not batch dynamically, or what batching does to it
 
 
 @dataclasses.dataclass
@@ -136,6 +136,9 @@ def plan(manifest: dict[str, Any], name: str | None = None, backend: str = "nati
             side, t = mixed[0]
             note = (f"no dynamic batching: its {side} '{t['name']}' {t['shape']} has the batch dim on a later axis "
                     "too, so merged requests would change each other's results; each request runs alone")
+        if dynamic and (manifest.get("policy") or {}).get(c) == "int8-dynamic":
+            note = ("dynamic batching on, but its int8-dynamic graph quantizes activations with one scale per batch, "
+                    "so merged requests shift each other's outputs (within the policy's int8 tolerance)")
         cfg = member_config(members[c], spec, backend=backend, max_batch=max_batch, batched=batch is not None,
                             preferred=preferred if dynamic else None, queue_delay_us=queue_delay_us,
                             kind=KINDS[kind], instances=instances, sha256=manifest["files"][spec["file"]])
