@@ -7,7 +7,7 @@
 #   usage: bash .ci/triton-venv.sh [VENV]
 #   default VENV: $MMOPT_TRITON_VENV, else ${XDG_CACHE_HOME:-~/.cache}/mmopt/triton-venv
 set -euo pipefail
-VENV=${1:-${MMOPT_TRITON_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mmopt/triton-venv}}
+VENV=${1:-${MMOPT_TRITON_VENV:-${XDG_CACHE_HOME:-~/.cache}/mmopt/triton-venv}}
 PY=$(command -v python3.11 || command -v python)
 PINS='numpy<2 onnxruntime==1.32.0 tritonclient[http,grpc]==2.73.0'
 WHEEL='nvidia-pytriton==0.7.0'

@@ -55,6 +55,7 @@ def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *
            queue_delay_us: int = 0, config: str | Path | None = None, trust_checkpoint: bool = False,
            public_key: str | Path | None = None, progress: Progress | None = None) -> TritonResult:
     validate.schema()  # the optional extra, before minutes of packaging
+    triton_config.check_options(backend, kind, instances, queue_delay_us, name)
     progress = progress or Progress()
     t0 = time.perf_counter()
     source, out = Path(source), Path(out).resolve()

@@ -79,23 +79,8 @@ def plan(manifest: dict[str, Any], name: str | None = None, backend: str = "nati
          instances: int = 1, kind: str | None = None, queue_delay_us: int = 0) -> Plan:
     """The repository's configs for a verified package manifest. Raises ``UsageError`` listing every tensor
     Triton cannot express, with the fix."""
-    if backend not in BACKENDS:
-        raise UsageError(f"--backend {backend}: choose native (onnxruntime_onnx, for a GPU or CPU Triton server) or "
-                         "python (each graph in ONNX Runtime inside Triton's python backend).")
-    kind = kind or ("gpu" if backend == "native" else "cpu")
-    if kind not in KINDS:
-        raise UsageError(f"--kind {kind}: choose gpu or cpu.")
-    if backend == "python" and kind == "gpu":
-        raise UsageError("--backend python --kind gpu: the python flavour runs each graph in ONNX Runtime on the CPU; "
-                         "use --kind cpu, or --backend native for GPUs.")
-    if instances < 1:
-        raise UsageError(f"--instances {instances}: give at least 1 instance per member.")
-    if queue_delay_us < 0:
-        raise UsageError(f"--max-queue-delay-us {queue_delay_us}: give 0 or more microseconds.")
+    kind = check_options(backend, kind, instances, queue_delay_us, name)
     name = name or default_name(manifest)
-    if not NAME.match(name):
-        raise UsageError(f"--name {name!r}: a Triton model name is a folder name: letters, digits, '_', '.', '-', "
-                         "not starting with '.' or '-'.")
     comps = manifest["components"]
     members = {c: f"{name}_{re.sub(r'[^A-Za-z0-9_.-]', '_', c)}" for c in comps}
     clash = [c for c, m in members.items() if m == name or list(members.values()).count(m) > 1]
@@ -144,6 +129,28 @@ def plan(manifest: dict[str, Any], name: str | None = None, backend: str = "nati
                             kind=KINDS[kind], instances=instances, sha256=manifest["files"][spec["file"]])
         out[c] = Member(members[c], c, cfg, dynamic, note)
     return Plan(name, backend, max_batch, out, ensemble_config(name, manifest, members, max_batch))
+
+
+def check_options(backend: str, kind: str | None, instances: int, queue_delay_us: int, name: str | None) -> str:
+    """The command's options, checked before any work; returns the instance kind (gpu for native, cpu for
+    python, unless given)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend}: choose native (onnxruntime_onnx, for a GPU or CPU Triton server) or "
+                         "python (each graph in ONNX Runtime inside Triton's python backend).")
+    kind = kind or ("gpu" if backend == "native" else "cpu")
+    if kind not in KINDS:
+        raise UsageError(f"--kind {kind}: choose gpu or cpu.")
+    if backend == "python" and kind == "gpu":
+        raise UsageError("--backend python --kind gpu: the python flavour runs each graph in ONNX Runtime on the CPU; "
+                         "use --kind cpu, or --backend native for GPUs.")
+    if instances < 1:
+        raise UsageError(f"--instances {instances}: give at least 1 instance per member.")
+    if queue_delay_us < 0:
+        raise UsageError(f"--max-queue-delay-us {queue_delay_us}: give 0 or more microseconds.")
+    if name is not None and not NAME.match(name):
+        raise UsageError(f"--name {name!r}: a Triton model name is a folder name: letters, digits, '_', '.', '-', "
+                         "not starting with '.' or '-'.")
+    return kind
 
 
 def dims(t: dict[str, Any], batched: bool) -> list[int]:
