@@ -45,6 +45,25 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
     return package_job(bundle, policy, out, config, trust_checkpoint, progress, sign_key)
 
 
+def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, **options: Any) -> Any:
+    """A package (or a bundle, packaged first) as an NVIDIA Triton model repository: one model per component
+    and an ensemble wired like the pipeline, validated with Triton's schema before it is written atomically.
+    ``options``: backend ("native" | "python"), name, batching, instances, kind ("gpu" | "cpu"),
+    queue_delay_us, config, trust_checkpoint, public_key (a signed package's), progress. Needs the ``triton``
+    extra. See mmopt.jobs.triton."""
+    from mmopt.jobs.triton import triton as triton_job
+
+    return triton_job(source, policy, out, **options)
+
+
+def check_triton(repo: str | Path) -> Any:
+    """A Triton model repository (mmopt's, or edited by hand) checked with Triton's schema and meaning:
+    ``TritonRepositoryError`` lists every problem. Needs the ``triton`` extra."""
+    from mmopt.jobs.triton import check
+
+    return check(repo)
+
+
 def quantize(bundle: str | Path, config: str | Path | None = None, progress: Progress | None = None,
              precision: dict[str, str] | None = None, trust_checkpoint: bool = False,
              sensitivity: bool = True) -> QuantizeResult:

@@ -53,6 +53,11 @@ class BundleError(MmoptError):
     """A bundle on disk is missing, incomplete or tampered with."""
 
 
+class TritonRepositoryError(MmoptError):
+    """A Triton model repository that a server would refuse, or serve wrongly; the message lists every problem
+    with its file and field."""
+
+
 class UsageError(MmoptError):
     """The command line asks for something impossible here (exit code 2)."""
 

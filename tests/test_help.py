@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["", "export", "quantize", "bench", "build", "inspect", "verify", "demo"]
+COMMANDS = ["", "export", "quantize", "bench", "build", "inspect", "verify", "demo", "triton"]
 
 
 def _help(command: str, width: int) -> str:

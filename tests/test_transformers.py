@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 from support import TESTS  # noqa: E402
 from models.hf import CONFIGS  # noqa: E402
 
+from mmopt import api  # noqa: E402
 from mmopt.api import export  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -52,6 +53,13 @@ def test_clip_remainder_fusion(tmp_path):
     assert text_in["input_ids"].shape == ("batch", "seq")
     assert m.components["fusion"].outputs[0].shape == ("batch", "batch")  # logits_per_image
     _passed(r)
+    # served by Triton: a validated repository; the fusion's [batch, batch] logits forbid merging requests
+    # (tests/test_triton_server.py serves the toy; CLIP served equal to the pipeline too, see docs/triton.md)
+    repo = api.triton(r.bundle, None, tmp_path / "repo")
+    assert sorted(repo.report.models) == ["clip", "clip_fusion", "clip_image", "clip_text"]
+    fusion = repo.plan.members["fusion"]
+    assert not fusion.dynamic_batching and "logits_per_image" in fusion.note
+    assert repo.plan.members["image"].dynamic_batching and repo.plan.max_batch_size == 8  # [dims] batch max
 
 
 def test_wav2vec2_audio_plus_bert_text(tmp_path):

@@ -58,9 +58,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from mmopt.cli import bench, build, bundle, export, package, prune, quantize
+    from mmopt.cli import bench, build, bundle, export, package, prune, quantize, triton
 
-    for module in (export, bundle, build, quantize, prune, package, bench):
+    for module in (export, bundle, build, quantize, prune, package, triton, bench):
         module.register(app)
 
 

@@ -239,3 +239,46 @@ def engines_table(bundle: Any, artifacts: list[Any]) -> Table:
                       f"{a.bytes / 2**20:.1f}", ", ".join(p["name"] for p in e["profiles"]), f"{e['build_seconds']:.1f}",
                       f"{e['tensorrt']['version']} / {e['gpu']['name']} (sm {e['gpu']['compute_capability']})")
     return table
+
+
+def _triton_io(tensors: Any, data_type_name: Any) -> str:
+    return "\n".join(f"{escape(t.name)} {data_type_name(t.data_type).removeprefix('TYPE_')} "
+                     f"{_shape(list(t.dims))}" for t in tensors)
+
+
+def triton_table(r: Any) -> Table:
+    """What `mmopt triton` wrote: one row per Triton model, from the validated configs."""
+    from tritonclient.grpc import model_config_pb2 as mc  # present: the repository was just validated with it
+
+    t = Table(title=f"Triton repository ({r.plan.backend})", title_justify="left")
+    for col in ("model", "runs", "max batch", "dynamic batching", "instances", "inputs", "outputs"):
+        t.add_column(col, justify="right" if col in ("max batch", "instances") else "left", overflow="fold")
+    members = {m.name: m for m in r.plan.members.values()}
+    for name, m in r.report.models.items():
+        c = m.config
+        if c.platform == "ensemble":
+            runs = " -> ".join(s.model_name for s in c.ensemble_scheduling.step)
+        else:
+            runs = f"{members[name].component}: {c.platform or c.backend}" if name in members else c.platform or c.backend
+        batching = ("preferred " + ", ".join(map(str, c.dynamic_batching.preferred_batch_size))
+                    if c.HasField("dynamic_batching") else "-")
+        count = ", ".join(f"{g.count} {mc.ModelInstanceGroup.Kind.Name(g.kind).removeprefix('KIND_')}"
+                          for g in c.instance_group) or "-"
+        t.add_row(escape(name), escape(runs), str(c.max_batch_size), batching, count,
+                  _triton_io(c.input, mc.DataType.Name), _triton_io(c.output, mc.DataType.Name))
+    return t
+
+
+def triton_check_table(report: Any) -> Table:
+    """A validated repository: each model, what it runs, its versions and its IO."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    t = Table(title=f"Triton repository {escape(str(report.root))}", title_justify="left")
+    for col in ("model", "runs", "max batch", "versions", "inputs", "outputs"):
+        t.add_column(col, justify="right" if col == "max batch" else "left", overflow="fold")
+    for name, m in report.models.items():
+        c = m.config
+        runs = " -> ".join(s.model_name for s in c.ensemble_scheduling.step) if c.platform == "ensemble" else m.kind
+        t.add_row(escape(name), escape(runs), str(c.max_batch_size), ", ".join(map(str, m.versions)),
+                  _triton_io(c.input, mc.DataType.Name), _triton_io(c.output, mc.DataType.Name))
+    return t

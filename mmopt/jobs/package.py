@@ -143,7 +143,7 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
         tmp_archive = archive.with_name(f".{archive.name}.{os.getpid()}.partial")
         with tarfile.open(tmp_archive, "w:gz") as tar:
             tar.add(stage, arcname=out.name)
-        _commit(stage, out)
+        commit(stage, out)
         os.replace(tmp_archive, archive)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -302,8 +302,9 @@ def _kind(path: Path) -> Any:
         return None
 
 
-def _commit(stage: Path, out: Path) -> None:
-    """``stage`` becomes ``out``: an earlier package there is moved aside first and removed after."""
+def commit(stage: Path, out: Path) -> None:
+    """``stage`` becomes ``out``: an earlier folder there (a package, a Triton repository) is moved aside first
+    and removed after; ``recover`` repairs a run killed between the two renames."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.{os.getpid()}.old")
