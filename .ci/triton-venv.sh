@@ -19,6 +19,11 @@ flock 9  # two checkouts making it at once: the second waits, then finds it made
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0
 fi
+if [ -e "$VENV" ] && [ ! -f "$STAMP" ] && [ -n "$(ls -A "$VENV" 2>/dev/null)" ]; then
+  echo "$VENV exists and was not made by this script (no $(basename "$STAMP")); refusing to replace it." \
+       "Move it away or give another path (MMOPT_TRITON_VENV)." >&2
+  exit 1
+fi
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check $PINS

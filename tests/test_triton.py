@@ -110,6 +110,10 @@ def test_only_an_mmopt_repository_or_an_empty_folder_is_replaced(pkg, tmp_path):
     (tmp_path / ".repo.999999.partial").mkdir()  # as a run killed while it staged: removed by the next
     api.triton(pkg.folder, None, out)  # replaces its own repository whole
     assert validate.check(out).models["toy_image"].config.platform == "onnxruntime_onnx"
+    (out / "their_model").mkdir()  # a model added by hand: writing again would remove it
+    with pytest.raises(UsageError, match=r"also holds their_model, which mmopt did not write there"):
+        api.triton(pkg.folder, None, out)
+    (out / "their_model").rmdir()
     assert not (out / "toy_image" / "1" / "model.py").exists()
     (tmp_path / "empty").mkdir()
     api.triton(pkg.folder, None, tmp_path / "empty")
@@ -225,7 +229,23 @@ def _flip_byte(path):
     path.write_bytes(bytes(data))
 
 
+def _fixed_batch(repo):
+    import onnx
+
+    graph = repo / "toy_image" / "1" / "model.onnx"
+    proto = onnx.load(str(graph))
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # exported at batch 1 only
+    onnx.save(proto, str(graph))
+
+
 BROKEN = {
+    "a file name outside the version folder": (lambda r: _edit(
+        r / "toy_image" / "config.pbtxt", 'platform: "onnxruntime_onnx"',
+        'platform: "onnxruntime_onnx"\ndefault_model_filename: "../../toy_text/1/model.onnx"'), [
+        r"toy_image/config.pbtxt: default_model_filename '\.\./\.\./toy_text/1/model.onnx' climbs out with '\.\.'"]),
+    "a fixed batch axis while batching": (_fixed_batch, [
+        r"toy_image/1/model.onnx: input 'x' has a fixed batch axis \(1\) in the graph; with max_batch_size "
+        r"> 0 Triton batches on axis 0"]),
     "dtype mismatch between steps": (_dtype_mismatch, [
         r"toy/config.pbtxt: tensor 'image:output': inconsistent data type: TYPE_FP32 from step\[0\] \(toy_image\) "
         r"output 'output', TYPE_FP16 at step\[2\] \(toy_fusion\) input 'image.output'",
@@ -268,7 +288,7 @@ def test_a_hand_broken_repository_is_refused_naming_file_and_field(repo, case):
     with pytest.raises(TritonRepositoryError) as e:
         validate.check(repo)
     for message in messages:
-        assert any(re.search(message, line) for line in str(e.value).splitlines()), (message, str(e.value))
+        assert any(re.search(message, line) for line in str(e.value).splitlines()), str(e.value)
 
 
 def test_the_cli_check_refuses_a_broken_repository_with_exit_1(repo):

@@ -35,6 +35,8 @@ def wheel():
     try:
         return server.find()
     except BackendUnavailable as e:
+        if os.environ.get("MMOPT_REQUIRE_TRITON"):  # .ci/run made the venv: its absence is a failure there
+            pytest.fail(f"MMOPT_REQUIRE_TRITON is set but there is no Triton server: {e}")
         pytest.skip(f"no Triton server to test against: {e}")
 
 
@@ -55,7 +57,7 @@ def served(repo, tmp_path_factory):
     finally:
         srv.stop()
         assert srv.proc.returncode == 0, srv.errors()
-        assert not list(Path("/dev/shm").glob(f"{srv.shm_prefix}*"))
+        assert srv.leftover_shm == []  # the server removed its own regions on a graceful stop
 
 
 def _requests(wheel, srv, model, feeds, tmp_path):
@@ -73,14 +75,21 @@ def test_the_served_ensemble_computes_what_mmopts_pipeline_does(wheel, repo, ser
     result, pkg = repo
     rng = np.random.default_rng(0)
     requests = {f"b{b}": _batch(rng, b, seq=int(rng.integers(4, 17))) for b in BATCHES}
-    requests |= {f"async{i}": _batch(rng, 1, seq=8) for i in range(CONCURRENT)}  # one shape: mergeable
+    # two lengths (merged only with their own length) and, among them, one request the text graph cannot take
+    requests |= {f"async{i}": _batch(rng, 1, seq=8 if i % 2 else 12) for i in range(CONCURRENT)}
+    bad = _batch(rng, 1, seq=8)
+    bad["input_ids"] = bad["input_ids"] + 1000  # past the embedding table
+    requests["asyncbad0"] = bad
     feeds = {f"{g}/{n}": a for g, f in requests.items() for n, a in f.items()}
     got, report = _requests(wheel, served, result.plan.ensemble, feeds, tmp_path)
 
     tol = pkg.manifest["golden"]["tolerance"]
     scores = set(pkg.manifest["golden"]["scores"])
     worst = 0.0
+    assert "indices element out of data bounds" in report["bad"]["asyncbad0"], report["bad"]  # it alone failed
     for group, f in requests.items():
+        if group.startswith("asyncbad"):
+            continue
         want = pkg.infer(f)  # mmopt_runtime's pipeline on the package's graphs, in this process
         for protocol in (("http", "grpc") if group.startswith("b") else ("",)):
             prefix = f"{protocol}/{group}" if protocol else group
@@ -94,7 +103,7 @@ def test_the_served_ensemble_computes_what_mmopts_pipeline_does(wheel, repo, ser
     assert worst < 1e-5, worst
     # the dynamic batcher merged concurrent requests, and model.py split the batch back right (checked above)
     counts = report["concurrent"]
-    assert all(c["inferences"] == CONCURRENT for c in counts.values()), counts
+    assert all(c["inferences"] >= CONCURRENT for c in counts.values()), counts
     assert all(c["executions"] < c["inferences"] for c in counts.values()), counts
     assert "batch-size must be <= 32" in report["over_max_batch"]
     assert served.ready_s is not None and served.proc.poll() is None  # the refused request left it up

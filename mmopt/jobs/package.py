@@ -286,7 +286,7 @@ def check_out(out: Path, bundle: Path) -> None:
     if out == bundle.resolve() or bundle.resolve() in out.parents:
         raise UsageError(f"-o {out}: a package cannot be written inside its bundle. Choose a folder beside it.")
     if out.exists() and not (out.is_dir() and (out / MANIFEST).is_file() and
-                             _kind(out / MANIFEST) == KIND):
+                             manifest_kind(out / MANIFEST) == KIND):
         raise UsageError(f"-o {out}: exists and is not an mmopt package; refusing to replace it. Choose a new "
                          "folder.")
     archive = out.with_name(out.name + ".tar.gz")
@@ -295,7 +295,8 @@ def check_out(out: Path, bundle: Path) -> None:
                          "another name.")
 
 
-def _kind(path: Path) -> Any:
+def manifest_kind(path: Path) -> Any:
+    """The ``kind`` a JSON manifest declares (None when unreadable): what mmopt wrote a folder as."""
     try:
         return json.loads(path.read_text()).get("kind")
     except (OSError, ValueError, AttributeError):

@@ -29,10 +29,11 @@ from typing import Any
 
 from mmopt import __version__
 from mmopt.errors import BundleError, TritonRepositoryError, UsageError
-from mmopt.jobs.package import commit, package as package_job, recover
+from mmopt.jobs.package import commit, manifest_kind, package as package_job, recover
 from mmopt.progress import Progress
 from mmopt.store import is_bundle
 from mmopt.triton import config as triton_config, validate
+from mmopt_runtime.paths import escape
 from mmopt_runtime.package import KIND as PACKAGE_KIND, MANIFEST as PACKAGE_MANIFEST, Package, PackageError, \
     confined, sha256_file
 
@@ -58,6 +59,8 @@ def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *
     triton_config.check_options(backend, kind, instances, queue_delay_us, name)
     progress = progress or Progress()
     t0 = time.perf_counter()
+    if Path(out).is_symlink():
+        raise UsageError(f"-o {out}: is a symlink; give the real folder.")
     source, out = Path(source), Path(out).resolve()
     what = source_kind(source)
     if what == "package" and (config is not None or trust_checkpoint):
@@ -135,11 +138,7 @@ def source_kind(source: Path) -> str:
                      "(package.json, from `mmopt package`). Give one of those folders.")
 
 
-def _kind(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text()).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return None
+_kind = manifest_kind
 
 
 def is_repository(folder: Path) -> bool:
@@ -154,11 +153,19 @@ def check_out(out: Path, source: Path) -> None:
     if out in src.parents:
         raise UsageError(f"-o {out}: holds the source {source}; replacing it would remove the source. Choose "
                          "another folder.")
-    if out.is_symlink():
-        raise UsageError(f"-o {out}: is a symlink; give the real folder.")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_repository(out))):
         raise UsageError(f"-o {out}: exists and is not a Triton repository mmopt wrote (no {validate.MARKER}); "
                          "refusing to replace it. Choose a new or empty folder.")
+    if out.is_dir() and is_repository(out):
+        marker = json.loads((out / validate.MARKER).read_text())
+        ours = {validate.MARKER, str(marker.get("ensemble")),
+                *(str(m.get("model")) for m in (marker.get("members") or {}).values() if isinstance(m, dict))}
+        others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        if others:
+            raise UsageError(f"-o {out}: also holds {', '.join(others)}, which mmopt did not write there; writing the "
+                             "repository again replaces the whole folder and would remove them. Move them out, or "
+                             "write this model to its own folder (one repository per `mmopt triton` run; "
+                             "tritonserver takes several --model-repository flags).")
 
 
 def write(stage: Path, plan: triton_config.Plan, pkg: Package, source: Path | None) -> None:
@@ -221,9 +228,10 @@ def place_onnx(src: Path, version: Path) -> list[Path]:
     shutil.copy2(src, folder / "model.onnx")
     placed = [folder / "model.onnx"]
     for loc in locations:
-        data = (src.parent / loc).resolve()
-        if not data.is_relative_to(src.parent.resolve()) or not data.is_file():
-            raise BundleError(f"{src}: names external data '{loc}', which is not a file beside it.")
+        data, problem = escape(src.parent, loc, "graph's folder")
+        if problem or not data.is_file():
+            raise BundleError(f"{src}: names external data '{loc}', which is not a file beside it"
+                              f"{f' ({problem})' if problem else ''}.")
         (folder / loc).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(data, folder / loc)
         placed.append(folder / loc)

@@ -97,7 +97,7 @@ def plan(manifest: dict[str, Any], name: str | None = None, backend: str = "nati
     if batch is not None:
         first = manifest["model"]["inputs"][0]["shapes"]
         max_batch = int(first["max"][0])
-        preferred = sorted({int(first["opt"][0]), max_batch})
+        preferred = sorted({int(first["opt"][0]), max_batch} - {1})  # 1 would dispatch each request alone
         for c, spec in comps.items():
             for side in ("inputs", "outputs"):
                 for t in spec[side]:

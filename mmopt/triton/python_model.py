@@ -55,12 +55,16 @@ class TritonPythonModel:
         self.concatenate = params.get("batching") == "concatenate" and int(cfg.get("max_batch_size", 0)) > 0
 
     def execute(self, requests):
-        feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs} for r in requests]
         responses = [None] * len(requests)
-        groups = {}
-        for i, feed in enumerate(feeds):
+        feeds, groups = {}, {}
+        for i, r in enumerate(requests):
+            try:
+                feeds[i] = {n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs}
+            except Exception as e:  # a request missing an input: it alone fails
+                responses[i] = self._error(e)
+                continue
             # Triton merges only requests of equal shapes; grouping again keeps this right whatever it sends
-            key = tuple(feed[n].shape[1:] for n in self.inputs) if self.concatenate else i
+            key = tuple(feeds[i][n].shape[1:] for n in self.inputs) if self.concatenate else i
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             try:
@@ -70,14 +74,21 @@ class TritonPythonModel:
                     merged = self._run({n: np.concatenate([feeds[i][n] for i in members]) for n in self.inputs})
                     sizes = np.cumsum([feeds[i][self.inputs[0]].shape[0] for i in members])[:-1]
                     outs = [dict(zip(merged, parts)) for parts in zip(*(np.split(a, sizes) for a in merged.values()))]
-                for i, out in zip(members, outs):
+            except Exception:  # one request the graph cannot take spoils the merged run: each runs alone
+                outs = None
+            for k, i in enumerate(members):
+                try:
+                    out = outs[k] if outs is not None else self._run(feeds[i])
                     asked = requests[i].requested_output_names() or self.outputs
                     responses[i] = pb_utils.InferenceResponse(
                         output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(out[n])) for n in asked])
-            except Exception as e:  # an input the graph cannot take: this group's requests fail, the model stays up
-                for i in members:
-                    responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e)))
+                except Exception as e:  # an input the graph cannot take: that request fails, the model stays up
+                    responses[i] = self._error(e)
         return responses
+
+    @staticmethod
+    def _error(e):
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e)))
 
     def _run(self, feed):
         return dict(zip(self.outputs, self.session.run(self.outputs, feed)))

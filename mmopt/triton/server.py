@@ -107,6 +107,7 @@ class LocalServer:
         self.http_port, self.grpc_port, self.metrics_port = ports
         self.ready_s: float | None = None  # spawn -> ready
         self.stop_s: float | None = None
+        self.leftover_shm: list[str] = []  # shm regions the server left behind at its stop (then removed)
 
     @property
     def http_url(self) -> str:
@@ -135,8 +136,13 @@ class LocalServer:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the stubs go with it
-                self.proc.wait(timeout=10)
+                pass
+        try:  # its own session: whatever of it is left (the server past its timeout, stubs it left) goes
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(timeout=10)
+        self.leftover_shm = sorted(p.name for p in Path("/dev/shm").glob(f"{self.shm_prefix}*"))
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             region.unlink(missing_ok=True)
         self.stop_s = time.perf_counter() - t0
@@ -185,15 +191,20 @@ def start(repo: str | os.PathLike, workdir: str | os.PathLike, venv_dir: str | o
                                 start_new_session=True)
     server = LocalServer(proc, ports, log, shm_prefix, t0)
     ready = f"http://127.0.0.1:{ports[0]}/v2/health/ready"
-    while time.perf_counter() - t0 < ready_timeout:
-        if proc.poll() is not None:
+    try:
+        while time.perf_counter() - t0 < ready_timeout:
+            if proc.poll() is not None:
+                server.stop()
+                raise TritonServerError(f"tritonserver exited with {proc.returncode} before it was ready:\n"
+                                        + "\n".join(server.errors()[-12:]) + f"\n(log: {log})")
+            if _status(ready) == 200:
+                server.ready_s = time.perf_counter() - t0
+                return server
+            time.sleep(0.05)
+    except BaseException:  # Ctrl-C while waiting: its own session never sees it, so stop it here
+        if proc.poll() is None:
             server.stop()
-            raise TritonServerError(f"tritonserver exited with {proc.returncode} before it was ready:\n"
-                                    + "\n".join(server.errors()[-12:]) + f"\n(log: {log})")
-        if _status(ready) == 200:
-            server.ready_s = time.perf_counter() - t0
-            return server
-        time.sleep(0.05)
+        raise
     server.stop()
     raise TritonServerError(f"tritonserver was not ready after {ready_timeout:.0f} s and was stopped:\n"
                             + "\n".join(server.errors()[-12:]) + f"\n(log: {log})")

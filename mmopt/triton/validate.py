@@ -18,12 +18,13 @@ Every problem names the file and the field; all of them are reported at once (``
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from mmopt.errors import BackendUnavailable, TritonRepositoryError
+from mmopt_runtime.package import sha256_file
+from mmopt_runtime.paths import escape
 
 CONFIG = "config.pbtxt"
 MARKER = "mmopt-triton.json"
@@ -163,6 +164,13 @@ def _model(root: Path, m: Model, mc: Any) -> list[str]:
 def _files(folder: Path, rel: str, c: Any, mc: Any) -> list[str]:
     kind = c.platform or c.backend
     params = {k: v.string_value for k, v in c.parameters.items()}
+    named = [("default_model_filename", c.default_model_filename), ("parameters onnx_file", params.get("onnx_file")),
+             *((f"cc_model_filenames {k}", v) for k, v in c.cc_model_filenames.items())]
+    escapes = [f"{rel.rpartition('/')[0]}/{CONFIG}: {field} {name!r} {problem}; a model's files sit in its version "
+               "folder."
+               for field, name in named if name for _, problem in [escape(folder, name, "version folder")] if problem]
+    if escapes:
+        return escapes
     if kind in ("onnxruntime_onnx", "onnxruntime"):
         name = c.default_model_filename or "model.onnx"
         return _onnx(folder / name, f"{rel}/{name}", c, mc)
@@ -247,6 +255,11 @@ def _graph_io(proto: Any, rel: str, c: Any, mc: Any, exact_inputs: bool) -> list
                 out.append(f"{rel}: {side} '{t.name}' is {dtype or 'a type Triton has no name for'} in the graph, "
                            f"{want} in the config.")
             full = batch + list(t.dims)
+            if batch and dims and dims[0] != -1:
+                out.append(f"{rel}: {side} '{t.name}' has a fixed batch axis ({dims[0]}) in the graph; with "
+                           "max_batch_size > 0 Triton batches on axis 0, so it must be dynamic. Export it with a "
+                           "dynamic batch dim, or set max_batch_size: 0 and full dims.")
+                continue
             if len(dims) != len(full) or any(g != -1 and w != -1 and g != w for g, w in zip(dims, full)):
                 out.append(f"{rel}: {side} '{t.name}' has shape {dims} in the graph (-1: dynamic); the config's "
                            f"dims give {full}" + (" (the batch axis first, as max_batch_size > 0)" if batch else "")
@@ -258,12 +271,7 @@ def _graph_io(proto: Any, rel: str, c: Any, mc: Any, exact_inputs: bool) -> list
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
 def _ensemble(e: Model, models: dict[str, Model], mc: Any) -> list[str]:
