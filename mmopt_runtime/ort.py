@@ -20,11 +20,14 @@ def available_devices() -> list[str]:
 
 
 def session(model: str | Path | bytes | Any, device: str = "cpu", threads: int | None = None,
-            level: str = "ORT_ENABLE_ALL", config: dict[str, str] | None = None) -> Any:
+            level: str = "ORT_ENABLE_ALL", config: dict[str, str] | None = None,
+            external: dict[str, bytes] | None = None) -> Any:
     """An ``InferenceSession`` on ``model`` (a path, serialised bytes or an ``onnx.ModelProto``).
 
     ``threads`` pins intra-op threads (inter-op to 1); ``level`` is a ``GraphOptimizationLevel`` name;
-    ``config`` holds session config entries, e.g. ``{"session.intra_op.allow_spinning": "0"}``.
+    ``config`` holds session config entries, e.g. ``{"session.intra_op.allow_spinning": "0"}``;
+    ``external`` the bytes of the external data files a graph in bytes names ({location: data}), so they are
+    read from memory (from the very bytes a caller hashed), never from disk.
     """
     import onnxruntime as ort
 
@@ -36,6 +39,12 @@ def session(model: str | Path | bytes | Any, device: str = "cpu", threads: int |
         so.inter_op_num_threads = 1
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
+    if external:
+        import numpy as np
+
+        names = list(external)
+        so.add_external_initializers_from_files_in_memory(
+            names, [np.frombuffer(external[n], dtype=np.uint8) for n in names], [len(external[n]) for n in names])
     source = model.SerializeToString() if hasattr(model, "SerializeToString") else \
         (model if isinstance(model, bytes) else str(model))
     return ort.InferenceSession(source, so, providers=[PROVIDERS[device]])

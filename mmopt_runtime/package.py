@@ -70,13 +70,16 @@ class _Graph:
     session is made from the very bytes whose sha256 was checked, never from the path: a file swapped after
     the check is never loaded, and a graph naming external data files (which no hash covers) fails to load."""
 
-    def __init__(self, name: str | None, path: Path, data: bytes, spec: dict[str, Any], threads: int | None):
+    def __init__(self, name: str | None, path: Path, data: bytes, spec: dict[str, Any], threads: int | None,
+                 external: dict[str, bytes] | None = None):
         self.what = "the merged graph" if name is None else f"component '{name}'"  # None: the merged graph
         try:
-            self.session = session(data, threads=threads, config={"session.intra_op.allow_spinning": "0"})
+            self.session = session(data, threads=threads, config={"session.intra_op.allow_spinning": "0"},
+                                   external=external)
         except Exception as e:
-            raise PackageError(f"{path}: ONNX Runtime cannot load {self.what} ({e}). A graph "
-                               "whose weights sit in external data files cannot be packaged.") from None
+            raise PackageError(f"{path}: ONNX Runtime cannot load {self.what} ({e}). Its external data files, if "
+                               "it has any, must be listed in the manifest (components.<c>.external_data): "
+                               "rebuild the package.") from None
         self.name = name
         self.outputs = [t["name"] for t in spec["outputs"]]
         problems = io_problems(self.session, {t["name"]: (t["dtype"], len(t["shape"])) for t in spec["inputs"]},
@@ -130,7 +133,7 @@ class Package:
             outputs = {t["name"]: f"merged:{t['name']}" for t in model["outputs"]}
         else:
             graphs = {c: _Graph(c, confined(root, spec["file"], f"components.{c}.file"), data[spec["file"]], spec,
-                                threads)
+                                threads, {loc: data[rel] for loc, rel in spec.get("external_data", {}).items()})
                       for c, spec in manifest["components"].items()}
             steps = [(key, graphs[c].infer, tuple(sources.items()),
                       {o["name"]: f"{key}:{o['name']}" for o in spec["outputs"]})
@@ -332,6 +335,9 @@ def check_structure(root: Path, manifest: dict[str, Any]) -> None:
     for c, spec in manifest["components"].items():
         if not isinstance(spec, dict) or not isinstance(spec.get("file"), str):
             raise bad(f"components.{c}", "is not a component with a file")
+        ext = spec.get("external_data", {})
+        if not isinstance(ext, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ext.items()):
+            raise bad(f"components.{c}.external_data", "is not a table of location -> packaged file")
         ins = {t["name"] for t in tensors(spec.get("inputs"), f"components.{c}.inputs")}
         outs = {t["name"] for t in tensors(spec.get("outputs"), f"components.{c}.outputs")}
         calls = spec.get("calls")
@@ -383,6 +389,7 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
     Returns the bytes that were hashed: they are what gets loaded."""
     files = manifest["files"]
     used = [spec["file"] for spec in manifest["components"].values()] + [manifest["golden"]["file"]] + \
+        [rel for spec in manifest["components"].values() for rel in spec.get("external_data", {}).values()] + \
         ([manifest["merged"]["file"]] if manifest.get("merged") else [])
     unlisted = [f for f in used if f not in files]
     if unlisted:

@@ -24,7 +24,7 @@ import os
 import shutil
 import tarfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -86,14 +86,24 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
     try:
         with progress.task(f"package {' '.join(f'{c}={p}' for c, p in chosen.items())}", 3) as advance:
             files = {}
+            external: dict[str, dict[str, str]] = {}
             for comp, art in artifacts.items():
                 src = manifest.file(bundle, art)
-                _single_file(src, comp)
                 shutil.copy2(src, stage / art.file)
                 files[art.file] = sha256_file(stage / art.file)
                 if files[art.file] != art.sha256:
                     raise BundleError(f"{src}: changed since the bundle was verified (sha256 differs from its "
                                       "manifest). Run `mmopt verify` and re-export.")
+                external[comp] = {}
+                for loc, data in external_data(src, comp).items():  # a graph over 2 GB keeps its weights beside it
+                    rel = (PurePosixPath(art.file).parent / loc).as_posix()
+                    if rel in files:
+                        raise UsageError(f"{data}: external data '{loc}' of component '{comp}' has the name of "
+                                         "another packaged file; re-export with distinct data file names.")
+                    (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(data, stage / rel)
+                    files[rel] = sha256_file(stage / rel)
+                    external[comp][loc] = rel
             advance(1, doing="golden samples")
             golden_in, source = golden_inputs(spec, split)
             golden_out = _eager(ref.model, split, golden_in)
@@ -109,6 +119,7 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
                              "outputs": [t.to_json() for t in split.model_outputs],
                              "output_sources": dict(split.output_sources)},
                    "components": {c: {"file": artifacts[c].file, "precision": chosen[c], "kind": s.kind,
+                                      **({"external_data": external[c]} if external[c] else {}),
                                       "inputs": [t.to_json() for t in s.inputs],
                                       "outputs": [t.to_json() for t in s.outputs],
                                       "calls": [[key, dict(src)] for key, src in s.calls()]}
@@ -227,13 +238,22 @@ def check_merged(stage: Path, doc: dict[str, Any], split: Package, golden: dict[
                             if want[n].size else 0.0 for n in want)}
 
 
-def _single_file(path: Path, comp: str) -> None:
+def external_data(path: Path, comp: str) -> dict[str, Path]:
+    """The external data files ``path``'s graph names (location -> file), each a plain path beside it."""
     import onnx
 
+    from mmopt_runtime.paths import escape
+
     proto = onnx.load(str(path), load_external_data=False)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
-        raise UsageError(f"{path}: component '{comp}' keeps its weights in external data files (a graph over 2 GB); "
-                         "packages hold single-file graphs only, for now.")
+    out = {}
+    for loc in sorted({e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                       for e in t.external_data if e.key == "location"}):
+        data, problem = escape(path.parent, loc, "graph's folder")
+        if problem or not data.is_file():
+            raise BundleError(f"{path}: component '{comp}' names external data '{loc}', which "
+                              f"{problem or 'is missing'}. Re-export the bundle.")
+        out[loc] = data
+    return out
 
 
 def _ordered(components: dict[str, Any]) -> dict[str, Any]:
