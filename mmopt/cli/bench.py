@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
+from mmopt.cli import options
 from rich.markup import escape
 
 from mmopt.errors import UsageError
@@ -35,9 +37,7 @@ def bench(
     config: Path = typer.Option(None, "--config", help="mmopt.toml to rebuild the eager model from, instead of "
                                                        "the one the bundle was exported from."),
     out: Path = typer.Option(Path("bench-report"), "--out", "-o", help="Folder for report.json, report.md, report.png."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
-                                          help="Allow a .pt checkpoint that needs pickled code (only for files "
-                                               "you trust: unpickling can run arbitrary code)."),
+    trust_checkpoint: bool = options.trust_checkpoint(),
 ) -> None:
     """Bench eager PyTorch and every artifact of a bundle on every backend here; exit 1 when a gate fails.
 

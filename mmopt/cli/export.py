@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
+from mmopt.cli import options
 from rich.markup import escape
 
 from mmopt.cli.tables import parity_table, summary_table
@@ -16,9 +18,7 @@ def register(app: typer.Typer) -> None:
 def export(
     config: Path = typer.Argument(..., help="mmopt.toml describing the model (see docs/config.md)."),
     out: Path = typer.Option(Path("build"), "--out", "-o", help="Bundle folder to write (replaced atomically)."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
-                                          help="Allow a .pt checkpoint that needs pickled code. Only for files "
-                                               "you trust: unpickling can run arbitrary code."),
+    trust_checkpoint: bool = options.trust_checkpoint(),
     engine: bool = typer.Option(False, "--engine",
                                 help="Also build TensorRT engines for every graph in the bundle (same as "
                                      "`mmopt build OUT` afterwards). Needs TensorRT and an NVIDIA GPU: checked "

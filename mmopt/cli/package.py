@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from mmopt.cli import options
 from rich.markup import escape
 
 
@@ -25,9 +27,7 @@ def package(
                                             help="Sign the package with this PEM elliptic-curve private key "
                                                  "(OpenSSF model-signing; pip install 'mmopt[sign]'). Devices "
                                                  "then check it with `mmopt-run --public-key`."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
-                                          help="Allow a .pt checkpoint that needs pickled code (only for files "
-                                               "you trust)."),
+    trust_checkpoint: bool = options.trust_checkpoint(),
 ) -> None:
     r"""Write one policy of a bundle as a deployment package, self-tested by the device runtime.
 

@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from mmopt.cli import options
 from rich.markup import escape
 from rich.table import Table
 
@@ -47,9 +49,7 @@ def prune(
                                     help="Also make the pruned components' Conv / Linear weights 2:4 sparse (two "
                                          "largest of every four input weights kept, held through recovery) for "
                                          "TensorRT's sparse kernels: then `mmopt build --sparse` on an Ampere+ GPU."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
-                                          help="Allow a .pt checkpoint that needs pickled code (only for files "
-                                               "you trust)."),
+    trust_checkpoint: bool = options.trust_checkpoint(),
 ) -> None:
     r"""Prune whole channels of components to a share of their MACs, then recover them without labels.
 

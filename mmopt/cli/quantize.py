@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
+from mmopt.cli import options
 from rich.markup import escape
 
 from mmopt.cli import tables
@@ -36,9 +38,7 @@ def quantize(
     precision: list[str] = typer.Option([], "--precision", "-p", metavar="COMP=PREC",
                                         help="Override \\[precision] for this run (repeatable): fp32, fp16, int8, "
                                              "int8-cpu, int8-dynamic, auto."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
-                                          help="Allow a .pt checkpoint that needs pickled code (only for files "
-                                               "you trust)."),
+    trust_checkpoint: bool = options.trust_checkpoint(),
     no_sensitivity: bool = typer.Option(False, "--no-sensitivity",
                                         help="Skip the report of each int8 node's contribution to the output "
                                              "error (it costs one pipeline run per quantized node)."),

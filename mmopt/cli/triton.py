@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from mmopt.cli import options
 from rich.markup import escape
 
 
@@ -39,8 +41,7 @@ def triton(
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="For a bundle: mmopt.toml to read the golden samples' data from. "
                                                "Default: the config the bundle was exported from."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
-                                          help="For a bundle: allow a .pt checkpoint that needs pickled code."),
+    trust_checkpoint: bool = options.trust_checkpoint("For a bundle: "),
     public_key: Optional[Path] = typer.Option(None, "--public-key",
                                               help="For a signed package: the public key its signature must verify "
                                                    "with (`mmopt package --sign-key`)."),
