@@ -39,9 +39,18 @@ def session(model: str | Path | bytes | Any, device: str = "cpu", threads: int |
         so.inter_op_num_threads = 1
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
+    if isinstance(model, bytes):
+        # a graph in bytes naming external data would otherwise be read from the working directory: point ONNX
+        # Runtime at a folder that cannot exist, so only the data handed over here (hashed by the caller) loads
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                    "/nonexistent/mmopt-external-data-comes-from-memory-only")
     if external:
         import numpy as np
 
+        if not hasattr(so, "add_external_initializers_from_files_in_memory"):
+            raise RuntimeError(f"onnxruntime {ort.__version__} cannot read external data from memory (it has no "
+                               "SessionOptions.add_external_initializers_from_files_in_memory); upgrade onnxruntime "
+                               "(1.32 has it)")
         names = list(external)
         so.add_external_initializers_from_files_in_memory(
             names, [np.frombuffer(external[n], dtype=np.uint8) for n in names], [len(external[n]) for n in names])

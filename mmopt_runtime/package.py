@@ -67,8 +67,10 @@ def confined(root: Path, rel: Any, field: str) -> Path:
 
 class _Graph:
     """One component's ONNX graph on ONNX Runtime, checked against the manifest's inputs and outputs. The
-    session is made from the very bytes whose sha256 was checked, never from the path: a file swapped after
-    the check is never loaded, and a graph naming external data files (which no hash covers) fails to load."""
+    session is made from the very bytes whose sha256 was checked, never from the path, and so is its external
+    data (``external``: location -> the hashed bytes of the file the manifest lists): a file swapped after the
+    check is never loaded, and data the manifest does not list is never read from disk (not even from the
+    working directory), so such a graph fails to load."""
 
     def __init__(self, name: str | None, path: Path, data: bytes, spec: dict[str, Any], threads: int | None,
                  external: dict[str, bytes] | None = None):
@@ -77,9 +79,10 @@ class _Graph:
             self.session = session(data, threads=threads, config={"session.intra_op.allow_spinning": "0"},
                                    external=external)
         except Exception as e:
-            raise PackageError(f"{path}: ONNX Runtime cannot load {self.what} ({e}). Its external data files, if "
-                               "it has any, must be listed in the manifest (components.<c>.external_data): "
-                               "rebuild the package.") from None
+            hint = "" if "upgrade onnxruntime" in str(e) else (
+                " Its external data files, if it has any, must be listed in the manifest "
+                "(components.<c>.external_data): rebuild the package.")
+            raise PackageError(f"{path}: ONNX Runtime cannot load {self.what} ({e}).{hint}") from None
         self.name = name
         self.outputs = [t["name"] for t in spec["outputs"]]
         problems = io_problems(self.session, {t["name"]: (t["dtype"], len(t["shape"])) for t in spec["inputs"]},

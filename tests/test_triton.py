@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import types
 import re
 import shutil
 import sys
@@ -314,8 +315,12 @@ def test_an_external_data_graph_goes_in_a_model_onnx_folder(tmp_path):
               save_as_external_data=True, location="big.weights", size_threshold=0)
     version = tmp_path / "repo" / "big" / "1"
     version.mkdir(parents=True)
-    placed = place_onnx(src, version)
-    assert [p.relative_to(version).as_posix() for p in placed] == ["model.onnx/model.onnx", "model.onnx/big.weights"]
+    # the package manifest's part place_onnx reads (tests/test_package.py writes one from a real package)
+    pkg = types.SimpleNamespace(root=src.parent, manifest={"components": {"big": {
+        "file": "big.onnx", "external_data": {"big.weights": "big.weights"}}}})
+    placed = place_onnx(pkg, "big", version)
+    assert [(p.relative_to(version).as_posix(), listed) for p, listed in placed] == [
+        ("model.onnx/model.onnx", "big.onnx"), ("model.onnx/big.weights", "big.weights")]
     x = np.ones((2, 8), np.float32)
     y = ort.InferenceSession(str(version / "model.onnx" / "model.onnx")).run(None, {"x": x})[0]
     np.testing.assert_array_equal(y, x @ np.arange(64, dtype=np.float32).reshape(8, 8))
@@ -375,3 +380,64 @@ def test_a_signed_package_is_served_only_with_its_public_key(toy_bundle, tmp_pat
     assert json.loads((r.folder / "mmopt-triton.json").read_text())["package"]["signature_verified"] is True
     with pytest.raises(UsageError, match="--public-key checks a signed package"):
         api.triton(toy_bundle.bundle, None, tmp_path / "other", public_key=pub)
+
+
+def test_the_python_model_fails_only_the_request_its_graph_cannot_take(tmp_path, monkeypatch):
+    """model.py's execute on a list of requests, as Triton's dynamic batcher hands it: equal shapes merged, one
+    bad request among them failing alone. triton_python_backend_utils exists only inside the server, so this
+    uses a minimal stand-in of the five names model.py calls (a fake, named as such); the real server runs it in
+    tests/test_triton_server.py."""
+    import importlib.util
+    import sys
+    import types
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    fake = types.ModuleType("triton_python_backend_utils")  # FAKE: the python backend's own module
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+        def as_numpy(self):
+            return self.array
+
+    class Request:
+        def __init__(self, **tensors):
+            self.tensors = {n: Tensor(n, a) for n, a in tensors.items()}
+
+        def requested_output_names(self):
+            return []
+
+    class Response:
+        def __init__(self, output_tensors, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    fake.Tensor, fake.InferenceResponse, fake.TritonError = Tensor, Response, str
+    fake.TritonModelException = RuntimeError
+    fake.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    spec = importlib.util.spec_from_file_location("mmopt_triton_model_py", ROOT / "mmopt" / "triton" / "python_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    table = np.arange(10, dtype=np.float32).reshape(5, 2)
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"])], "g",
+                              [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["b"])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 2])],
+                              initializer=[numpy_helper.from_array(table, "table")])
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m" / "1" / "model.onnx"))
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({
+        "input": [{"name": "ids"}], "output": [{"name": "y"}], "max_batch_size": 8,
+        "parameters": {"onnx_file": {"string_value": "model.onnx"}, "batching": {"string_value": "concatenate"}}}),
+        "model_repository": str(tmp_path / "m"), "model_version": "1"})
+    ids = [np.array([1]), np.array([99]), np.array([3, 4]), None]  # the second is past the table; the last lacks ids
+    requests = [Request(ids=i) if i is not None else Request() for i in ids]
+    responses = model.execute(requests)
+    assert [r.error is None for r in responses] == [True, False, True, False]
+    np.testing.assert_array_equal(responses[0].output_tensors[0].array, table[[1]])
+    np.testing.assert_array_equal(responses[2].output_tensors[0].array, table[[3, 4]])
+    assert "out of data bounds" in responses[1].error  # the merged run failed; each was retried alone

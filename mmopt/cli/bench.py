@@ -54,13 +54,13 @@ def bench(
                   inputs=inputs, config=config, trust_checkpoint=trust_checkpoint, gate_on=gate_on)
 
 
-def run_and_print(bundle: Path, out: Path, **options: Any) -> None:
+def run_and_print(bundle: Path, out: Path, **settings: Any) -> None:
     """Bench, print the table and where the reports are, then exit 1 if a gate failed (also for `mmopt demo`)."""
     from mmopt import api
     from mmopt.cli import console
     from mmopt.progress import RichProgress
 
-    result = api.bench(bundle, out, check=False, progress=RichProgress(console), **options)
+    result = api.bench(bundle, out, check=False, progress=RichProgress(console), **settings)
     print_result(result.report, result.files)
     result.raise_for_gates()
 

@@ -38,6 +38,7 @@ from mmopt_runtime import signing
 from mmopt_runtime.package import FORMAT, KIND, MANIFEST, Package, PackageError, sha256_file
 
 GOLDEN_ROWS = 4
+RESERVED = (MANIFEST, "golden.npz", "package.sig")  # names a component's data file may not take
 
 
 @dataclasses.dataclass
@@ -97,12 +98,16 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
                 external[comp] = {}
                 for loc, data in external_data(src, comp).items():  # a graph over 2 GB keeps its weights beside it
                     rel = (PurePosixPath(art.file).parent / loc).as_posix()
-                    if rel in files:
+                    if rel in files or rel in RESERVED:
                         raise UsageError(f"{data}: external data '{loc}' of component '{comp}' has the name of "
                                          "another packaged file; re-export with distinct data file names.")
                     (stage / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(data, stage / rel)
                     files[rel] = sha256_file(stage / rel)
+                    recorded = (art.extra or {}).get("external_data") or {}
+                    if recorded.get("file") == rel and recorded.get("sha256") != files[rel]:
+                        raise BundleError(f"{data}: changed since the bundle was verified (sha256 differs from the "
+                                          f"external data its manifest records for '{art.id}'). Re-export.")
                     external[comp][loc] = rel
             advance(1, doing="golden samples")
             golden_in, source = golden_inputs(spec, split)
@@ -200,6 +205,11 @@ def add_merged(stage: Path, doc: dict[str, Any]) -> dict[str, Any]:
     if calls < 2:
         return {"reason": "one component call: its graph already is the whole model"}
     name = next(n for n in ("merged.onnx", *(f"merged.{i}.onnx" for i in range(2, 99))) if n not in doc["files"])
+    size = sum(len(spec["calls"]) * sum((stage / f).stat().st_size
+                                        for f in [spec["file"], *spec.get("external_data", {}).values()])
+               for spec in doc["components"].values())
+    if size > 2 ** 31 - 1:  # before loading anything: the joined graph could not be one protobuf anyway
+        return {"reason": f"the joined graph would be {size / 2 ** 30:.1f} GiB, over protobuf's 2 GiB"}
     try:
         proto = merge(doc["components"], doc["model"],
                       {c: onnx.load(str(stage / spec["file"])) for c, spec in doc["components"].items()})

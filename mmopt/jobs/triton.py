@@ -68,8 +68,8 @@ def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *
                          "samples.")
     if what == "bundle" and public_key is not None:
         raise UsageError("--public-key checks a signed package; a bundle is packaged here, unsigned.")
+    recover(out)  # first: a killed run's old repository back in place is what check_out must judge
     check_out(out, source)
-    recover(out)
     with tempfile.TemporaryDirectory(prefix="mmopt-triton-") as tmp:
         folder = source
         if what == "bundle":
@@ -127,7 +127,7 @@ def _label(policy: dict[str, str]) -> str:
 def source_kind(source: Path) -> str:
     if not source.is_dir():
         raise UsageError(f"{source}: no such folder; give a bundle (`mmopt export`) or a package (`mmopt package`).")
-    if _kind(source / PACKAGE_MANIFEST) == PACKAGE_KIND:
+    if manifest_kind(source / PACKAGE_MANIFEST) == PACKAGE_KIND:
         return "package"
     if is_bundle(source):
         return "bundle"
@@ -138,11 +138,10 @@ def source_kind(source: Path) -> str:
                      "(package.json, from `mmopt package`). Give one of those folders.")
 
 
-_kind = manifest_kind
 
 
 def is_repository(folder: Path) -> bool:
-    return _kind(folder / validate.MARKER) == KIND
+    return manifest_kind(folder / validate.MARKER) == KIND
 
 
 def check_out(out: Path, source: Path) -> None:
@@ -178,12 +177,11 @@ def write(stage: Path, plan: triton_config.Plan, pkg: Package, source: Path | No
         version = stage / member.name / "1"
         version.mkdir(parents=True)
         src = confined(pkg.root, spec["file"], f"components.{comp}.file")
-        for path in place_onnx(src, version):
+        for path, listed in place_onnx(pkg, comp, version):
             files[path.relative_to(stage).as_posix()] = sha256_file(path)
-        graph = version / "model.onnx"
-        if graph.is_file() and files[f"{member.name}/1/model.onnx"] != pkg.manifest["files"][spec["file"]]:
-            raise BundleError(f"{src}: changed since the package was verified (sha256 differs from package.json). "
-                              "Copy the package again or rebuild it.")
+            if files[path.relative_to(stage).as_posix()] != pkg.manifest["files"][listed]:
+                raise BundleError(f"{pkg.root / listed}: changed since the package was verified (sha256 differs "
+                                  "from package.json). Copy the package again or rebuild it.")
         if plan.backend == "python":
             (version / "model.py").write_bytes(script)
             files[f"{member.name}/1/model.py"] = sha256_file(version / "model.py")
@@ -212,27 +210,25 @@ def write(stage: Path, plan: triton_config.Plan, pkg: Package, source: Path | No
     (stage / validate.MARKER).write_text(json.dumps(marker, indent=1) + "\n")
 
 
-def place_onnx(src: Path, version: Path) -> list[Path]:
-    """The graph as Triton's ONNX Runtime backend wants it: ``model.onnx``, or a ``model.onnx/`` folder holding
-    ``model.onnx`` and the external data files it names (each confined to the graph's own folder)."""
-    import onnx
-
-    proto = onnx.load(str(src), load_external_data=False)
-    locations = sorted({e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-                        for e in t.external_data if e.key == "location"})
-    if not locations:
+def place_onnx(pkg: Package, comp: str, version: Path) -> list[tuple[Path, str]]:
+    """Component ``comp``'s graph as Triton's ONNX Runtime backend wants it: ``model.onnx``, or a ``model.onnx/``
+    folder holding ``model.onnx`` and the external data files the package lists for it. Returns each placed
+    file with the package file it came from (for the hash check)."""
+    spec = pkg.manifest["components"][comp]
+    src = confined(pkg.root, spec["file"], f"components.{comp}.file")
+    external = spec.get("external_data", {})
+    if not external:
         shutil.copy2(src, version / "model.onnx")
-        return [version / "model.onnx"]
+        return [(version / "model.onnx", spec["file"])]
     folder = version / "model.onnx"
     folder.mkdir()
     shutil.copy2(src, folder / "model.onnx")
-    placed = [folder / "model.onnx"]
-    for loc in locations:
-        data, problem = escape(src.parent, loc, "graph's folder")
-        if problem or not data.is_file():
-            raise BundleError(f"{src}: names external data '{loc}', which is not a file beside it"
-                              f"{f' ({problem})' if problem else ''}.")
-        (folder / loc).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(data, folder / loc)
-        placed.append(folder / loc)
+    placed = [(folder / "model.onnx", spec["file"])]
+    for loc, rel in external.items():
+        dest, problem = escape(folder, loc, "model.onnx folder")
+        if problem:
+            raise BundleError(f"{src}: names external data '{loc}', which {problem}.")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(confined(pkg.root, rel, f"components.{comp}.external_data"), dest)
+        placed.append((dest, rel))
     return placed

@@ -6,7 +6,8 @@ python backend of Triton 2.51) and onnxruntime there, and nothing of mmopt. Its 
 config.pbtxt's ``parameters``:
 - ``onnx_file``: the graph in the version folder (a ``model.onnx/`` folder holds a graph with external data);
 - ``sha256``: the graph's digest; a graph that differs is refused, and the session is made from the very bytes
-  that were hashed (as the device runtime does);
+  that were hashed (as the device runtime does). A graph with external data (a ``model.onnx/`` folder) loads
+  from its path: its data files are covered by mmopt-triton.json's hashes (``mmopt triton --check``), not here;
 - ``intra_op_threads``: ONNX Runtime's threads per instance;
 - ``batching``: ``concatenate`` when requests may be merged (Triton's dynamic batcher hands ``execute`` a list
   of requests; this model concatenates those of equal shapes on axis 0, runs once and splits the outputs

@@ -202,7 +202,7 @@ def start(repo: str | os.PathLike, workdir: str | os.PathLike, venv_dir: str | o
                 return server
             time.sleep(0.05)
     except BaseException:  # Ctrl-C while waiting: its own session never sees it, so stop it here
-        if proc.poll() is None:
+        if server.stop_s is None:
             server.stop()
         raise
     server.stop()

@@ -187,7 +187,7 @@ def _files(folder: Path, rel: str, c: Any, mc: Any) -> list[str]:
             graph = folder / params["onnx_file"]
             out += _onnx(graph, f"{rel}/{params['onnx_file']}", c, mc, exact_inputs=True)
             path = graph / "model.onnx" if graph.is_dir() else graph
-            if not out and params.get("sha256") and _sha256(path) != params["sha256"]:
+            if not out and params.get("sha256") and sha256_file(path) != params["sha256"]:
                 out.append(f"{rel}/{params['onnx_file']}: sha256 differs from the config's parameter sha256: the "
                            "graph was changed. Write the repository again with `mmopt triton`.")
         return out
@@ -271,7 +271,6 @@ def _graph_io(proto: Any, rel: str, c: Any, mc: Any, exact_inputs: bool) -> list
     return out
 
 
-_sha256 = sha256_file
 
 
 def _ensemble(e: Model, models: dict[str, Model], mc: Any) -> list[str]:
@@ -389,7 +388,7 @@ def _marker(root: Path) -> list[str]:
             out.append(f"{MARKER}: files['{rel}'] points outside the repository.")
         elif not full.is_file():
             out.append(f"{rel}: missing; {MARKER} records it. Copy the whole repository, or write it again.")
-        elif _sha256(full) != digest:
+        elif sha256_file(full) != digest:
             out.append(f"{rel}: sha256 differs from {MARKER}: changed since `mmopt triton` wrote it (configs may be "
                        "edited; graphs and model.py may not). Write the repository again.")
     return out
