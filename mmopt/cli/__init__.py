@@ -90,5 +90,15 @@ def main() -> None:
         # The message is plain text: brackets such as mmopt[tensorrt] must not be read as markup.
         err_console.print(Text("error: ", style="bold red") + Text(str(e)), highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside Typer's own handling: the same quiet exit
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside Typer's own handling: the same exit
+        _say_interrupted()
         sys.exit(130)
+    except SystemExit as e:  # Typer's own handling of Ctrl-C / SIGTERM exits 130
+        if e.code == 130:
+            _say_interrupted()
+        raise
+
+
+def _say_interrupted() -> None:
+    err_console.print("interrupted: what this run had not finished was discarded; earlier output is as it was",
+                      style="yellow", highlight=False)
