@@ -8,7 +8,7 @@ A batch larger than the batch dim's max (the graphs' profile) is split, not refu
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -21,7 +21,12 @@ from mmopt.spec import ModelSpec
 
 def batch_dim(spec: ModelSpec) -> str | None:
     """The dim every input has as axis 0 (the batch), if there is one."""
-    firsts = {i.shape[0] if i.shape else None for i in spec.inputs.values()}
+    return shared_first_dim(i.shape for i in spec.inputs.values())
+
+
+def shared_first_dim(shapes: Iterable[Sequence[Any]]) -> str | None:
+    """The named dim that is axis 0 of every shape, if there is one (the batch, for model inputs)."""
+    firsts = {s[0] if s else None for s in shapes}
     dim = firsts.pop() if len(firsts) == 1 else None
     return dim if isinstance(dim, str) else None
 

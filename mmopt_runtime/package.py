@@ -32,7 +32,7 @@ from mmopt_runtime import signing
 from mmopt_runtime.compare import failures, measure
 from mmopt_runtime.paths import escape
 from mmopt_runtime.ort import fast_run, io_problems, session
-from mmopt_runtime.pipeline import Pipeline
+from mmopt_runtime.pipeline import Pipeline, manifest_calls
 
 KIND = "mmopt-package"
 FORMAT = 1
@@ -138,9 +138,8 @@ class Package:
             graphs = {c: _Graph(c, confined(root, spec["file"], f"components.{c}.file"), data[spec["file"]], spec,
                                 threads, {loc: data[rel] for loc, rel in spec.get("external_data", {}).items()})
                       for c, spec in manifest["components"].items()}
-            steps = [(key, graphs[c].infer, tuple(sources.items()),
-                      {o["name"]: f"{key}:{o['name']}" for o in spec["outputs"]})
-                     for c, spec in manifest["components"].items() for key, sources in spec["calls"]]
+            steps = [(key, graphs[c].infer, sources, outs)
+                     for key, c, sources, outs in manifest_calls(manifest["components"])]
             outputs = manifest["model"]["output_sources"]
         pkg = cls(root, manifest, Pipeline(steps, outputs), 0.0)
         pkg.graph = "merged" if one is not None else "split"

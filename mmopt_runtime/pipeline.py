@@ -39,6 +39,14 @@ class Pipeline:
         return {n: values[src] for n, src in self._outputs}
 
 
+def manifest_calls(components: dict[str, Any]) -> list[tuple[str, str, tuple[tuple[str, str], ...], dict[str, str]]]:
+    """Each call of a package manifest's components as a step of ``ordered``'s shape: (call key, component,
+    (input, source) pairs, {output: "<call key>:<output>"}), in manifest order. The runtime's pipeline, the
+    merged graph and Triton's ensemble all read the wiring through this."""
+    return [(key, comp, tuple(sources.items()), {t["name"]: f"{key}:{t['name']}" for t in spec["outputs"]})
+            for comp, spec in components.items() for key, sources in spec["calls"]]
+
+
 def ordered(steps: list[tuple]) -> list[tuple]:
     """``steps`` so that each runs after every step it reads from; otherwise in the given order."""
     made = {key for step in steps for key in step[3].values()}

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import compose, helper
 
-from mmopt_runtime.pipeline import ordered
+from mmopt_runtime.pipeline import manifest_calls, ordered
 
 LIMIT = 2 ** 31 - 1  # protobuf's message size limit
 
@@ -53,8 +53,7 @@ def merge(components: dict[str, dict[str, Any]], model: dict[str, Any], graphs: 
     sparse: list[onnx.SparseTensorProto] = []
     infos: list[onnx.ValueInfoProto] = []
     functions: dict[tuple[str, str], onnx.FunctionProto] = {}
-    calls = ordered([(key, comp, tuple(sources.items()), {t["name"]: f"{key}:{t['name']}" for t in spec["outputs"]})
-                     for comp, spec in components.items() for key, sources in spec["calls"]])
+    calls = ordered(manifest_calls(components))
     for key, comp, pairs, _ in calls:  # in wiring order: every node after the nodes it reads
         sources = dict(pairs)
         part = compose.add_prefix(graphs[comp], f"{key}/")

@@ -20,8 +20,9 @@ import textwrap
 from typing import Any
 
 from mmopt import dtypes
+from mmopt.data import shared_first_dim
 from mmopt.errors import UsageError
-from mmopt_runtime.pipeline import WiringError, ordered
+from mmopt_runtime.pipeline import WiringError, manifest_calls, ordered
 
 BACKENDS = ("native", "python")
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
@@ -69,10 +70,8 @@ def default_name(manifest: dict[str, Any]) -> str:
 
 
 def batch_dim(manifest: dict[str, Any]) -> str | None:
-    """The dim every model input has as axis 0, if there is one."""
-    firsts = {t["shape"][0] if t["shape"] else None for t in manifest["model"]["inputs"]}
-    dim = firsts.pop() if len(firsts) == 1 else None
-    return dim if isinstance(dim, str) else None
+    """The dim every model input has as axis 0, if there is one (``mmopt.data.batch_dim`` for a package)."""
+    return shared_first_dim(t["shape"] for t in manifest["model"]["inputs"])
 
 
 def plan(manifest: dict[str, Any], name: str | None = None, backend: str = "native", batching: bool = True,
@@ -204,12 +203,8 @@ def ensemble_config(name: str, manifest: dict[str, Any], members: dict[str, str]
             raise UsageError(f"model outputs '{other}' and '{out}' are the same tensor ({src}); a Triton ensemble "
                              "names each tensor once. Return it once from the model.")
         tensor_of[src] = out
-    calls = []
-    for c, spec in manifest["components"].items():
-        for key, sources in spec["calls"]:
-            calls.append((key, c, tuple(sources.items()), {o["name"]: f"{key}:{o['name']}" for o in spec["outputs"]}))
     try:
-        calls = ordered(calls)
+        calls = ordered(manifest_calls(manifest["components"]))
     except WiringError as e:
         raise UsageError(f"the package's wiring cannot be an ensemble: {e}.") from None
     for _, _, sources, _ in calls:
