@@ -218,7 +218,8 @@ def test_a_merged_graph_that_differs_from_the_split_pipeline_is_dropped_with_the
     (stage / "package.json").write_text(json.dumps(doc))
     with np.load(stage / "golden.npz") as g:
         golden = {k[len("input/"):]: g[k] for k in g.files if k.startswith("input/")}
-    result = check_merged(stage, doc, Package.load(stage, merged=False), golden)
+    result, served = check_merged(stage, doc, Package.load(stage, merged=False), golden)
+    assert served is None
     assert result["reason"].startswith("the merged graph ")  # differs, or fails its own golden self-test
     assert not (stage / "merged.onnx").exists() and "merged.onnx" not in doc["files"]
     assert json.loads((stage / "package.json").read_text())["merged"] is None

@@ -146,9 +146,8 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
                 raise BundleError(f"the package failed its own self-test before it was written: {e}") from None
             selftest = split_pkg.selftest_result
             if doc["merged"] is not None:
-                merged = check_merged(stage, doc, split_pkg, golden_in)
-                if doc["merged"] is not None:
-                    selftest = Package.load(stage).selftest_result
+                merged, served = check_merged(stage, doc, split_pkg, golden_in)
+                selftest = served or selftest
             if sign_key is not None:  # last: the signature covers every file as it will ship
                 try:
                     signing.sign(stage, sign_key)
@@ -223,9 +222,11 @@ def add_merged(stage: Path, doc: dict[str, Any]) -> dict[str, Any]:
     return {"file": name}
 
 
-def check_merged(stage: Path, doc: dict[str, Any], split: Package, golden: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The merged graph against the split pipeline on the golden inputs, with the policy's gate. On a
-    mismatch the merged graph is dropped (the split graphs serve) and the reason returned."""
+def check_merged(stage: Path, doc: dict[str, Any], split: Package,
+                 golden: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The merged graph against the split pipeline on the golden inputs, with the policy's gate: (what was
+    kept, the merged package's own self-test result). On a mismatch the merged graph is dropped (the split
+    graphs serve) and the reason returned, with no self-test result."""
     from mmopt_runtime.compare import failures, measure
 
     try:
@@ -242,22 +243,22 @@ def check_merged(stage: Path, doc: dict[str, Any], split: Package, golden: dict[
         del doc["files"][doc["merged"]["file"]]
         doc["merged"] = None
         (stage / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
-        return {"reason": reason}
+        return {"reason": reason}, None
     return {"file": doc["merged"]["file"],
             "vs_split": max(float(np.max(np.abs(want[n].astype(np.float64) - got[n].astype(np.float64))))
-                            if want[n].size else 0.0 for n in want)}
+                            if want[n].size else 0.0 for n in want)}, whole.selftest_result
 
 
 def external_data(path: Path, comp: str) -> dict[str, Path]:
     """The external data files ``path``'s graph names (location -> file), each a plain path beside it."""
     import onnx
 
+    from mmopt.stages.graph import external_locations
     from mmopt_runtime.paths import escape
 
     proto = onnx.load(str(path), load_external_data=False)
     out = {}
-    for loc in sorted({e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-                       for e in t.external_data if e.key == "location"}):
+    for loc in external_locations(proto):
         data, problem = escape(path.parent, loc, "graph's folder")
         if problem or not data.is_file():
             raise BundleError(f"{path}: component '{comp}' names external data '{loc}', which "

@@ -24,6 +24,12 @@ def named(proto: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def external_locations(proto: onnx.ModelProto) -> list[str]:
+    """The external data files a graph's initializers name (their ``location``), sorted, each once."""
+    return sorted({e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                   for e in t.external_data if e.key == "location"})
+
+
 def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in graph.node:

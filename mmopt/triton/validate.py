@@ -200,6 +200,8 @@ def _onnx(path: Path, rel: str, c: Any, mc: Any, exact_inputs: bool = False) -> 
     the graph takes exactly the config's inputs (mmopt's model.py feeds every one)."""
     import onnx
 
+    from mmopt.stages.graph import external_locations
+
     if not path.exists():
         return [f"{rel}: missing (the ONNX graph the config needs)."]
     out = []
@@ -212,8 +214,7 @@ def _onnx(path: Path, rel: str, c: Any, mc: Any, exact_inputs: bool = False) -> 
         proto = onnx.load(str(graph), load_external_data=False)
     except Exception as e:
         return [f"{rel}: not an ONNX graph ({str(e).splitlines()[0] if str(e) else type(e).__name__})."]
-    locations = {entry.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-                 for entry in t.external_data if entry.key == "location"}
+    locations = set(external_locations(proto))
     if locations and not path.is_dir():
         out.append(f"{rel}: keeps weights in external data files; Triton wants such a graph as a model.onnx/ folder "
                    "holding model.onnx and its data.")
