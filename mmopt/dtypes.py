@@ -19,9 +19,7 @@ LIMITS = {"float32": (-3.4028234663852886e38, 3.4028234663852886e38), "float16":
 NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
          "bfloat16": np.float32}
 # ONNX Runtime's type strings -> these names: mmopt_runtime.ort.TYPES (the runtime opens graphs too).
-# TensorRT's DataType names -> numpy dtype names (an engine may also hold int8 / uint8 tensors).
-TENSORRT = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
-            "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+# TensorRT's DataType names -> numpy dtype names: mmopt_runtime.trt.api.DTYPES (the runtime runs engines too).
 # mmopt's (and a package's) dtype names -> Triton's (config.pbtxt writes TYPE_<name>; clients send <name>).
 TRITON = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "float64": "FP64", "int64": "INT64",
           "int32": "INT32", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}

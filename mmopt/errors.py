@@ -6,10 +6,7 @@ Anything else that escapes is a bug and keeps its traceback.
 from __future__ import annotations
 
 
-class MmoptError(Exception):
-    """Base class of every error a user can fix."""
-
-    exit_code = 1
+from mmopt_runtime.errors import BackendUnavailable, MmoptError  # noqa: F401  (shared with the device runtime)
 
 
 class ConfigError(MmoptError):
@@ -60,12 +57,6 @@ class TritonRepositoryError(MmoptError):
 
 class UsageError(MmoptError):
     """The command line asks for something impossible here (exit code 2)."""
-
-    exit_code = 2
-
-
-class BackendUnavailable(MmoptError):
-    """A requested backend (TensorRT, CUDA, ...) is not installed or has no device here."""
 
     exit_code = 2
 

@@ -59,7 +59,7 @@ def unavailable(backend: str, manifest: Manifest) -> str | None:
             import mmopt.runners.tensorrt  # noqa: F401
         except ModuleNotFoundError as e:
             return f"the TensorRT runner cannot be imported ({e.name} is not installed)"
-        from mmopt.trt import api as trt_api
+        from mmopt_runtime.trt import api as trt_api
         from mmopt.trt.errors import TensorRTUnavailable
 
         try:

@@ -20,9 +20,10 @@ from mmopt.manifest import Artifact, Manifest, staged_bundle
 from mmopt.progress import Progress
 from mmopt.spec import CPU_ONLY
 from mmopt.store import atomic_write
-from mmopt.trt import api, device
-from mmopt.trt.compat import parse_cc
+from mmopt.trt import device
 from mmopt.trt.errors import HOW_TO_BUILD, OnnxParseError, TensorRTUnavailable
+from mmopt_runtime.trt import api
+from mmopt_runtime.trt.compat import parse_cc
 from mmopt.trt.graph import inspect_graph, unsupported_message
 from mmopt.trt.options import BuildOptions
 from mmopt.trt.profiles import Profile, check_overrides, profiles_for

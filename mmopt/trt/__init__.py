@@ -1,8 +1,9 @@
-"""TensorRT's mechanics: the bindings (``api``), memory, profiles, compatibility, device, build options.
-The build job that uses them is ``mmopt.jobs.build``.
+"""TensorRT on the build machine: build options, profiles derived from captures, graph inspection, torch device
+memory and GPU discovery. The bindings (``api``), compatibility rules, the engine runner and the errors live in
+the device runtime (``mmopt_runtime.trt``), which runs engines too. The build job is ``mmopt.jobs.build``.
 
 Importing this package never imports ``tensorrt`` (nor torch): TensorRT is loaded by
-``mmopt.trt.api.load()`` only when an engine is built or run, so ``import mmopt`` and ``mmopt --help``
+``mmopt_runtime.trt.api.load()`` only when an engine is built or run, so ``import mmopt`` and ``mmopt --help``
 work on machines without it. Names below are resolved on first use.
 """
 from __future__ import annotations

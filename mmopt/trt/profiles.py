@@ -8,40 +8,13 @@ so widening the range is done by re-exporting with larger [dims] in mmopt.toml.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from mmopt.errors import BundleError, UsageError
 from mmopt.spec import SIZES, ComponentSpec, TensorSpec
+from mmopt_runtime.trt.profiles import Profile, select_profile  # noqa: F401  (the runtime's: it picks them)
 
 Range = tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One optimization profile: for each input, its min / opt / max shape."""
-
-    name: str
-    shapes: dict[str, dict[str, tuple[int, ...]]]
-
-    def contains(self, shapes: Mapping[str, Sequence[int]]) -> bool:
-        for name, shape in shapes.items():
-            lo, hi = self.shapes[name]["min"], self.shapes[name]["max"]
-            if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi)):
-                return False
-        return True
-
-    def slack(self) -> int:
-        """How wide the profile is; the runner prefers the narrowest profile that fits a call."""
-        return sum(b - a for s in self.shapes.values() for a, b in zip(s["min"], s["max"]))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name,
-                "shapes": {n: {k: list(v) for k, v in s.items()} for n, s in self.shapes.items()}}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Profile":
-        return cls(d["name"], {n: {k: tuple(v) for k, v in s.items()} for n, s in d["shapes"].items()})
 
 
 def parse_profile(text: str) -> dict[str, int | Range]:
@@ -145,9 +118,3 @@ def profiles_for(comp: ComponentSpec, overrides: Sequence[Mapping[str, Any]] = (
         if all(p.shapes != q.shapes for q in out):
             out.append(p)
     return out
-
-
-def select_profile(profiles: Sequence[Profile], shapes: Mapping[str, Sequence[int]]) -> int | None:
-    """Index of the narrowest profile that contains ``shapes``; None when none does."""
-    fits = [(p.slack(), i) for i, p in enumerate(profiles) if p.contains(shapes)]
-    return min(fits)[1] if fits else None

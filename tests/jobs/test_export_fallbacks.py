@@ -52,7 +52,7 @@ def test_export_with_engine_builds_every_graph(toy_dir, monkeypatch):
 
     from mmopt.cli import app
     from mmopt.jobs import build
-    from mmopt.trt import api as trt_api
+    from mmopt_runtime.trt import api as trt_api
 
     writer = FakeEngineWriter()
     monkeypatch.setattr(build, "preflight", lambda: FAKE_ENV)

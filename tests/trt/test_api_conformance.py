@@ -18,7 +18,7 @@ import pytest
 import trt_bindings as bindings
 from trt_bindings import NEWEST, OLDEST, VERSIONS
 
-API_SOURCE = (bindings.REPO / "mmopt" / "trt" / "api.py").read_text()
+API_SOURCE = (bindings.REPO / "mmopt_runtime" / "trt" / "api.py").read_text()
 
 
 @lru_cache(maxsize=None)
@@ -151,7 +151,7 @@ def test_same_compute_capability_branch_refused_on_10_3_used_on_11():
 
 @pytest.mark.source_text
 def test_version_specific_names_are_declared_and_nothing_else_is_missing():
-    from mmopt.trt.api import SINCE
+    from mmopt_runtime.trt.api import SINCE
 
     for version in VERSIONS:
         static = report(version)["static"]

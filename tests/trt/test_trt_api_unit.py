@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mmopt.trt import api
+from mmopt_runtime.trt import api
 from mmopt.trt.errors import (EngineBuildError, EngineLoadError, OnnxParseError, TensorRTFeatureUnavailable,
                               TensorRTUnavailable)
 from mmopt.trt.options import BuildOptions
@@ -412,20 +412,21 @@ def test_one_logger_per_process_collects_errors_and_warnings_only(fake):
 
 
 def test_load_says_how_to_build_when_tensorrt_is_missing(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
+    real_import = api.importlib.import_module
 
     def no_tensorrt(name, *a, **k):
         if name == "tensorrt":
             raise OSError("libnvinfer.so.10: cannot open shared object file")
+        if name == "tensorrt_lean":
+            raise ImportError("No module named 'tensorrt_lean'")
         return real_import(name, *a, **k)
 
-    monkeypatch.setattr(builtins, "__import__", no_tensorrt)
+    monkeypatch.setattr(api.importlib, "import_module", no_tensorrt)
     with pytest.raises(TensorRTUnavailable) as e:
         api.load()
-    assert str(e.value).startswith("TensorRT cannot be imported here (libnvinfer.so.10: cannot open shared object "
-                                   "file).\n")
+    assert str(e.value).startswith("TensorRT cannot be imported here (tensorrt: OSError: libnvinfer.so.10: cannot "
+                                   "open shared object file; tensorrt_lean: ImportError: No module named "
+                                   "'tensorrt_lean').\nInstall TensorRT's Python bindings")
     assert e.value.reason == "TensorRT cannot be imported (OSError: libnvinfer.so.10: cannot open shared object file)"
 
 

@@ -11,7 +11,8 @@ import pytest
 from mmopt.errors import BundleError, UsageError
 from mmopt.manifest import Manifest
 from mmopt.jobs import build
-from mmopt.trt import api, device
+from mmopt.trt import device
+from mmopt_runtime.trt import api
 from mmopt.jobs.build import BuildEnvironment, build_engines, preflight, source_artifacts
 from mmopt.trt.errors import OnnxParseError, TensorRTUnavailable
 from mmopt.trt.options import BuildOptions

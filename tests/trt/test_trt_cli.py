@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 from mmopt.cli.build import register
 from mmopt.errors import UsageError
 from mmopt.jobs import build
-from mmopt.trt import api, device
+from mmopt.trt import device
+from mmopt_runtime.trt import api
 from mmopt.trt.errors import TensorRTUnavailable
 from trt_fake_bundle import FAKE_ENV, FakeEngineWriter, make_bundle
 

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from mmopt.trt.compat import Environment, decide, parse_version, require_compatible
+from mmopt_runtime.trt.compat import Environment, decide, parse_version, require_compatible
 from mmopt.trt.errors import EngineIncompatible
 
 ORIN = Environment("10.3.0.30", "Orin", "8.7", "linux-aarch64")
@@ -142,7 +142,7 @@ def test_require_compatible_lists_every_problem_under_the_engine_name():
 
 
 def test_compute_capability_and_versions_parse_exactly():
-    from mmopt.trt.compat import parse_cc
+    from mmopt_runtime.trt.compat import parse_cc
 
     assert parse_cc("8.7") == (8, 7) and parse_cc("9") == (9, 0) and parse_cc("10.0") == (10, 0)
     with pytest.raises(ValueError, match="not a version: 'x1'"):

@@ -13,11 +13,11 @@ from attribute_chains import missing as lacking
 
 rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python not installed")
 
-from mmopt.trt import device  # noqa: E402
+from mmopt_runtime.trt import device  # noqa: E402
 from mmopt.trt.errors import TensorRTUnavailable  # noqa: E402
 from mmopt.trt.memory import make_memory  # noqa: E402
 
-TRT = Path(__file__).resolve().parents[2] / "mmopt" / "trt"
+TRT = Path(__file__).resolve().parents[2] / "mmopt_runtime" / "trt"
 
 
 def test_every_cuda_runtime_name_mmopt_uses_exists():

@@ -7,6 +7,7 @@ import types
 import pytest
 
 from mmopt.trt import device
+from mmopt_runtime.trt import device as rt_device
 
 
 class FakeRuntime:
@@ -30,18 +31,18 @@ class FakeRuntime:
 
 def test_cuda_python_probe_reads_name_capability_and_integrated(monkeypatch):
     rt = FakeRuntime()
-    monkeypatch.setattr(device, "cudart", lambda: rt)
-    assert device._from_cuda_python(1) == device.GpuInfo("Orin", "8.7", 1, True, "cuda-python")
+    monkeypatch.setattr(rt_device, "cudart", lambda: rt)
+    assert rt_device._from_cuda_python(1) == device.GpuInfo("Orin", "8.7", 1, True, "cuda-python")
     assert rt.asked == [1]
     rt.prop.name, rt.prop.integrated = "A100-SXM4", 0  # older cuda-python gives str
-    assert device._from_cuda_python(0) == device.GpuInfo("A100-SXM4", "8.7", 0, False, "cuda-python")
+    assert rt_device._from_cuda_python(0) == device.GpuInfo("A100-SXM4", "8.7", 0, False, "cuda-python")
 
 
 @pytest.mark.parametrize("rt, index", [(FakeRuntime(count=1), 1), (FakeRuntime(count=0), 0),
                                        (FakeRuntime(fail="count"), 0), (FakeRuntime(fail="props"), 0)])
 def test_cuda_python_probe_says_none_without_that_gpu(monkeypatch, rt, index):
-    monkeypatch.setattr(device, "cudart", lambda: rt)
-    assert device._from_cuda_python(index) is None
+    monkeypatch.setattr(rt_device, "cudart", lambda: rt)
+    assert rt_device._from_cuda_python(index) is None
 
 
 def test_torch_probe(monkeypatch):
@@ -69,16 +70,16 @@ def test_nvidia_smi_probe_asks_for_that_gpu_and_refuses_bad_output(monkeypatch):
             self.returncode, self.stdout = code, out
 
     answers = iter([Done(0, "NVIDIA L4, 8.9\nNVIDIA L4, 8.9\n"), Done(1, "NVIDIA L4, 8.9\n"), Done(0, "no comma\n")])
-    monkeypatch.setattr(device.shutil, "which", lambda exe: "/usr/bin/nvidia-smi" if exe == "nvidia-smi" else None)
-    monkeypatch.setattr(device.subprocess, "run", lambda cmd, **k: seen.append((cmd, k)) or next(answers))
-    assert device._from_nvidia_smi(3) == device.GpuInfo("NVIDIA L4", "8.9", 3, False, "nvidia-smi")
+    monkeypatch.setattr(rt_device.shutil, "which", lambda exe: "/usr/bin/nvidia-smi" if exe == "nvidia-smi" else None)
+    monkeypatch.setattr(rt_device.subprocess, "run", lambda cmd, **k: seen.append((cmd, k)) or next(answers))
+    assert rt_device._from_nvidia_smi(3) == device.GpuInfo("NVIDIA L4", "8.9", 3, False, "nvidia-smi")
     cmd, kwargs = seen[0]
     assert cmd == ["/usr/bin/nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "-i", "3"]
     assert kwargs["capture_output"] and kwargs["text"] and kwargs["timeout"] > 0
-    assert device._from_nvidia_smi(0) is None  # nvidia-smi failed
-    assert device._from_nvidia_smi(0) is None  # output it cannot read
-    monkeypatch.setattr(device.shutil, "which", lambda exe: None)
-    assert device._from_nvidia_smi(0) is None
+    assert rt_device._from_nvidia_smi(0) is None  # nvidia-smi failed
+    assert rt_device._from_nvidia_smi(0) is None  # output it cannot read
+    monkeypatch.setattr(rt_device.shutil, "which", lambda exe: None)
+    assert rt_device._from_nvidia_smi(0) is None
 
 
 def test_probes_are_tried_in_order_and_the_first_answer_wins(monkeypatch):

@@ -62,7 +62,7 @@ def test_the_python_example_runs_against_fakes(tmp_path, monkeypatch):
     from mmopt.jobs import build
     from mmopt.jobs.build import build_engines
     from mmopt.runners import tensorrt as trt_runner
-    from mmopt.trt import api
+    from mmopt_runtime.trt import api
     from mmopt.trt.options import BuildOptions
     from trt_fake_bundle import FAKE_ENV, FakeEngineWriter, make_bundle
 

@@ -15,7 +15,9 @@ import ctypes
 import numpy as np
 import pytest
 
-from mmopt.trt import device, memory
+from mmopt.trt import memory
+from mmopt_runtime.trt import device
+from mmopt_runtime.trt import memory as rt_memory
 from mmopt.trt.errors import TensorRTUnavailable
 
 
@@ -194,7 +196,7 @@ def test_make_memory_explains_what_is_missing(monkeypatch):
         raise ImportError("No module named 'cuda'")
 
     monkeypatch.setattr(device, "cudart", no_cuda_python)
-    with pytest.raises(TensorRTUnavailable, match=r"pip install 'mmopt\[edge\]'"):
+    with pytest.raises(TensorRTUnavailable, match=r"mmopt\[edge\]"):
         memory.make_memory("cuda-python")
     mine = memory.DeviceMemory()
     assert memory.make_memory(mine) is mine
@@ -307,7 +309,7 @@ def test_auto_memory_prefers_torch_when_it_sees_a_gpu(monkeypatch):
     assert memory.make_memory("auto", 2) == "torch-memory" and made == [("torch", 2)]
     assert memory.make_memory("torch", 1) == "torch-memory" and made[-1] == ("torch", 1)
     monkeypatch.setattr(memory, "_torch_cuda", lambda: False)
-    monkeypatch.setattr(memory, "CudaPythonMemory", lambda index: made.append(("cuda-python", index)) or "cp")
+    monkeypatch.setattr(rt_memory, "CudaPythonMemory", lambda index: made.append(("cuda-python", index)) or "cp")
     assert memory.make_memory("auto", 4) == "cp" and made[-1] == ("cuda-python", 4)
 
 
@@ -323,8 +325,8 @@ def test_memory_error_messages_exactly(monkeypatch):
     monkeypatch.setattr(device, "cudart", missing)
     with pytest.raises(TensorRTUnavailable) as e:
         memory.make_memory("cuda-python")
-    assert str(e.value) == ("the TensorRT runner needs torch with CUDA or cuda-python for device memory: "
-                            "pip install 'mmopt[edge]' (cuda-python) on the device.")
+    assert str(e.value) == ("running TensorRT engines without torch needs cuda-python for device memory: pip install "
+                            "cuda-python on the device (the extras mmopt[edge] and mmopt-runtime[tensorrt] bring it).")
     monkeypatch.setattr(device, "cudart", lambda: HostCudart())
     with pytest.raises(TensorRTUnavailable) as e:
         memory.CudaPythonMemory(0).empty("b", (2,), "bfloat16")

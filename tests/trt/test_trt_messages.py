@@ -78,9 +78,11 @@ def test_no_gpu_here_and_probe_failures_are_not_errors(monkeypatch):
 def test_nvidia_smi_probe_parses_name_and_compute_capability(monkeypatch):
     class Done:
         returncode, stdout = 0, "NVIDIA GeForce RTX 4090, 8.9\n"
-    monkeypatch.setattr(device.shutil, "which", lambda exe: "/usr/bin/nvidia-smi")
-    monkeypatch.setattr(device.subprocess, "run", lambda *a, **k: Done())
-    assert device._from_nvidia_smi(0) == device.GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 0, False, "nvidia-smi")
+    from mmopt_runtime.trt import device as rt_device
+
+    monkeypatch.setattr(rt_device.shutil, "which", lambda exe: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(rt_device.subprocess, "run", lambda *a, **k: Done())
+    assert rt_device._from_nvidia_smi(0) == device.GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 0, False, "nvidia-smi")
 
 
 def test_l4t_release_and_platform_tag(tmp_path):
@@ -122,11 +124,20 @@ def test_import_mmopt_trt_imports_neither_tensorrt_nor_torch():
 
 @pytest.mark.source_text
 def test_only_api_py_imports_tensorrt():
-    importers = []
-    for path in (REPO / "mmopt").rglob("*.py"):
+    """No module imports TensorRT but the runtime's api.py, which imports it by name (full TensorRT, else the
+    lean runtime), only when an engine is built or run."""
+    from mmopt_runtime.trt import api
+
+    importers, by_name = [], []
+    for path in [*(REPO / "mmopt").rglob("*.py"), *(REPO / "mmopt_runtime").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            if any(n == "tensorrt" or n.startswith("tensorrt.") for n in names):
+            if any(n.split(".")[0] in ("tensorrt", "tensorrt_lean") for n in names):
                 importers.append(path.relative_to(REPO).as_posix())
-    assert importers == ["mmopt/trt/api.py"]
+            if isinstance(node, ast.Attribute) and node.attr == "import_module" or \
+                    isinstance(node, ast.Name) and node.id == "__import__":
+                by_name.append(path.relative_to(REPO).as_posix())
+    assert importers == []
+    assert api.MODULES == ("tensorrt", "tensorrt_lean")
+    assert "mmopt_runtime/trt/api.py" in by_name

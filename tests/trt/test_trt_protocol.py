@@ -17,8 +17,8 @@ import trt_fake_bundle as fake_bundle
 from test_api_conformance import mutated, report
 from trt_bindings import OLDEST, VERSIONS
 
-API = (bindings.REPO / "mmopt" / "trt" / "api.py").read_text()
-RUNNER = (bindings.REPO / "mmopt" / "runners" / "tensorrt.py").read_text()
+API = (bindings.REPO / "mmopt_runtime" / "trt" / "api.py").read_text()
+RUNNER = (bindings.REPO / "mmopt_runtime" / "trt" / "runner.py").read_text()
 
 
 def violations(rep: dict) -> list[str]:
@@ -126,5 +126,5 @@ def test_set_profile_after_set_input_shapes_in_the_runner_is_caught():
     assert old in RUNNER
     new = ("        out_shapes = session.set_input_shapes(shapes)\n        if index != session.active_profile:\n"
            "            session.set_profile(index, mem.stream)\n")
-    rep = report(OLDEST, "--mode", "mutate", "--old", old, "--new", new, "--file", "mmopt/runners/tensorrt.py")
+    rep = report(OLDEST, "--mode", "mutate", "--old", old, "--new", new, "--file", "mmopt_runtime/trt/runner.py")
     _caught(rep, "since the last profile switch")

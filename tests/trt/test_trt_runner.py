@@ -14,10 +14,11 @@ import pytest
 from mmopt.errors import BundleError, UsageError
 from mmopt.runners import tensorrt as trt_runner
 from mmopt.jobs import build
-from mmopt.trt import api
+from mmopt_runtime.trt import api
 from mmopt.jobs.build import build_engines
-from mmopt.trt.compat import Environment
+from mmopt_runtime.trt.compat import Environment
 from mmopt.trt.errors import EngineIncompatible, EngineLoadError
+from mmopt_runtime.trt.errors import NoProfileFits
 from mmopt.trt.options import BuildOptions
 from trt_fake_bundle import COMPONENTS, FAKE_ENV, FakeEngineWriter, make_bundle
 from trt_scenarios import FakeDeviceMemory
@@ -317,8 +318,8 @@ def test_defaults_and_what_loading_asks_for(bundle, monkeypatch):
     assert r.sidecar is not None and r.sidecar["build_options"]["version_compatible"] is False
     with r:
         assert made == [("auto", 0)] and envs == [0]
-        assert r._session is not None and [p.name for p in r._profiles] == ["0", "1"]
-    assert r._session is None and r._mem is None and r._graph is None
+        assert r._engine is not None and [p.name for p in r._engine.profiles] == ["0", "1"]
+    assert r._engine is None
     with trt_runner.TensorRTRunner.from_bundle(bundle, "text", "fp16", device_index=1, memory="cuda-python"):
         assert made[-1] == ("cuda-python", 1) and envs[-1] == 1
 
@@ -373,8 +374,9 @@ def test_engine_io_mismatch_exactly(bundle):
 
 def test_shapes_outside_every_profile_name_the_profiles(bundle, computing):
     with trt_runner.TensorRTRunner.from_bundle(bundle, "image", "fp16", memory=computing) as r:
-        with pytest.raises(UsageError) as e:
-            r.profile_for({"pixel_values": (9, 3, 8, 8)})
-    assert str(e.value) == ("tensorrt runner 'image': input shapes {'pixel_values': (9, 3, 8, 8)} fit no "
+        with pytest.raises(NoProfileFits) as e:
+            r._engine.profile_for({"pixel_values": (9, 3, 8, 8)})
+    assert e.value.exit_code == 2  # the caller's shapes
+    assert str(e.value) == ("image.fp16.engine: input shapes {'pixel_values': (9, 3, 8, 8)} fit no "
                             "optimization profile of the engine (profile 0: pixel_values [1, 3, 8, 8]..[8, 3, 8, 8]; "
                             "profile 1: pixel_values [1, 3, 8, 8]..[1, 3, 8, 8]).")

@@ -7,7 +7,7 @@ none here). Prints one JSON report on the last line of stdout:
   violations   every TensorRT name / signature mmopt used that this version does not have
   scenarios    outcome of each build / run / error scenario
   calls        the TensorRT calls made (to show which version branch ran)
-  coverage     lines of mmopt/trt/api.py executed, and all executable ones
+  coverage     lines of mmopt_runtime/trt/api.py executed, and all executable ones
   static       ``trt.X.Y`` chains written in api.py and those this version lacks
 Modes: ``api`` (all scenarios), ``snippet --code`` (code with ``trt`` and sample objects bound),
 ``mutate --old --new [--file F]`` (api scenarios with a text substitution applied first to api.py, or to
@@ -26,7 +26,7 @@ from pathlib import Path
 import attribute_chains
 
 REPO = Path(__file__).resolve().parents[2]
-API = REPO / "mmopt" / "trt" / "api.py"
+API = REPO / "mmopt_runtime" / "trt" / "api.py"
 
 
 def executable_lines(source: str, filename: str) -> list[int]:
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--code", default="")
     ap.add_argument("--old", default="")
     ap.add_argument("--new", default="")
-    ap.add_argument("--file", default="mmopt/trt/api.py", help="the file --mode mutate changes")
+    ap.add_argument("--file", default="mmopt_runtime/trt/api.py", help="the file --mode mutate changes")
     args = ap.parse_args()
 
     import tensorrt_bindings as real  # the real NVIDIA module, on stand-in libraries
@@ -72,7 +72,7 @@ def main() -> None:
         if mutated_file == API:
             api_path, source = mutated_path, mutated_path.read_text()
 
-    checker = Checker(real, code_roots=(str(REPO / "mmopt"), str(api_path)))
+    checker = Checker(real, code_roots=(str(REPO / "mmopt"), str(REPO / "mmopt_runtime"), str(api_path)))
     sys.modules["tensorrt"] = checker.module()  # what `import tensorrt` in mmopt now gets
     report: dict = {"version": real.__version__, "module_file": real.__file__}
 

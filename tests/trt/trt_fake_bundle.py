@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mmopt.manifest import Manifest, sha256_file
 from mmopt.spec import ComponentSpec, TensorSpec
-from mmopt.trt import api, device
+from mmopt.trt import device
+from mmopt_runtime.trt import api
 from mmopt.jobs.build import BuildEnvironment
 
 IMAGE = ComponentSpec(

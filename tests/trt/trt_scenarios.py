@@ -172,7 +172,8 @@ def run_all(checker: Checker) -> dict[str, Any]:
     import tensorrt as trt_proxy
 
     from mmopt.runners.tensorrt import TensorRTRunner
-    from mmopt.trt import api, device
+    from mmopt.trt import device
+    from mmopt_runtime.trt import api
     from mmopt.jobs.build import build_engines
     from mmopt.trt.options import BuildOptions
 

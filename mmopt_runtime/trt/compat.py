@@ -1,4 +1,4 @@
-"""May this engine run here? Decided from its sidecar before TensorRT deserialises it. Pure.
+"""May this engine run here? Decided from what its build recorded, before TensorRT deserialises it. Pure.
 
 TensorRT's own refusal of a foreign engine is a terse log line (or a crash on some versions); this
 decides first, from what the sidecar recorded at build time, and says what to do. The rules follow
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from mmopt.trt.errors import EngineIncompatible
+from mmopt_runtime.trt.errors import EngineIncompatible
 
 # (build major, runtime major) pairs across which version-compatible engines load, per NVIDIA.
 CROSS_MAJOR = {(8, 10), (10, 11)}

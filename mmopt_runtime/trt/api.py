@@ -13,35 +13,50 @@ functions against a checking proxy of the real module). Version differences are 
 """
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mmopt import dtypes
-from mmopt.trt.compat import parse_version
-from mmopt.trt.errors import (HOW_TO_BUILD, EngineBuildError, EngineLoadError, OnnxParseError,
-                              TensorRTFeatureUnavailable, TensorRTUnavailable, parser_error_message)
-from mmopt.trt.options import BuildOptions
-from mmopt.trt.profiles import Profile
+from mmopt_runtime.trt.compat import parse_version
+from mmopt_runtime.trt.errors import (EngineBuildError, EngineLoadError, OnnxParseError, TensorRTFeatureUnavailable,
+                                      TensorRTUnavailable, parser_error_message)
+from mmopt_runtime.trt.profiles import Profile
 
 # API present only from some TensorRT version on: name -> first version that has it. The conformance
 # test requires every ``trt.`` name used here that a tested version lacks to be listed, and guarded.
 SINCE: dict[str, tuple[int, int]] = {"HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY": (10, 9)}
 
-DTYPES = dtypes.TENSORRT  # TensorRT data type name -> numpy dtype name (the one table: mmopt.dtypes)
+# TensorRT's DataType names -> numpy dtype names (bfloat16 only through torch memory: numpy has none)
+DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
+          "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+MODULES = ("tensorrt", "tensorrt_lean")  # full TensorRT first; the lean runtime runs version-compatible plans
+HOW_TO_INSTALL = ("Install TensorRT's Python bindings where the engines run (JetPack: `sudo apt install "
+                  "python3-libnvinfer` and a venv made with --system-site-packages; x86_64: pip install tensorrt, or "
+                  "tensorrt-lean for version-compatible engines) with cuda-python, or run the ONNX graphs on ONNX "
+                  "Runtime.")
 
 _state: dict[str, Any] = {}
 
 
 def load() -> Any:
-    """The ``tensorrt`` module, or ``TensorRTUnavailable`` saying how to build on the target device."""
-    try:
-        import tensorrt
-    except (ImportError, OSError) as e:  # OSError: bindings present, libnvinfer missing
-        err = TensorRTUnavailable(f"TensorRT cannot be imported here ({e}).\n{HOW_TO_BUILD}")
-        err.reason = f"TensorRT cannot be imported ({type(e).__name__}: {e})"
-        raise err from None
-    return tensorrt
+    """The ``tensorrt`` module, else the lean runtime's ``tensorrt_lean``, else ``TensorRTUnavailable`` saying
+    what is missing."""
+    problems = []
+    for name in MODULES:
+        try:
+            return importlib.import_module(name)
+        except (ImportError, OSError) as e:  # OSError: bindings present, libnvinfer missing
+            problems.append(f"{name}: {type(e).__name__}: {e}")
+    err = TensorRTUnavailable(f"TensorRT cannot be imported here ({'; '.join(problems)}).\n{HOW_TO_INSTALL}")
+    err.reason = f"TensorRT cannot be imported ({problems[0].split(': ', 1)[1]})"
+    raise err from None
+
+
+def is_lean(trt: Any) -> bool:
+    """The lean runtime: it deserialises and runs version-compatible engines; it cannot build or parse ONNX."""
+    return trt is sys.modules.get("tensorrt_lean")
 
 
 def version(trt: Any) -> tuple[int, ...]:
@@ -146,14 +161,19 @@ def _attach_timing_cache(config: Any, blob: bytes) -> str:
     return "replaced (it was made by another GPU or TensorRT version)"
 
 
-def build_engine(onnx_path: Path, profiles: Sequence[Profile], options: BuildOptions,
+def build_engine(onnx_path: Path, profiles: Sequence[Profile], options: Any,
                  timing_cache: bytes | None) -> BuiltEngine:
     """Parse ``onnx_path`` into a strongly typed network and build a serialized engine.
 
-    ``timing_cache`` is the persistent cache's content (``b""`` for a new one, None for none); the
-    updated cache comes back in the result for the caller to save.
+    ``options`` has ``mmopt.trt.options.BuildOptions``' fields (workspace_mib, optimization_level,
+    sparse_weights, version_compatible, hardware_compatibility). ``timing_cache`` is the persistent cache's
+    content (``b""`` for a new one, None for none); the updated cache comes back in the result for the caller
+    to save.
     """
     trt = load()
+    if is_lean(trt):
+        raise TensorRTUnavailable(f"only TensorRT's lean runtime ({trt.__version__}) is installed here: it runs "
+                                  "version-compatible engines but cannot build one. Building needs full TensorRT.")
     logger = _logger(trt)
     logger.drain()
     level = _hardware_level(trt, options.hardware_compatibility)
