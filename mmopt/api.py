@@ -36,13 +36,14 @@ def prune(config: str | Path, targets: dict[str, float], out: str | Path, align:
 
 def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, config: str | Path | None = None,
             trust_checkpoint: bool = False, progress: Progress | None = None,
-            sign_key: str | Path | None = None) -> Any:
+            sign_key: str | Path | None = None, engine_bundles: list[str | Path] = ()) -> Any:
     """One policy of ``bundle`` (component -> precision; fp32 where missing) as a deployment package for the
-    torch-free runtime (``mmopt-run``): graphs, golden samples, hashes, lineage; self-tested before it is
+    torch-free runtime (``mmopt-run``): graphs, TensorRT engine sets (the bundle's, and those of copies of it
+    built on other devices: ``engine_bundles``), golden samples, hashes, lineage; self-tested before it is
     written; signed with ``sign_key`` (a PEM elliptic-curve private key) where given. See mmopt.jobs.package."""
     from mmopt.jobs.package import package as package_job
 
-    return package_job(bundle, policy, out, config, trust_checkpoint, progress, sign_key)
+    return package_job(bundle, policy, out, config, trust_checkpoint, progress, sign_key, engine_bundles)
 
 
 def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, **options: Any) -> Any:

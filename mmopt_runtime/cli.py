@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from mmopt_runtime.package import Package, PackageError
+from mmopt_runtime.errors import MmoptError
+from mmopt_runtime.package import Package
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--public-key", type=Path, default=None,
                         help="PEM public key of the signer: the package must carry a valid signature made with its "
                              "private key (`mmopt package --sign-key`). A signed package needs it.")
+    common.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
+                        help="auto (default): the package's TensorRT engine set that matches this GPU and TensorRT "
+                             "(exactly, else version-compatible), else engines built here from the ONNX graphs "
+                             "where full TensorRT is installed (cached), else ONNX Runtime, saying why. tensorrt: "
+                             "refuse rather than fall back. onnxruntime: the ONNX graphs only.")
+    common.add_argument("--device", type=int, default=0, help="GPU index for TensorRT (default 0)")
+    common.add_argument("--engine-cache", type=Path, default=None,
+                        help="where engines built here are kept (default $MMOPT_ENGINE_CACHE or "
+                             "~/.cache/mmopt/engines)")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("selftest", parents=[common],
                    help="verify signature, hashes and the golden self-test (refuses on any mismatch)")
@@ -32,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --public-key {args.public_key}: no such file.", file=sys.stderr)
         return 2
     try:
-        pkg = Package.load(args.package, public_key=args.public_key)
+        pkg = Package.load(args.package, public_key=args.public_key, backend=args.backend, device=args.device,
+                           engine_cache=args.engine_cache)
+        if pkg.plan.why and pkg.plan.backend == "onnxruntime" and args.backend == "auto":
+            print(f"note: ONNX Runtime serves: {'; '.join(pkg.plan.why)}", file=sys.stderr)
         if args.command == "selftest":
             print(json.dumps({"package": str(args.package), "load_ms": round(pkg.load_ms, 1), **pkg.selftest_result},
                              indent=1))
@@ -47,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: {', '.join(f'{k} {list(v.shape)}' for k, v in out.items())}")
         else:
             print(json.dumps(pkg.bench(args.rounds), indent=1))
-    except PackageError as e:
+    except MmoptError as e:  # the package refused, or an engine that cannot run here
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (OSError, ValueError, KeyError) as e:

@@ -10,9 +10,13 @@ Needs numpy and onnxruntime only (no torch, no onnx, no mmopt build code). ``Pac
 3. runs the golden self-test: the package's own pipeline on the recorded inputs must match the recorded
    eager outputs within the policy's tolerance (``mmopt_runtime.compare``, the gate mmopt itself uses).
 
-Only then does ``infer`` serve. Where the package holds a merged graph (``merged``: the components joined
-into one by the wiring), that one graph runs in one session: the split pipeline's per-call overhead is paid
-once. TensorRT engine sets are not in this format yet: every package runs its ONNX graphs on ONNX Runtime.
+Between 2 and 3 it decides what runs each component (``mmopt_runtime.engines``: an engine set that matches
+this GPU and TensorRT exactly, else a version-compatible one, else engines built here from the ONNX graphs into
+a cache where full TensorRT is present, else ONNX Runtime, saying why), and the self-test runs on that.
+
+Only then does ``infer`` serve. Where everything runs on ONNX Runtime and the package holds a merged graph
+(``merged``: the components joined into one by the wiring), that one graph runs in one session: the split
+pipeline's per-call overhead is paid once.
 """
 from __future__ import annotations
 
@@ -28,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from mmopt_runtime import signing
+from mmopt_runtime import engines, signing
 from mmopt_runtime.compare import failures, measure
+from mmopt_runtime.errors import MmoptError
 from mmopt_runtime.paths import escape
 from mmopt_runtime.ort import fast_run, io_problems, session
 from mmopt_runtime.pipeline import Pipeline, manifest_calls
@@ -41,7 +46,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "
           "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
 
 
-class PackageError(Exception):
+class PackageError(MmoptError):
     """The package cannot be trusted or served; the message names the file or field and what to do."""
 
 
@@ -99,6 +104,40 @@ class _Graph:
             raise PackageError(f"{self.what}: ONNX Runtime failed on these inputs ({e}).") from None
 
 
+def _engine_runners(plan: engines.Plan, manifest: dict[str, Any], device: int, backend: str) -> dict[str, Any]:
+    """An ``EngineRunner`` per component the plan puts on TensorRT, each on its own cuda-python stream. Where
+    TensorRT refuses one (deserialisation, I/O that does not match the manifest), "auto" moves every component
+    back to ONNX Runtime and the plan says why; "tensorrt" refuses the package."""
+    if not plan.engines:
+        return {}
+    from mmopt_runtime.trt import memory
+    from mmopt_runtime.trt.runner import EngineRunner
+
+    runners: dict[str, Any] = {}
+    try:
+        for c, (engine, host_code) in plan.engines.items():
+            spec = manifest["components"][c]
+            mem = memory.cuda_python_memory(device)
+            try:
+                runners[c] = EngineRunner(engine, f"component '{c}' engine", mem, [t["name"] for t in spec["inputs"]],
+                                          [t["name"] for t in spec["outputs"]], allow_host_code=host_code,
+                                          what="the package manifest",
+                                          fix="Rebuild the package from a bundle whose engines were built from "
+                                              "its graphs.")
+            except BaseException:
+                mem.close()
+                raise
+    except MmoptError as e:
+        for r in runners.values():
+            r.close()
+        if backend == "tensorrt":
+            raise PackageError(f"--backend tensorrt: {plan.source}: {e}") from None
+        plan.why.append(f"{plan.source} cannot be loaded here ({e}): ONNX Runtime runs every component")
+        plan.backend, plan.engines = "onnxruntime", {}
+        return {}
+    return runners
+
+
 class Package:
     """A verified package. ``Package.load(folder)`` refuses anything that does not check out."""
 
@@ -108,18 +147,29 @@ class Package:
         self.selftest_result: dict[str, Any] | None = None
         self.graph = "split"  # or "merged": what ``infer`` runs
         self.signed = False  # whether a signature was verified with the given public key
+        self.plan = engines.Plan("onnxruntime")  # what runs each component (TensorRT engines, or ONNX Runtime)
+        self._engines: list[Any] = []  # EngineRunners to close
         self._accepted: set[tuple] = set()  # feed signatures check_inputs passed unchanged
 
     @classmethod
     def load(cls, folder: str | os.PathLike, threads: int | None = 1, selftest: bool = True,
-             merged: bool = True, public_key: str | os.PathLike | None = None) -> "Package":
-        """Verify, load and (by default) self-test the package at ``folder``. Where it holds a merged graph
-        (the components joined into one, checked against the split pipeline when packaged), that one graph
-        runs, in one ONNX Runtime session; ``merged=False`` runs the split graphs instead. With
-        ``public_key`` the package must be signed with its private key (``mmopt_runtime.signing``), checked
-        before anything else is read; a signed package without ``public_key`` is refused."""
+             merged: bool = True, public_key: str | os.PathLike | None = None, backend: str = "auto",
+             device: int = 0, engine_cache: str | os.PathLike | None = None) -> "Package":
+        """Verify, load and (by default) self-test the package at ``folder``.
+
+        ``backend``: "auto" runs TensorRT engines where they can run here (``mmopt_runtime.engines`` has the
+        decision order; ``pkg.plan`` says what was chosen and why) and ONNX Runtime otherwise; "tensorrt"
+        refuses instead of falling back; "onnxruntime" never tries TensorRT. ``device``: the GPU's index;
+        ``engine_cache``: where engines built here are kept (default ``~/.cache/mmopt/engines``).
+        On ONNX Runtime, where the package holds a merged graph (the components joined into one, checked
+        against the split pipeline when packaged), that one graph runs, in one session; ``merged=False``
+        runs the split graphs instead. With ``public_key`` the package must be signed with its private key
+        (``mmopt_runtime.signing``), checked before anything else is read; a signed package without
+        ``public_key`` is refused."""
         t0 = time.perf_counter()
         root = Path(folder)
+        if backend not in engines.BACKENDS:
+            raise PackageError(f"backend {backend!r}: use one of {', '.join(engines.BACKENDS)}.")
         try:
             signed = signing.verify(root, public_key)
         except signing.SignatureError as e:
@@ -127,7 +177,12 @@ class Package:
         manifest = read_manifest(root, signed)
         check_structure(root, manifest)
         data = verify_files(root, manifest)
-        one = manifest.get("merged") if merged else None
+        try:
+            plan = engines.plan(manifest, data, backend, device, None if engine_cache is None else Path(engine_cache))
+        except engines.NoEngine as e:
+            raise PackageError(f"{root}: {e}") from None
+        runners = _engine_runners(plan, manifest, device, backend)
+        one = manifest.get("merged") if merged and not runners else None
         if one is not None:
             model = manifest["model"]
             graph = _Graph(None, confined(root, one["file"], "merged.file"), data[one["file"]], model, threads)
@@ -135,8 +190,9 @@ class Package:
                       {t["name"]: f"merged:{t['name']}" for t in model["outputs"]})]
             outputs = {t["name"]: f"merged:{t['name']}" for t in model["outputs"]}
         else:
-            graphs = {c: _Graph(c, confined(root, spec["file"], f"components.{c}.file"), data[spec["file"]], spec,
-                                threads, {loc: data[rel] for loc, rel in spec.get("external_data", {}).items()})
+            graphs = {c: runners.get(c) or _Graph(c, confined(root, spec["file"], f"components.{c}.file"),
+                                                  data[spec["file"]], spec, threads,
+                                                  {loc: data[rel] for loc, rel in spec.get("external_data", {}).items()})
                       for c, spec in manifest["components"].items()}
             steps = [(key, graphs[c].infer, sources, outs)
                      for key, c, sources, outs in manifest_calls(manifest["components"])]
@@ -144,9 +200,14 @@ class Package:
         pkg = cls(root, manifest, Pipeline(steps, outputs), 0.0)
         pkg.graph = "merged" if one is not None else "split"
         pkg.signed = signed is not None
+        pkg.plan, pkg._engines = plan, list(runners.values())
         pkg._golden = data[manifest["golden"]["file"]]
         if selftest:
-            pkg.selftest()
+            try:
+                pkg.selftest()
+            except BaseException:
+                pkg.close()
+                raise
         pkg.load_ms = (time.perf_counter() - t0) * 1000
         return pkg
 
@@ -204,6 +265,18 @@ class Package:
     def infer(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         return self.pipeline.infer(self.check_inputs(feeds))
 
+    def close(self) -> None:
+        """Free the TensorRT engines and their device memory (ONNX Runtime sessions go with the object)."""
+        for r in self._engines:
+            r.close()
+        self._engines = []
+
+    def __enter__(self) -> "Package":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def selftest(self) -> dict[str, Any]:
         """The pipeline on the golden inputs against the golden eager outputs, gated by the policy's
         tolerance. Raises ``PackageError`` listing every failing output."""
@@ -232,10 +305,15 @@ class Package:
             if why:
                 bad.append(f"  {name}: {'; '.join(why)}")
         if bad:
-            raise PackageError(f"{self.root}: the golden self-test fails, so this package does not compute what was "
-                               f"verified on this device:\n" + "\n".join(bad) + "\nDo not serve it: check the "
-                               "onnxruntime version and the hardware, or rebuild the package.")
-        self.selftest_result = {"passed": True, "signed": self.signed, "graph": self.graph, "samples": golden["samples"], "outputs": rows}
+            on = (f"with {self.plan.source} on TensorRT {self.plan.tensorrt}" if self.plan.engines
+                  else "on ONNX Runtime")
+            fix = ("check the engines (rebuild them on this device), or serve the ONNX graphs with "
+                   "--backend onnxruntime" if self.plan.engines else "check the onnxruntime version and the hardware, "
+                   "or rebuild the package")
+            raise PackageError(f"{self.root}: the golden self-test fails {on}, so this package does not compute what "
+                               f"was verified on this device:\n" + "\n".join(bad) + f"\nDo not serve it: {fix}.")
+        self.selftest_result = {"passed": True, "signed": self.signed, "graph": self.graph,
+                                "backend": self.plan.to_json(), "samples": golden["samples"], "outputs": rows}
         return self.selftest_result
 
     def bench(self, rounds: int = 50) -> dict[str, Any]:
@@ -265,7 +343,7 @@ class Package:
                 times.append((time.perf_counter_ns() - t0) / 1e6)
             out[size] = {"shapes": {n: t["shapes"][size] for n, t in self.inputs.items()},
                          "p50_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
-        return {"backend": "onnxruntime-cpu", "graph": self.graph, "rounds": rounds, "latency": out}
+        return {"backend": self.plan.to_json(), "graph": self.graph, "rounds": rounds, "latency": out}
 
 
 def read_manifest(root: Path, signed: dict[str, str] | None = None) -> dict[str, Any]:
@@ -373,6 +451,7 @@ def check_structure(root: Path, manifest: dict[str, Any]) -> None:
     one = manifest.get("merged")
     if one is not None and not (isinstance(one, dict) and isinstance(one.get("file"), str)):
         raise bad("merged", "is not {file} (or null: no merged graph)")
+    _check_engine_sets(manifest, bad)
     golden = manifest["golden"]
     if not isinstance(golden.get("file"), str) or not isinstance(golden.get("samples"), int) or \
             not isinstance(golden.get("scores", []), list):
@@ -386,13 +465,51 @@ def check_structure(root: Path, manifest: dict[str, Any]) -> None:
                                       "min_cosine in [-1, 1], min_argmax in [0, 1])")
 
 
+def _check_engine_sets(manifest: dict[str, Any], bad: Any) -> None:
+    """``engines``: a list of engine sets, each with what ``mmopt_runtime.trt.compat.decide`` reads and an engine
+    per component built from that component's packaged graph (its sha256 recorded)."""
+    from mmopt_runtime.trt.compat import parse_cc, parse_version
+
+    sets = manifest.get("engines", [])
+    if not isinstance(sets, list):
+        raise bad("engines", "is not a list of engine sets")
+    ids = set()
+    for i, es in enumerate(sets):
+        f = f"engines[{i}]"
+        try:
+            ok = isinstance(es["id"], str) and bool(es["id"]) and isinstance(es["platform"], str) and \
+                isinstance(es["gpu"]["name"], str) and bool(parse_cc(es["gpu"]["compute_capability"])) and \
+                bool(parse_version(es["tensorrt"]["version"])) and \
+                isinstance(es["build_options"]["version_compatible"], bool) and \
+                es["build_options"]["hardware_compatibility"] in ("none", "ampere+", "same_compute_capability") and \
+                isinstance(es["components"], dict) and bool(es["components"])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f, "is not an engine set (id, tensorrt.version, gpu.name and compute_capability, platform, "
+                         "build_options.version_compatible and hardware_compatibility, components)")
+        if es["id"] in ids:
+            raise bad(f"{f}.id", f"repeats the engine set '{es['id']}'")
+        ids.add(es["id"])
+        for c, e in es["components"].items():
+            where = f"{f}.components.{c}"
+            if c not in manifest["components"]:
+                raise bad(where, "names no component of the package")
+            if not (isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("onnx_sha256"), str)):
+                raise bad(where, "is not {file, onnx_sha256}")
+            if e["onnx_sha256"] != manifest["files"].get(manifest["components"][c]["file"]):
+                raise bad(f"{where}.onnx_sha256", "is not the sha256 of that component's packaged graph: the engine "
+                                                  "was built from another graph")
+
+
 def verify_files(root: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
     """Every listed file inside the package with its recorded sha256; every file the package uses listed.
     Returns the bytes that were hashed: they are what gets loaded."""
     files = manifest["files"]
     used = [spec["file"] for spec in manifest["components"].values()] + [manifest["golden"]["file"]] + \
         [rel for spec in manifest["components"].values() for rel in spec.get("external_data", {}).values()] + \
-        ([manifest["merged"]["file"]] if manifest.get("merged") else [])
+        ([manifest["merged"]["file"]] if manifest.get("merged") else []) + \
+        [e["file"] for es in manifest.get("engines", []) for e in es["components"].values()]
     unlisted = [f for f in used if f not in files]
     if unlisted:
         raise PackageError(f"{root / MANIFEST}: uses {unlisted} without a sha256 in 'files'. Rebuild the package.")

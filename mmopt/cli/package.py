@@ -27,6 +27,10 @@ def package(
                                             help="Sign the package with this PEM elliptic-curve private key "
                                                  "(OpenSSF model-signing; pip install 'mmopt[sign]'). Devices "
                                                  "then check it with `mmopt-run --public-key`."),
+    engines: list[Path] = typer.Option([], "--engines", metavar="BUNDLE",
+                                       help="A copy of this bundle that `mmopt build` ran in on another device "
+                                            "(repeatable): its engines for the packaged graphs join the package as "
+                                            "one more engine set. The bundle's own engines are always taken."),
     trust_checkpoint: bool = options.trust_checkpoint(),
 ) -> None:
     r"""Write one policy of a bundle as a deployment package, self-tested by the device runtime.
@@ -36,11 +40,17 @@ def package(
     \[evaluation] or \[calibration] samples with the eager model's outputs and the policy's tolerance), and
     package.json: wiring, IO, dynamic axes with min / opt / max, every file's sha256, the verified parity and
     lineage back to the bundle. On the device, the runtime (`pip install ./runtime`: numpy and onnxruntime,
-    no torch) checks the hashes and the golden outputs before it serves:
+    no torch) checks the hashes and the golden outputs before it serves. TensorRT engines that `mmopt build`
+    made from these very graphs ship too, one engine set per GPU / TensorRT version (the ONNX graphs stay, the
+    fallback); the runtime picks the set that matches the device:
 
         mmopt package build/ -p image=int8-cpu -o vqa-pkg/
         mmopt-run selftest vqa-pkg/
         mmopt-run infer vqa-pkg/ --inputs sample.npz --out result.npz
+
+    Engines from two devices (the bundle copied to each and built there):
+
+        mmopt package build/ -p image=fp16 -p text=fp16 -o vqa-pkg/ --engines orin-build/ --engines l4-build/
 
     Signed (devices refuse it unless the signature verifies with the public key they hold):
 
@@ -52,7 +62,8 @@ def package(
     from mmopt.cli.quantize import parse_policy
     from mmopt.progress import RichProgress
 
-    r = api.package(bundle, parse_policy(precision), out, config, trust_checkpoint, RichProgress(console), sign_key)
+    r = api.package(bundle, parse_policy(precision), out, config, trust_checkpoint, RichProgress(console), sign_key,
+                    engines)
     g = r.manifest["golden"]
     console.print(f"self-test by the runtime: {g['samples']} golden samples from {escape(g['source'])} pass the "
                   f"policy's gate (min cosine {min(o['cos_min'] for o in r.selftest['outputs'].values()):.6f})",
@@ -63,6 +74,14 @@ def package(
     else:
         console.print(f"no merged graph ({escape(r.merged['reason'])}): the runtime runs the split graphs",
                       highlight=False)
+    for es in r.manifest["engines"]:
+        console.print(f"engine set {escape(es['id'])}: {', '.join(sorted(es['components']))} (built on "
+                      f"{escape(es['gpu']['name'])}, TensorRT {escape(es['tensorrt']['version'])})", highlight=False)
+    if not r.manifest["engines"]:
+        console.print("no TensorRT engine set: the device runs the ONNX graphs (or, with full TensorRT there, builds "
+                      "engines from them once into its engine cache)", highlight=False)
+    for note in r.engine_notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     if sign_key is not None:
         console.print(f"signed with {escape(str(sign_key))}: package.sig covers every file (model-signing, key "
                       "mode)", highlight=False)

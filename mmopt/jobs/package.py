@@ -2,9 +2,13 @@
 ``mmopt_runtime``) loads, verifies, self-tests and serves.
 
 The package is a folder, plus a ``.tar.gz`` of it:
-- one ONNX graph per component at the chosen precision (ONNX Runtime runs them; TensorRT engine sets are
-  not packaged yet), and, where there is more than one call, ``merged.onnx``: the same graphs joined by the
-  wiring into one (``mmopt.stages.merge``), checked against the split pipeline, which the runtime prefers;
+- one ONNX graph per component at the chosen precision (always: the fallback, and what ONNX Runtime runs),
+  and, where there is more than one call, ``merged.onnx``: the same graphs joined by the wiring into one
+  (``mmopt.stages.merge``), checked against the split pipeline, which the runtime prefers on ONNX Runtime;
+- zero or more TensorRT engine sets under ``engines/<set id>/``: the engines ``mmopt build`` made in the bundle
+  (and in copies of it built on other devices, ``engine_bundles``) from exactly these graphs, one set per
+  (TensorRT version, compute capability, platform, version- / hardware-compatibility flags), each with what the
+  runtime checks before it loads one (``mmopt_runtime.engines`` has its decision order);
 - ``golden.npz``: a few real samples (from [evaluation], else [calibration], else the opt-size capture's
   random inputs) with the eager model's outputs for them, and ``package.json``'s ``golden.tolerance``, the
   policy's pipeline gate;
@@ -49,11 +53,12 @@ class PackageResult:
     selftest: dict[str, Any]
     seconds: float
     merged: dict[str, Any]  # {"file", "vs_split": max abs difference} or {"reason": why there is none}
+    engine_notes: list[str] = dataclasses.field(default_factory=list)  # engines left out, and why
 
 
 def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, config: str | Path | None = None,
             trust_checkpoint: bool = False, progress: Progress | None = None,
-            sign_key: str | Path | None = None) -> PackageResult:
+            sign_key: str | Path | None = None, engine_bundles: list[str | Path] = ()) -> PackageResult:
     from mmopt import reference
     from mmopt.judge.parity import scores_of, tolerance_for
 
@@ -76,6 +81,7 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
     archive = out.with_name(out.name + ".tar.gz")
     if sign_key is not None:
         _signing_ready(Path(sign_key))
+    found, engine_notes = find_engines([bundle, *map(Path, engine_bundles)], artifacts)
     recover(out)
     check_out(out, bundle)
     ref = reference.load(bundle, manifest, config, trust_checkpoint)
@@ -138,10 +144,11 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
                    "lineage": {"bundle": str(bundle.resolve()), "bundle_fingerprint": manifest.fingerprint(),
                                "artifacts": {c: {"id": a.id, "sha256": a.sha256} for c, a in artifacts.items()},
                                "factory": spec.factory, "mmopt": __version__}}
+            doc["engines"] = add_engines(stage, doc, found)
             merged = add_merged(stage, doc)
             (stage / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
-            try:
-                split_pkg = Package.load(stage, merged=False)
+            try:  # on ONNX Runtime: the reference the merged graph is checked against (engines: on the device)
+                split_pkg = Package.load(stage, merged=False, backend="onnxruntime")
             except PackageError as e:
                 raise BundleError(f"the package failed its own self-test before it was written: {e}") from None
             selftest = split_pkg.selftest_result
@@ -164,7 +171,81 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
         shutil.rmtree(stage, ignore_errors=True)
         Path(archive.with_name(f".{archive.name}.{os.getpid()}.partial")).unlink(missing_ok=True)
         raise
-    return PackageResult(out, archive, doc, selftest, time.perf_counter() - t0, merged)
+    return PackageResult(out, archive, doc, selftest, time.perf_counter() - t0, merged, engine_notes)
+
+
+def find_engines(bundles: list[Path], artifacts: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The TensorRT engines ``mmopt build`` made from exactly the graphs being packaged (``artifacts``: component
+    -> ONNX artifact), in ``bundles[0]`` and in copies of it built on other devices, grouped into engine sets
+    by what decides where an engine runs. Returns (the sets, each {key fields, components: component ->
+    (engine path, sidecar)}, and notes on engines left out). An extra bundle that adds no engine is refused."""
+    sets: dict[tuple, dict[str, Any]] = {}
+    notes: list[str] = []
+    for i, b in enumerate(bundles):
+        m = Manifest.read_verified(b)
+        added = 0
+        for comp, art in artifacts.items():
+            eng = m.find(comp, art.precision, stage="engine")
+            if eng is None:
+                continue
+            side = eng.extra or {}
+            try:
+                key = (side["tensorrt"]["version"], side["gpu"]["compute_capability"], side["platform"],
+                       bool(side["build_options"]["version_compatible"]),
+                       side["build_options"]["hardware_compatibility"])
+                source = side["source_onnx"]["sha256"]
+            except (KeyError, TypeError) as e:
+                notes.append(f"{b}: engine {eng.file} left out: its record lacks {e}; rebuild it with `mmopt build`")
+                continue
+            if source != art.sha256:
+                notes.append(f"{b}: engine {eng.file} left out: it was built from another {comp} graph than the "
+                             f"{art.precision} one packaged; rebuild it with `mmopt build`")
+                continue
+            s = sets.setdefault(key, {"key": key, "side": side, "components": {}})
+            if comp in s["components"]:
+                notes.append(f"{b}: engine {eng.file} left out: {s['components'][comp][0]} is the same kind of "
+                             "engine (same TensorRT, GPU and flags)")
+                continue
+            s["components"][comp] = (m.file(b, eng), side)
+            added += 1
+        if i and not added:
+            raise UsageError(f"--engines {b}: holds no TensorRT engine built from the graphs being packaged "
+                             f"({', '.join(f'{c}={a.precision}' for c, a in artifacts.items())}). Copy the bundle to "
+                             "the device, run `mmopt build` there, and pass that copy.")
+    return list(sets.values()), notes
+
+
+def set_id(key: tuple) -> str:
+    """``trt10.3.0.30-sm8.7-linux-aarch64`` (+ ``-vc`` for version-compatible, ``-ampere+`` etc.)."""
+    version, cc, platform, vc, hw = key
+    return f"trt{version}-sm{cc}-{platform}" + ("-vc" if vc else "") + ("" if hw == "none" else f"-{hw}")
+
+
+def add_engines(stage: Path, doc: dict[str, Any], found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copy each set's engines into ``stage/engines/<set id>/``, hashed into ``doc["files"]`` and checked against
+    the sha256 their build recorded; the manifest's ``engines`` list."""
+    out = []
+    for s in found:
+        sid, side = set_id(s["key"]), s["side"]
+        entry = {"id": sid, "tensorrt": {"version": side["tensorrt"]["version"]},
+                 "gpu": {"name": side["gpu"]["name"], "compute_capability": side["gpu"]["compute_capability"]},
+                 "platform": side["platform"], "l4t": side.get("l4t"),
+                 "build_options": {"version_compatible": bool(side["build_options"]["version_compatible"]),
+                                   "hardware_compatibility": side["build_options"]["hardware_compatibility"]},
+                 "components": {}}
+        for comp, (path, meta) in s["components"].items():
+            rel = f"engines/{sid}/{comp}.engine"
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, stage / rel)
+            digest = sha256_file(stage / rel)
+            if digest != meta.get("engine", {}).get("sha256"):
+                raise BundleError(f"{path}: sha256 differs from the one its build recorded (changed since `mmopt "
+                                  "build`). Rebuild it.")
+            doc["files"][rel] = digest
+            entry["components"][comp] = {"file": rel, "onnx_sha256": doc["files"][doc["components"][comp]["file"]],
+                                         "built_at": meta.get("built_at")}
+        out.append(entry)
+    return out
 
 
 def _signing_ready(key: Path) -> None:
@@ -230,7 +311,7 @@ def check_merged(stage: Path, doc: dict[str, Any], split: Package,
     from mmopt_runtime.compare import failures, measure
 
     try:
-        whole = Package.load(stage)  # its own golden self-test too: what the runtime will serve
+        whole = Package.load(stage, backend="onnxruntime")  # its own golden self-test too: what ONNX Runtime serves
         want, got = split.infer(golden), whole.infer(golden)
         scores = set(doc["golden"]["scores"])
         why = [f"{n}: {'; '.join(w)}" for n in want

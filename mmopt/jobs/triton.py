@@ -77,7 +77,7 @@ def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *
         try:
             # hashes, structure, the signature where there is one, and the golden self-test on the split graphs:
             # the members serve those (a package's merged graph is for one-process serving)
-            pkg = Package.load(folder, merged=False, public_key=public_key)
+            pkg = Package.load(folder, merged=False, public_key=public_key, backend="onnxruntime")
         except PackageError as e:
             raise BundleError(f"the package cannot be served: {e}") from None
         if what == "package":

@@ -28,6 +28,14 @@ def report(version: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@lru_cache(maxsize=None)
+def lean_report(version: str) -> dict:
+    """The runtime's scenarios on a device with only TensorRT's lean runtime (``tensorrt_lean``)."""
+    out = bindings.run_driver(version, lean=True)
+    assert out.returncode == 0, f"driver failed on lean TensorRT {version}:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def mutated(version: str, old: str, new: str) -> dict:
     return report(version, "--mode", "mutate", "--old", old, "--new", new)
 
@@ -114,7 +122,8 @@ def test_build_and_run_scenarios_behave(version):
 
 @pytest.mark.source_text
 def test_every_line_of_the_tensorrt_module_ran_against_real_bindings():
-    executed = set(report(OLDEST)["coverage"]["executed"]) | set(report(NEWEST)["coverage"]["executed"])
+    executed = set().union(*(set(r["coverage"]["executed"]) for r in (report(OLDEST), report(NEWEST),
+                                                                       lean_report(OLDEST), lean_report(NEWEST))))
     missed = [n for n in report(OLDEST)["coverage"]["executable"] if n not in executed]
     lines = API_SOURCE.splitlines()
     assert not missed, "api.py lines no scenario ran:\n" + "\n".join(f"{n}: {lines[n - 1]}" for n in missed)
@@ -213,3 +222,87 @@ def test_catches_apis_removed_in_11_that_10_3_still_has():
                       "trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH", "engine.device_memory_size"])
     assert snippet(OLDEST, code)["violations"] == []
     assert len(whats(snippet(NEWEST, code))) == 4
+
+
+# ---- the device runtime: a package's engine sets, through the same real bindings -------------------
+
+def _plan(scenario: dict) -> dict:
+    assert scenario["ok"], scenario
+    assert scenario["protocol"]["violations"] == [], scenario["protocol"]
+    return scenario["detail"]["plan"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_runtime_runs_the_engine_set_that_matches_here_and_names_the_others(version):
+    from mmopt_runtime.trt.device import platform_tag
+
+    s, here = report(version)["scenarios"], platform_tag()
+    exact = s["package_exact_set"]
+    plan = _plan(exact)
+    assert plan["backend"] == "tensorrt" and plan["on_tensorrt"] == ["image", "text"] and plan["why"] == []
+    assert plan["source"] == f"engine set trt{version}-sm8.7-{here}"  # before the version-compatible one
+    assert list(plan["refused"]) == [f"trt{version}-sm9.0-{here}"]
+    assert "compute capability 9.0" in plan["refused"][f"trt{version}-sm9.0-{here}"][0]
+    assert exact["detail"]["outputs"] == {"image_emb": [4, 4], "text_hidden": [4, 6, 4]}
+    assert exact["detail"]["memories"] == 2  # one stream and buffers per engine
+    vc = _plan(s["package_version_compatible_set"])
+    assert vc["source"] == f"version-compatible engine set trt10.0.1-sm8.7-{here}-vc"
+    newer = f"trt{version.split('.')[0]}.99.0-sm8.7-{here}-vc"
+    assert "version-compatible engines only move forward" in vc["refused"][newer][0]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_without_a_matching_set_full_tensorrt_builds_into_the_cache_once(version):
+    s = report(version)["scenarios"]["package_builds_engines_into_the_cache"]
+    assert s["ok"], s
+    first, second = (d["plan"] for d in s["detail"])
+    assert first["source"].startswith("engines built here into ") and first["on_tensorrt"] == ["image", "text"]
+    assert second["source"].startswith("engines found in the engine cache ")
+    builds = s["protocol"]["builds"]
+    assert len(builds) == 2, builds  # image and text, built once: the second load found them
+    assert [b["flags"] for b in builds] == [[], []]  # not version-compatible: this GPU and TensorRT only
+    assert [sorted(b["profiles"][0]) for b in builds] == [["pixel_values"], ["input_ids"]]
+    assert builds[1]["profiles"][0]["input_ids"] == {"min": [1, 2], "opt": [4, 6], "max": [8, 12]}  # the package's
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_runtime_refuses_or_falls_back_saying_why(version):
+    s = report(version)["scenarios"]
+    refused = s["package_without_a_gpu_refused"]
+    assert refused["error"] == "PackageError" and "no NVIDIA GPU 0 is visible here" in refused["message"]
+    back = _plan(s["package_engine_refused_falls_back"])
+    assert back["backend"] == "onnxruntime" and back["on_tensorrt"] == []
+    assert "refused to deserialise the engine" in back["why"][0] and "ONNX Runtime runs every component" in back["why"][0]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_lean_runtime_runs_version_compatible_sets_only(version):
+    rep = lean_report(version)
+    assert rep["lean"] and rep["version"] == version and "tensorrt_lean_bindings" in rep["module_file"]
+    assert rep["violations"] == [] and rep["unchecked"] == [], rep["violations"]
+    s = rep["scenarios"]
+    plan = _plan(s["lean_runs_a_version_compatible_set"])
+    assert plan["source"].startswith("version-compatible engine set trt10.0.1-sm8.7-")
+    assert any("lean runtime runs only version-compatible engines" in w for v in plan["refused"].values() for w in v)
+    assert s["lean_cannot_build_refused"]["error"] == "PackageError"
+    assert "lean runtime" in s["lean_cannot_build_refused"]["message"] and "cannot build" in \
+        s["lean_cannot_build_refused"]["message"]
+    back = _plan(s["lean_falls_back_to_onnxruntime"])
+    assert back["backend"] == "onnxruntime" and "cannot build engines" in back["why"][0]
+    assert s["lean_build_refused"]["error"] == "TensorRTUnavailable"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_lean_stand_in_covers_the_library_the_lean_bindings_need(version):
+    needed = bindings.needed_libraries(version, lean=True)
+    assert {n for n in needed if n.startswith("libnv")} == {f"libnvinfer_lean.so.{version.split('.')[0]}"}, needed
+
+
+def test_the_lean_check_can_fail():
+    """A name the lean runtime lacks (its bindings have no Builder) is a violation there, not in full TensorRT."""
+    code = "trt.Builder"
+    out = bindings.run_driver(NEWEST, "--mode", "snippet", "--code", code, lean=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lean = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [v["what"] for v in lean["violations"]] == [f"tensorrt.Builder does not exist in TensorRT {NEWEST}"]
+    assert snippet(NEWEST, code)["violations"] == []

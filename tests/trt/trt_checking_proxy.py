@@ -66,7 +66,8 @@ class Checker:
         """The real class a docstring type names, or None."""
         name = _ALIASES.get(type_str, type_str)
         name = name.split("::")[-1]
-        for prefix in ("tensorrt_bindings.tensorrt.", "tensorrt.tensorrt.", "tensorrt."):
+        for prefix in ("tensorrt_bindings.tensorrt.", "tensorrt.tensorrt.", "tensorrt.",
+                       "tensorrt_lean_bindings.tensorrt_lean.", "tensorrt_lean."):  # the lean runtime's
             if name.startswith(prefix):
                 name = name[len(prefix):]
                 break

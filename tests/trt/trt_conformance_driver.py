@@ -52,9 +52,13 @@ def main() -> None:
     ap.add_argument("--old", default="")
     ap.add_argument("--new", default="")
     ap.add_argument("--file", default="mmopt_runtime/trt/api.py", help="the file --mode mutate changes")
+    ap.add_argument("--lean", action="store_true", help="the lean runtime's bindings (tensorrt_lean), no full TensorRT")
     args = ap.parse_args()
 
-    import tensorrt_bindings as real  # the real NVIDIA module, on stand-in libraries
+    if args.lean:  # the real NVIDIA module, on stand-in libraries
+        import tensorrt_lean_bindings as real
+    else:
+        import tensorrt_bindings as real
 
     if real.__version__ != args.expect_version:
         raise SystemExit(f"imported tensorrt_bindings {real.__version__} from {real.__file__}, "
@@ -73,8 +77,12 @@ def main() -> None:
             api_path, source = mutated_path, mutated_path.read_text()
 
     checker = Checker(real, code_roots=(str(REPO / "mmopt"), str(REPO / "mmopt_runtime"), str(api_path)))
-    sys.modules["tensorrt"] = checker.module()  # what `import tensorrt` in mmopt now gets
-    report: dict = {"version": real.__version__, "module_file": real.__file__}
+    if args.lean:  # a device with only the lean runtime: `import tensorrt` fails, `import tensorrt_lean` works
+        sys.modules["tensorrt"] = None
+        sys.modules["tensorrt_lean"] = checker.module()
+    else:
+        sys.modules["tensorrt"] = checker.module()  # what `import tensorrt` in mmopt now gets
+    report: dict = {"version": real.__version__, "module_file": real.__file__, "lean": args.lean}
 
     if args.mode == "snippet":
         import trt_scenarios as scenarios
@@ -107,7 +115,7 @@ def main() -> None:
             setattr(package, leaf, module)
         import trt_scenarios as scenarios
 
-        report["scenarios"] = scenarios.run_all(checker)
+        report["scenarios"] = scenarios.run_lean(checker) if args.lean else scenarios.run_all(checker)
         sys.settrace(None)
         report["coverage"] = {"executed": sorted(executed), "executable": executable_lines(source, target)}
         report["static"] = dict(zip(("chains", "missing"), static_chains(source, real)))

@@ -5,6 +5,8 @@ with an exported model; no TensorRT is needed to make them.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +123,73 @@ class FakeEngineWriter:
         cache = None if timing_cache is None else timing_cache + f"[{name}]".encode()
         return api.BuiltEngine(f"FAKE ENGINE from {name}".encode(), cache, "new" if not timing_cache else "reused",
                                {"in": "FLOAT"}, {"out": "FLOAT"}, ["a TensorRT warning"])
+
+
+# ---- a package of the fake bundle, with engine sets of fake engines ---------------------------------
+
+def fake_engine_set(version: str, cc: str, platform: str, vc: bool = False, hw: str = "none",
+                    gpu: str = "FAKE Orin") -> tuple:
+    """The key ``mmopt.jobs.package.find_engines`` groups engines by, and the build record they share."""
+    side = {"tensorrt": {"version": version}, "gpu": {"name": gpu, "compute_capability": cc}, "platform": platform,
+            "l4t": None, "build_options": {"version_compatible": vc, "hardware_compatibility": hw},
+            "built_at": "2026-12-01T00:00:00+00:00"}
+    return (version, cc, platform, vc, hw), side
+
+
+def make_package(folder: str | Path, bundle: Path, sets: list[tuple] = (), components: tuple[str, ...] = ("image", "text"),
+                 precision: str = "fp16") -> Path:
+    """A package of the fake bundle's ``precision`` graphs (as ``mmopt package`` lays one out) holding one engine
+    set per ``fake_engine_set`` in ``sets``. The engines are FAKE bytes ("FAKE ENGINE from <graph>"): TensorRT
+    cannot exist here. The golden outputs are ONNX Runtime's on the graphs (no eager model exists for a fake)."""
+    import io as _io
+
+    import onnxruntime as ort
+
+    from mmopt.jobs.package import add_engines
+    from mmopt_runtime.package import FORMAT, KIND, MANIFEST
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    m = Manifest.read(bundle)
+    files, comps, golden_in, golden_out = {}, {}, {}, {}
+    for name in components:
+        art = m.artifact(name, precision)
+        spec = COMPONENTS[name]
+        (folder / art.file).write_bytes((bundle / art.file).read_bytes())
+        files[art.file] = sha256_file(folder / art.file)
+        comps[name] = {"file": art.file, "precision": precision, "kind": spec.kind,
+                       "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs],
+                       "calls": [[k, dict(src)] for k, src in spec.calls()]}
+        t = spec.inputs[0]
+        feed = np.zeros(t.shapes["opt"], np.float32) if t.dtype == "float32" else \
+            np.arange(int(np.prod(t.shapes["opt"])), dtype=np.int64).reshape(t.shapes["opt"]) % 10
+        golden_in[t.name] = feed
+        sess = ort.InferenceSession(str(folder / art.file), providers=["CPUExecutionProvider"])
+        golden_out[spec.outputs[0].name] = sess.run(None, {t.name: feed})[0]
+    buf = _io.BytesIO()
+    np.savez(buf, **{f"input/{k}": v for k, v in golden_in.items()}, **{f"output/{k}": v for k, v in golden_out.items()})
+    (folder / "golden.npz").write_bytes(buf.getvalue())
+    files["golden.npz"] = sha256_file(folder / "golden.npz")
+    model_in = [COMPONENTS[c].inputs[0] for c in components]
+    model_out = [COMPONENTS[c].outputs[0] for c in components]
+    tol = {"max_abs": 1e-3, "max_rel": 1e-2, "min_cosine": 0.999, "min_argmax": 0.0, "max_norm_change": 0.05}
+    doc = {"kind": KIND, "format": FORMAT, "policy": {c: precision for c in components},
+           "model": {"inputs": [t.to_json() for t in model_in], "outputs": [t.to_json() for t in model_out],
+                     "output_sources": {t.name: f"{c}:{t.name}" for c, t in zip(components, model_out)}},
+           "components": comps, "files": files,
+           "golden": {"file": "golden.npz", "samples": 4, "source": "fake", "tolerance": tol, "scores": []},
+           "merged": None, "lineage": {"bundle": str(bundle)}}
+    found = []
+    tmp = folder.parent / f".{folder.name}-engines"
+    tmp.mkdir(exist_ok=True)
+    for key, side in sets:
+        members = {}
+        for name in components:
+            data = f"FAKE ENGINE from {name}.{precision}.onnx".encode()
+            path = tmp / f"{'-'.join(map(str, key))}.{name}.engine"
+            path.write_bytes(data)
+            members[name] = (path, {**side, "engine": {"sha256": hashlib.sha256(data).hexdigest()}})
+        found.append({"key": key, "side": side, "components": members})
+    doc["engines"] = add_engines(folder, doc, found)
+    (folder / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
+    return folder

@@ -67,6 +67,12 @@ class World:
         self.graph: onnx.GraphProto | None = None
         self.component = "image"
         self.input_shapes: dict[str, tuple[int, ...]] = {}
+        # Engines and contexts a package loads, by id: (component, its profiles). A package holds several
+        # engines at once, so each answers for its own component; an engine run from a bundle answers for
+        # ``self.component``. ``load_order``: the components whose engines a package loads next, in order
+        # (what an engine built into the runtime's cache, whose bytes are the proxy's placeholder, is).
+        self.owner: dict[int, tuple[str, list[dict]]] = {}
+        self.load_order: list[str] = []
 
     def _dtype(self, elem: int) -> Any:
         return getattr(self.real.DataType, ONNX_TO_TRT[elem])
@@ -75,16 +81,41 @@ class World:
         name = "renamed_by_tensorrt" if "inputs" in self.fail else value.name
         return self.c.instance("ITensor", name=name, dtype=self._dtype(value.type.tensor_type.elem_type))
 
-    def _io(self) -> list[tuple[Any, bool]]:
-        comp = fake_bundle.COMPONENTS[self.component]
+    def _comp(self, obj: Any = None) -> str:
+        return self.owner.get(id(obj), (self.component, None))[0]
+
+    def _io(self, obj: Any = None) -> list[tuple[Any, bool]]:
+        comp = fake_bundle.COMPONENTS[self._comp(obj)]
         return [(t, True) for t in comp.inputs] + [(t, False) for t in comp.outputs]
 
-    def _spec(self, name: str) -> Any:
-        return next(t for t, _ in self._io() if t.name == name)
+    def _spec(self, name: str) -> Any:  # tensor names are unique across the fake components
+        return next(t for c in fake_bundle.COMPONENTS.values() for t in (*c.inputs, *c.outputs) if t.name == name)
 
-    def _output_shape(self, name: str) -> Any:
+    def _engine(self, data: Any) -> Any:
+        """The engine TensorRT would deserialise from ``data``: a package's FAKE engine names its component;
+        one built into the runtime's cache is the next graph built; else the scenario's component."""
+        engine = self.c.instance("ICudaEngine")
+        raw = bytes(data)
+        if raw.startswith(b"FAKE ENGINE from "):
+            comp = raw[len(b"FAKE ENGINE from "):].decode().split(".")[0]
+            self.load_order = [c for c in self.load_order if c != comp]
+        elif self.load_order:
+            comp = self.load_order.pop(0)
+        else:
+            return engine
+        spec = fake_bundle.COMPONENTS[comp]
+        self.owner[id(engine)] = (comp, [{"shapes": {t.name: dict(t.shapes) for t in spec.inputs}}])
+        return engine
+
+    def _context(self, engine: Any) -> Any:
+        ctx = self.c.instance("IExecutionContext")
+        if id(engine) in self.owner:
+            self.owner[id(ctx)] = self.owner[id(engine)]
+        return ctx
+
+    def _output_shape(self, ctx: Any, name: str) -> Any:
         sizes = {}
-        for t in fake_bundle.COMPONENTS[self.component].inputs:
+        for t in fake_bundle.COMPONENTS[self._comp(ctx)].inputs:
             for d, s in zip(t.shape, self.input_shapes[t.name]):
                 sizes[d] = s
         if "dynamic_output" in self.fail:
@@ -124,31 +155,31 @@ class World:
             "IBuilderConfig.add_optimization_profile": lambda cfg, p: -1 if "profile" in f else 0,
             "IBuilderConfig.set_timing_cache": self._set_cache,
             "Builder.build_serialized_network": lambda b, *a: None if "build" in f else c.instance("IHostMemory"),
-            "Runtime.deserialize_cuda_engine": lambda rt, data: None if "deserialize" in f
-            else c.instance("ICudaEngine"),
-            "ICudaEngine.create_execution_context": lambda e, *a: None if "context" in f
-            else c.instance("IExecutionContext"),
-            "ICudaEngine.num_io_tensors": lambda e: len(io()),
-            "ICudaEngine.get_tensor_name": lambda e, i: io()[i][0].name,
+            "Runtime.deserialize_cuda_engine": lambda rt, data: None if "deserialize" in f else self._engine(data),
+            "ICudaEngine.create_execution_context": lambda e, *a: None if "context" in f else self._context(e),
+            "ICudaEngine.num_io_tensors": lambda e: len(io(e)),
+            "ICudaEngine.get_tensor_name": lambda e, i: io(e)[i][0].name,
             "ICudaEngine.get_tensor_mode": lambda e, n: r.TensorIOMode.INPUT if any(
-                t.name == n and is_in for t, is_in in io()) else r.TensorIOMode.OUTPUT,
+                t.name == n and is_in for t, is_in in io(e)) else r.TensorIOMode.OUTPUT,
             "ICudaEngine.get_tensor_dtype": lambda e, n: r.DataType.FP8 if "dtype" in f else getattr(
                 r.DataType, {"float32": "FLOAT", "int64": "INT64"}[self._spec(n).dtype]),
             "ICudaEngine.get_tensor_shape": lambda e, n: r.Dims([-1 if isinstance(d, str) else d
                                                                  for d in self._spec(n).shape]),
-            "ICudaEngine.num_optimization_profiles": lambda e: len(self.profiles()),
+            "ICudaEngine.num_optimization_profiles": lambda e: len(self.profiles(e)),
             "ICudaEngine.get_tensor_profile_shape": lambda e, n, p: [
-                r.Dims(list(self.profiles()[p]["shapes"][n][s])) for s in ("min", "opt", "max")],
+                r.Dims(list(self.profiles(e)[p]["shapes"][n][s])) for s in ("min", "opt", "max")],
             "ICudaEngine.device_memory_size_v2": 1 << 20,
             "IExecutionContext.set_optimization_profile_async": lambda ctx, i, s: "set_profile" not in f,
             "IExecutionContext.set_input_shape": self._set_shape,
             "IExecutionContext.infer_shapes": lambda ctx: ["text_hidden"] if "infer_shapes" in f else [],
-            "IExecutionContext.get_tensor_shape": lambda ctx, n: self._output_shape(n),
+            "IExecutionContext.get_tensor_shape": lambda ctx, n: self._output_shape(ctx, n),
             "IExecutionContext.set_tensor_address": lambda ctx, n, a: "address" not in f,
             "IExecutionContext.execute_async_v3": lambda ctx, s: "execute" not in f,
         }
 
-    def profiles(self) -> list[dict]:
+    def profiles(self, engine: Any = None) -> list[dict]:
+        if id(engine) in self.owner:
+            return self.owner[id(engine)][1]
         return json.loads((self.bundle / f"{self.component}.fp16.engine.json").read_text())["profiles"]
 
 
@@ -156,7 +187,7 @@ def sample_objects(checker: Checker) -> dict[str, Any]:
     """Objects a snippet can use: one proxy per main TensorRT class."""
     names = {"builder": "Builder", "network": "INetworkDefinition", "config": "IBuilderConfig",
              "parser": "OnnxParser", "runtime": "Runtime", "engine": "ICudaEngine", "context": "IExecutionContext"}
-    return {k: checker.instance(v) for k, v in names.items()}
+    return {k: checker.instance(v) for k, v in names.items() if hasattr(checker.real, v)}  # lean: run classes only
 
 
 def _outcome(fn: Callable[[], Any]) -> dict[str, Any]:
@@ -268,6 +299,95 @@ def run_all(checker: Checker) -> dict[str, Any]:
             sys.modules["tensorrt"] = saved
 
     out["load_without_tensorrt"] = play(no_tensorrt)
+    out.update(package_scenarios(checker, world, tmp, lean=False))
+    return out
+
+
+def run_lean(checker: Checker) -> dict[str, Any]:
+    """A device with only TensorRT's lean runtime (``tensorrt_lean``): it runs version-compatible engine sets,
+    refuses the others by name, cannot build, and falls back to ONNX Runtime saying so."""
+    from mmopt_runtime.trt import api
+
+    world = World(checker, checker.real)
+    checker.overrides.update(world.overrides())
+    tmp = Path(tempfile.mkdtemp(prefix="mmopt-trt-lean-"))
+    world.bundle = fake_bundle.make_bundle(tmp / "bundle")
+    out = package_scenarios(checker, world, tmp, lean=True)
+
+    def build() -> None:
+        api.build_engine(world.bundle / "image.onnx", [], None, None)
+
+    out["lean_build_refused"] = _outcome(build)
+    return out
+
+
+def package_scenarios(checker: Checker, world: World, tmp: Path, lean: bool) -> dict[str, Any]:
+    """The device runtime's decision order on packages of the fake bundle whose engine sets name this (FAKE)
+    GPU and the bindings' TensorRT version, or another one; engines built into the runtime's cache."""
+    from mmopt_runtime import Package
+    from mmopt_runtime.trt import device as rt_device
+    from mmopt_runtime.trt import memory as rt_memory
+
+    gpu = [rt_device.GpuInfo(FAKE_GPU_NAME, "8.7", 0, True, "fake")]
+    rt_device.current_gpu = lambda index=0: gpu[0]
+    mems: list[FakeDeviceMemory] = []
+    rt_memory.cuda_python_memory = lambda index=0: mems.append(FakeDeviceMemory()) or mems[-1]
+    version, platform = checker.real.__version__, rt_device.platform_tag()
+    major = int(version.split(".")[0])
+    here = fake_bundle.fake_engine_set(version, "8.7", platform, gpu=FAKE_GPU_NAME)
+    other_sm = fake_bundle.fake_engine_set(version, "9.0", platform, gpu="FAKE H200")
+    older_vc = fake_bundle.fake_engine_set("10.0.1" if major >= 10 else "8.6.1", "8.7", platform, vc=True)
+    newer = fake_bundle.fake_engine_set(f"{major}.99.0", "8.7", platform, vc=True)
+    cache = tmp / "engine-cache"
+    feeds = {"pixel_values": np.zeros((4, 3, 8, 8), np.float32), "input_ids": np.zeros((4, 6), np.int64)}
+    count = [0]
+
+    def load(sets: list[tuple], **kw: Any) -> dict[str, Any]:
+        count[0] += 1
+        folder = tmp / f"pkg-{count[0]}"
+        fake_bundle.make_package(folder, world.bundle, sets)
+        world.load_order = ["image", "text"]
+        mems.clear()
+        with Package.load(folder, selftest=False, engine_cache=cache, **kw) as pkg:
+            outputs = {k: list(v.shape) for k, v in pkg.infer(feeds).items()}
+            plan = pkg.plan.to_json()
+        return {"plan": plan, "outputs": outputs, "memories": len(mems)}
+
+    def play(fn: Callable[[], Any], vc: bool | None = None) -> dict[str, Any]:
+        first = len(checker.calls)
+        result = _outcome(fn)
+        # two engines run interleaved, so the per-context rules are replayed without tensor names
+        result["protocol"] = protocol.replay(checker.calls[first:], None, vc, None)
+        return result
+
+    out: dict[str, Any] = {}
+    if not lean:
+        out["package_exact_set"] = play(lambda: load([other_sm, older_vc, here], backend="tensorrt"), vc=False)
+        out["package_version_compatible_set"] = play(lambda: load([other_sm, newer, older_vc]), vc=True)
+        out["package_builds_engines_into_the_cache"] = play(lambda: [load([other_sm], backend="tensorrt"),
+                                                                     load([], backend="tensorrt")], vc=False)
+
+        def no_gpu() -> dict[str, Any]:
+            gpu[0] = None
+            try:
+                return load([here], backend="tensorrt")
+            finally:
+                gpu[0] = rt_device.GpuInfo(FAKE_GPU_NAME, "8.7", 0, True, "fake")
+
+        out["package_without_a_gpu_refused"] = play(no_gpu)
+
+        def refused_engine() -> dict[str, Any]:
+            world.fail.add("deserialize")
+            try:
+                return load([here])
+            finally:
+                world.fail.clear()
+
+        out["package_engine_refused_falls_back"] = play(refused_engine)
+    else:
+        out["lean_runs_a_version_compatible_set"] = play(lambda: load([here, older_vc], backend="tensorrt"), vc=True)
+        out["lean_cannot_build_refused"] = play(lambda: load([here], backend="tensorrt"))
+        out["lean_falls_back_to_onnxruntime"] = play(lambda: load([here]))
     return out
 
 

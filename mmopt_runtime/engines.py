@@ -1,0 +1,262 @@
+"""Which backend runs each component of a package on this device: the runtime's decision order.
+
+1. ``backend="onnxruntime"``: every graph on ONNX Runtime (the merged graph where there is one).
+2. Otherwise TensorRT, where it can be imported (full ``tensorrt``, else the lean runtime's ``tensorrt_lean``)
+   and a GPU is visible:
+   a. an engine set that exactly matches this GPU's compute capability, this TensorRT version and this
+      platform (``mmopt_runtime.trt.compat.decide``: the rules mmopt's own runner applies);
+   b. else a version-compatible set the package allows here (built with ``--version-compatible`` by an
+      equal or older TensorRT; the only kind the lean runtime can run);
+   c. else, with full TensorRT, engines built here from the package's ONNX graphs into a cache keyed by the
+      graph's sha256, the TensorRT version, the compute capability, the platform and the build flags
+      (``engine_cache``; a later load finds them there);
+3. else ONNX Runtime, and the plan says why (every set refused, with what did not match).
+
+Components in a CPU-only precision (ONNX Runtime's integer forms) always run on ONNX Runtime; a set that lacks
+a component leaves that one on ONNX Runtime too. ``backend="tensorrt"`` refuses instead of falling back.
+Torch-free; TensorRT is imported only when a plan asks for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmopt_runtime.errors import MmoptError
+from mmopt_runtime.paths import escape
+from mmopt_runtime.trt.compat import Environment, decide
+
+CPU_ONLY = ("int8-dynamic", "int8-cpu")  # ONNX Runtime forms TensorRT does not import
+BACKENDS = ("auto", "tensorrt", "onnxruntime")
+CACHE_SCHEMA = 1
+
+
+class NoEngine(MmoptError):
+    """``backend="tensorrt"`` was asked for and no engine can run here; the message says why."""
+
+
+@dataclass
+class Plan:
+    """What runs each component: ``engines`` (component -> (engine bytes, allow host code)) on TensorRT, the
+    rest on ONNX Runtime. ``source`` says where the engines come from; ``why`` why anything runs on ONNX
+    Runtime; ``refused`` each engine set that cannot run here and why; ``warnings`` from the chosen set."""
+
+    backend: str  # "tensorrt" (some or all components) or "onnxruntime"
+    engines: dict[str, tuple[bytes, bool]] = field(default_factory=dict)
+    source: str = ""
+    why: list[str] = field(default_factory=list)
+    refused: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    tensorrt: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"backend": self.backend, "tensorrt": self.tensorrt, "source": self.source,
+                "on_tensorrt": sorted(self.engines), "why": self.why, "refused": self.refused,
+                "warnings": self.warnings}
+
+
+def default_cache() -> Path:
+    """``$MMOPT_ENGINE_CACHE``, else ``~/.cache/mmopt/engines`` (``$XDG_CACHE_HOME`` honoured)."""
+    if os.environ.get("MMOPT_ENGINE_CACHE"):
+        return Path(os.environ["MMOPT_ENGINE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmopt" / "engines"
+
+
+def environment(index: int = 0) -> tuple[Any, Environment]:
+    """The TensorRT module and this device's environment, or ``TensorRTUnavailable`` saying what is missing."""
+    from mmopt_runtime.trt import api, device
+    from mmopt_runtime.trt.errors import TensorRTUnavailable
+
+    trt = api.load()
+    gpu = device.current_gpu(index)
+    if gpu is None:
+        err = TensorRTUnavailable(f"no NVIDIA GPU {index} is visible here (cuda-python and nvidia-smi found none)")
+        err.reason = str(err)
+        raise err
+    return trt, Environment(str(trt.__version__), gpu.name, gpu.compute_capability, device.platform_tag())
+
+
+def choose_set(sets: list[dict[str, Any]], env: Environment, lean: bool) -> tuple[dict[str, Any] | None, list[str],
+                                                                                  dict[str, list[str]]]:
+    """The engine set to run here: an exact match first, else a version-compatible one. Returns (the set or
+    None, its warnings, {set id: why it was refused})."""
+    refused: dict[str, list[str]] = {}
+    exact, compatible = [], []
+    for s in sets:
+        d = decide(s, env)
+        vc = bool(s["build_options"]["version_compatible"])
+        problems = list(d.errors)
+        if lean and not vc:
+            problems.append("TensorRT's lean runtime runs only version-compatible engines; this set was built "
+                            "without --version-compatible")
+        if problems:
+            refused[s["id"]] = problems
+        elif vc:
+            compatible.append((s, d.warnings))
+        else:
+            exact.append((s, d.warnings))
+    # among version-compatible sets the newest TensorRT build is the closest to this one
+    compatible.sort(key=lambda p: _version_key(p[0]["tensorrt"]["version"]), reverse=True)
+    for s, warnings in exact + compatible:
+        return s, warnings, refused
+    return None, [], refused
+
+
+def _version_key(text: str) -> tuple[int, ...]:
+    from mmopt_runtime.trt.compat import parse_version
+
+    return parse_version(text)
+
+
+def plan(manifest: dict[str, Any], data: dict[str, bytes], backend: str, device_index: int = 0,
+         engine_cache: Path | None = None) -> Plan:
+    """The decision order above, for a package whose files ``data`` holds (hash-checked bytes)."""
+    from mmopt_runtime.trt import api
+    from mmopt_runtime.trt.errors import TensorRTUnavailable
+
+    if backend not in BACKENDS:
+        raise MmoptError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}.")
+    comps = manifest["components"]
+    if backend == "onnxruntime":
+        return Plan("onnxruntime", why=["asked for ONNX Runtime"])
+    able = [c for c, spec in comps.items() if spec.get("precision") not in CPU_ONLY]
+    if not able:
+        return _fallback(backend, "onnxruntime", "every component is in an ONNX Runtime-only precision "
+                                                  f"({', '.join(sorted({comps[c]['precision'] for c in comps}))})")
+    try:
+        trt, env = environment(device_index)
+    except TensorRTUnavailable as e:
+        return _fallback(backend, "onnxruntime", e.reason or str(e).splitlines()[0])
+    lean = api.is_lean(trt)
+    chosen, warnings, refused = choose_set(manifest.get("engines") or [], env, lean)
+    if chosen is not None:
+        vc = bool(chosen["build_options"]["version_compatible"])
+        engines = {c: (data[e["file"]], vc) for c, e in chosen["components"].items() if c in able}
+        kind = "version-compatible engine set" if vc else "engine set"
+        p = Plan("tensorrt", engines, f"{kind} {chosen['id']}", refused=refused, warnings=warnings,
+                 tensorrt=env.tensorrt)
+        missing = [c for c in able if c not in engines]
+        if missing:
+            p.why.append(f"engine set {chosen['id']} has no engine for {', '.join(missing)}: ONNX Runtime runs it")
+        return _cpu_only_note(p, comps)
+    sets = "no engine set" if not manifest.get("engines") else "no engine set that runs here"
+    if lean:
+        return _fallback(backend, "onnxruntime", f"the package holds {sets}, and TensorRT's lean runtime "
+                                                  f"{env.tensorrt} cannot build engines", refused)
+    cache = Path(engine_cache) if engine_cache is not None else default_cache()
+    engines, built = {}, []
+    try:
+        for c in able:
+            engines[c], fresh = cached_engine(manifest, data, c, env, cache)
+            built += [c] if fresh else []
+    except MmoptError as e:
+        return _fallback(backend, "onnxruntime", f"the package holds {sets}, and building engines here from its "
+                                                  f"ONNX graphs failed: {e}", refused)
+    how = f"built here into {cache}" if built else f"found in the engine cache {cache}"
+    p = Plan("tensorrt", {c: (b, False) for c, b in engines.items()}, f"engines {how} ({sets} in the package)",
+             refused=refused, tensorrt=env.tensorrt)
+    return _cpu_only_note(p, comps)
+
+
+def _cpu_only_note(p: Plan, comps: dict[str, Any]) -> Plan:
+    for c, spec in comps.items():
+        if spec.get("precision") in CPU_ONLY:
+            p.why.append(f"{c} is {spec['precision']}, an ONNX Runtime-only precision: ONNX Runtime runs it")
+    return p
+
+
+def _fallback(backend: str, to: str, why: str, refused: dict[str, list[str]] | None = None) -> Plan:
+    refused = refused or {}
+    if backend == "tensorrt":
+        rows = "".join(f"\n  engine set {k}: " + "; ".join(v) for k, v in refused.items())
+        raise NoEngine(f"--backend tensorrt: no TensorRT engine can run here: {why}.{rows}\nBuild engines on a "
+                       "device like this one (`mmopt build`, then `mmopt package ... --engines`), or run on ONNX "
+                       "Runtime (--backend auto or onnxruntime).")
+    return Plan(to, why=[why], refused=refused)
+
+
+# ---- engines built here, cached --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _CacheBuild:
+    """The build options of a cached engine: TensorRT's defaults, strongly typed (precision is the graph's)."""
+
+    workspace_mib: int | None = None
+    optimization_level: int | None = None
+    sparse_weights: bool = False
+    version_compatible: bool = False
+    hardware_compatibility: str = "none"
+
+
+def cache_key(onnx_sha256: str, env: Environment, profile: dict[str, Any]) -> str:
+    """The cache entry's name: the graph's sha256, TensorRT version, compute capability, platform, build flags
+    and the profile (the package's min / opt / max)."""
+    flags = {k: getattr(_CacheBuild(), k) for k in _CacheBuild.__dataclass_fields__}
+    text = json.dumps({"schema": CACHE_SCHEMA, "onnx": onnx_sha256, "tensorrt": env.tensorrt,
+                       "sm": env.compute_capability, "platform": env.platform, "flags": flags, "profile": profile},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def cached_engine(manifest: dict[str, Any], data: dict[str, bytes], comp: str, env: Environment,
+                  cache: Path) -> tuple[bytes, bool]:
+    """Component ``comp``'s engine for this device: from ``cache`` when an entry there checks out (its record
+    names this key and the engine's sha256 matches), else built now from the package's hash-checked ONNX bytes
+    and written there atomically. Returns (engine bytes, whether it was built now)."""
+    from mmopt_runtime.trt import api
+    from mmopt_runtime.trt.profiles import Profile
+
+    spec = manifest["components"][comp]
+    onnx_sha = manifest["files"][spec["file"]]
+    shapes = {t["name"]: {s: tuple(t["shapes"][s]) for s in ("min", "opt", "max")} for t in spec["inputs"]}
+    profile = Profile("package", shapes)
+    key = cache_key(onnx_sha, env, profile.to_json())
+    entry = cache / f"{comp}-{key}"
+    record_path, engine_path = entry / "record.json", entry / "engine.plan"
+    try:
+        record = json.loads(record_path.read_text())
+        engine = engine_path.read_bytes()
+        if record.get("key") == key and record.get("engine_sha256") == hashlib.sha256(engine).hexdigest():
+            return engine, False
+    except (OSError, ValueError, AttributeError):
+        pass  # absent, half-written by a killed build, or foreign: build it again
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=cache, prefix=f".{comp}-{key[:8]}-"))
+    except OSError as e:
+        raise MmoptError(f"engine cache {cache}: cannot be written ({e.strerror}); set MMOPT_ENGINE_CACHE to a "
+                         "writable folder.") from None
+    try:
+        src = work / "onnx"  # the bytes whose sha256 was checked, never the package's own paths
+        graph = src / Path(spec["file"]).name
+        src.mkdir()
+        graph.write_bytes(data[spec["file"]])
+        for loc, rel in spec.get("external_data", {}).items():
+            target, problem = escape(src, loc, "graph's folder")
+            if problem:
+                raise MmoptError(f"component '{comp}': external data '{loc}' {problem}; rebuild the package.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data[rel])
+        built = api.build_engine(graph, [profile], _CacheBuild(), None)
+        shutil.rmtree(src)
+        (work / "engine.plan").write_bytes(built.engine)
+        (work / "record.json").write_text(json.dumps({
+            "key": key, "component": comp, "onnx_sha256": onnx_sha, "engine_sha256": hashlib.sha256(
+                built.engine).hexdigest(), "tensorrt": {"version": env.tensorrt},
+            "gpu": {"name": env.gpu_name, "compute_capability": env.compute_capability}, "platform": env.platform,
+            "profile": profile.to_json(), "warnings": built.warnings[:20]}, indent=1))
+        if entry.exists():  # a stale or broken entry: replaced whole
+            shutil.rmtree(entry, ignore_errors=True)
+        try:
+            os.replace(work, entry)
+        except OSError:  # another process put the same entry in place first: theirs serves
+            if not entry.exists():
+                raise
+        return built.engine, True
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,273 @@
+"""TensorRT engine sets in a package: ``mmopt package`` takes the engines ``mmopt build`` made from exactly the
+packaged graphs (in the bundle and in copies of it built on other devices), one set per GPU / TensorRT version /
+flags; the runtime picks the set that runs here, else a version-compatible one, else builds into its cache
+(full TensorRT), else runs ONNX Runtime and says why; tampered engines and sets built from other graphs are
+refused by name.
+
+No TensorRT or GPU exists here: the engines are FAKE bytes from ``FakeEngineWriter``, "this device" is an
+``Environment`` the test gives, and the engine cache's builder is the fake writer. The same decisions run against
+NVIDIA's real bindings (full and lean) in test_api_conformance.py.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmopt import api
+from mmopt.errors import UsageError
+from mmopt.jobs import build
+from mmopt.jobs.build import BuildEnvironment, build_engines
+from mmopt.jobs.package import find_engines
+from mmopt.manifest import Manifest
+from mmopt.trt import device
+from mmopt.trt.options import BuildOptions
+from mmopt_runtime import Package, PackageError, engines
+from mmopt_runtime.trt import api as trt_api
+from mmopt_runtime.trt.compat import Environment
+from trt_fake_bundle import FAKE_ENV, FakeEngineWriter
+
+TESTS = Path(__file__).resolve().parents[1]
+ORIN = FAKE_ENV  # TensorRT 10.3.0.30, FAKE Orin 8.7, linux-aarch64
+H200 = BuildEnvironment("11.4.0.106", device.GpuInfo("FAKE H200", "9.0", 0, False, "fake"), "linux-x86_64")
+ON_ORIN = Environment("10.3.0.30", "FAKE Orin", "8.7", "linux-aarch64")
+ON_H200 = Environment("11.4.0.106", "FAKE H200", "9.0", "linux-x86_64")
+
+
+def built(bundle: Path, env: BuildEnvironment, monkeypatch, **options) -> None:
+    """``mmopt build`` of every precision the bundle holds, as on ``env`` (FAKE engines)."""
+    with monkeypatch.context() as m:
+        m.setattr(build, "preflight", lambda: env)
+        m.setattr(trt_api, "build_engine", FakeEngineWriter())
+        build_engines(bundle, None, BuildOptions(timing_cache=None, **options))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    sys.path.insert(0, str(TESTS))
+    from models.toy import CONFIG
+
+    d = tmp_path_factory.mktemp("engines")
+    for name in ("toy.py", "toydata.py"):
+        shutil.copy(TESTS / "models" / name, d / name)
+    (d / "mmopt.toml").write_text(CONFIG.format(checkpoint="", extra=(
+        '[evaluation]\nsource = "toydata:evaluation_batches"\noutput = "output"\n')))
+    api.export(d / "mmopt.toml", d / "bundle")
+    yield d / "bundle"
+    for mod in ("toy", "toydata"):
+        sys.modules.pop(mod, None)
+
+
+@pytest.fixture
+def bundles(exported, tmp_path, monkeypatch):
+    """The bundle built on a FAKE Orin, and a copy of it built on a FAKE H200 (version-compatible)."""
+    orin, h200 = tmp_path / "orin-build", tmp_path / "h200-build"
+    shutil.copytree(exported, orin)
+    shutil.copytree(exported, h200)
+    built(orin, ORIN, monkeypatch)
+    built(h200, H200, monkeypatch, version_compatible=True)
+    return orin, h200
+
+
+@pytest.fixture
+def pkg(bundles, tmp_path):
+    orin, h200 = bundles
+    return api.package(orin, None, tmp_path / "pkg", engine_bundles=[h200])
+
+
+def test_the_package_holds_one_engine_set_per_device_built_from_its_graphs(pkg):
+    doc = pkg.manifest
+    assert [s["id"] for s in doc["engines"]] == ["trt10.3.0.30-sm8.7-linux-aarch64",
+                                                 "trt11.4.0.106-sm9.0-linux-x86_64-vc"]
+    orin, h200 = doc["engines"]
+    assert orin["gpu"] == {"name": "FAKE Orin", "compute_capability": "8.7"} and orin["l4t"] == "R36.3.0"
+    assert orin["build_options"] == {"version_compatible": False, "hardware_compatibility": "none"}
+    assert h200["build_options"]["version_compatible"] is True
+    for s in doc["engines"]:
+        assert sorted(s["components"]) == sorted(doc["components"])
+        for comp, e in s["components"].items():
+            assert e["file"] == f"engines/{s['id']}/{comp}.engine"
+            assert (pkg.folder / e["file"]).read_bytes() == f"FAKE ENGINE from {comp}.onnx".encode()
+            assert e["onnx_sha256"] == doc["files"][doc["components"][comp]["file"]] == \
+                doc["lineage"]["artifacts"][comp]["sha256"]
+            assert e["file"] in doc["files"]  # hashed like every file
+    assert pkg.engine_notes == []
+    # packaged on this machine (no TensorRT): self-tested on ONNX Runtime, the ONNX graphs still there
+    assert pkg.selftest["backend"]["backend"] == "onnxruntime"
+
+
+def test_the_runtime_picks_the_exact_set_then_a_version_compatible_one_and_names_every_refusal(pkg):
+    sets = pkg.manifest["engines"]
+    chosen, warnings, refused = engines.choose_set(sets, ON_ORIN, lean=False)
+    assert chosen["id"] == "trt10.3.0.30-sm8.7-linux-aarch64" and warnings == []
+    assert list(refused) == ["trt11.4.0.106-sm9.0-linux-x86_64-vc"]
+    assert any("linux-x86_64" in r for r in refused["trt11.4.0.106-sm9.0-linux-x86_64-vc"])
+    # a later TensorRT 11 on the H200: only the version-compatible set can run
+    later = Environment("11.5.0.1", "FAKE H200", "9.0", "linux-x86_64")
+    chosen, _, refused = engines.choose_set(sets, later, lean=False)
+    assert chosen["id"] == "trt11.4.0.106-sm9.0-linux-x86_64-vc"
+    assert "loads only in the exact version that built it" in " ".join(refused["trt10.3.0.30-sm8.7-linux-aarch64"])
+    # another SM: nothing runs, and each set says what did not match
+    chosen, _, refused = engines.choose_set(sets, Environment("11.4.0.106", "FAKE L4", "8.9", "linux-x86_64"), False)
+    assert chosen is None and sorted(refused) == sorted(s["id"] for s in sets)
+    assert "compute capability 9.0" in " ".join(refused["trt11.4.0.106-sm9.0-linux-x86_64-vc"])
+    # the lean runtime runs only version-compatible engines
+    chosen, _, refused = engines.choose_set(sets, ON_ORIN, lean=True)
+    assert chosen is None
+    assert "lean runtime runs only version-compatible engines" in refused["trt10.3.0.30-sm8.7-linux-aarch64"][-1]
+
+
+def test_the_plan_serves_the_chosen_sets_bytes(pkg, monkeypatch):
+    monkeypatch.setattr(engines, "environment", lambda index=0: (object(), ON_H200))
+    doc = pkg.manifest
+    data = {rel: (pkg.folder / rel).read_bytes() for rel in doc["files"]}
+    plan = engines.plan(doc, data, "auto")
+    assert plan.backend == "tensorrt" and plan.source == "version-compatible engine set " \
+                                                         "trt11.4.0.106-sm9.0-linux-x86_64-vc"
+    assert plan.engines == {c: (f"FAKE ENGINE from {c}.onnx".encode(), True) for c in doc["components"]}
+    assert plan.to_json()["on_tensorrt"] == sorted(doc["components"]) and plan.tensorrt == "11.4.0.106"
+
+
+def test_without_tensorrt_the_runtime_serves_onnx_runtime_and_says_why(pkg):
+    p = Package.load(pkg.folder)
+    assert p.plan.backend == "onnxruntime" and p.plan.engines == {}
+    assert p.plan.why == ["TensorRT cannot be imported (ModuleNotFoundError: No module named 'tensorrt')"]
+    assert p.selftest_result["backend"]["why"] == p.plan.why and p.graph == "merged"
+    with pytest.raises(PackageError) as e:
+        Package.load(pkg.folder, backend="tensorrt")
+    assert "--backend tensorrt: no TensorRT engine can run here: TensorRT cannot be imported" in str(e.value)
+    assert Package.load(pkg.folder, backend="onnxruntime").plan.why == ["asked for ONNX Runtime"]
+    with pytest.raises(PackageError, match="backend 'cuda': use one of auto, tensorrt, onnxruntime"):
+        Package.load(pkg.folder, backend="cuda")
+
+
+def test_mmopt_run_says_which_backend_serves(pkg):
+    run = [sys.executable, "-m", "mmopt_runtime.cli", "selftest", str(pkg.folder)]
+    r = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "note: ONNX Runtime serves: TensorRT cannot be imported" in r.stderr
+    assert json.loads(r.stdout)["backend"]["backend"] == "onnxruntime"
+    r = subprocess.run(run + ["--backend", "tensorrt"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "--backend tensorrt: no TensorRT engine can run here" in r.stderr
+
+
+def test_a_tampered_engine_or_a_set_built_from_another_graph_is_refused_by_name(pkg):
+    doc = json.loads((pkg.folder / "package.json").read_text())
+    engine = pkg.folder / doc["engines"][0]["components"]["image"]["file"]
+    data = engine.read_bytes()
+    engine.write_bytes(data[:-1] + b"!")
+    with pytest.raises(PackageError, match=rf"{engine}: sha256 differs from the package manifest"):
+        Package.load(pkg.folder)
+    engine.write_bytes(data)
+    bad = json.loads(json.dumps(doc))
+    bad["engines"][0]["components"]["image"]["onnx_sha256"] = "0" * 64
+    (pkg.folder / "package.json").write_text(json.dumps(bad))
+    with pytest.raises(PackageError, match=r"field 'engines\[0\].components.image.onnx_sha256' is not the sha256 "
+                                           r"of that component's packaged graph"):
+        Package.load(pkg.folder)
+    bad = json.loads(json.dumps(doc))
+    bad["engines"][1]["components"]["text"]["file"] = "../outside.engine"
+    bad["files"]["../outside.engine"] = "0" * 64
+    (pkg.folder / "package.json").write_text(json.dumps(bad))
+    with pytest.raises(PackageError, match=r"field 'files.../outside.engine'.*outside"):
+        Package.load(pkg.folder)
+    for change, field in ((lambda s: s.pop("gpu"), r"engines\[1\]"),
+                          (lambda s: s["tensorrt"].update(version="ten"), r"engines\[1\]"),
+                          (lambda s: s["build_options"].update(hardware_compatibility="any"), r"engines\[1\]"),
+                          (lambda s: s.update(id=doc["engines"][0]["id"]), r"engines\[1\].id"),
+                          (lambda s: s["components"].update(audio=s["components"]["text"]),
+                           r"engines\[1\].components.audio")):
+        bad = json.loads(json.dumps(doc))
+        change(bad["engines"][1])
+        (pkg.folder / "package.json").write_text(json.dumps(bad))
+        with pytest.raises(PackageError, match=rf"field '{field}'"):
+            Package.load(pkg.folder)
+
+
+def test_engines_from_other_graphs_are_left_out_and_an_extra_bundle_without_any_is_refused(bundles, exported,
+                                                                                            tmp_path):
+    orin, h200 = bundles
+    m = Manifest.read(orin)
+    arts = {c: m.artifact(c, "fp32") for c in m.components}
+    stale = {**arts, "image": m.artifact("image", "fp32").__class__(**{**vars(arts["image"]), "sha256": "f" * 64})}
+    sets, notes = find_engines([orin], stale)
+    assert sorted(sets[0]["components"]) == sorted(c for c in m.components if c != "image")
+    assert notes == [f"{orin}: engine image.fp32.engine left out: it was built from another image graph than the "
+                     "fp32 one packaged; rebuild it with `mmopt build`"]
+    with pytest.raises(UsageError, match=rf"--engines {exported}: holds no TensorRT engine built from the graphs"):
+        api.package(orin, None, tmp_path / "pkg", engine_bundles=[exported])
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_a_package_without_engine_sets_still_serves_everywhere(exported, tmp_path):
+    r = api.package(exported, None, tmp_path / "pkg")
+    assert r.manifest["engines"] == [] and Package.load(r.folder).plan.backend == "onnxruntime"
+
+
+# ---- engines built on the device, cached -------------------------------------------------------------
+
+def test_full_tensorrt_builds_missing_engines_into_a_cache_keyed_by_graph_version_and_gpu(pkg, tmp_path,
+                                                                                          monkeypatch):
+    """FAKE: the builder is FakeEngineWriter (TensorRT cannot exist here); what is checked is the cache."""
+    writer = FakeEngineWriter()
+    monkeypatch.setattr(trt_api, "build_engine", writer)
+    doc = pkg.manifest
+    data = {rel: (pkg.folder / rel).read_bytes() for rel in doc["files"]}
+    l4 = Environment("10.3.0.30", "FAKE L4", "8.9", "linux-x86_64")  # no set matches this GPU
+    monkeypatch.setattr(engines, "environment", lambda index=0: (object(), l4))
+    cache = tmp_path / "cache"
+    plan = engines.plan(doc, data, "auto", engine_cache=cache)
+    assert plan.backend == "tensorrt" and plan.source.startswith(f"engines built here into {cache}")
+    assert sorted(plan.refused) == sorted(s["id"] for s in doc["engines"])
+    assert [c[0] for c in writer.calls] == [Path(doc["components"][c]["file"]).name for c in doc["components"]]
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len(entries) == len(doc["components"]) and not [p for p in cache.iterdir() if p.name.startswith(".")]
+    record = json.loads((cache / entries[0] / "record.json").read_text())
+    assert record["onnx_sha256"] == doc["files"][doc["components"][record["component"]]["file"]]
+    assert record["tensorrt"] == {"version": "10.3.0.30"} and record["gpu"]["compute_capability"] == "8.9"
+    # again: found, not built
+    again = engines.plan(doc, data, "auto", engine_cache=cache)
+    assert again.source.startswith("engines found in the engine cache") and len(writer.calls) == len(entries)
+    assert again.engines == plan.engines
+    # a corrupted entry is rebuilt, another TensorRT version gets its own entries
+    (cache / entries[0] / "engine.plan").write_bytes(b"garbage")
+    engines.plan(doc, data, "auto", engine_cache=cache)
+    assert len(writer.calls) == len(entries) + 1
+    monkeypatch.setattr(engines, "environment", lambda index=0: (object(), Environment("10.3.1", "FAKE L4", "8.9",
+                                                                                       "linux-x86_64")))
+    engines.plan(doc, data, "auto", engine_cache=cache)
+    assert len(list(cache.iterdir())) == 2 * len(entries)
+
+
+def test_a_build_that_fails_on_the_device_falls_back_or_refuses(pkg, tmp_path, monkeypatch):
+    from mmopt_runtime.trt.errors import EngineBuildError
+
+    def fail(*a, **k):
+        raise EngineBuildError("image.onnx: TensorRT 10.3.0.30 could not build an engine")
+
+    monkeypatch.setattr(trt_api, "build_engine", fail)
+    monkeypatch.setattr(engines, "environment",
+                        lambda index=0: (object(), Environment("10.3.0.30", "FAKE L4", "8.9", "linux-x86_64")))
+    doc = pkg.manifest
+    data = {rel: (pkg.folder / rel).read_bytes() for rel in doc["files"]}
+    plan = engines.plan(doc, data, "auto", engine_cache=tmp_path / "cache")
+    assert plan.backend == "onnxruntime" and "building engines here from its ONNX graphs failed: image.onnx: " \
+                                                  "TensorRT 10.3.0.30 could not build an engine" in plan.why[0]
+    with pytest.raises(engines.NoEngine, match=r"(?s)--backend tensorrt.*engine set trt10.3.0.30-sm8.7"):
+        engines.plan(doc, data, "tensorrt", engine_cache=tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").iterdir()]  # nothing half-written is left
+
+
+def test_cpu_only_components_stay_on_onnx_runtime(pkg, monkeypatch):
+    monkeypatch.setattr(engines, "environment", lambda index=0: (object(), ON_ORIN))
+    doc = json.loads(json.dumps(pkg.manifest))
+    first = next(iter(doc["components"]))
+    doc["components"][first]["precision"] = "int8-dynamic"
+    data = {rel: (pkg.folder / rel).read_bytes() for rel in doc["files"]}
+    plan = engines.plan(doc, data, "auto")
+    assert first not in plan.engines and plan.engines
+    assert f"{first} is int8-dynamic, an ONNX Runtime-only precision: ONNX Runtime runs it" in plan.why
