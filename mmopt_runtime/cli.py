@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         pkg = Package.load(args.package, public_key=args.public_key, backend=args.backend, device=args.device,
-                           engine_cache=args.engine_cache)
+                           engine_cache=args.engine_cache, log=lambda m: print(m, file=sys.stderr, flush=True))
         if pkg.plan.why and pkg.plan.backend == "onnxruntime" and args.backend == "auto":
             print(f"note: ONNX Runtime serves: {'; '.join(pkg.plan.why)}", file=sys.stderr)
         if args.command == "selftest":

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mmopt_runtime.errors import MmoptError
 from mmopt_runtime.paths import escape
@@ -114,8 +114,9 @@ def _version_key(text: str) -> tuple[int, ...]:
 
 
 def plan(manifest: dict[str, Any], data: dict[str, bytes], backend: str, device_index: int = 0,
-         engine_cache: Path | None = None) -> Plan:
-    """The decision order above, for a package whose files ``data`` holds (hash-checked bytes)."""
+         engine_cache: Path | None = None, log: Callable[[str], None] | None = None) -> Plan:
+    """The decision order above, for a package whose files ``data`` holds (hash-checked bytes). ``log`` hears
+    of engines being built here (minutes each on a Jetson)."""
     from mmopt_runtime.trt import api
     from mmopt_runtime.trt.errors import TensorRTUnavailable
 
@@ -152,7 +153,7 @@ def plan(manifest: dict[str, Any], data: dict[str, bytes], backend: str, device_
     engines, built = {}, []
     try:
         for c in able:
-            engines[c], fresh = cached_engine(manifest, data, c, env, cache)
+            engines[c], fresh = cached_engine(manifest, data, c, env, cache, log)
             built += [c] if fresh else []
     except MmoptError as e:
         return _fallback(backend, "onnxruntime", f"the package holds {sets}, and building engines here from its "
@@ -204,7 +205,7 @@ def cache_key(onnx_sha256: str, env: Environment, profile: dict[str, Any]) -> st
 
 
 def cached_engine(manifest: dict[str, Any], data: dict[str, bytes], comp: str, env: Environment,
-                  cache: Path) -> tuple[bytes, bool]:
+                  cache: Path, log: Callable[[str], None] | None = None) -> tuple[bytes, bool]:
     """Component ``comp``'s engine for this device: from ``cache`` when an entry there checks out (its record
     names this key and the engine's sha256 matches), else built now from the package's hash-checked ONNX bytes
     and written there atomically. Returns (engine bytes, whether it was built now)."""
@@ -242,6 +243,9 @@ def cached_engine(manifest: dict[str, Any], data: dict[str, bytes], comp: str, e
                 raise MmoptError(f"component '{comp}': external data '{loc}' {problem}; rebuild the package.")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data[rel])
+        if log is not None:
+            log(f"building the {comp} engine for {env.gpu_name} with TensorRT {env.tensorrt}, once: it is kept in "
+                f"{cache}")
         built = api.build_engine(graph, [profile], _CacheBuild(), None)
         shutil.rmtree(src)
         (work / "engine.plan").write_bytes(built.engine)

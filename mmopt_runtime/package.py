@@ -154,13 +154,15 @@ class Package:
     @classmethod
     def load(cls, folder: str | os.PathLike, threads: int | None = 1, selftest: bool = True,
              merged: bool = True, public_key: str | os.PathLike | None = None, backend: str = "auto",
-             device: int = 0, engine_cache: str | os.PathLike | None = None) -> "Package":
+             device: int = 0, engine_cache: str | os.PathLike | None = None,
+             log: Any = None) -> "Package":
         """Verify, load and (by default) self-test the package at ``folder``.
 
         ``backend``: "auto" runs TensorRT engines where they can run here (``mmopt_runtime.engines`` has the
         decision order; ``pkg.plan`` says what was chosen and why) and ONNX Runtime otherwise; "tensorrt"
         refuses instead of falling back; "onnxruntime" never tries TensorRT. ``device``: the GPU's index;
-        ``engine_cache``: where engines built here are kept (default ``~/.cache/mmopt/engines``).
+        ``engine_cache``: where engines built here are kept (default ``~/.cache/mmopt/engines``); ``log``: a
+        callable told when an engine is being built here (it takes minutes).
         On ONNX Runtime, where the package holds a merged graph (the components joined into one, checked
         against the split pipeline when packaged), that one graph runs, in one session; ``merged=False``
         runs the split graphs instead. With ``public_key`` the package must be signed with its private key
@@ -178,7 +180,8 @@ class Package:
         check_structure(root, manifest)
         data = verify_files(root, manifest)
         try:
-            plan = engines.plan(manifest, data, backend, device, None if engine_cache is None else Path(engine_cache))
+            plan = engines.plan(manifest, data, backend, device, None if engine_cache is None else Path(engine_cache),
+                                log)
         except engines.NoEngine as e:
             raise PackageError(f"{root}: {e}") from None
         runners = _engine_runners(plan, manifest, device, backend)

@@ -259,3 +259,36 @@ def _has(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         return False
+
+
+def test_a_package_serves_its_engine_set_through_tensorrt_and_passes_its_golden_self_test(engines, tmp_path):
+    """The device path end to end: the bundle's fp32 engines packaged, loaded by the runtime with
+    ``backend="tensorrt"`` (cuda-python memory, no torch in the engine path), the golden self-test through the
+    engines, outputs close to the same package on ONNX Runtime; then a package without engines builds them into
+    the engine cache once and finds them there the second time."""
+    pytest.importorskip("cuda.bindings.runtime", reason="the runtime's device memory needs cuda-python")
+    from mmopt.api import package
+    from mmopt_runtime import Package
+
+    bundle, _ = engines
+    r = package(bundle, None, tmp_path / "pkg")
+    assert len(r.manifest["engines"]) == 1
+    with Package.load(r.folder, backend="tensorrt") as pkg:
+        assert pkg.plan.source.startswith("engine set trt") and sorted(pkg.plan.engines) == sorted(
+            r.manifest["components"])
+        assert pkg.selftest_result["passed"] and pkg.selftest_result["backend"]["backend"] == "tensorrt"
+        with np.load(r.folder / "golden.npz") as g:
+            feeds = {k[len("input/"):]: g[k] for k in g.files if k.startswith("input/")}
+        got = pkg.infer(feeds)
+    want = Package.load(r.folder, backend="onnxruntime").infer(feeds)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-2, atol=1e-3)
+    doc = dict(r.manifest, engines=[])
+    import json
+
+    (r.folder / "package.json").write_text(json.dumps(doc))
+    cache = tmp_path / "engine-cache"
+    with Package.load(r.folder, backend="tensorrt", engine_cache=cache) as first:
+        assert first.plan.source.startswith("engines built here")
+    with Package.load(r.folder, backend="tensorrt", engine_cache=cache) as second:
+        assert second.plan.source.startswith("engines found in the engine cache")

@@ -219,9 +219,11 @@ def test_full_tensorrt_builds_missing_engines_into_a_cache_keyed_by_graph_versio
     data = {rel: (pkg.folder / rel).read_bytes() for rel in doc["files"]}
     l4 = Environment("10.3.0.30", "FAKE L4", "8.9", "linux-x86_64")  # no set matches this GPU
     monkeypatch.setattr(engines, "environment", lambda index=0: (object(), l4))
-    cache = tmp_path / "cache"
-    plan = engines.plan(doc, data, "auto", engine_cache=cache)
+    cache, heard = tmp_path / "cache", []
+    plan = engines.plan(doc, data, "auto", engine_cache=cache, log=heard.append)
     assert plan.backend == "tensorrt" and plan.source.startswith(f"engines built here into {cache}")
+    assert heard == [f"building the {c} engine for FAKE L4 with TensorRT 10.3.0.30, once: it is kept in {cache}"
+                     for c in doc["components"]]
     assert sorted(plan.refused) == sorted(s["id"] for s in doc["engines"])
     assert [c[0] for c in writer.calls] == [Path(doc["components"][c]["file"]).name for c in doc["components"]]
     entries = sorted(p.name for p in cache.iterdir())
