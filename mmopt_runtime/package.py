@@ -35,6 +35,7 @@ import numpy as np
 from mmopt_runtime import engines, signing
 from mmopt_runtime.compare import failures, measure
 from mmopt_runtime.errors import MmoptError
+from mmopt_runtime.feeds import axis_problems
 from mmopt_runtime.paths import escape
 from mmopt_runtime.ort import fast_run, io_problems, session
 from mmopt_runtime.pipeline import Pipeline, manifest_calls
@@ -252,13 +253,10 @@ class Package:
                 a = a.astype(want)
             if a.ndim != len(t["shape"]):
                 raise PackageError(f"input '{name}': rank {a.ndim}, the package takes {t['shape']}.")
-            lo, hi = t["shapes"]["min"], t["shapes"]["max"]
-            for axis, (dim, n) in enumerate(zip(t["shape"], a.shape)):
-                if isinstance(dim, int) and n != dim:
-                    raise PackageError(f"input '{name}': axis {axis} is {n}, the package takes {dim}.")
-                if isinstance(dim, str) and not lo[axis] <= n <= hi[axis]:
-                    raise PackageError(f"input '{name}': {dim} = {n} is outside the exported range "
-                                       f"{lo[axis]}..{hi[axis]}.")
+            problems = axis_problems(f"input '{name}'", t["shape"], t["shapes"]["min"], t["shapes"]["max"], a.shape)
+            if problems:
+                raise PackageError("; ".join(problems) + ".")
+            for dim, n in zip(t["shape"], a.shape):
                 if isinstance(dim, str) and sizes.setdefault(dim, (n, name))[0] != n:
                     raise PackageError(f"input '{name}': {dim} = {n}, but input '{sizes[dim][1]}' has {dim} = "
                                        f"{sizes[dim][0]}.")

@@ -13,6 +13,7 @@ import numpy as np
 from mmopt import dtypes
 from mmopt.errors import UsageError
 from mmopt.spec import TensorSpec
+from mmopt_runtime.feeds import axis_problems
 
 
 
@@ -63,13 +64,7 @@ class Runner:
             if arr.ndim != len(spec.shape):
                 problems.append(f"{name}: rank {arr.ndim}, expected {len(spec.shape)} {list(spec.shape)}")
                 continue
-            lo, hi = spec.shapes["min"], spec.shapes["max"]
-            for axis, (size, decl) in enumerate(zip(arr.shape, spec.shape)):
-                if isinstance(decl, int) and size != decl:
-                    problems.append(f"{name}: axis {axis} is {size}, expected {decl}")
-                elif isinstance(decl, str) and not lo[axis] <= size <= hi[axis]:
-                    problems.append(f"{name}: axis {axis} ('{decl}') is {size}, outside the exported "
-                                    f"range [{lo[axis]}, {hi[axis]}]")
+            problems += axis_problems(name, spec.shape, spec.shapes["min"], spec.shapes["max"], arr.shape)
         if problems:
             raise UsageError(f"{self.backend} runner '{self.name}': bad feeds:\n  " + "\n  ".join(problems))
 
