@@ -279,6 +279,9 @@ BROKEN = {
     "graph changed": (lambda r: _flip_byte(r / "toy_image" / "1" / "model.onnx"), [
         r"toy_image/1/model.onnx: sha256 differs from mmopt-triton.json"]),
     "version folder missing": (lambda r: shutil.rmtree(r / "toy" / "1"), [r"toy/: no version folder"]),
+    "a marker naming a file outside": (lambda r: _edit(r / "mmopt-triton.json", '"files": {',
+                                                        '"files": {"../elsewhere/model.onnx": "00", '), [
+        r"mmopt-triton.json: files\['\.\./elsewhere/model.onnx'\] climbs out with '\.\.'"]),
 }
 
 

@@ -219,8 +219,9 @@ def _onnx(path: Path, rel: str, c: Any, mc: Any, exact_inputs: bool = False) -> 
         out.append(f"{rel}: keeps weights in external data files; Triton wants such a graph as a model.onnx/ folder "
                    "holding model.onnx and its data.")
     elif locations:
-        bad = sorted(loc for loc in locations if not (path / loc).resolve().is_relative_to(path.resolve()))
-        out += [f"{rel}/{loc}: external data outside the model.onnx folder." for loc in bad]
+        why = {loc: escape(path, loc, "model.onnx folder")[1] for loc in locations}
+        bad = sorted(loc for loc, w in why.items() if w)
+        out += [f"{rel}/{loc}: external data that {why[loc]}." for loc in bad]
         out += [f"{rel}/{loc}: missing (external data of model.onnx)." for loc in sorted(locations - set(bad))
                 if not (path / loc).is_file()]
     return out + _graph_io(proto, rel, c, mc, exact_inputs)
@@ -384,9 +385,9 @@ def _marker(root: Path) -> list[str]:
         return [f"{MARKER}: cannot be read as JSON ({e}); write the repository again with `mmopt triton`."]
     out = []
     for rel, digest in sorted(files.items()):
-        full = root / rel
-        if not full.resolve().is_relative_to(root.resolve()):
-            out.append(f"{MARKER}: files['{rel}'] points outside the repository.")
+        full, why = escape(root, rel, "repository") if isinstance(rel, str) else (root, "is not a path")
+        if why:
+            out.append(f"{MARKER}: files['{rel}'] {why}.")
         elif not full.is_file():
             out.append(f"{rel}: missing; {MARKER} records it. Copy the whole repository, or write it again.")
         elif sha256_file(full) != digest:
