@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -106,23 +107,38 @@ def is_bundle(folder: Path) -> bool:
         and isinstance(d.get("artifacts"), list)
 
 
-def check_replaceable(target: Path) -> None:
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What a store folder holds: its noun in messages, the file that marks it as mmopt's, whether a folder is
+    one (``mine``), and a name to suggest for it. Bundles, packages and Triton repositories are written through
+    the one ``transaction``, each with its kind."""
+
+    noun: str
+    marker: str
+    mine: Callable[[Path], bool]
+    suggest: str
+
+
+BUNDLE = Kind("bundle", MANIFEST, lambda p: is_bundle(p), "bundle")
+
+
+def check_replaceable(target: Path, kind: Kind = BUNDLE) -> None:
     if target.is_symlink():
         raise BundleError(f"{target}: is a symlink; give the real folder as the output path.")
     if not target.exists():
         return
     if os.path.ismount(target):
-        raise BundleError(f"{target}: is a mount point, which cannot be replaced atomically. Write the bundle to "
-                          f"a folder inside it, e.g. -o {target / 'bundle'}.")
+        raise BundleError(f"{target}: is a mount point, which cannot be replaced atomically. Write the {kind.noun} "
+                          f"to a folder inside it, e.g. -o {target / kind.suggest}.")
     if not target.is_dir():
         raise BundleError(f"{target}: exists and is not a folder. Choose another output path.")
     try:
         empty = not any(target.iterdir())
     except OSError as e:
         raise BundleError(f"{target}: cannot be listed ({e.strerror}). Choose another output path.") from None
-    if not empty and not is_bundle(target):
-        what = "holds a manifest.json that is not an mmopt bundle's" if (target / MANIFEST).exists() \
-            else "is not an mmopt bundle"
+    if not empty and not kind.mine(target):
+        what = f"holds a {kind.marker} that is not an mmopt {kind.noun}'s" if (target / kind.marker).exists() \
+            else f"is not an mmopt {kind.noun}"
         raise BundleError(f"{target}: exists, is not empty and {what}; refusing to replace it. "
                           "Choose an empty or new output folder.")
 
@@ -221,7 +237,7 @@ def _make_empty(target: Path, waiter: _Waiter) -> bool:
 
 
 @contextlib.contextmanager
-def writer_lock(target: Path, log: Log) -> Iterator[tuple[bool, _Waiter]]:
+def writer_lock(target: Path, log: Log, kind: Kind = BUNDLE) -> Iterator[tuple[bool, _Waiter]]:
     """Exclusive lock on the bundle folder ``target`` for one writer; yields whether this writer created
     ``target`` (as an empty folder, when it did not exist) and the waiting policy for later locks.
 
@@ -235,7 +251,7 @@ def writer_lock(target: Path, log: Log) -> Iterator[tuple[bool, _Waiter]]:
             if not target.exists() and not target.is_symlink():
                 created = _make_empty(target, waiter) or created
             if not target.is_dir() or target.is_symlink():
-                check_replaceable(target)  # a file or a symlink: say so
+                check_replaceable(target, kind)  # a file or a symlink: say so
             fd = _open_dir(target)
             held = False
             if fd is not None:
@@ -288,7 +304,7 @@ def _remove(p: Path, target: Path, log: Log) -> None:
         log(f"{target}: removed {p.name}, left by an mmopt run that is gone")
 
 
-def recover(target: Path, log: Log) -> bool:
+def recover(target: Path, log: Log, kind: Kind = BUNDLE) -> bool:
     """Repair or remove what killed writers of ``target`` left beside it (call holding ``target``'s lock).
 
     A dead writer's ``.old`` (the two-rename fallback, killed between its renames) is the earlier bundle:
@@ -305,13 +321,14 @@ def recover(target: Path, log: Log) -> bool:
         return False
     dead = [p for p in siblings if p.is_dir() and not p.is_symlink() and _abandoned(p)]
     for p in sorted(dead, key=lambda p: not p.name.endswith(".old")):
-        if p.name.endswith(".old") and not is_bundle(target):
-            if is_bundle(p) and target.is_dir() and not any(target.iterdir()):
+        if p.name.endswith(".old") and not kind.mine(target):
+            if kind.mine(p) and target.is_dir() and not any(target.iterdir()):
                 os.rename(p, target)  # onto the empty folder: one atomic step
-                log(f"{target}: restored the earlier bundle from {p.name}, left by a run killed during its commit")
+                log(f"{target}: restored the earlier {kind.noun} from {p.name}, left by a run killed during its "
+                    "commit")
                 return True
-            log(f"{target}: kept {p.name} (the earlier bundle, left by a run killed during its commit): "
-                f"{target} is not an mmopt bundle now. Move it back by hand if you need it.")
+            log(f"{target}: kept {p.name} (the earlier {kind.noun}, left by a run killed during its commit): "
+                f"{target} is not an mmopt {kind.noun} now. Move it back by hand if you need it.")
             continue
         _remove(p, target, log)
     return False
@@ -416,7 +433,8 @@ def _stderr(message: str) -> None:
 
 
 @contextlib.contextmanager
-def transaction(target: str | Path, keep_existing: bool = False, log: Log | None = None) -> Iterator[Path]:
+def transaction(target: str | Path, keep_existing: bool = False, log: Log | None = None,
+                kind: Kind = BUNDLE) -> Iterator[Path]:
     """Yield a hidden folder beside ``target``; when the block succeeds it replaces ``target`` atomically.
 
     With ``keep_existing`` the folder starts as a copy of the current bundle (hard links) for stages that
@@ -434,10 +452,10 @@ def transaction(target: str | Path, keep_existing: bool = False, log: Log | None
     if not writable(target.parent):
         raise BundleError(f"{target}: its folder {target.parent} is not writable. Choose another output path.")
     while True:
-        with writer_lock(target, log) as (created, waiter):
-            if recover(target, log):
+        with writer_lock(target, log, kind) as (created, waiter):
+            if recover(target, log, kind):
                 continue  # an earlier bundle was put back at target: lock that folder instead
-            with _commit(target, keep_existing, log, created, waiter) as stage:
+            with _commit(target, keep_existing, log, created, waiter, kind) as stage:
                 yield stage
             return
 
@@ -448,9 +466,10 @@ def _listing(folder: Path) -> list[tuple[str, int, int]]:
 
 
 @contextlib.contextmanager
-def _commit(target: Path, keep_existing: bool, log: Log, created: bool, waiter: _Waiter) -> Iterator[Path]:
+def _commit(target: Path, keep_existing: bool, log: Log, created: bool, waiter: _Waiter,
+            kind: Kind = BUNDLE) -> Iterator[Path]:
     """The transaction's body, holding ``target``'s lock: stage, yield, check, swap; or clean up."""
-    check_replaceable(target)
+    check_replaceable(target, kind)
     before, listed = manifest_digest(target), _listing(target)
     try:
         stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial",
@@ -478,27 +497,27 @@ def _commit(target: Path, keep_existing: bool, log: Log, created: bool, waiter: 
             try:
                 old = swap_in(stage, target, waiter)
             except OSError as e:
-                raise BundleError(f"{target}: the commit failed ({e.strerror}); the earlier bundle is unchanged. "
-                                  "Choose another output folder.") from None
+                raise BundleError(f"{target}: the commit failed ({e.strerror}); the earlier {kind.noun} is "
+                                  "unchanged. Choose another output folder.") from None
             committed = True
         _fsync(target.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         if committed:  # only a signal after the swap gets here: the new bundle is in place
             if isinstance(e, KeyboardInterrupt):
-                log(f"{target}: interrupted just after the commit; the new bundle is in place")
+                log(f"{target}: interrupted just after the commit; the new {kind.noun} is in place")
             raise
         shutil.rmtree(stage, ignore_errors=True)
         _drop_if_empty(target, created)
         if isinstance(e, KeyboardInterrupt):
-            log(f"{target}: interrupted; nothing was written" + (", the earlier bundle is unchanged"
-                                                                 if before is not None else ""))
+            log(f"{target}: interrupted; nothing was written" + (f", the earlier {kind.noun} is unchanged"
+                                                                 if before is not None or listed else ""))
         elif isinstance(e, MmoptError) and str(stage) in str(e):  # name the bundle, not the hidden stage
             e.args = (str(e).replace(str(stage), str(target)), *e.args[1:])
         elif isinstance(e, OSError) and e.errno in _DISK_ERRORS and str(stage) in str(e.filename or ""):
             where = str(e.filename).replace(str(stage), str(target))
             raise BundleError(f"{target}: could not be written ({e.strerror}: {where}). Nothing was written; "
-                              "the earlier bundle, if any, is unchanged. Free space or choose another output "
+                              f"the earlier {kind.noun}, if any, is unchanged. Free space or choose another output "
                               "folder.") from None
         raise
     finally:

@@ -403,13 +403,27 @@ def test_inputs_are_never_converted_lossily(pkg):
 
 
 def test_a_run_killed_between_the_renames_is_repaired_by_the_next(bundle, tmp_path):
+    """The package is written by the bundle store's transaction: a run killed between its two renames (the
+    fallback where the kernel cannot exchange) leaves the old package aside and no package; the next run puts
+    it back, then replaces it; what a killed run staged is removed."""
     first = api.package(bundle, None, tmp_path / "p")
-    os.rename(first.folder, tmp_path / ".p.999999.old")  # as a run killed after moving the old package aside
-    (tmp_path / ".p.999999.partial").mkdir()
-    from mmopt.jobs.package import recover
+    os.rename(first.folder, tmp_path / ".p.999999.dead0001.old")  # as a run killed after moving the old aside
+    (tmp_path / ".p.999999.dead0002.partial").mkdir()
+    (tmp_path / ".p.tar.gz.999999.partial").write_bytes(b"half an archive")
+    second = api.package(bundle, None, tmp_path / "p")
+    assert (second.folder / "package.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "p.tar.gz"]
 
-    recover(tmp_path / "p")
-    assert (tmp_path / "p" / "package.json").exists()
+
+def test_concurrent_writers_of_one_package_take_turns(bundle, tmp_path):
+    """Two `mmopt package -o p` at once: the second waits for the first (the store's lock), then replaces its
+    package whole; neither fails and the result is one complete package."""
+    cmd = [sys.executable, "-m", "mmopt", "package", str(bundle), "-o", str(tmp_path / "p")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert any("waiting for another mmopt process" in out + err for out, err in outs), outs
+    assert Package.load(tmp_path / "p").selftest_result["passed"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "p.tar.gz"]
 
 

@@ -108,7 +108,7 @@ def test_the_python_flavour_from_a_bundle_through_the_cli(toy_bundle, native, tm
 def test_only_an_mmopt_repository_or_an_empty_folder_is_replaced(pkg, tmp_path):
     out = tmp_path / "repo"
     api.triton(pkg.folder, None, out, backend="python")
-    (tmp_path / ".repo.999999.partial").mkdir()  # as a run killed while it staged: removed by the next
+    (tmp_path / ".repo.999999.dead0001.partial").mkdir()  # as a run killed while it staged: removed by the next
     api.triton(pkg.folder, None, out)  # replaces its own repository whole
     assert validate.check(out).models["toy_image"].config.platform == "onnxruntime_onnx"
     (out / "their_model").mkdir()  # a model added by hand: writing again would remove it

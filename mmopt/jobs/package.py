@@ -16,8 +16,9 @@ The package is a folder, plus a ``.tar.gz`` of it:
   parity the policy was verified at in the bundle, and lineage back to the bundle.
 
 Before anything is replaced, the staged package is loaded by the runtime itself and must pass its own
-golden self-test. The folder is written as a hidden sibling and renamed into place; the archive is written
-whole.
+golden self-test. The folder is written through the bundle store's transaction (``mmopt.store``: one writer at a
+time, staged as a hidden sibling, swapped in whole, a killed run repaired by the next); the archive is written
+whole beside it.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from mmopt import __version__
 from mmopt.errors import BundleError, UsageError
 from mmopt.manifest import Manifest
 from mmopt.progress import Progress
-from mmopt.store import atomic_write
+from mmopt.store import Kind, transaction
 from mmopt_runtime import signing
 from mmopt_runtime.package import FORMAT, KIND, MANIFEST, Package, PackageError, sha256_file
 
@@ -82,94 +83,91 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
     if sign_key is not None:
         _signing_ready(Path(sign_key))
     found, engine_notes = find_engines([bundle, *map(Path, engine_bundles)], artifacts)
-    recover(out)
     check_out(out, bundle)
     ref = reference.load(bundle, manifest, config, trust_checkpoint)
     spec, split = ref.spec, ref.split
 
-    stage = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    _sweep_archives(archive)
+    tmp_archive = archive.with_name(f".{archive.name}.{os.getpid()}.partial")
     try:
-        with progress.task(f"package {' '.join(f'{c}={p}' for c, p in chosen.items())}", 3) as advance:
-            files = {}
-            external: dict[str, dict[str, str]] = {}
-            for comp, art in artifacts.items():
-                src = manifest.file(bundle, art)
-                shutil.copy2(src, stage / art.file)
-                files[art.file] = sha256_file(stage / art.file)
-                if files[art.file] != art.sha256:
-                    raise BundleError(f"{src}: changed since the bundle was verified (sha256 differs from its "
-                                      "manifest). Run `mmopt verify` and re-export.")
-                external[comp] = {}
-                for loc, data in external_data(src, comp).items():  # a graph over 2 GB keeps its weights beside it
-                    rel = (PurePosixPath(art.file).parent / loc).as_posix()
-                    if rel in files or rel in RESERVED:
-                        raise UsageError(f"{data}: external data '{loc}' of component '{comp}' has the name of "
-                                         "another packaged file; re-export with distinct data file names.")
-                    (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(data, stage / rel)
-                    files[rel] = sha256_file(stage / rel)
-                    recorded = (art.extra or {}).get("external_data") or {}
-                    if recorded.get("file") == rel and recorded.get("sha256") != files[rel]:
-                        raise BundleError(f"{data}: changed since the bundle was verified (sha256 differs from the "
-                                          f"external data its manifest records for '{art.id}'). Re-export.")
-                    external[comp][loc] = rel
-            advance(1, doing="golden samples")
-            golden_in, source = golden_inputs(spec, split)
-            golden_out = _eager(ref.model, split, golden_in)
-            buf = io.BytesIO()
-            np.savez(buf, **{f"input/{k}": v for k, v in golden_in.items()},
-                     **{f"output/{k}": v for k, v in golden_out.items()})
-            (stage / "golden.npz").write_bytes(buf.getvalue())
-            files["golden.npz"] = sha256_file(stage / "golden.npz")
-            advance(1, doing="self-test with the runtime")
-            doc = {"kind": KIND, "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "policy": chosen,
-                   "model": {"inputs": [t.to_json() for t in split.model_inputs],
-                             "outputs": [t.to_json() for t in split.model_outputs],
-                             "output_sources": dict(split.output_sources)},
-                   "components": {c: {"file": artifacts[c].file, "precision": chosen[c], "kind": s.kind,
-                                      **({"external_data": external[c]} if external[c] else {}),
-                                      "inputs": [t.to_json() for t in s.inputs],
-                                      "outputs": [t.to_json() for t in s.outputs],
-                                      "calls": [[key, dict(src)] for key, src in s.calls()]}
-                                  for c, s in _ordered(split.components).items()},
-                   "files": files,
-                   "golden": {"file": "golden.npz", "samples": int(next(iter(golden_in.values())).shape[0]),
-                              "source": source, "tolerance": tolerance_for(spec, split, chosen)("pipeline"),
-                              "scores": sorted(scores_of(spec, split, "pipeline"))},
-                   "verified": {"parity": (manifest.results.get("parity") or {}).get(_parity_key(chosen)),
-                                "accuracy": _accuracy(manifest, chosen)},
-                   "lineage": {"bundle": str(bundle.resolve()), "bundle_fingerprint": manifest.fingerprint(),
-                               "artifacts": {c: {"id": a.id, "sha256": a.sha256} for c, a in artifacts.items()},
-                               "factory": spec.factory, "mmopt": __version__}}
-            doc["engines"] = add_engines(stage, doc, found)
-            merged = add_merged(stage, doc)
-            (stage / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
-            try:  # on ONNX Runtime: the reference the merged graph is checked against (engines: on the device)
-                split_pkg = Package.load(stage, merged=False, backend="onnxruntime")
-            except PackageError as e:
-                raise BundleError(f"the package failed its own self-test before it was written: {e}") from None
-            selftest = split_pkg.selftest_result
-            if doc["merged"] is not None:
-                merged, served = check_merged(stage, doc, split_pkg, golden_in)
-                selftest = served or selftest
-            if sign_key is not None:  # last: the signature covers every file as it will ship
-                try:
-                    signing.sign(stage, sign_key)
-                except signing.SignatureError as e:
-                    raise UsageError(str(e)) from None
-            advance(1)
-        # the archive first, streamed from the stage into a hidden sibling: it and the folder change together
-        tmp_archive = archive.with_name(f".{archive.name}.{os.getpid()}.partial")
-        with tarfile.open(tmp_archive, "w:gz") as tar:
-            tar.add(stage, arcname=out.name)
-        commit(stage, out)
+        # the store's writer: one writer at a time, staged beside OUT, swapped in whole, repaired after a kill
+        with transaction(out, log=progress.log, kind=PACKAGE) as stage:
+            with progress.task(f"package {' '.join(f'{c}={p}' for c, p in chosen.items())}", 3) as advance:
+                files = {}
+                external: dict[str, dict[str, str]] = {}
+                for comp, art in artifacts.items():
+                    src = manifest.file(bundle, art)
+                    shutil.copy2(src, stage / art.file)
+                    files[art.file] = sha256_file(stage / art.file)
+                    if files[art.file] != art.sha256:
+                        raise BundleError(f"{src}: changed since the bundle was verified (sha256 differs from its "
+                                          "manifest). Run `mmopt verify` and re-export.")
+                    external[comp] = {}
+                    for loc, data in external_data(src, comp).items():  # a graph over 2 GB keeps its weights beside it
+                        rel = (PurePosixPath(art.file).parent / loc).as_posix()
+                        if rel in files or rel in RESERVED:
+                            raise UsageError(f"{data}: external data '{loc}' of component '{comp}' has the name of "
+                                             "another packaged file; re-export with distinct data file names.")
+                        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(data, stage / rel)
+                        files[rel] = sha256_file(stage / rel)
+                        recorded = (art.extra or {}).get("external_data") or {}
+                        if recorded.get("file") == rel and recorded.get("sha256") != files[rel]:
+                            raise BundleError(f"{data}: changed since the bundle was verified (sha256 differs from the "
+                                              f"external data its manifest records for '{art.id}'). Re-export.")
+                        external[comp][loc] = rel
+                advance(1, doing="golden samples")
+                golden_in, source = golden_inputs(spec, split)
+                golden_out = _eager(ref.model, split, golden_in)
+                buf = io.BytesIO()
+                np.savez(buf, **{f"input/{k}": v for k, v in golden_in.items()},
+                         **{f"output/{k}": v for k, v in golden_out.items()})
+                (stage / "golden.npz").write_bytes(buf.getvalue())
+                files["golden.npz"] = sha256_file(stage / "golden.npz")
+                advance(1, doing="self-test with the runtime")
+                doc = {"kind": KIND, "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "policy": chosen,
+                       "model": {"inputs": [t.to_json() for t in split.model_inputs],
+                                 "outputs": [t.to_json() for t in split.model_outputs],
+                                 "output_sources": dict(split.output_sources)},
+                       "components": {c: {"file": artifacts[c].file, "precision": chosen[c], "kind": s.kind,
+                                          **({"external_data": external[c]} if external[c] else {}),
+                                          "inputs": [t.to_json() for t in s.inputs],
+                                          "outputs": [t.to_json() for t in s.outputs],
+                                          "calls": [[key, dict(src)] for key, src in s.calls()]}
+                                      for c, s in _ordered(split.components).items()},
+                       "files": files,
+                       "golden": {"file": "golden.npz", "samples": int(next(iter(golden_in.values())).shape[0]),
+                                  "source": source, "tolerance": tolerance_for(spec, split, chosen)("pipeline"),
+                                  "scores": sorted(scores_of(spec, split, "pipeline"))},
+                       "verified": {"parity": (manifest.results.get("parity") or {}).get(_parity_key(chosen)),
+                                    "accuracy": _accuracy(manifest, chosen)},
+                       "lineage": {"bundle": str(bundle.resolve()), "bundle_fingerprint": manifest.fingerprint(),
+                                   "artifacts": {c: {"id": a.id, "sha256": a.sha256} for c, a in artifacts.items()},
+                                   "factory": spec.factory, "mmopt": __version__}}
+                doc["engines"] = add_engines(stage, doc, found)
+                merged = add_merged(stage, doc)
+                (stage / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
+                try:  # on ONNX Runtime: the reference the merged graph is checked against (engines: on the device)
+                    split_pkg = Package.load(stage, merged=False, backend="onnxruntime")
+                except PackageError as e:
+                    raise BundleError(f"the package failed its own self-test before it was written: {e}") from None
+                selftest = split_pkg.selftest_result
+                if doc["merged"] is not None:
+                    merged, served = check_merged(stage, doc, split_pkg, golden_in)
+                    selftest = served or selftest
+                if sign_key is not None:  # last: the signature covers every file as it will ship
+                    try:
+                        signing.sign(stage, sign_key)
+                    except signing.SignatureError as e:
+                        raise UsageError(str(e)) from None
+                advance(1)
+            # the archive from the staged folder, into a hidden sibling: it and the folder change together
+            with tarfile.open(tmp_archive, "w:gz") as tar:
+                tar.add(stage, arcname=out.name)
         os.replace(tmp_archive, archive)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        Path(archive.with_name(f".{archive.name}.{os.getpid()}.partial")).unlink(missing_ok=True)
+        tmp_archive.unlink(missing_ok=True)
         raise
     return PackageResult(out, archive, doc, selftest, time.perf_counter() - t0, merged, engine_notes)
 
@@ -367,18 +365,11 @@ def _accuracy(manifest: Manifest, policy: dict[str, str]) -> Any:
     return acc.get(policy_label(policy)) if isinstance(acc, dict) else None
 
 
-def recover(out: Path) -> None:
-    """What a killed earlier run left beside ``out``: its old package put back if ``out`` is missing (killed
-    between the two renames), staged folders and archives of processes that are gone removed."""
-    for p in sorted(out.parent.glob(f".{out.name}.*.old")) + sorted(out.parent.glob(f".{out.name}*.partial")):
+def _sweep_archives(archive: Path) -> None:
+    """Archives half-written by runs that are gone (``.<name>.tar.gz.<pid>.partial``) are removed."""
+    for p in archive.parent.glob(f".{archive.name}.*.partial"):
         pid = p.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        if p.name.endswith(".old") and not out.exists():
-            os.rename(p, out)
-        elif p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
+        if pid.isdigit() and not _alive(int(pid)):
             p.unlink(missing_ok=True)
 
 
@@ -397,12 +388,12 @@ def _alive(pid: int) -> bool:
 def check_out(out: Path, bundle: Path) -> None:
     if out == bundle.resolve() or bundle.resolve() in out.parents:
         raise UsageError(f"-o {out}: a package cannot be written inside its bundle. Choose a folder beside it.")
-    if out.exists() and not (out.is_dir() and (out / MANIFEST).is_file() and
-                             manifest_kind(out / MANIFEST) == KIND):
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or PACKAGE.mine(out))):
         raise UsageError(f"-o {out}: exists and is not an mmopt package; refusing to replace it. Choose a new "
                          "folder.")
     archive = out.with_name(out.name + ".tar.gz")
-    if archive.exists() and not out.exists():
+    aside = list(out.parent.glob(f".{out.name}.*.old"))  # a run killed mid-commit: the transaction puts it back
+    if archive.exists() and not out.exists() and not aside:
         raise UsageError(f"-o {out}: {archive.name} exists beside it but no package does; move it away or choose "
                          "another name.")
 
@@ -415,21 +406,7 @@ def manifest_kind(path: Path) -> Any:
         return None
 
 
-def commit(stage: Path, out: Path) -> None:
-    """``stage`` becomes ``out``: an earlier folder there (a package, a Triton repository) is moved aside first
-    and removed after; ``recover`` repairs a run killed between the two renames."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.{os.getpid()}.old")
-        os.rename(out, old)
-    try:
-        os.rename(stage, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+PACKAGE = Kind("package", MANIFEST, lambda p: manifest_kind(p / MANIFEST) == KIND, "pkg")
 
 
 def golden_inputs(spec: Any, split: Any) -> tuple[dict[str, np.ndarray], str]:

@@ -11,8 +11,9 @@ home of wiring, IO specs, dims and hashes (``mmopt.triton.config`` turns it into
     <name>/config.pbtxt, 1/                          the ensemble: model inputs -> steps -> model outputs
     mmopt-triton.json                                what was written, from which package, each file's sha256
 
-The repository is staged in a hidden sibling, checked with Triton's schema and meaning
-(``mmopt.triton.validate``), then renamed into place; a folder that is not a repository mmopt wrote is never
+The repository is written through the bundle store's transaction (``mmopt.store``: one writer at a time,
+staged in a hidden sibling, swapped in whole, a killed run repaired by the next), checked with Triton's schema
+and meaning (``mmopt.triton.validate``) before the swap; a folder that is not a repository mmopt wrote is never
 replaced.
 """
 from __future__ import annotations
@@ -29,9 +30,9 @@ from typing import Any
 
 from mmopt import __version__
 from mmopt.errors import BundleError, TritonRepositoryError, UsageError
-from mmopt.jobs.package import commit, manifest_kind, package as package_job, recover
+from mmopt.jobs.package import manifest_kind, package as package_job
 from mmopt.progress import Progress
-from mmopt.store import is_bundle
+from mmopt.store import Kind, is_bundle, transaction
 from mmopt.triton import config as triton_config, validate
 from mmopt_runtime.paths import escape
 from mmopt_runtime.package import KIND as PACKAGE_KIND, MANIFEST as PACKAGE_MANIFEST, Package, PackageError, \
@@ -39,6 +40,7 @@ from mmopt_runtime.package import KIND as PACKAGE_KIND, MANIFEST as PACKAGE_MANI
 
 KIND = "mmopt-triton-repository"
 FORMAT = 1
+REPOSITORY = Kind("Triton repository", validate.MARKER, lambda p: is_repository(p), "model_repository")
 
 
 @dataclasses.dataclass
@@ -68,7 +70,6 @@ def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *
                          "samples.")
     if what == "bundle" and public_key is not None:
         raise UsageError("--public-key checks a signed package; a bundle is packaged here, unsigned.")
-    recover(out)  # first: a killed run's old repository back in place is what check_out must judge
     check_out(out, source)
     with tempfile.TemporaryDirectory(prefix="mmopt-triton-") as tmp:
         folder = source
@@ -83,22 +84,14 @@ def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *
         if what == "package":
             check_policy(policy, pkg.manifest["policy"], source)
         plan = triton_config.plan(pkg.manifest, name, backend, batching, instances, kind, queue_delay_us)
-        stage = out.with_name(f".{out.name}.{os.getpid()}.partial")
-        shutil.rmtree(stage, ignore_errors=True)
-        try:
+        # the store's writer: one writer at a time, staged beside OUT, swapped in whole, repaired after a kill;
+        # an error naming the stage names OUT instead
+        with transaction(out, log=progress.log, kind=REPOSITORY) as stage:
             with progress.task(f"triton repository ({backend})", 2) as advance:
-                stage.mkdir(parents=True)
                 write(stage, plan, pkg, source if what == "package" else None)
                 advance(1, doing="validate")
-                try:
-                    report = validate.check(stage)
-                except TritonRepositoryError as e:  # mmopt's own writing is wrong: name the target, not the stage
-                    raise TritonRepositoryError(str(e).replace(str(stage), str(out))) from None
+                report = validate.check(stage)
                 advance(1)
-            commit(stage, out)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
     report.root = out
     return TritonResult(out, plan, report, pkg.manifest, what == "bundle", time.perf_counter() - t0)
 
