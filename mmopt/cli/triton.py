@@ -45,6 +45,11 @@ def triton(
     public_key: Optional[Path] = typer.Option(None, "--public-key",
                                               help="For a signed package: the public key its signature must verify "
                                                    "with (`mmopt package --sign-key`)."),
+    tensorrt: Optional[str] = typer.Option(None, "--tensorrt", metavar="VERSION",
+                                           help="The Triton server's TensorRT version (e.g. 10.3.0 in Triton 24.08): "
+                                                "the package's engines that load in it are served as tensorrt_plan "
+                                                "members, one plan per GPU compute capability; other components stay "
+                                                "ONNX. Native backend only."),
 ) -> None:
     r"""Write a Triton Inference Server model repository: one model per component and an ensemble that wires
     model inputs -> encoders -> fusion -> model outputs as the captured wiring does.
@@ -58,6 +63,11 @@ def triton(
         mmopt triton build/ -p image=int8 -p text=fp16 -o model_repository/
         mmopt triton vqa-pkg/ --backend python -o model_repository/
         mmopt triton model_repository/ --check
+
+    A package holding TensorRT engine sets (`mmopt package --engines`) serves them as plans with --tensorrt, the
+    server's TensorRT version:
+
+        mmopt triton vqa-pkg/ --tensorrt 10.3.0 -o model_repository/
     """
     from mmopt import api
     from mmopt.cli import console, tables
@@ -79,7 +89,8 @@ def triton(
                          "SOURCE).")
     r = api.triton(source, parse_policy(precision), out, backend=backend, name=name, batching=not no_batching,
                    instances=instances, kind=kind, queue_delay_us=queue_delay_us, config=config,
-                   trust_checkpoint=trust_checkpoint, public_key=public_key, progress=RichProgress(console))
+                   trust_checkpoint=trust_checkpoint, public_key=public_key, progress=RichProgress(console),
+                   tensorrt=tensorrt)
     console.print(tables.triton_table(r))
     for m in r.plan.members.values():
         if m.note:

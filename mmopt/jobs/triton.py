@@ -56,9 +56,15 @@ class TritonResult:
 def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *, backend: str = "native",
            name: str | None = None, batching: bool = True, instances: int = 1, kind: str | None = None,
            queue_delay_us: int = 0, config: str | Path | None = None, trust_checkpoint: bool = False,
-           public_key: str | Path | None = None, progress: Progress | None = None) -> TritonResult:
+           public_key: str | Path | None = None, progress: Progress | None = None,
+           tensorrt: str | None = None) -> TritonResult:
+    """``tensorrt``: the Triton server's TensorRT version: the package's engines that load there become
+    ``tensorrt_plan`` members (one plan per compute capability); the other components stay ONNX."""
     validate.schema()  # the optional extra, before minutes of packaging
     triton_config.check_options(backend, kind, instances, queue_delay_us, name)
+    if tensorrt is not None and backend != "native":
+        raise UsageError(f"--tensorrt {tensorrt} --backend {backend}: TensorRT plans are served by Triton's TensorRT "
+                         "backend; use --backend native.")
     progress = progress or Progress()
     t0 = time.perf_counter()
     if Path(out).is_symlink():
@@ -83,12 +89,13 @@ def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *
             raise BundleError(f"the package cannot be served: {e}") from None
         if what == "package":
             check_policy(policy, pkg.manifest["policy"], source)
-        plan = triton_config.plan(pkg.manifest, name, backend, batching, instances, kind, queue_delay_us)
+        engines = triton_config.plan_engines(pkg.manifest, tensorrt) if tensorrt is not None else None
+        plan = triton_config.plan(pkg.manifest, name, backend, batching, instances, kind, queue_delay_us, engines)
         # the store's writer: one writer at a time, staged beside OUT, swapped in whole, repaired after a kill;
         # an error naming the stage names OUT instead
         with transaction(out, log=progress.log, kind=REPOSITORY) as stage:
             with progress.task(f"triton repository ({backend})", 2) as advance:
-                write(stage, plan, pkg, source if what == "package" else None)
+                write(stage, plan, pkg, source if what == "package" else None, engines, tensorrt)
                 advance(1, doing="validate")
                 report = validate.check(stage)
                 advance(1)
@@ -160,17 +167,21 @@ def check_out(out: Path, source: Path) -> None:
                              "tritonserver takes several --model-repository flags).")
 
 
-def write(stage: Path, plan: triton_config.Plan, pkg: Package, source: Path | None) -> None:
-    """The repository's files into ``stage``: each member's graph (its sha256 checked against the package),
-    model.py for the python flavour, every config, the ensemble's empty version folder, the marker."""
+def write(stage: Path, plan: triton_config.Plan, pkg: Package, source: Path | None,
+          engines: dict[str, dict[str, tuple[str, str]]] | None = None, tensorrt: str | None = None) -> None:
+    """The repository's files into ``stage``: each member's graph or TensorRT plans (each file's sha256 checked
+    against the package), model.py for the python flavour, every config, the ensemble's empty version folder,
+    the marker."""
     files: dict[str, str] = {}
     script = resources.files("mmopt.triton").joinpath("python_model.py").read_bytes()
     for comp, member in plan.members.items():
-        spec = pkg.manifest["components"][comp]
         version = stage / member.name / "1"
         version.mkdir(parents=True)
-        src = confined(pkg.root, spec["file"], f"components.{comp}.file")
-        for path, listed in place_onnx(pkg, comp, version):
+        plans = (engines or {}).get(comp, {})
+        placed = [(version / name, rel) for name, rel in plans.values()]
+        for path, rel in placed:
+            shutil.copy2(confined(pkg.root, rel, f"engines file {rel}"), path)
+        for path, listed in placed or place_onnx(pkg, comp, version):
             files[path.relative_to(stage).as_posix()] = sha256_file(path)
             if files[path.relative_to(stage).as_posix()] != pkg.manifest["files"][listed]:
                 raise BundleError(f"{pkg.root / listed}: changed since the package was verified (sha256 differs "
@@ -190,7 +201,7 @@ def write(stage: Path, plan: triton_config.Plan, pkg: Package, source: Path | No
               "by the package's wiring.")
     (stage / plan.ensemble / validate.CONFIG).write_text(triton_config.render(plan.ensemble_config, header))
     marker = {"kind": KIND, "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "mmopt": __version__, "backend": plan.backend, "ensemble": plan.ensemble,
+              "mmopt": __version__, "backend": plan.backend, "ensemble": plan.ensemble, "tensorrt": tensorrt,
               "max_batch_size": plan.max_batch_size,
               "members": {c: {"model": m.name, "dynamic_batching": m.dynamic_batching, "note": m.note}
                           for c, m in plan.members.items()},

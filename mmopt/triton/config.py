@@ -74,10 +74,39 @@ def batch_dim(manifest: dict[str, Any]) -> str | None:
     return shared_first_dim(t["shape"] for t in manifest["model"]["inputs"])
 
 
+def plan_engines(manifest: dict[str, Any], tensorrt: str) -> dict[str, dict[str, tuple[str, str]]]:
+    """The package's engines a Triton server with TensorRT ``tensorrt`` can load: component -> {compute
+    capability (or "" for a hardware-compatible plan) -> (plan file name in the version folder, the package's
+    engine file)}. A set loads there by the runtime's version rule (``mmopt_runtime.trt.compat``: exactly that
+    version, or version-compatible and not newer); for one GPU an exact set wins over a version-compatible one.
+    ``UsageError`` when no set loads there, naming the versions the package has."""
+    from mmopt_runtime.trt.compat import version_problem
+
+    sets = manifest.get("engines") or []
+    usable = [s for s in sets if version_problem(s["tensorrt"]["version"], tensorrt,
+                                                 s["build_options"]["version_compatible"]) is None]
+    if not usable:
+        have = ", ".join(f"{s['id']}" for s in sets) or "none"
+        raise UsageError(f"--tensorrt {tensorrt}: no engine set of the package loads in TensorRT {tensorrt} (its sets: "
+                         f"{have}). Build engines with the Triton server's TensorRT (`mmopt build` on a machine with "
+                         "it, then `mmopt package ... --engines`), or leave --tensorrt out to serve the ONNX graphs.")
+    usable.sort(key=lambda s: s["build_options"]["version_compatible"])  # exact sets first
+    out: dict[str, dict[str, tuple[str, str]]] = {}
+    for s in usable:
+        hw = s["build_options"]["hardware_compatibility"]
+        cc = "" if hw == "ampere+" else s["gpu"]["compute_capability"]
+        file = "model.plan" if not cc else f"model_sm{cc.replace('.', '')}.plan"
+        for comp, e in s["components"].items():
+            out.setdefault(comp, {}).setdefault(cc, (file, e["file"]))
+    return out
+
+
 def plan(manifest: dict[str, Any], name: str | None = None, backend: str = "native", batching: bool = True,
-         instances: int = 1, kind: str | None = None, queue_delay_us: int = 0) -> Plan:
-    """The repository's configs for a verified package manifest. Raises ``UsageError`` listing every tensor
-    Triton cannot express, with the fix."""
+         instances: int = 1, kind: str | None = None, queue_delay_us: int = 0,
+         engines: dict[str, dict[str, tuple[str, str]]] | None = None) -> Plan:
+    """The repository's configs for a verified package manifest; ``engines`` (``plan_engines``) makes those
+    components TensorRT plan members. Raises ``UsageError`` listing every tensor Triton cannot express, with
+    the fix."""
     kind = check_options(backend, kind, instances, queue_delay_us, name)
     name = name or default_name(manifest)
     comps = manifest["components"]
@@ -125,7 +154,8 @@ def plan(manifest: dict[str, Any], name: str | None = None, backend: str = "nati
                     "so merged requests shift each other's outputs (within the policy's int8 tolerance)")
         cfg = member_config(members[c], spec, backend=backend, max_batch=max_batch, batched=batch is not None,
                             preferred=preferred if dynamic else None, queue_delay_us=queue_delay_us,
-                            kind=KINDS[kind], instances=instances, sha256=manifest["files"][spec["file"]])
+                            kind=KINDS[kind], instances=instances, sha256=manifest["files"][spec["file"]],
+                            engines={cc: f for cc, (f, _) in (engines or {}).get(c, {}).items()} or None)
         out[c] = Member(members[c], c, cfg, dynamic, note)
     return Plan(name, backend, max_batch, out, ensemble_config(name, manifest, members, max_batch))
 
@@ -166,13 +196,15 @@ def tensor(t: dict[str, Any], batched: bool) -> dict[str, Any]:
 def member_config(name: str, spec: dict[str, Any], *, backend: str, max_batch: int, batched: bool,
                   preferred: list[int] | None, queue_delay_us: int, kind: str, instances: int, sha256: str,
                   engines: dict[str, str] | None = None) -> dict[str, Any]:
-    """One component's model. ``engines`` (compute capability -> plan file, e.g. {"8.6": "model_sm86.plan"})
-    is the TensorRT hook: ``tensorrt_plan`` with ``cc_model_filenames``. Packages hold no engines yet, so
-    ``mmopt triton`` never passes it."""
+    """One component's model. ``engines`` (compute capability -> plan file, e.g. {"8.6": "model_sm86.plan"};
+    the key "" for a plan that runs on any GPU it was made for, e.g. ``--hardware-compat ampere+``) makes it
+    ``tensorrt_plan`` with ``cc_model_filenames`` (and ``default_model_filename``)."""
     cfg: dict[str, Any] = {"name": name}
     if engines:
         cfg["platform"] = "tensorrt_plan"
-        cfg["cc_model_filenames"] = [{"key": cc, "value": f} for cc, f in sorted(engines.items())]
+        if "" in engines:
+            cfg["default_model_filename"] = engines[""]
+        cfg["cc_model_filenames"] = [{"key": cc, "value": f} for cc, f in sorted(engines.items()) if cc]
     elif backend == "python":
         cfg["backend"] = "python"
     else:

@@ -61,7 +61,8 @@ def parse_cc(text: str) -> tuple[int, int]:
     return int(major), int(minor or 0)
 
 
-def _version_problem(built: str, running: str, version_compatible: bool) -> str | None:
+def version_problem(built: str, running: str, version_compatible: bool) -> str | None:
+    """Why an engine built by TensorRT ``built`` cannot load in TensorRT ``running``; None when it can."""
     b, r = parse_version(built), parse_version(running)
     n = min(len(b), len(r))
     if not version_compatible:
@@ -117,7 +118,7 @@ def decide(meta: Mapping[str, Any], env: Environment) -> Decision:
     if built_platform != env.platform:
         d.errors.append(f"the engine was built on {built_platform}, this is {env.platform}; engines never move "
                         "between platforms. Build it on the target device with `mmopt build`.")
-    problem = _version_problem(built_version, env.tensorrt, vc)
+    problem = version_problem(built_version, env.tensorrt, vc)
     if problem:
         d.errors.append(problem)
     _gpu_problems(meta, env, level, d)

@@ -273,3 +273,41 @@ def test_cpu_only_components_stay_on_onnx_runtime(pkg, monkeypatch):
     plan = engines.plan(doc, data, "auto")
     assert first not in plan.engines and plan.engines
     assert f"{first} is int8-dynamic, an ONNX Runtime-only precision: ONNX Runtime runs it" in plan.why
+
+
+# ---- Triton: a package's engine sets as tensorrt_plan members -------------------------------------------
+
+def test_triton_serves_the_engines_that_load_in_the_servers_tensorrt_as_plans(pkg, tmp_path):
+    pytest.importorskip("tritonclient.grpc", reason="the triton extra (Triton's model-config schema) is missing")
+    from mmopt.triton import validate
+
+    r = api.triton(pkg.folder, None, tmp_path / "repo", tensorrt="10.3.0.30")
+    comps = pkg.manifest["components"]
+    for comp in comps:
+        c = r.report.models[r.plan.members[comp].name].config
+        assert c.platform == "tensorrt_plan" and dict(c.cc_model_filenames) == {"8.7": "model_sm87.plan"}
+        version = r.folder / r.plan.members[comp].name / "1"
+        assert sorted(p.name for p in version.iterdir()) == ["model_sm87.plan"]  # no ONNX graph beside it
+        assert (version / "model_sm87.plan").read_bytes() == f"FAKE ENGINE from {comp}.onnx".encode()
+    marker = json.loads((r.folder / validate.MARKER).read_text())
+    assert marker["tensorrt"] == "10.3.0.30"
+    # a later TensorRT 11: only the H200's version-compatible set loads there
+    r = api.triton(pkg.folder, None, tmp_path / "repo11", tensorrt="11.5.0")
+    c = r.report.models[r.plan.members[next(iter(comps))].name].config
+    assert dict(c.cc_model_filenames) == {"9.0": "model_sm90.plan"}
+    # a plan changed after writing is caught by --check, like a graph
+    plan = r.folder / r.plan.members[next(iter(comps))].name / "1" / "model_sm90.plan"
+    plan.write_bytes(b"changed")
+    with pytest.raises(Exception, match="model_sm90.plan: sha256 differs from mmopt-triton.json"):
+        validate.check(r.folder)
+
+
+def test_triton_tensorrt_refusals_name_what_the_package_has(pkg, tmp_path):
+    pytest.importorskip("tritonclient.grpc", reason="the triton extra (Triton's model-config schema) is missing")
+    with pytest.raises(UsageError, match=r"--tensorrt 9\.0\.1: no engine set of the package loads in TensorRT 9\.0\.1 "
+                                         r"\(its sets: trt10\.3\.0\.30-sm8\.7-linux-aarch64, "
+                                         r"trt11\.4\.0\.106-sm9\.0-linux-x86_64-vc\)"):
+        api.triton(pkg.folder, None, tmp_path / "repo", tensorrt="9.0.1")
+    with pytest.raises(UsageError, match="TensorRT plans are served by Triton's TensorRT backend"):
+        api.triton(pkg.folder, None, tmp_path / "repo", backend="python", tensorrt="10.3.0.30")
+    assert not (tmp_path / "repo").exists()
