@@ -19,11 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--public-key", type=Path, default=None,
                         help="PEM public key of the signer: the package must carry a valid signature made with its "
                              "private key (`mmopt package --sign-key`). A signed package needs it.")
-    common.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
+    common.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda"), default="auto",
                         help="auto (default): the package's TensorRT engine set that matches this GPU and TensorRT "
                              "(exactly, else version-compatible), else engines built here from the ONNX graphs "
                              "where full TensorRT is installed (cached), else ONNX Runtime, saying why. tensorrt: "
-                             "refuse rather than fall back. onnxruntime: the ONNX graphs only.")
+                             "refuse rather than fall back. onnxruntime: the ONNX graphs only (CPU); onnxruntime-cuda: on "
+                             "ONNX Runtime's CUDA provider (onnxruntime-gpu).")
     common.add_argument("--device", type=int, default=0, help="GPU index for TensorRT (default 0)")
     common.add_argument("--engine-cache", type=Path, default=None,
                         help="where engines built here are kept (default $MMOPT_ENGINE_CACHE or "

@@ -1,6 +1,7 @@
 """Which backend runs each component of a package on this device: the runtime's decision order.
 
-1. ``backend="onnxruntime"``: every graph on ONNX Runtime (the merged graph where there is one).
+1. ``backend="onnxruntime"``: every graph on ONNX Runtime's CPU provider (the merged graph where there is one);
+   ``"onnxruntime-cuda"``: on its CUDA provider (onnxruntime-gpu), refused where this onnxruntime lacks it.
 2. Otherwise TensorRT, where it can be imported (full ``tensorrt``, else the lean runtime's ``tensorrt_lean``)
    and a GPU is visible:
    a. an engine set that exactly matches this GPU's compute capability, this TensorRT version and this
@@ -32,7 +33,7 @@ from mmopt_runtime.paths import escape
 from mmopt_runtime.trt.compat import Environment, decide
 
 CPU_ONLY = ("int8-dynamic", "int8-cpu")  # ONNX Runtime forms TensorRT does not import
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda")
 CACHE_SCHEMA = 1
 
 
@@ -53,9 +54,11 @@ class Plan:
     refused: dict[str, list[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     tensorrt: str | None = None
+    ort_device: str = "cpu"  # ONNX Runtime's provider for what does not run on TensorRT: "cpu" or "cuda"
 
     def to_json(self) -> dict[str, Any]:
-        return {"backend": self.backend, "tensorrt": self.tensorrt, "source": self.source,
+        return {"backend": self.backend, "tensorrt": self.tensorrt, "onnxruntime": self.ort_device,
+                "source": self.source,
                 "on_tensorrt": sorted(self.engines), "why": self.why, "refused": self.refused,
                 "warnings": self.warnings}
 
@@ -125,6 +128,16 @@ def plan(manifest: dict[str, Any], data: dict[str, bytes], backend: str, device_
     comps = manifest["components"]
     if backend == "onnxruntime":
         return Plan("onnxruntime", why=["asked for ONNX Runtime"])
+    if backend == "onnxruntime-cuda":
+        from mmopt_runtime.ort import available_devices
+
+        if "cuda" not in available_devices():
+            import onnxruntime
+
+            raise NoEngine(f"--backend onnxruntime-cuda: onnxruntime {onnxruntime.__version__} here has no "
+                           f"CUDAExecutionProvider ({', '.join(onnxruntime.get_available_providers())}). Install "
+                           "onnxruntime-gpu (on a Jetson, NVIDIA's Jetson wheel), or use --backend auto.")
+        return Plan("onnxruntime", why=["asked for ONNX Runtime's CUDA provider"], ort_device="cuda")
     able = [c for c, spec in comps.items() if spec.get("precision") not in CPU_ONLY]
     if not able:
         return _fallback(backend, "onnxruntime", "every component is in an ONNX Runtime-only precision "

@@ -79,10 +79,10 @@ class _Graph:
     working directory), so such a graph fails to load."""
 
     def __init__(self, name: str | None, path: Path, data: bytes, spec: dict[str, Any], threads: int | None,
-                 external: dict[str, bytes] | None = None):
+                 external: dict[str, bytes] | None = None, device: str = "cpu"):
         self.what = "the merged graph" if name is None else f"component '{name}'"  # None: the merged graph
         try:
-            self.session = session(data, threads=threads, config={"session.intra_op.allow_spinning": "0"},
+            self.session = session(data, device, threads=threads, config={"session.intra_op.allow_spinning": "0"},
                                    external=external)
         except Exception as e:
             hint = "" if "upgrade onnxruntime" in str(e) else (
@@ -161,7 +161,8 @@ class Package:
 
         ``backend``: "auto" runs TensorRT engines where they can run here (``mmopt_runtime.engines`` has the
         decision order; ``pkg.plan`` says what was chosen and why) and ONNX Runtime otherwise; "tensorrt"
-        refuses instead of falling back; "onnxruntime" never tries TensorRT. ``device``: the GPU's index;
+        refuses instead of falling back; "onnxruntime" never tries TensorRT; "onnxruntime-cuda" runs the graphs
+        on ONNX Runtime's CUDA provider (onnxruntime-gpu). ``device``: the GPU's index;
         ``engine_cache``: where engines built here are kept (default ``~/.cache/mmopt/engines``); ``log``: a
         callable told when an engine is being built here (it takes minutes).
         On ONNX Runtime, where the package holds a merged graph (the components joined into one, checked
@@ -189,14 +190,16 @@ class Package:
         one = manifest.get("merged") if merged and not runners else None
         if one is not None:
             model = manifest["model"]
-            graph = _Graph(None, confined(root, one["file"], "merged.file"), data[one["file"]], model, threads)
+            graph = _Graph(None, confined(root, one["file"], "merged.file"), data[one["file"]], model, threads,
+                           device=plan.ort_device)
             steps = [("merged", graph.infer, tuple((t["name"], f"input:{t['name']}") for t in model["inputs"]),
                       {t["name"]: f"merged:{t['name']}" for t in model["outputs"]})]
             outputs = {t["name"]: f"merged:{t['name']}" for t in model["outputs"]}
         else:
             graphs = {c: runners.get(c) or _Graph(c, confined(root, spec["file"], f"components.{c}.file"),
                                                   data[spec["file"]], spec, threads,
-                                                  {loc: data[rel] for loc, rel in spec.get("external_data", {}).items()})
+                                                  {loc: data[rel] for loc, rel in spec.get("external_data", {}).items()},
+                                                  plan.ort_device)
                       for c, spec in manifest["components"].items()}
             steps = [(key, graphs[c].infer, sources, outs)
                      for key, c, sources, outs in manifest_calls(manifest["components"])]

@@ -38,3 +38,19 @@ def test_onnxruntime_cuda(toy_bundle, tmp_path):
     import math
 
     assert all(math.isfinite(x["ratio_vs_eager"]) and x["ratio_vs_eager"] > 0 for x in rows)  # vs eager-cuda
+
+
+def test_a_package_serves_on_onnx_runtimes_cuda_provider(toy_bundle, tmp_path):
+    """``mmopt-run --backend onnxruntime-cuda``: the package's graphs on onnxruntime-gpu, golden self-test
+    included (no TensorRT needed)."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime here has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    from mmopt.api import package
+    from mmopt_runtime import Package
+
+    r = package(toy_bundle.bundle, None, tmp_path / "pkg")
+    with Package.load(r.folder, backend="onnxruntime-cuda") as pkg:
+        assert pkg.plan.ort_device == "cuda" and pkg.selftest_result["passed"]
+        assert pkg.selftest_result["backend"]["onnxruntime"] == "cuda"

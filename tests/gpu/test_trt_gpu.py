@@ -292,3 +292,4 @@ def test_a_package_serves_its_engine_set_through_tensorrt_and_passes_its_golden_
         assert first.plan.source.startswith("engines built here")
     with Package.load(r.folder, backend="tensorrt", engine_cache=cache) as second:
         assert second.plan.source.startswith("engines found in the engine cache")
+

@@ -141,8 +141,15 @@ def test_without_tensorrt_the_runtime_serves_onnx_runtime_and_says_why(pkg):
         Package.load(pkg.folder, backend="tensorrt")
     assert "--backend tensorrt: no TensorRT engine can run here: TensorRT cannot be imported" in str(e.value)
     assert Package.load(pkg.folder, backend="onnxruntime").plan.why == ["asked for ONNX Runtime"]
-    with pytest.raises(PackageError, match="backend 'cuda': use one of auto, tensorrt, onnxruntime"):
+    with pytest.raises(PackageError, match="backend 'cuda': use one of auto, tensorrt, onnxruntime, onnxruntime-cuda"):
         Package.load(pkg.folder, backend="cuda")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # this machine: CPU onnxruntime
+        with pytest.raises(PackageError, match=r"--backend onnxruntime-cuda: onnxruntime \S+ here has no "
+                                               r"CUDAExecutionProvider \(.*CPUExecutionProvider.*\)\. Install "
+                                               r"onnxruntime-gpu"):
+            Package.load(pkg.folder, backend="onnxruntime-cuda")
 
 
 def test_mmopt_run_says_which_backend_serves(pkg):
