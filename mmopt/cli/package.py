@@ -40,15 +40,16 @@ def package(
     \[evaluation] or \[calibration] samples with the eager model's outputs and the policy's tolerance), and
     package.json: wiring, IO, dynamic axes with min / opt / max, every file's sha256, the verified parity and
     lineage back to the bundle. On the device, the runtime (`pip install ./runtime`: numpy and onnxruntime,
-    no torch) checks the hashes and the golden outputs before it serves. TensorRT engines that `mmopt build`
-    made from these very graphs ship too, one engine set per GPU / TensorRT version (the ONNX graphs stay, the
-    fallback); the runtime picks the set that matches the device:
+    no torch) checks the hashes and the golden outputs before it serves:
 
         mmopt package build/ -p image=int8-cpu -o vqa-pkg/
         mmopt-run selftest vqa-pkg/
         mmopt-run infer vqa-pkg/ --inputs sample.npz --out result.npz
 
-    Engines from two devices (the bundle copied to each and built there):
+    TensorRT engines that `mmopt build` made from these very graphs ship too, one engine set per GPU / TensorRT
+    version (the ONNX graphs stay, the fallback); on the device the runtime runs the set that matches it, else a
+    version-compatible one, else builds engines there once (full TensorRT), else ONNX Runtime, and says which.
+    Engines from two devices (the bundle copied to each and `mmopt build` run there):
 
         mmopt package build/ -p image=fp16 -p text=fp16 -o vqa-pkg/ --engines orin-build/ --engines l4-build/
 

@@ -43,14 +43,17 @@ _state: dict[str, Any] = {}
 def load() -> Any:
     """The ``tensorrt`` module, else the lean runtime's ``tensorrt_lean``, else ``TensorRTUnavailable`` saying
     what is missing."""
-    problems = []
+    problems, broken = [], []
     for name in MODULES:
         try:
             return importlib.import_module(name)
         except (ImportError, OSError) as e:  # OSError: bindings present, libnvinfer missing
             problems.append(f"{name}: {type(e).__name__}: {e}")
+            if not isinstance(e, ModuleNotFoundError) or e.name != name:  # installed, but broken
+                broken.append(f"{type(e).__name__}: {e}")
     err = TensorRTUnavailable(f"TensorRT cannot be imported here ({'; '.join(problems)}).\n{HOW_TO_INSTALL}")
-    err.reason = f"TensorRT cannot be imported ({problems[0].split(': ', 1)[1]})"
+    err.reason = f"TensorRT cannot be imported ({broken[0]})" if broken else \
+        f"TensorRT cannot be imported: neither {' nor '.join(MODULES)} is installed"
     raise err from None
 
 

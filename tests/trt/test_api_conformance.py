@@ -110,8 +110,12 @@ def test_build_and_run_scenarios_behave(version):
                 "run_fails_set_profile": "EngineLoadError", "run_fails_set_shape": "EngineLoadError",
                 "run_fails_infer_shapes": "EngineLoadError", "run_fails_dynamic_output": "EngineLoadError",
                 "run_fails_address": "EngineLoadError",
-                "run_fails_execute": "RuntimeError", "load_without_tensorrt": "TensorRTUnavailable"}
+                "run_fails_execute": "RuntimeError", "load_without_tensorrt": "TensorRTUnavailable",
+                "load_with_broken_tensorrt": "TensorRTUnavailable"}
     assert {k: s[k].get("error") for k in expected} == expected
+    assert "neither tensorrt nor tensorrt_lean is installed" not in s["load_with_broken_tensorrt"]["message"]
+    assert "tensorrt: OSError: libnvinfer.so.10: cannot open shared object file" in \
+        s["load_with_broken_tensorrt"]["message"]
     image = s["run_image_two_profiles"]["detail"]
     assert image["outputs"] == [{"image_emb": [4, 4]}, {"image_emb": [1, 4]}]
     text = s["run_text_cuda_graph"]["detail"]

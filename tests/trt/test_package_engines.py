@@ -135,7 +135,7 @@ def test_the_plan_serves_the_chosen_sets_bytes(pkg, monkeypatch):
 def test_without_tensorrt_the_runtime_serves_onnx_runtime_and_says_why(pkg):
     p = Package.load(pkg.folder)
     assert p.plan.backend == "onnxruntime" and p.plan.engines == {}
-    assert p.plan.why == ["TensorRT cannot be imported (ModuleNotFoundError: No module named 'tensorrt')"]
+    assert p.plan.why == ["TensorRT cannot be imported: neither tensorrt nor tensorrt_lean is installed"]
     assert p.selftest_result["backend"]["why"] == p.plan.why and p.graph == "merged"
     with pytest.raises(PackageError) as e:
         Package.load(pkg.folder, backend="tensorrt")

@@ -299,6 +299,26 @@ def run_all(checker: Checker) -> dict[str, Any]:
             sys.modules["tensorrt"] = saved
 
     out["load_without_tensorrt"] = play(no_tensorrt)
+
+    def broken_tensorrt() -> None:
+        """The bindings present but libnvinfer missing: the import itself fails with OSError."""
+        import importlib.abc
+
+        class Broken(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):  # noqa: ANN001
+                if name == "tensorrt":
+                    raise OSError("libnvinfer.so.10: cannot open shared object file")
+                return None
+
+        saved = sys.modules.pop("tensorrt")
+        sys.meta_path.insert(0, Broken())
+        try:
+            api.load()
+        finally:
+            sys.meta_path.pop(0)
+            sys.modules["tensorrt"] = saved
+
+    out["load_with_broken_tensorrt"] = play(broken_tensorrt)
     out.update(package_scenarios(checker, world, tmp, lean=False))
     return out
 
