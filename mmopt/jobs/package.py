@@ -180,7 +180,13 @@ def find_engines(bundles: list[Path], artifacts: dict[str, Any]) -> tuple[list[d
     sets: dict[tuple, dict[str, Any]] = {}
     notes: list[str] = []
     for i, b in enumerate(bundles):
-        m = Manifest.read_verified(b)
+        try:
+            m = Manifest.read_verified(b)
+        except BundleError as e:
+            if not i:
+                raise
+            raise UsageError(f"--engines {b}: {str(e).split(' Create one with', 1)[0]} Give a copy of the bundle "
+                             "that `mmopt build` ran in on the target device.") from None
         added = 0
         for comp, art in artifacts.items():
             eng = m.find(comp, art.precision, stage="engine")

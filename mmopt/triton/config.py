@@ -86,9 +86,8 @@ def plan_engines(manifest: dict[str, Any], tensorrt: str) -> dict[str, dict[str,
     usable = [s for s in sets if version_problem(s["tensorrt"]["version"], tensorrt,
                                                  s["build_options"]["version_compatible"]) is None]
     if not usable:
-        have = ", ".join(f"{s['id']}" for s in sets) or "none"
-        raise UsageError(f"--tensorrt {tensorrt}: no engine set of the package loads in TensorRT {tensorrt} (its sets: "
-                         f"{have}). Build engines with the Triton server's TensorRT (`mmopt build` on a machine with "
+        have = f"its sets: {', '.join(s['id'] for s in sets)}" if sets else "it holds no engine set"
+        raise UsageError(f"--tensorrt {tensorrt}: no engine set of the package loads in TensorRT {tensorrt} ({have}). Build engines with the Triton server's TensorRT (`mmopt build` on a machine with "
                          "it, then `mmopt package ... --engines`), or leave --tensorrt out to serve the ONNX graphs.")
     usable.sort(key=lambda s: s["build_options"]["version_compatible"])  # exact sets first
     out: dict[str, dict[str, tuple[str, str]]] = {}

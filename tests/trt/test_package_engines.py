@@ -207,6 +207,9 @@ def test_engines_from_other_graphs_are_left_out_and_an_extra_bundle_without_any_
                      "fp32 one packaged; rebuild it with `mmopt build`"]
     with pytest.raises(UsageError, match=rf"--engines {exported}: holds no TensorRT engine built from the graphs"):
         api.package(orin, None, tmp_path / "pkg", engine_bundles=[exported])
+    with pytest.raises(UsageError, match=rf"--engines {tmp_path / 'nope'}: .*not an mmopt bundle.*Give a copy of the "
+                                         "bundle that `mmopt build` ran in"):
+        api.package(orin, None, tmp_path / "pkg", engine_bundles=[tmp_path / "nope"])
     assert not (tmp_path / "pkg").exists()
 
 
