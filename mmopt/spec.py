@@ -22,7 +22,7 @@ from mmopt.errors import ConfigError
 from mmopt.dtypes import ITEMSIZE, LIMITS, NAMES as DTYPES  # noqa: E402  (the one dtype table)
 # Ordered from the most to the least faithful (the pipeline is judged by its least faithful part).
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-cpu", "int8")
-CPU_ONLY = ("int8-dynamic", "int8-cpu")  # ONNX Runtime forms TensorRT cannot build
+from mmopt_runtime.engines import CPU_ONLY  # noqa: E402,F401  (ONNX Runtime forms TensorRT cannot build)
 
 
 def precision_rank(precision: str) -> int:

@@ -143,9 +143,9 @@ def check_replaceable(target: Path, kind: Kind = BUNDLE) -> None:
                           "Choose an empty or new output folder.")
 
 
-def manifest_digest(folder: Path) -> str | None:
+def manifest_digest(folder: Path, marker: str = MANIFEST) -> str | None:
     try:
-        return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+        return hashlib.sha256((folder / marker).read_bytes()).hexdigest()
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -304,6 +304,17 @@ def _remove(p: Path, target: Path, log: Log) -> None:
         log(f"{target}: removed {p.name}, left by an mmopt run that is gone")
 
 
+def writers_left(target: Path, suffixes: tuple[str, ...] = ("partial", "old")) -> list[Path]:
+    """What writers of ``target`` leave beside it while they run: ``.OUT.<pid>.<8 random chars>.partial`` (the
+    stage, or the old folder just swapped out) and ``.old`` (the two-rename fallback's old folder), nothing
+    looser: a sibling's folders (OUT.1's are .OUT.1.<pid>...) must never match. Live writers' too."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.\d+\.[A-Za-z0-9_]{{8}}\.({'|'.join(suffixes)})$")
+    try:
+        return sorted(p for p in target.parent.iterdir() if pattern.match(p.name))
+    except OSError:
+        return []
+
+
 def recover(target: Path, log: Log, kind: Kind = BUNDLE) -> bool:
     """Repair or remove what killed writers of ``target`` left beside it (call holding ``target``'s lock).
 
@@ -312,12 +323,8 @@ def recover(target: Path, log: Log, kind: Kind = BUNDLE) -> bool:
     once ``target`` is a bundle; otherwise it is kept and the log says so. Returns True when ``target``
     was replaced, so the caller must lock the restored folder again.
     """
-    # .OUT.<pid>.<8 random chars>.partial and .OUT.<pid>.<8 random chars>.old, nothing looser: a
-    # sibling bundle's folders (OUT.1's are .OUT.1.<pid>...) must never match.
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.\d+\.[A-Za-z0-9_]{{8}}\.(partial|old)$")
-    try:
-        siblings = sorted(p for p in target.parent.iterdir() if pattern.match(p.name))
-    except OSError:
+    siblings = writers_left(target)
+    if not siblings:
         return False
     dead = [p for p in siblings if p.is_dir() and not p.is_symlink() and _abandoned(p)]
     for p in sorted(dead, key=lambda p: not p.name.endswith(".old")):
@@ -470,7 +477,7 @@ def _commit(target: Path, keep_existing: bool, log: Log, created: bool, waiter: 
             kind: Kind = BUNDLE) -> Iterator[Path]:
     """The transaction's body, holding ``target``'s lock: stage, yield, check, swap; or clean up."""
     check_replaceable(target, kind)
-    before, listed = manifest_digest(target), _listing(target)
+    before, listed = manifest_digest(target, kind.marker), _listing(target)
     try:
         stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial",
                                       dir=target.parent))
@@ -488,7 +495,7 @@ def _commit(target: Path, keep_existing: bool, log: Log, created: bool, waiter: 
         yield stage
         if interrupted():  # a Ctrl-C that a library swallowed (torch's exporter retries after one): no commit
             raise KeyboardInterrupt
-        if manifest_digest(target) != before or _listing(target) != listed:
+        if manifest_digest(target, kind.marker) != before or _listing(target) != listed:
             raise BundleError(f"{target}: was changed by another process while this run worked on it (files "
                               "added, removed or rewritten by something that does not take mmopt's lock). "
                               "Nothing was written; run again.")

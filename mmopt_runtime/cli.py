@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from mmopt_runtime import engines
 from mmopt_runtime.errors import MmoptError
 from mmopt_runtime.package import Package
 
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--public-key", type=Path, default=None,
                         help="PEM public key of the signer: the package must carry a valid signature made with its "
                              "private key (`mmopt package --sign-key`). A signed package needs it.")
-    common.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda"), default="auto",
+    common.add_argument("--backend", choices=engines.BACKENDS, default="auto",
                         help="auto (default): the package's TensorRT engine set that matches this GPU and TensorRT "
                              "(exactly, else version-compatible), else engines built here from the ONNX graphs "
                              "where full TensorRT is installed (cached), else ONNX Runtime, saying why. tensorrt: "

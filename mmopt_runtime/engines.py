@@ -13,8 +13,9 @@
       (``engine_cache``; a later load finds them there);
 3. else ONNX Runtime, and the plan says why (every set refused, with what did not match).
 
-Components in a CPU-only precision (ONNX Runtime's integer forms) always run on ONNX Runtime; a set that lacks
-a component leaves that one on ONNX Runtime too. ``backend="tensorrt"`` refuses instead of falling back.
+Components in a CPU-only precision (ONNX Runtime's integer forms) always run on ONNX Runtime. A component the
+chosen set lacks is built into the cache where full TensorRT is present, else ONNX Runtime runs it. With
+``backend="tensorrt"`` every other component must run on TensorRT: the load is refused instead of falling back.
 Torch-free; TensorRT is imported only when a plan asks for it.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -71,11 +73,20 @@ def default_cache() -> Path:
 
 
 def environment(index: int = 0) -> tuple[Any, Environment]:
-    """The TensorRT module and this device's environment, or ``TensorRTUnavailable`` saying what is missing."""
+    """The TensorRT module and this device's environment, or ``TensorRTUnavailable`` saying what is missing:
+    TensorRT, cuda-python (the runtime's device memory: without it no engine could run, so none is chosen or
+    built), or a GPU."""
     from mmopt_runtime.trt import api, device
     from mmopt_runtime.trt.errors import TensorRTUnavailable
 
     trt = api.load()
+    try:
+        device.cudart()
+    except ImportError:
+        err = TensorRTUnavailable("TensorRT is here but cuda-python is not (the runtime's device memory for "
+                                  "engines): pip install cuda-python")
+        err.reason = str(err)
+        raise err from None
     gpu = device.current_gpu(index)
     if gpu is None:
         err = TensorRTUnavailable(f"no NVIDIA GPU {index} is visible here (cuda-python and nvidia-smi found none)")
@@ -84,36 +95,56 @@ def environment(index: int = 0) -> tuple[Any, Environment]:
     return trt, Environment(str(trt.__version__), gpu.name, gpu.compute_capability, device.platform_tag())
 
 
-def choose_set(sets: list[dict[str, Any]], env: Environment, lean: bool) -> tuple[dict[str, Any] | None, list[str],
-                                                                                  dict[str, list[str]]]:
-    """The engine set to run here: an exact match first, else a version-compatible one. Returns (the set or
-    None, its warnings, {set id: why it was refused})."""
+def set_key(record: dict[str, Any]) -> tuple:
+    """What decides where an engine runs, read from its build record (a ``mmopt build`` sidecar) or from a
+    package's engine set (the same fields): TensorRT version, GPU name and compute capability, platform,
+    version- and hardware-compatibility. Engines with one key form one set."""
+    return (record["tensorrt"]["version"], record["gpu"]["name"], record["gpu"]["compute_capability"],
+            record["platform"], bool(record["build_options"]["version_compatible"]),
+            record["build_options"]["hardware_compatibility"])
+
+
+def set_id(key: tuple) -> str:
+    """``trt10.3.0.30-sm8.7-orin-linux-aarch64``: TensorRT, compute capability, the GPU's name (so an AGX and
+    a Nano of one compute capability get two sets), platform; ``-vc`` when version-compatible, ``-ampere+`` etc.
+    for hardware-compatible sets. Safe as a folder name."""
+    version, gpu, cc, platform, vc, hw = key
+    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"^nvidia\s+", "", str(gpu).lower())).strip("-")[:32] or "gpu"
+    return f"trt{version}-sm{cc}-{slug}-{platform}" + ("-vc" if vc else "") + ("" if hw == "none" else f"-{hw}")
+
+
+def preference(s: dict[str, Any], warnings: list[str] = ()) -> tuple:
+    """How much a loadable engine set is preferred (smaller first): one made for exactly this TensorRT before a
+    version-compatible one, one for this GPU model before a hardware-compatible or another model's, the newest
+    TensorRT among version-compatible ones. ``choose_set`` and Triton's plan members rank sets by it."""
+    from mmopt_runtime.trt.compat import parse_version
+
+    return (bool(s["build_options"]["version_compatible"]), s["build_options"]["hardware_compatibility"] != "none",
+            len(warnings), tuple(-v for v in parse_version(s["tensorrt"]["version"])))
+
+
+def choose_set(sets: list[dict[str, Any]], env: Environment, lean: bool,
+               able: list[str] | None = None) -> tuple[dict[str, Any] | None, list[str], dict[str, list[str]]]:
+    """The engine set to run here: of those that may (``compat.decide``; the lean runtime runs only
+    version-compatible ones), the one covering most of the TensorRT-able components ``able``, then by
+    ``preference``. Returns (the set or None, its warnings, {set id: why it was refused})."""
     refused: dict[str, list[str]] = {}
-    exact, compatible = [], []
+    ok = []
     for s in sets:
         d = decide(s, env)
-        vc = bool(s["build_options"]["version_compatible"])
         problems = list(d.errors)
-        if lean and not vc:
+        if lean and not s["build_options"]["version_compatible"]:
             problems.append("TensorRT's lean runtime runs only version-compatible engines; this set was built "
                             "without --version-compatible")
         if problems:
             refused[s["id"]] = problems
-        elif vc:
-            compatible.append((s, d.warnings))
         else:
-            exact.append((s, d.warnings))
-    # among version-compatible sets the newest TensorRT build is the closest to this one
-    compatible.sort(key=lambda p: _version_key(p[0]["tensorrt"]["version"]), reverse=True)
-    for s, warnings in exact + compatible:
-        return s, warnings, refused
-    return None, [], refused
-
-
-def _version_key(text: str) -> tuple[int, ...]:
-    from mmopt_runtime.trt.compat import parse_version
-
-    return parse_version(text)
+            ok.append((s, d.warnings))
+    if not ok:
+        return None, [], refused
+    cover = (lambda s: -len(set(s["components"]) & set(able))) if able is not None else (lambda s: 0)
+    s, warnings = min(ok, key=lambda p: (cover(p[0]), preference(*p)))
+    return s, warnings, refused
 
 
 def plan(manifest: dict[str, Any], data: dict[str, bytes], backend: str, device_index: int = 0,
@@ -140,40 +171,53 @@ def plan(manifest: dict[str, Any], data: dict[str, bytes], backend: str, device_
         return Plan("onnxruntime", why=["asked for ONNX Runtime's CUDA provider"], ort_device="cuda")
     able = [c for c, spec in comps.items() if spec.get("precision") not in CPU_ONLY]
     if not able:
-        return _fallback(backend, "onnxruntime", "every component is in an ONNX Runtime-only precision "
-                                                  f"({', '.join(sorted({comps[c]['precision'] for c in comps}))})")
+        return _fallback(backend, "every component is in an ONNX Runtime-only precision "
+                                  f"({', '.join(sorted({comps[c]['precision'] for c in comps}))})")
     try:
         trt, env = environment(device_index)
     except TensorRTUnavailable as e:
-        return _fallback(backend, "onnxruntime", e.reason or str(e).splitlines()[0])
+        return _fallback(backend, e.reason or str(e).splitlines()[0])
     lean = api.is_lean(trt)
-    chosen, warnings, refused = choose_set(manifest.get("engines") or [], env, lean)
+    chosen, warnings, refused = choose_set(manifest.get("engines") or [], env, lean, able)
+    engines: dict[str, tuple[bytes, bool]] = {}
+    source = []
     if chosen is not None:
         vc = bool(chosen["build_options"]["version_compatible"])
         engines = {c: (data[e["file"]], vc) for c, e in chosen["components"].items() if c in able}
-        kind = "version-compatible engine set" if vc else "engine set"
-        p = Plan("tensorrt", engines, f"{kind} {chosen['id']}", refused=refused, warnings=warnings,
-                 tensorrt=env.tensorrt)
-        missing = [c for c in able if c not in engines]
-        if missing:
-            p.why.append(f"engine set {chosen['id']} has no engine for {', '.join(missing)}: ONNX Runtime runs it")
-        return _cpu_only_note(p, comps)
-    sets = "no engine set" if not manifest.get("engines") else "no engine set that runs here"
-    if lean:
-        return _fallback(backend, "onnxruntime", f"the package holds {sets}, and TensorRT's lean runtime "
-                                                  f"{env.tensorrt} cannot build engines", refused)
-    cache = Path(engine_cache) if engine_cache is not None else default_cache()
-    engines, built = {}, []
-    try:
-        for c in able:
-            engines[c], fresh = cached_engine(manifest, data, c, env, cache, log)
-            built += [c] if fresh else []
-    except MmoptError as e:
-        return _fallback(backend, "onnxruntime", f"the package holds {sets}, and building engines here from its "
-                                                  f"ONNX graphs failed: {e}", refused)
-    how = f"built here into {cache}" if built else f"found in the engine cache {cache}"
-    p = Plan("tensorrt", {c: (b, False) for c, b in engines.items()}, f"engines {how} ({sets} in the package)",
-             refused=refused, tensorrt=env.tensorrt)
+        source.append(f"{'version-compatible engine set' if vc else 'engine set'} {chosen['id']}")
+    missing = [c for c in able if c not in engines]
+    sets = "no engine set" if not manifest.get("engines") else \
+        "no engine set that runs here" if chosen is None else f"no engine for {', '.join(missing)}"
+    why: list[str] = []
+    if missing and lean:
+        reason = f"the package holds {sets}, and TensorRT's lean runtime {env.tensorrt} cannot build engines"
+        if not engines:
+            return _fallback(backend, reason, refused)
+        if backend == "tensorrt":
+            _fallback(backend, reason, refused)  # raises: every TensorRT-able component was asked for
+        why.append(f"{reason}: ONNX Runtime runs {', '.join(missing)}")
+    elif missing:
+        cache = Path(engine_cache) if engine_cache is not None else default_cache()
+        built = []
+        try:
+            for c in missing:
+                engines[c] = (cached_engine(manifest, data, c, env, cache, log, built), False)
+        except Exception as e:  # noqa: BLE001  TensorRT's own errors too (nullptr, CUDA): ONNX Runtime serves
+            what = e if isinstance(e, MmoptError) else f"{type(e).__name__}: {e}"
+            reason = f"the package holds {sets}, and building engines here from its ONNX graphs failed: {what}"
+            if chosen is None:
+                return _fallback(backend, reason, refused)
+            if backend == "tensorrt":
+                _fallback(backend, reason, refused)
+            for c in missing:
+                engines.pop(c, None)
+            why.append(f"{reason}: ONNX Runtime runs {', '.join(missing)}")
+        else:
+            how = f"built here into {cache}" if built else f"found in the engine cache {cache}"
+            source.append(f"engines for {', '.join(missing)} {how} ({sets} in the package)" if chosen is not None
+                          else f"engines {how} ({sets} in the package)")
+    p = Plan("tensorrt", engines, "; ".join(source), why=why, refused=refused, warnings=warnings,
+             tensorrt=env.tensorrt)
     return _cpu_only_note(p, comps)
 
 
@@ -184,14 +228,14 @@ def _cpu_only_note(p: Plan, comps: dict[str, Any]) -> Plan:
     return p
 
 
-def _fallback(backend: str, to: str, why: str, refused: dict[str, list[str]] | None = None) -> Plan:
+def _fallback(backend: str, why: str, refused: dict[str, list[str]] | None = None) -> Plan:
     refused = refused or {}
     if backend == "tensorrt":
         rows = "".join(f"\n  engine set {k}: " + "; ".join(v) for k, v in refused.items())
         raise NoEngine(f"--backend tensorrt: no TensorRT engine can run here: {why}.{rows}\nBuild engines on a "
                        "device like this one (`mmopt build`, then `mmopt package ... --engines`), or run on ONNX "
                        "Runtime (--backend auto or onnxruntime).")
-    return Plan(to, why=[why], refused=refused)
+    return Plan("onnxruntime", why=[why], refused=refused)
 
 
 # ---- engines built here, cached --------------------------------------------------------------------
@@ -218,33 +262,70 @@ def cache_key(onnx_sha256: str, env: Environment, profile: dict[str, Any]) -> st
 
 
 def cached_engine(manifest: dict[str, Any], data: dict[str, bytes], comp: str, env: Environment,
-                  cache: Path, log: Callable[[str], None] | None = None) -> tuple[bytes, bool]:
+                  cache: Path, log: Callable[[str], None] | None = None, built: list[str] | None = None) -> bytes:
     """Component ``comp``'s engine for this device: from ``cache`` when an entry there checks out (its record
     names this key and the engine's sha256 matches), else built now from the package's hash-checked ONNX bytes
-    and written there atomically. Returns (engine bytes, whether it was built now)."""
-    from mmopt_runtime.trt import api
-    from mmopt_runtime.trt.profiles import Profile
-
+    and put in place whole (``built`` gets ``comp`` then). One process builds a key at a time (a lock file per
+    key: a second load waits for the first build instead of running a second one beside it, which could run a
+    Jetson out of memory) and the entry is checked again once the lock is held."""
     spec = manifest["components"][comp]
     onnx_sha = manifest["files"][spec["file"]]
     shapes = {t["name"]: {s: tuple(t["shapes"][s]) for s in ("min", "opt", "max")} for t in spec["inputs"]}
+    from mmopt_runtime.trt.profiles import Profile
+
     profile = Profile("package", shapes)
     key = cache_key(onnx_sha, env, profile.to_json())
-    entry = cache / f"{comp}-{key}"
-    record_path, engine_path = entry / "record.json", entry / "engine.plan"
-    try:
-        record = json.loads(record_path.read_text())
-        engine = engine_path.read_bytes()
-        if record.get("key") == key and record.get("engine_sha256") == hashlib.sha256(engine).hexdigest():
-            return engine, False
-    except (OSError, ValueError, AttributeError):
-        pass  # absent, half-written by a killed build, or foreign: build it again
+    entry = cache / key  # names only the key (hex): nothing from the manifest becomes a path here
+    found = _cached(entry, key)
+    if found is not None:
+        return found
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=cache, prefix=f".{comp}-{key[:8]}-"))
+        lock = open(cache / f".{key}.lock", "a+b")
     except OSError as e:
         raise MmoptError(f"engine cache {cache}: cannot be written ({e.strerror}); set MMOPT_ENGINE_CACHE to a "
                          "writable folder.") from None
+    with lock:
+        _lock(lock, log, f"waiting for another process building the {comp} engine into {cache} ...")
+        found = _cached(entry, key)  # built by the process we waited for
+        if found is not None:
+            return found
+        engine = _build_entry(spec, data, comp, env, cache, entry, key, profile, onnx_sha, log)
+    if built is not None:
+        built.append(comp)
+    return engine
+
+
+def _cached(entry: Path, key: str) -> bytes | None:
+    try:
+        record = json.loads((entry / "record.json").read_text())
+        engine = (entry / "engine.plan").read_bytes()
+    except (OSError, ValueError):
+        return None  # absent, half-written by a killed build, or foreign: build it again
+    if isinstance(record, dict) and record.get("key") == key and \
+            record.get("engine_sha256") == hashlib.sha256(engine).hexdigest():
+        return engine
+    return None
+
+
+def _lock(f: Any, log: Callable[[str], None] | None, waiting: str) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, a second build may run beside the first (both entries are whole)
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if log is not None:
+            log(waiting)
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+
+
+def _build_entry(spec: dict[str, Any], data: dict[str, bytes], comp: str, env: Environment, cache: Path,
+                 entry: Path, key: str, profile: Any, onnx_sha: str, log: Callable[[str], None] | None) -> bytes:
+    from mmopt_runtime.trt import api
+
+    work = Path(tempfile.mkdtemp(dir=cache, prefix=f".{key[:12]}.", suffix=".partial"))
     try:
         src = work / "onnx"  # the bytes whose sha256 was checked, never the package's own paths
         graph = src / Path(spec["file"]).name
@@ -267,13 +348,13 @@ def cached_engine(manifest: dict[str, Any], data: dict[str, bytes], comp: str, e
                 built.engine).hexdigest(), "tensorrt": {"version": env.tensorrt},
             "gpu": {"name": env.gpu_name, "compute_capability": env.compute_capability}, "platform": env.platform,
             "profile": profile.to_json(), "warnings": built.warnings[:20]}, indent=1))
-        if entry.exists():  # a stale or broken entry: replaced whole
-            shutil.rmtree(entry, ignore_errors=True)
-        try:
-            os.replace(work, entry)
-        except OSError:  # another process put the same entry in place first: theirs serves
-            if not entry.exists():
-                raise
-        return built.engine, True
+        tomb = None
+        if entry.exists() or entry.is_symlink():  # a stale or broken entry: moved aside in one step, then removed
+            tomb = cache / f".{key[:12]}.{os.getpid()}.stale"
+            os.replace(entry, tomb)
+        os.replace(work, entry)
+        if tomb is not None:
+            shutil.rmtree(tomb, ignore_errors=True)
+        return built.engine
     finally:
         shutil.rmtree(work, ignore_errors=True)

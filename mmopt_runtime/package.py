@@ -128,13 +128,14 @@ def _engine_runners(plan: engines.Plan, manifest: dict[str, Any], device: int, b
             except BaseException:
                 mem.close()
                 raise
-    except MmoptError as e:
+    except Exception as e:  # noqa: BLE001  TensorRT's own errors too (nullptr, CUDA): ONNX Runtime serves
         for r in runners.values():
             r.close()
+        what = e if isinstance(e, MmoptError) else f"{type(e).__name__}: {e}"
         if backend == "tensorrt":
-            raise PackageError(f"--backend tensorrt: {plan.source}: {e}") from None
-        plan.why.append(f"{plan.source} cannot be loaded here ({e}): ONNX Runtime runs every component")
-        plan.backend, plan.engines = "onnxruntime", {}
+            raise PackageError(f"--backend tensorrt: {plan.source}: {what}") from None
+        plan.why.append(f"{plan.source} cannot be loaded here ({what}): ONNX Runtime runs every component")
+        plan.backend, plan.engines, plan.source, plan.tensorrt = "onnxruntime", {}, "", None
         return {}
     return runners
 
@@ -187,6 +188,16 @@ class Package:
         except engines.NoEngine as e:
             raise PackageError(f"{root}: {e}") from None
         runners = _engine_runners(plan, manifest, device, backend)
+        try:
+            return cls._serve(root, manifest, data, plan, runners, signed, threads, selftest, merged, t0)
+        except BaseException:
+            for r in runners.values():  # an ONNX graph or the self-test failed: the engines and their memory go
+                r.close()
+            raise
+
+    @classmethod
+    def _serve(cls, root: Path, manifest: dict[str, Any], data: dict[str, bytes], plan: Any, runners: dict[str, Any],
+               signed: Any, threads: int | None, selftest: bool, merged: bool, t0: float) -> "Package":
         one = manifest.get("merged") if merged and not runners else None
         if one is not None:
             model = manifest["model"]
@@ -210,11 +221,7 @@ class Package:
         pkg.plan, pkg._engines = plan, list(runners.values())
         pkg._golden = data[manifest["golden"]["file"]]
         if selftest:
-            try:
-                pkg.selftest()
-            except BaseException:
-                pkg.close()
-                raise
+            pkg.selftest()
         pkg.load_ms = (time.perf_counter() - t0) * 1000
         return pkg
 
@@ -482,7 +489,8 @@ def _check_engine_sets(manifest: dict[str, Any], bad: Any) -> None:
         f = f"engines[{i}]"
         try:
             ok = isinstance(es["id"], str) and bool(es["id"]) and isinstance(es["platform"], str) and \
-                isinstance(es["gpu"]["name"], str) and bool(parse_cc(es["gpu"]["compute_capability"])) and \
+                isinstance(es["gpu"]["name"], str) and isinstance(es["gpu"]["compute_capability"], str) and \
+                isinstance(es["tensorrt"]["version"], str) and bool(parse_cc(es["gpu"]["compute_capability"])) and \
                 bool(parse_version(es["tensorrt"]["version"])) and \
                 isinstance(es["build_options"]["version_compatible"], bool) and \
                 es["build_options"]["hardware_compatibility"] in ("none", "ampere+", "same_compute_capability") and \

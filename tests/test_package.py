@@ -34,6 +34,22 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def test_every_runtime_module_imports_without_torch_onnx_or_mmopt():
+    """The whole runtime, its TensorRT half included, under the import blocker: no module of it may need torch,
+    onnx or mmopt, even lazily at import time."""
+    code = BLOCKED.split("from mmopt_runtime.cli")[0] + (
+        "import importlib, pkgutil, mmopt_runtime\n"
+        "names = [m.name for m in pkgutil.walk_packages(mmopt_runtime.__path__, 'mmopt_runtime.')]\n"
+        "for n in names: importlib.import_module(n)\n"
+        "print(sorted(names))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    for name in ("mmopt_runtime.engines", "mmopt_runtime.trt.api", "mmopt_runtime.trt.runner",
+                 "mmopt_runtime.trt.memory", "mmopt_runtime.trt.device", "mmopt_runtime.cli"):
+        assert name in r.stdout
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     from models.toy import CONFIG
@@ -425,6 +441,8 @@ def test_concurrent_writers_of_one_package_take_turns(bundle, tmp_path):
     assert any("waiting for another mmopt process" in out + err for out, err in outs), outs
     assert Package.load(tmp_path / "p").selftest_result["passed"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "p.tar.gz"]
+    with tarfile.open(tmp_path / "p.tar.gz") as tar:  # the archive is the folder's, not the other writer's
+        assert tar.extractfile("p/package.json").read() == (tmp_path / "p" / "package.json").read_bytes()
 
 
 # ---- signatures (OpenSSF model-signing, key mode) ---------------------------------------------

@@ -50,6 +50,9 @@ def triton(
                                                 "the package's engines that load in it are served as tensorrt_plan "
                                                 "members, one plan per GPU compute capability; other components stay "
                                                 "ONNX. Native backend only."),
+    platform: str = typer.Option("linux-x86_64", "--platform", metavar="OS-ARCH",
+                                 help="With --tensorrt: the Triton server's platform (linux-x86_64, or linux-aarch64 "
+                                      "for Triton on a Jetson); only engine sets built there are served."),
 ) -> None:
     r"""Write a Triton Inference Server model repository: one model per component and an ensemble that wires
     model inputs -> encoders -> fusion -> model outputs as the captured wiring does.
@@ -90,7 +93,7 @@ def triton(
     r = api.triton(source, parse_policy(precision), out, backend=backend, name=name, batching=not no_batching,
                    instances=instances, kind=kind, queue_delay_us=queue_delay_us, config=config,
                    trust_checkpoint=trust_checkpoint, public_key=public_key, progress=RichProgress(console),
-                   tensorrt=tensorrt)
+                   tensorrt=tensorrt, platform=platform)
     console.print(tables.triton_table(r))
     for m in r.plan.members.values():
         if m.note:

@@ -17,8 +17,9 @@ The package is a folder, plus a ``.tar.gz`` of it:
 
 Before anything is replaced, the staged package is loaded by the runtime itself and must pass its own
 golden self-test. The folder is written through the bundle store's transaction (``mmopt.store``: one writer at a
-time, staged as a hidden sibling, swapped in whole, a killed run repaired by the next); the archive is written
-whole beside it.
+time, staged as a hidden sibling, swapped in whole, a killed run repaired by the next). The archive is written
+whole from the stage into a hidden sibling and moved into place right after the folder: a kill between the two
+leaves the new folder beside the old archive (the next run rewrites both).
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ from mmopt import __version__
 from mmopt.errors import BundleError, UsageError
 from mmopt.manifest import Manifest
 from mmopt.progress import Progress
-from mmopt.store import Kind, transaction
+from mmopt.store import Kind, transaction, writers_left
 from mmopt_runtime import signing
+from mmopt_runtime.engines import set_id, set_key
 from mmopt_runtime.package import FORMAT, KIND, MANIFEST, Package, PackageError, sha256_file
 
 GOLDEN_ROWS = 4
@@ -162,7 +164,7 @@ def package(bundle: str | Path, policy: dict[str, str] | None, out: str | Path, 
                     except signing.SignatureError as e:
                         raise UsageError(str(e)) from None
                 advance(1)
-            # the archive from the staged folder, into a hidden sibling: it and the folder change together
+            # the archive from the staged folder, into a hidden sibling; moved into place just after the folder
             with tarfile.open(tmp_archive, "w:gz") as tar:
                 tar.add(stage, arcname=out.name)
         os.replace(tmp_archive, archive)
@@ -194,9 +196,7 @@ def find_engines(bundles: list[Path], artifacts: dict[str, Any]) -> tuple[list[d
                 continue
             side = eng.extra or {}
             try:
-                key = (side["tensorrt"]["version"], side["gpu"]["compute_capability"], side["platform"],
-                       bool(side["build_options"]["version_compatible"]),
-                       side["build_options"]["hardware_compatibility"])
+                key = set_key(side)
                 source = side["source_onnx"]["sha256"]
             except (KeyError, TypeError) as e:
                 notes.append(f"{b}: engine {eng.file} left out: its record lacks {e}; rebuild it with `mmopt build`")
@@ -205,24 +205,18 @@ def find_engines(bundles: list[Path], artifacts: dict[str, Any]) -> tuple[list[d
                 notes.append(f"{b}: engine {eng.file} left out: it was built from another {comp} graph than the "
                              f"{art.precision} one packaged; rebuild it with `mmopt build`")
                 continue
+            added += 1
             s = sets.setdefault(key, {"key": key, "side": side, "components": {}})
-            if comp in s["components"]:
-                notes.append(f"{b}: engine {eng.file} left out: {s['components'][comp][0]} is the same kind of "
-                             "engine (same TensorRT, GPU and flags)")
+            if comp in s["components"]:  # the same bundle twice, or two copies built on one kind of device
+                notes.append(f"{b}: engine {eng.file} left out: set {set_id(key)} has one for {comp} already, "
+                             f"from {s['components'][comp][0]}")
                 continue
             s["components"][comp] = (m.file(b, eng), side)
-            added += 1
         if i and not added:
             raise UsageError(f"--engines {b}: holds no TensorRT engine built from the graphs being packaged "
                              f"({', '.join(f'{c}={a.precision}' for c, a in artifacts.items())}). Copy the bundle to "
                              "the device, run `mmopt build` there, and pass that copy.")
     return list(sets.values()), notes
-
-
-def set_id(key: tuple) -> str:
-    """``trt10.3.0.30-sm8.7-linux-aarch64`` (+ ``-vc`` for version-compatible, ``-ampere+`` etc.)."""
-    version, cc, platform, vc, hw = key
-    return f"trt{version}-sm{cc}-{platform}" + ("-vc" if vc else "") + ("" if hw == "none" else f"-{hw}")
 
 
 def add_engines(stage: Path, doc: dict[str, Any], found: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -398,7 +392,7 @@ def check_out(out: Path, bundle: Path) -> None:
         raise UsageError(f"-o {out}: exists and is not an mmopt package; refusing to replace it. Choose a new "
                          "folder.")
     archive = out.with_name(out.name + ".tar.gz")
-    aside = list(out.parent.glob(f".{out.name}.*.old"))  # a run killed mid-commit: the transaction puts it back
+    aside = writers_left(out, ("old",))  # a run killed mid-commit: the transaction puts its old package back
     if archive.exists() and not out.exists() and not aside:
         raise UsageError(f"-o {out}: {archive.name} exists beside it but no package does; move it away or choose "
                          "another name.")

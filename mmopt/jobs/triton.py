@@ -57,14 +57,18 @@ def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *
            name: str | None = None, batching: bool = True, instances: int = 1, kind: str | None = None,
            queue_delay_us: int = 0, config: str | Path | None = None, trust_checkpoint: bool = False,
            public_key: str | Path | None = None, progress: Progress | None = None,
-           tensorrt: str | None = None) -> TritonResult:
-    """``tensorrt``: the Triton server's TensorRT version: the package's engines that load there become
-    ``tensorrt_plan`` members (one plan per compute capability); the other components stay ONNX."""
+           tensorrt: str | None = None, platform: str = "linux-x86_64") -> TritonResult:
+    """``tensorrt``, ``platform``: the Triton server's TensorRT version and platform: the package's engines that
+    load there become ``tensorrt_plan`` members (one plan per compute capability); the other components stay
+    ONNX."""
     validate.schema()  # the optional extra, before minutes of packaging
     triton_config.check_options(backend, kind, instances, queue_delay_us, name)
     if tensorrt is not None and backend != "native":
         raise UsageError(f"--tensorrt {tensorrt} --backend {backend}: TensorRT plans are served by Triton's TensorRT "
                          "backend; use --backend native.")
+    if tensorrt is not None and kind == "cpu":
+        raise UsageError(f"--tensorrt {tensorrt} --kind cpu: TensorRT plans run on GPU instances; leave --kind out "
+                         "(gpu).")
     progress = progress or Progress()
     t0 = time.perf_counter()
     if Path(out).is_symlink():
@@ -89,7 +93,7 @@ def triton(source: str | Path, policy: dict[str, str] | None, out: str | Path, *
             raise BundleError(f"the package cannot be served: {e}") from None
         if what == "package":
             check_policy(policy, pkg.manifest["policy"], source)
-        engines = triton_config.plan_engines(pkg.manifest, tensorrt) if tensorrt is not None else None
+        engines = triton_config.plan_engines(pkg.manifest, tensorrt, platform) if tensorrt is not None else None
         plan = triton_config.plan(pkg.manifest, name, backend, batching, instances, kind, queue_delay_us, engines)
         # the store's writer: one writer at a time, staged beside OUT, swapped in whole, repaired after a kill;
         # an error naming the stage names OUT instead
@@ -168,7 +172,7 @@ def check_out(out: Path, source: Path) -> None:
 
 
 def write(stage: Path, plan: triton_config.Plan, pkg: Package, source: Path | None,
-          engines: dict[str, dict[str, tuple[str, str]]] | None = None, tensorrt: str | None = None) -> None:
+          engines: dict[str, dict[str, tuple[str, str, bool]]] | None = None, tensorrt: str | None = None) -> None:
     """The repository's files into ``stage``: each member's graph or TensorRT plans (each file's sha256 checked
     against the package), model.py for the python flavour, every config, the ensemble's empty version folder,
     the marker."""
@@ -178,7 +182,7 @@ def write(stage: Path, plan: triton_config.Plan, pkg: Package, source: Path | No
         version = stage / member.name / "1"
         version.mkdir(parents=True)
         plans = (engines or {}).get(comp, {})
-        placed = [(version / name, rel) for name, rel in plans.values()]
+        placed = [(version / name, rel) for name, rel, _ in plans.values()]
         for path, rel in placed:
             shutil.copy2(confined(pkg.root, rel, f"engines file {rel}"), path)
         for path, listed in placed or place_onnx(pkg, comp, version):

@@ -74,35 +74,39 @@ def batch_dim(manifest: dict[str, Any]) -> str | None:
     return shared_first_dim(t["shape"] for t in manifest["model"]["inputs"])
 
 
-def plan_engines(manifest: dict[str, Any], tensorrt: str) -> dict[str, dict[str, tuple[str, str]]]:
-    """The package's engines a Triton server with TensorRT ``tensorrt`` can load: component -> {compute
-    capability (or "" for a hardware-compatible plan) -> (plan file name in the version folder, the package's
-    engine file)}. A set loads there by the runtime's version rule (``mmopt_runtime.trt.compat``: exactly that
-    version, or version-compatible and not newer); for one GPU an exact set wins over a version-compatible one.
-    ``UsageError`` when no set loads there, naming the versions the package has."""
+def plan_engines(manifest: dict[str, Any], tensorrt: str,
+                 platform: str = "linux-x86_64") -> dict[str, dict[str, tuple[str, str, bool]]]:
+    """The package's engines a Triton server with TensorRT ``tensorrt`` on ``platform`` can load: component ->
+    {compute capability (or "" for an ``ampere+`` plan) -> (plan file name in the version folder, the package's
+    engine file, whether it is version-compatible)}. A set loads there by the runtime's rules
+    (``mmopt_runtime.trt.compat``: that platform, and exactly that TensorRT or version-compatible and not newer);
+    for one GPU the set the runtime itself would prefer wins (``mmopt_runtime.engines.preference``).
+    ``UsageError`` when no set loads there, naming the sets the package has."""
+    from mmopt_runtime.engines import preference
     from mmopt_runtime.trt.compat import version_problem
 
     sets = manifest.get("engines") or []
-    usable = [s for s in sets if version_problem(s["tensorrt"]["version"], tensorrt,
-                                                 s["build_options"]["version_compatible"]) is None]
+    usable = [s for s in sets if s["platform"] == platform and version_problem(
+        s["tensorrt"]["version"], tensorrt, s["build_options"]["version_compatible"]) is None]
     if not usable:
         have = f"its sets: {', '.join(s['id'] for s in sets)}" if sets else "it holds no engine set"
-        raise UsageError(f"--tensorrt {tensorrt}: no engine set of the package loads in TensorRT {tensorrt} ({have}). Build engines with the Triton server's TensorRT (`mmopt build` on a machine with "
-                         "it, then `mmopt package ... --engines`), or leave --tensorrt out to serve the ONNX graphs.")
-    usable.sort(key=lambda s: s["build_options"]["version_compatible"])  # exact sets first
-    out: dict[str, dict[str, tuple[str, str]]] = {}
-    for s in usable:
+        raise UsageError(f"--tensorrt {tensorrt} --platform {platform}: no engine set of the package loads in TensorRT "
+                         f"{tensorrt} on {platform} ({have}). Build engines with the Triton server's TensorRT on its "
+                         "platform (`mmopt build` on a machine with it, then `mmopt package ... --engines`), give "
+                         "--platform, or leave --tensorrt out to serve the ONNX graphs.")
+    out: dict[str, dict[str, tuple[str, str, bool]]] = {}
+    for s in sorted(usable, key=preference):
         hw = s["build_options"]["hardware_compatibility"]
         cc = "" if hw == "ampere+" else s["gpu"]["compute_capability"]
         file = "model.plan" if not cc else f"model_sm{cc.replace('.', '')}.plan"
         for comp, e in s["components"].items():
-            out.setdefault(comp, {}).setdefault(cc, (file, e["file"]))
+            out.setdefault(comp, {}).setdefault(cc, (file, e["file"], bool(s["build_options"]["version_compatible"])))
     return out
 
 
 def plan(manifest: dict[str, Any], name: str | None = None, backend: str = "native", batching: bool = True,
          instances: int = 1, kind: str | None = None, queue_delay_us: int = 0,
-         engines: dict[str, dict[str, tuple[str, str]]] | None = None) -> Plan:
+         engines: dict[str, dict[str, tuple[str, str, bool]]] | None = None) -> Plan:
     """The repository's configs for a verified package manifest; ``engines`` (``plan_engines``) makes those
     components TensorRT plan members. Raises ``UsageError`` listing every tensor Triton cannot express, with
     the fix."""
@@ -151,10 +155,13 @@ def plan(manifest: dict[str, Any], name: str | None = None, backend: str = "nati
         if dynamic and (manifest.get("policy") or {}).get(c) == "int8-dynamic":
             note = ("dynamic batching on, but its int8-dynamic graph quantizes activations with one scale per batch, "
                     "so merged requests shift each other's outputs (within the policy's int8 tolerance)")
+        if any(vc for _, _, vc in (engines or {}).get(c, {}).values()):
+            note = ((note + "; ") if note else "") + ("its plans are version-compatible: start the server with "
+                                                      "--backend-config=tensorrt,version-compatible=true")
         cfg = member_config(members[c], spec, backend=backend, max_batch=max_batch, batched=batch is not None,
                             preferred=preferred if dynamic else None, queue_delay_us=queue_delay_us,
                             kind=KINDS[kind], instances=instances, sha256=manifest["files"][spec["file"]],
-                            engines={cc: f for cc, (f, _) in (engines or {}).get(c, {}).items()} or None)
+                            engines={cc: f for cc, (f, _, _) in (engines or {}).get(c, {}).items()} or None)
         out[c] = Member(members[c], c, cfg, dynamic, note)
     return Plan(name, backend, max_batch, out, ensemble_config(name, manifest, members, max_batch))
 

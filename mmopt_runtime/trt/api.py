@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mmopt_runtime.trt.compat import parse_version
-from mmopt_runtime.trt.errors import (EngineBuildError, EngineLoadError, OnnxParseError, TensorRTFeatureUnavailable,
-                                      TensorRTUnavailable, parser_error_message)
+from mmopt_runtime.trt.errors import (EngineBuildError, EngineLoadError, EngineRunError, OnnxParseError,
+                                      TensorRTFeatureUnavailable, TensorRTUnavailable, parser_error_message)
 from mmopt_runtime.trt.profiles import Profile
 
 # API present only from some TensorRT version on: name -> first version that has it. The conformance
@@ -301,7 +301,8 @@ class EngineSession:
     def enqueue(self, stream: int) -> None:
         """Queue one inference on ``stream`` (``execute_async_v3``); the caller synchronises."""
         if not self._context.execute_async_v3(stream):
-            raise RuntimeError(f"{self.name}: TensorRT execute_async_v3 failed: " + "; ".join(self._logger.drain()[0]))
+            raise EngineRunError(f"{self.name}: TensorRT execute_async_v3 failed: "
+                                 + "; ".join(self._logger.drain()[0]))
 
     def close(self) -> None:
         self._context = self._engine = self._runtime = None

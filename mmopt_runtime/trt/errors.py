@@ -32,6 +32,14 @@ class EngineLoadError(MmoptError):
     """An engine file is missing, tampered with, or TensorRT refused to deserialise it."""
 
 
+class CudaError(MmoptError, RuntimeError):
+    """A CUDA runtime call failed (out of device memory, a lost device); the message names the call."""
+
+
+class EngineRunError(MmoptError, RuntimeError):
+    """TensorRT failed to run an engine it had loaded (``execute_async_v3`` returned false)."""
+
+
 class NoProfileFits(MmoptError):
     """A call's input shapes fit none of the engine's optimization profiles (exit code 2: the caller's input)."""
 

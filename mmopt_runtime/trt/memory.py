@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mmopt_runtime.trt import device
-from mmopt_runtime.trt.errors import TensorRTUnavailable
+from mmopt_runtime.trt.errors import CudaError, TensorRTUnavailable
 
 
 class DeviceMemory:
@@ -61,7 +61,7 @@ class CudaPythonMemory(DeviceMemory):
         err, *rest = result
         if err != self.rt.cudaError_t.cudaSuccess:
             text = self.rt.cudaGetErrorString(err)[1]
-            raise RuntimeError(f"{what} failed: {text.decode() if isinstance(text, bytes) else text}")
+            raise CudaError(f"{what} failed: {text.decode() if isinstance(text, bytes) else text}")
         return rest[0] if len(rest) == 1 else (tuple(rest) or None)
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: str) -> int:
@@ -111,6 +111,8 @@ class CudaPythonMemory(DeviceMemory):
         self._call(self.rt.cudaGraphLaunch(graph, self._stream), "cudaGraphLaunch")
 
     def close(self) -> None:
+        if self._stream is None:  # closed already: each handle is released once
+            return
         self.rt.cudaStreamSynchronize(self._stream)
         for graph, exe in self._graphs:
             self.rt.cudaGraphExecDestroy(exe)
@@ -118,6 +120,7 @@ class CudaPythonMemory(DeviceMemory):
         for ptr, *_ in self.buffers.values():
             self.rt.cudaFree(ptr)
         self.rt.cudaStreamDestroy(self._stream)
+        self._stream = None
         self.buffers.clear()
         self._graphs.clear()
 
@@ -130,5 +133,5 @@ def cuda_python_memory(index: int = 0) -> "CudaPythonMemory":
         raise TensorRTUnavailable("running TensorRT engines without torch needs cuda-python for device memory: "
                                   "pip install cuda-python on the device (the extras mmopt[edge] and "
                                   "mmopt-runtime[tensorrt] bring it).") from None
-    except RuntimeError as e:  # no driver, no device
+    except CudaError as e:  # no driver, no device
         raise TensorRTUnavailable(f"cuda-python cannot use GPU {index} here: {e}") from None

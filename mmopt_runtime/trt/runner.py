@@ -38,7 +38,7 @@ class EngineRunner:
         if not set(outputs) <= have_out:
             problems.append(f"outputs {sorted(have_out)}, expected {sorted(outputs)}")
         if problems:
-            self.close()
+            self.session.close()  # the memory is the caller's: it closes that
             raise EngineLoadError(f"{name} does not match {what}: " + "; ".join(problems) + f". {fix}")
         self.profiles = [Profile(str(i), {n: dict(zip(SIZES, s)) for n, s in p.items()})
                          for i, p in enumerate(self.session.profiles)]

@@ -110,7 +110,7 @@ def test_build_and_run_scenarios_behave(version):
                 "run_fails_set_profile": "EngineLoadError", "run_fails_set_shape": "EngineLoadError",
                 "run_fails_infer_shapes": "EngineLoadError", "run_fails_dynamic_output": "EngineLoadError",
                 "run_fails_address": "EngineLoadError",
-                "run_fails_execute": "RuntimeError", "load_without_tensorrt": "TensorRTUnavailable",
+                "run_fails_execute": "EngineRunError", "load_without_tensorrt": "TensorRTUnavailable",
                 "load_with_broken_tensorrt": "TensorRTUnavailable"}
     assert {k: s[k].get("error") for k in expected} == expected
     assert "neither tensorrt nor tensorrt_lean is installed" not in s["load_with_broken_tensorrt"]["message"]
@@ -240,18 +240,24 @@ def _plan(scenario: dict) -> dict:
 def test_the_runtime_runs_the_engine_set_that_matches_here_and_names_the_others(version):
     from mmopt_runtime.trt.device import platform_tag
 
+    from trt_scenarios import FAKE_GPU_NAME
+
+    from mmopt_runtime.engines import set_id
+
     s, here = report(version)["scenarios"], platform_tag()
     exact = s["package_exact_set"]
     plan = _plan(exact)
     assert plan["backend"] == "tensorrt" and plan["on_tensorrt"] == ["image", "text"] and plan["why"] == []
-    assert plan["source"] == f"engine set trt{version}-sm8.7-{here}"  # before the version-compatible one
-    assert list(plan["refused"]) == [f"trt{version}-sm9.0-{here}"]
-    assert "compute capability 9.0" in plan["refused"][f"trt{version}-sm9.0-{here}"][0]
+    this = set_id((version, FAKE_GPU_NAME, "8.7", here, False, "none"))
+    h200 = f"trt{version}-sm9.0-fake-h200-{here}"
+    assert plan["source"] == f"engine set {this}"  # before the version-compatible one
+    assert list(plan["refused"]) == [h200]
+    assert "compute capability 9.0" in plan["refused"][h200][0]
     assert exact["detail"]["outputs"] == {"image_emb": [4, 4], "text_hidden": [4, 6, 4]}
     assert exact["detail"]["memories"] == 2  # one stream and buffers per engine
     vc = _plan(s["package_version_compatible_set"])
-    assert vc["source"] == f"version-compatible engine set trt10.0.1-sm8.7-{here}-vc"
-    newer = f"trt{version.split('.')[0]}.99.0-sm8.7-{here}-vc"
+    assert vc["source"] == f"version-compatible engine set trt10.0.1-sm8.7-fake-orin-{here}-vc"
+    newer = f"trt{version.split('.')[0]}.99.0-sm8.7-fake-orin-{here}-vc"
     assert "version-compatible engines only move forward" in vc["refused"][newer][0]
 
 

@@ -81,8 +81,8 @@ def pkg(bundles, tmp_path):
 
 def test_the_package_holds_one_engine_set_per_device_built_from_its_graphs(pkg):
     doc = pkg.manifest
-    assert [s["id"] for s in doc["engines"]] == ["trt10.3.0.30-sm8.7-linux-aarch64",
-                                                 "trt11.4.0.106-sm9.0-linux-x86_64-vc"]
+    assert [s["id"] for s in doc["engines"]] == ["trt10.3.0.30-sm8.7-fake-orin-linux-aarch64",
+                                                 "trt11.4.0.106-sm9.0-fake-h200-linux-x86_64-vc"]
     orin, h200 = doc["engines"]
     assert orin["gpu"] == {"name": "FAKE Orin", "compute_capability": "8.7"} and orin["l4t"] == "R36.3.0"
     assert orin["build_options"] == {"version_compatible": False, "hardware_compatibility": "none"}
@@ -103,22 +103,22 @@ def test_the_package_holds_one_engine_set_per_device_built_from_its_graphs(pkg):
 def test_the_runtime_picks_the_exact_set_then_a_version_compatible_one_and_names_every_refusal(pkg):
     sets = pkg.manifest["engines"]
     chosen, warnings, refused = engines.choose_set(sets, ON_ORIN, lean=False)
-    assert chosen["id"] == "trt10.3.0.30-sm8.7-linux-aarch64" and warnings == []
-    assert list(refused) == ["trt11.4.0.106-sm9.0-linux-x86_64-vc"]
-    assert any("linux-x86_64" in r for r in refused["trt11.4.0.106-sm9.0-linux-x86_64-vc"])
+    assert chosen["id"] == "trt10.3.0.30-sm8.7-fake-orin-linux-aarch64" and warnings == []
+    assert list(refused) == ["trt11.4.0.106-sm9.0-fake-h200-linux-x86_64-vc"]
+    assert any("linux-x86_64" in r for r in refused["trt11.4.0.106-sm9.0-fake-h200-linux-x86_64-vc"])
     # a later TensorRT 11 on the H200: only the version-compatible set can run
     later = Environment("11.5.0.1", "FAKE H200", "9.0", "linux-x86_64")
     chosen, _, refused = engines.choose_set(sets, later, lean=False)
-    assert chosen["id"] == "trt11.4.0.106-sm9.0-linux-x86_64-vc"
-    assert "loads only in the exact version that built it" in " ".join(refused["trt10.3.0.30-sm8.7-linux-aarch64"])
+    assert chosen["id"] == "trt11.4.0.106-sm9.0-fake-h200-linux-x86_64-vc"
+    assert "loads only in the exact version that built it" in " ".join(refused["trt10.3.0.30-sm8.7-fake-orin-linux-aarch64"])
     # another SM: nothing runs, and each set says what did not match
     chosen, _, refused = engines.choose_set(sets, Environment("11.4.0.106", "FAKE L4", "8.9", "linux-x86_64"), False)
     assert chosen is None and sorted(refused) == sorted(s["id"] for s in sets)
-    assert "compute capability 9.0" in " ".join(refused["trt11.4.0.106-sm9.0-linux-x86_64-vc"])
+    assert "compute capability 9.0" in " ".join(refused["trt11.4.0.106-sm9.0-fake-h200-linux-x86_64-vc"])
     # the lean runtime runs only version-compatible engines
     chosen, _, refused = engines.choose_set(sets, ON_ORIN, lean=True)
     assert chosen is None
-    assert "lean runtime runs only version-compatible engines" in refused["trt10.3.0.30-sm8.7-linux-aarch64"][-1]
+    assert "lean runtime runs only version-compatible engines" in refused["trt10.3.0.30-sm8.7-fake-orin-linux-aarch64"][-1]
 
 
 def test_the_plan_serves_the_chosen_sets_bytes(pkg, monkeypatch):
@@ -127,7 +127,7 @@ def test_the_plan_serves_the_chosen_sets_bytes(pkg, monkeypatch):
     data = {rel: (pkg.folder / rel).read_bytes() for rel in doc["files"]}
     plan = engines.plan(doc, data, "auto")
     assert plan.backend == "tensorrt" and plan.source == "version-compatible engine set " \
-                                                         "trt11.4.0.106-sm9.0-linux-x86_64-vc"
+                                                         "trt11.4.0.106-sm9.0-fake-h200-linux-x86_64-vc"
     assert plan.engines == {c: (f"FAKE ENGINE from {c}.onnx".encode(), True) for c in doc["components"]}
     assert plan.to_json()["on_tensorrt"] == sorted(doc["components"]) and plan.tensorrt == "11.4.0.106"
 
@@ -236,8 +236,10 @@ def test_full_tensorrt_builds_missing_engines_into_a_cache_keyed_by_graph_versio
                      for c in doc["components"]]
     assert sorted(plan.refused) == sorted(s["id"] for s in doc["engines"])
     assert [c[0] for c in writer.calls] == [Path(doc["components"][c]["file"]).name for c in doc["components"]]
-    entries = sorted(p.name for p in cache.iterdir())
-    assert len(entries) == len(doc["components"]) and not [p for p in cache.iterdir() if p.name.startswith(".")]
+    entries = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+    assert len(entries) == len(doc["components"])
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == sorted(f".{e}.lock" for e in entries)
+    assert all(len(e) == 40 and set(e) <= set("0123456789abcdef") for e in entries)  # the key, nothing else
     record = json.loads((cache / entries[0] / "record.json").read_text())
     assert record["onnx_sha256"] == doc["files"][doc["components"][record["component"]]["file"]]
     assert record["tensorrt"] == {"version": "10.3.0.30"} and record["gpu"]["compute_capability"] == "8.9"
@@ -252,7 +254,7 @@ def test_full_tensorrt_builds_missing_engines_into_a_cache_keyed_by_graph_versio
     monkeypatch.setattr(engines, "environment", lambda index=0: (object(), Environment("10.3.1", "FAKE L4", "8.9",
                                                                                        "linux-x86_64")))
     engines.plan(doc, data, "auto", engine_cache=cache)
-    assert len(list(cache.iterdir())) == 2 * len(entries)
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2 * len(entries)
 
 
 def test_a_build_that_fails_on_the_device_falls_back_or_refuses(pkg, tmp_path, monkeypatch):
@@ -269,9 +271,9 @@ def test_a_build_that_fails_on_the_device_falls_back_or_refuses(pkg, tmp_path, m
     plan = engines.plan(doc, data, "auto", engine_cache=tmp_path / "cache")
     assert plan.backend == "onnxruntime" and "building engines here from its ONNX graphs failed: image.onnx: " \
                                                   "TensorRT 10.3.0.30 could not build an engine" in plan.why[0]
-    with pytest.raises(engines.NoEngine, match=r"(?s)--backend tensorrt.*engine set trt10.3.0.30-sm8.7"):
+    with pytest.raises(engines.NoEngine, match=r"(?s)--backend tensorrt.*engine set trt10.3.0.30-sm8.7-fake-orin"):
         engines.plan(doc, data, "tensorrt", engine_cache=tmp_path / "cache")
-    assert not [p for p in (tmp_path / "cache").iterdir()]  # nothing half-written is left
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]  # nothing half-written
 
 
 def test_cpu_only_components_stay_on_onnx_runtime(pkg, monkeypatch):
@@ -291,7 +293,7 @@ def test_triton_serves_the_engines_that_load_in_the_servers_tensorrt_as_plans(pk
     pytest.importorskip("tritonclient.grpc", reason="the triton extra (Triton's model-config schema) is missing")
     from mmopt.triton import validate
 
-    r = api.triton(pkg.folder, None, tmp_path / "repo", tensorrt="10.3.0.30")
+    r = api.triton(pkg.folder, None, tmp_path / "repo", tensorrt="10.3.0.30", platform="linux-aarch64")  # Jetson
     comps = pkg.manifest["components"]
     for comp in comps:
         c = r.report.models[r.plan.members[comp].name].config
@@ -305,6 +307,7 @@ def test_triton_serves_the_engines_that_load_in_the_servers_tensorrt_as_plans(pk
     r = api.triton(pkg.folder, None, tmp_path / "repo11", tensorrt="11.5.0")
     c = r.report.models[r.plan.members[next(iter(comps))].name].config
     assert dict(c.cc_model_filenames) == {"9.0": "model_sm90.plan"}
+    assert "--backend-config=tensorrt,version-compatible=true" in r.plan.members[next(iter(comps))].note
     # a plan changed after writing is caught by --check, like a graph
     plan = r.folder / r.plan.members[next(iter(comps))].name / "1" / "model_sm90.plan"
     plan.write_bytes(b"changed")
@@ -314,10 +317,121 @@ def test_triton_serves_the_engines_that_load_in_the_servers_tensorrt_as_plans(pk
 
 def test_triton_tensorrt_refusals_name_what_the_package_has(pkg, tmp_path):
     pytest.importorskip("tritonclient.grpc", reason="the triton extra (Triton's model-config schema) is missing")
-    with pytest.raises(UsageError, match=r"--tensorrt 9\.0\.1: no engine set of the package loads in TensorRT 9\.0\.1 "
-                                         r"\(its sets: trt10\.3\.0\.30-sm8\.7-linux-aarch64, "
-                                         r"trt11\.4\.0\.106-sm9\.0-linux-x86_64-vc\)"):
+    with pytest.raises(UsageError, match=r"--tensorrt 9\.0\.1 --platform linux-x86_64: no engine set of the package "
+                                         r"loads in TensorRT 9\.0\.1 on linux-x86_64 \(its sets: "
+                                         r"trt10\.3\.0\.30-sm8\.7-fake-orin-linux-aarch64, "
+                                         r"trt11\.4\.0\.106-sm9\.0-fake-h200-linux-x86_64-vc\)"):
         api.triton(pkg.folder, None, tmp_path / "repo", tensorrt="9.0.1")
+    with pytest.raises(UsageError, match="on linux-x86_64"):  # the Orin's set is not for an x86 server
+        api.triton(pkg.folder, None, tmp_path / "repo", tensorrt="10.3.0.30")
+    with pytest.raises(UsageError, match="TensorRT plans run on GPU instances"):
+        api.triton(pkg.folder, None, tmp_path / "repo", tensorrt="10.3.0.30", kind="cpu")
     with pytest.raises(UsageError, match="TensorRT plans are served by Triton's TensorRT backend"):
         api.triton(pkg.folder, None, tmp_path / "repo", backend="python", tensorrt="10.3.0.30")
     assert not (tmp_path / "repo").exists()
+
+
+# ---- review cases: duplicates, ranking, partial sets, concurrency, what must be present ------------------
+
+def test_two_devices_of_one_compute_capability_give_two_sets_and_a_repeated_copy_is_noted(bundles, exported,
+                                                                                          tmp_path, monkeypatch):
+    orin, _ = bundles
+    nano = tmp_path / "nano-build"
+    shutil.copytree(exported, nano)
+    built(nano, BuildEnvironment("10.3.0.30", device.GpuInfo("FAKE Orin Nano", "8.7", 0, True, "fake"),
+                                 "linux-aarch64", "R36.3.0"), monkeypatch)
+    r = api.package(orin, None, tmp_path / "pkg", engine_bundles=[nano, orin])
+    assert [s["id"] for s in r.manifest["engines"]] == ["trt10.3.0.30-sm8.7-fake-orin-linux-aarch64",
+                                                       "trt10.3.0.30-sm8.7-fake-orin-nano-linux-aarch64"]
+    assert len(r.engine_notes) == len(r.manifest["components"])  # the bundle again: each engine noted once
+    assert all("has one for" in n for n in r.engine_notes)
+    # on a Nano the Nano's set runs (no warning), on the AGX its own
+    nano_env = Environment("10.3.0.30", "FAKE Orin Nano", "8.7", "linux-aarch64")
+    chosen, warnings, _ = engines.choose_set(r.manifest["engines"], nano_env, False)
+    assert chosen["id"].endswith("orin-nano-linux-aarch64") and warnings == []
+    chosen, warnings, _ = engines.choose_set(r.manifest["engines"], ON_ORIN, False)
+    assert chosen["id"] == "trt10.3.0.30-sm8.7-fake-orin-linux-aarch64" and warnings == []
+
+
+def test_a_set_covering_more_components_wins_and_what_it_lacks_is_built_here(pkg, tmp_path, monkeypatch):
+    """FAKE builder (FakeEngineWriter): TensorRT cannot exist here."""
+    doc = json.loads(json.dumps(pkg.manifest))
+    orin = next(s for s in doc["engines"] if "orin" in s["id"])
+    first = next(iter(doc["components"]))
+    partial = json.loads(json.dumps(orin))
+    partial["id"] = "partial"
+    del partial["components"][first]
+    doc["engines"] = [partial, orin]
+    chosen, _, _ = engines.choose_set(doc["engines"], ON_ORIN, False, list(doc["components"]))
+    assert chosen["id"] == orin["id"]
+    doc["engines"] = [partial]
+    data = {rel: (pkg.folder / rel).read_bytes() for rel in doc["files"]}
+    writer = FakeEngineWriter()
+    monkeypatch.setattr(trt_api, "build_engine", writer)
+    monkeypatch.setattr(engines, "environment", lambda index=0: (object(), ON_ORIN))
+    plan = engines.plan(doc, data, "tensorrt", engine_cache=tmp_path / "cache")
+    assert sorted(plan.engines) == sorted(doc["components"]) and [c[0] for c in writer.calls] == [
+        Path(doc["components"][first]["file"]).name]
+    assert plan.source == f"engine set partial; engines for {first} built here into {tmp_path / 'cache'} (no engine " \
+                          f"for {first} in the package)"
+    # the lean runtime cannot build the missing one: auto serves it on ONNX Runtime, tensorrt refuses
+    monkeypatch.setattr(trt_api, "is_lean", lambda trt: True)
+    for s in doc["engines"]:
+        s["build_options"]["version_compatible"] = True
+    plan = engines.plan(doc, data, "auto", engine_cache=tmp_path / "cache2")
+    assert first not in plan.engines and plan.engines and f"ONNX Runtime runs {first}" in plan.why[0]
+    with pytest.raises(engines.NoEngine, match="lean runtime .* cannot build engines"):
+        engines.plan(doc, data, "tensorrt", engine_cache=tmp_path / "cache2")
+
+
+def test_two_loads_build_an_engine_once_the_second_waits(pkg, tmp_path, monkeypatch):
+    """Two threads load the same package into one cache at once (FAKE, slow builder): one builds, the other
+    waits on the key's lock and takes the built entry."""
+    import threading
+    import time
+
+    calls = []
+
+    def slow(onnx_path, profiles, options, cache):
+        calls.append(Path(onnx_path).name)
+        time.sleep(0.3)
+        return trt_api.BuiltEngine(b"FAKE ENGINE built here", None, "disabled", {}, {}, [])
+
+    monkeypatch.setattr(trt_api, "build_engine", slow)
+    env = Environment("10.3.0.30", "FAKE L4", "8.9", "linux-x86_64")
+    doc = pkg.manifest
+    data = {rel: (pkg.folder / rel).read_bytes() for rel in doc["files"]}
+    comp = next(iter(doc["components"]))
+    heard, out = [], []
+    threads = [threading.Thread(target=lambda: out.append(engines.cached_engine(doc, data, comp, env, tmp_path / "c",
+                                                                                heard.append)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == [b"FAKE ENGINE built here"] * 2 and len(calls) == 1
+    assert any(h.startswith(f"waiting for another process building the {comp} engine") for h in heard)
+
+
+def test_tensorrt_without_cuda_python_is_not_chosen(monkeypatch):
+    from mmopt_runtime.trt import device as rt_device
+
+    monkeypatch.setattr(trt_api, "load", lambda: object())
+
+    def missing():
+        raise ImportError("No module named 'cuda'")
+
+    monkeypatch.setattr(rt_device, "cudart", missing)
+    from mmopt_runtime.trt.errors import TensorRTUnavailable
+
+    with pytest.raises(TensorRTUnavailable, match="cuda-python is not .* pip install cuda-python"):
+        engines.environment()
+
+
+def test_engine_set_fields_must_be_strings(pkg):
+    doc = json.loads(json.dumps(pkg.manifest))
+    doc["engines"][0]["gpu"]["compute_capability"] = 8.7
+    (pkg.folder / "package.json").write_text(json.dumps(doc))
+    with pytest.raises(PackageError, match=r"field 'engines\[0\]' is not an engine set"):
+        Package.load(pkg.folder)

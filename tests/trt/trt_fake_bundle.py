@@ -130,10 +130,12 @@ class FakeEngineWriter:
 def fake_engine_set(version: str, cc: str, platform: str, vc: bool = False, hw: str = "none",
                     gpu: str = "FAKE Orin") -> tuple:
     """The key ``mmopt.jobs.package.find_engines`` groups engines by, and the build record they share."""
+    from mmopt_runtime.engines import set_key
+
     side = {"tensorrt": {"version": version}, "gpu": {"name": gpu, "compute_capability": cc}, "platform": platform,
             "l4t": None, "build_options": {"version_compatible": vc, "hardware_compatibility": hw},
             "built_at": "2026-12-01T00:00:00+00:00"}
-    return (version, cc, platform, vc, hw), side
+    return set_key(side), side
 
 
 def make_package(folder: str | Path, bundle: Path, sets: list[tuple] = (), components: tuple[str, ...] = ("image", "text"),
