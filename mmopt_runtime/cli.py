@@ -21,9 +21,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="PEM public key of the signer: the package must carry a valid signature made with its "
                              "private key (`mmopt package --sign-key`). A signed package needs it.")
     common.add_argument("--backend", choices=engines.BACKENDS, default="auto",
-                        help="auto (default): the package's TensorRT engine set that matches this GPU and TensorRT "
-                             "(exactly, else version-compatible), else engines built here from the ONNX graphs "
-                             "where full TensorRT is installed (cached), else ONNX Runtime, saying why. tensorrt: "
+                        help="auto (default): of the package's TensorRT engine sets that may run on this GPU and "
+                             "TensorRT, the one covering most components (built by this very TensorRT before a "
+                             "version-compatible one); what it lacks built here from the ONNX graphs where full "
+                             "TensorRT is installed (cached); else ONNX Runtime, saying why. tensorrt: "
                              "refuse rather than fall back. onnxruntime: the ONNX graphs only (CPU); onnxruntime-cuda: on "
                              "ONNX Runtime's CUDA provider (onnxruntime-gpu).")
     common.add_argument("--device", type=int, default=0, help="GPU index for TensorRT (default 0)")

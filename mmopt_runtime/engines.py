@@ -20,6 +20,7 @@ Torch-free; TensorRT is imported only when a plan asks for it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -36,7 +37,8 @@ from mmopt_runtime.trt.compat import Environment, decide
 
 CPU_ONLY = ("int8-dynamic", "int8-cpu")  # ONNX Runtime forms TensorRT does not import
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda")
-CACHE_SCHEMA = 1
+HARDWARE_LEVELS = ("none", "ampere+", "same_compute_capability")  # what `mmopt build --hardware-compat` records
+CACHE_SCHEMA = 2  # 2: the GPU model joined the key
 
 
 class NoEngine(MmoptError):
@@ -140,10 +142,11 @@ def choose_set(sets: list[dict[str, Any]], env: Environment, lean: bool,
             refused[s["id"]] = problems
         else:
             ok.append((s, d.warnings))
+    cover = (lambda s: len(set(s["components"]) & set(able))) if able is not None else (lambda s: 1)
+    ok = [p for p in ok if cover(p[0])]  # a set with none of the components TensorRT can run here runs nothing
     if not ok:
         return None, [], refused
-    cover = (lambda s: -len(set(s["components"]) & set(able))) if able is not None else (lambda s: 0)
-    s, warnings = min(ok, key=lambda p: (cover(p[0]), preference(*p)))
+    s, warnings = min(ok, key=lambda p: (-cover(p[0]), preference(*p)))
     return s, warnings, refused
 
 
@@ -193,8 +196,8 @@ def plan(manifest: dict[str, Any], data: dict[str, bytes], backend: str, device_
         reason = f"the package holds {sets}, and TensorRT's lean runtime {env.tensorrt} cannot build engines"
         if not engines:
             return _fallback(backend, reason, refused)
-        if backend == "tensorrt":
-            _fallback(backend, reason, refused)  # raises: every TensorRT-able component was asked for
+        if backend == "tensorrt":  # every TensorRT-able component was asked for
+            raise _refusal(reason, refused)
         why.append(f"{reason}: ONNX Runtime runs {', '.join(missing)}")
     elif missing:
         cache = Path(engine_cache) if engine_cache is not None else default_cache()
@@ -205,12 +208,12 @@ def plan(manifest: dict[str, Any], data: dict[str, bytes], backend: str, device_
         except Exception as e:  # noqa: BLE001  TensorRT's own errors too (nullptr, CUDA): ONNX Runtime serves
             what = e if isinstance(e, MmoptError) else f"{type(e).__name__}: {e}"
             reason = f"the package holds {sets}, and building engines here from its ONNX graphs failed: {what}"
-            if chosen is None:
-                return _fallback(backend, reason, refused)
-            if backend == "tensorrt":
-                _fallback(backend, reason, refused)
             for c in missing:
                 engines.pop(c, None)
+            if not engines:
+                return _fallback(backend, reason, refused)
+            if backend == "tensorrt":
+                raise _refusal(reason, refused)
             why.append(f"{reason}: ONNX Runtime runs {', '.join(missing)}")
         else:
             how = f"built here into {cache}" if built else f"found in the engine cache {cache}"
@@ -228,14 +231,18 @@ def _cpu_only_note(p: Plan, comps: dict[str, Any]) -> Plan:
     return p
 
 
+def _refusal(why: str, refused: dict[str, list[str]]) -> NoEngine:
+    rows = "".join(f"\n  engine set {k}: " + "; ".join(v) for k, v in refused.items())
+    return NoEngine(f"--backend tensorrt: no TensorRT engine can run here: {why}.{rows}\nBuild engines on a device "
+                    "like this one (`mmopt build`, then `mmopt package ... --engines`), or run on ONNX Runtime "
+                    "(--backend auto or onnxruntime).")
+
+
 def _fallback(backend: str, why: str, refused: dict[str, list[str]] | None = None) -> Plan:
-    refused = refused or {}
+    """ONNX Runtime for everything, saying why; under ``backend="tensorrt"`` the refusal instead."""
     if backend == "tensorrt":
-        rows = "".join(f"\n  engine set {k}: " + "; ".join(v) for k, v in refused.items())
-        raise NoEngine(f"--backend tensorrt: no TensorRT engine can run here: {why}.{rows}\nBuild engines on a "
-                       "device like this one (`mmopt build`, then `mmopt package ... --engines`), or run on ONNX "
-                       "Runtime (--backend auto or onnxruntime).")
-    return Plan("onnxruntime", why=[why], refused=refused)
+        raise _refusal(why, refused or {})
+    return Plan("onnxruntime", why=[why], refused=refused or {})
 
 
 # ---- engines built here, cached --------------------------------------------------------------------
@@ -252,10 +259,11 @@ class _CacheBuild:
 
 
 def cache_key(onnx_sha256: str, env: Environment, profile: dict[str, Any]) -> str:
-    """The cache entry's name: the graph's sha256, TensorRT version, compute capability, platform, build flags
-    and the profile (the package's min / opt / max)."""
+    """The cache entry's name: the graph's sha256, TensorRT version, GPU model and compute capability, platform,
+    build flags and the profile (the package's min / opt / max). The GPU model too: a cache shared between an
+    AGX Orin and an Orin Nano must not hand one the other's tuned engine."""
     flags = {k: getattr(_CacheBuild(), k) for k in _CacheBuild.__dataclass_fields__}
-    text = json.dumps({"schema": CACHE_SCHEMA, "onnx": onnx_sha256, "tensorrt": env.tensorrt,
+    text = json.dumps({"schema": CACHE_SCHEMA, "onnx": onnx_sha256, "tensorrt": env.tensorrt, "gpu": env.gpu_name,
                        "sm": env.compute_capability, "platform": env.platform, "flags": flags, "profile": profile},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:40]
@@ -286,11 +294,11 @@ def cached_engine(manifest: dict[str, Any], data: dict[str, bytes], comp: str, e
         raise MmoptError(f"engine cache {cache}: cannot be written ({e.strerror}); set MMOPT_ENGINE_CACHE to a "
                          "writable folder.") from None
     with lock:
-        _lock(lock, log, f"waiting for another process building the {comp} engine into {cache} ...")
+        held = _lock(lock, log, f"waiting for another process building the {comp} engine into {cache} ...")
         found = _cached(entry, key)  # built by the process we waited for
         if found is not None:
             return found
-        engine = _build_entry(spec, data, comp, env, cache, entry, key, profile, onnx_sha, log)
+        engine = _build_entry(spec, data, comp, env, cache, entry, key, profile, onnx_sha, log, sweep=held)
     if built is not None:
         built.append(comp)
     return engine
@@ -308,24 +316,35 @@ def _cached(entry: Path, key: str) -> bytes | None:
     return None
 
 
-def _lock(f: Any, log: Callable[[str], None] | None, waiting: str) -> None:
+def _lock(f: Any, log: Callable[[str], None] | None, waiting: str) -> bool:
+    """Hold ``f``'s exclusive lock (waiting for another holder, saying so); False where no lock can be had."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock, a second build may run beside the first (both entries are whole)
-        return
+        return False
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         if log is not None:
             log(waiting)
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    except OSError as e:  # e.g. no locks on an NFS cache: build without one (each entry is still put in whole)
+        if log is not None:
+            log(f"engine cache: cannot lock {f.name} ({e.strerror}); building without the lock")
+        return False
+    return True
 
 
 def _build_entry(spec: dict[str, Any], data: dict[str, bytes], comp: str, env: Environment, cache: Path,
-                 entry: Path, key: str, profile: Any, onnx_sha: str, log: Callable[[str], None] | None) -> bytes:
+                 entry: Path, key: str, profile: Any, onnx_sha: str, log: Callable[[str], None] | None,
+                 sweep: bool = False) -> bytes:
     from mmopt_runtime.trt import api
 
-    work = Path(tempfile.mkdtemp(dir=cache, prefix=f".{key[:12]}.", suffix=".partial"))
+    if sweep:  # holding the key's lock: what other builds of this key left is dead (killed, e.g. out of memory)
+        for left in [*cache.glob(f".{key}.*.partial"), *cache.glob(f".{key}.*.stale")]:
+            _remove(left)
+    work = Path(tempfile.mkdtemp(dir=cache, prefix=f".{key}.", suffix=".partial"))
+    tomb = work.with_suffix(".stale")  # unique: work's name is
     try:
         src = work / "onnx"  # the bytes whose sha256 was checked, never the package's own paths
         graph = src / Path(spec["file"]).name
@@ -348,13 +367,24 @@ def _build_entry(spec: dict[str, Any], data: dict[str, bytes], comp: str, env: E
                 built.engine).hexdigest(), "tensorrt": {"version": env.tensorrt},
             "gpu": {"name": env.gpu_name, "compute_capability": env.compute_capability}, "platform": env.platform,
             "profile": profile.to_json(), "warnings": built.warnings[:20]}, indent=1))
-        tomb = None
         if entry.exists() or entry.is_symlink():  # a stale or broken entry: moved aside in one step, then removed
-            tomb = cache / f".{key[:12]}.{os.getpid()}.stale"
             os.replace(entry, tomb)
-        os.replace(work, entry)
-        if tomb is not None:
-            shutil.rmtree(tomb, ignore_errors=True)
+        try:
+            os.replace(work, entry)
+        except OSError:
+            found = _cached(entry, key)  # another builder (no lock on this system) put a whole entry there first
+            if found is not None:
+                return found
+            raise
         return built.engine
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove(work)
+        _remove(tomb)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()

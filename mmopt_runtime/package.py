@@ -137,6 +137,10 @@ def _engine_runners(plan: engines.Plan, manifest: dict[str, Any], device: int, b
         plan.why.append(f"{plan.source} cannot be loaded here ({what}): ONNX Runtime runs every component")
         plan.backend, plan.engines, plan.source, plan.tensorrt = "onnxruntime", {}, "", None
         return {}
+    except BaseException:  # an interrupt: the engines already made go too
+        for r in runners.values():
+            r.close()
+        raise
     return runners
 
 
@@ -493,7 +497,7 @@ def _check_engine_sets(manifest: dict[str, Any], bad: Any) -> None:
                 isinstance(es["tensorrt"]["version"], str) and bool(parse_cc(es["gpu"]["compute_capability"])) and \
                 bool(parse_version(es["tensorrt"]["version"])) and \
                 isinstance(es["build_options"]["version_compatible"], bool) and \
-                es["build_options"]["hardware_compatibility"] in ("none", "ampere+", "same_compute_capability") and \
+                es["build_options"]["hardware_compatibility"] in engines.HARDWARE_LEVELS and \
                 isinstance(es["components"], dict) and bool(es["components"])
         except (KeyError, TypeError, ValueError):
             ok = False

@@ -24,9 +24,11 @@ leaves the new folder beside the old archive (the next run rewrites both).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -41,7 +43,7 @@ from mmopt.manifest import Manifest
 from mmopt.progress import Progress
 from mmopt.store import Kind, transaction, writers_left
 from mmopt_runtime import signing
-from mmopt_runtime.engines import set_id, set_key
+from mmopt_runtime.engines import HARDWARE_LEVELS, set_id, set_key
 from mmopt_runtime.package import FORMAT, KIND, MANIFEST, Package, PackageError, sha256_file
 
 GOLDEN_ROWS = 4
@@ -201,6 +203,13 @@ def find_engines(bundles: list[Path], artifacts: dict[str, Any]) -> tuple[list[d
             except (KeyError, TypeError) as e:
                 notes.append(f"{b}: engine {eng.file} left out: its record lacks {e}; rebuild it with `mmopt build`")
                 continue
+            version, _, cc, platform, _, hw = key
+            if not (re.fullmatch(r"\d+(\.\d+)*", str(version)) and re.fullmatch(r"\d+\.\d+", str(cc)) and
+                    re.fullmatch(r"[a-z0-9_]+-[a-z0-9_]+", str(platform)) and hw in HARDWARE_LEVELS):
+                notes.append(f"{b}: engine {eng.file} left out: its record's TensorRT version {version!r}, compute "
+                             f"capability {cc!r}, platform {platform!r} or hardware compatibility {hw!r} is not one "
+                             "`mmopt build` writes; rebuild it")
+                continue
             if source != art.sha256:
                 notes.append(f"{b}: engine {eng.file} left out: it was built from another {comp} graph than the "
                              f"{art.precision} one packaged; rebuild it with `mmopt build`")
@@ -222,9 +231,12 @@ def find_engines(bundles: list[Path], artifacts: dict[str, Any]) -> tuple[list[d
 def add_engines(stage: Path, doc: dict[str, Any], found: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copy each set's engines into ``stage/engines/<set id>/``, hashed into ``doc["files"]`` and checked against
     the sha256 their build recorded; the manifest's ``engines`` list."""
-    out = []
+    out, ids = [], set()
     for s in found:
         sid, side = set_id(s["key"]), s["side"]
+        if sid in ids:  # two GPU names with one slug: told apart by the key's digest
+            sid = f"{sid}-{hashlib.sha256(repr(s['key']).encode()).hexdigest()[:6]}"
+        ids.add(sid)
         entry = {"id": sid, "tensorrt": {"version": side["tensorrt"]["version"]},
                  "gpu": {"name": side["gpu"]["name"], "compute_capability": side["gpu"]["compute_capability"]},
                  "platform": side["platform"], "l4t": side.get("l4t"),

@@ -12,7 +12,7 @@ from typing import Any
 
 from mmopt.errors import UsageError
 
-HARDWARE_COMPAT = ("none", "ampere+", "same_compute_capability")
+from mmopt_runtime.engines import HARDWARE_LEVELS as HARDWARE_COMPAT  # noqa: E402  (what the runtime checks)
 
 
 def default_timing_cache() -> Path:

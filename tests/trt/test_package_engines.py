@@ -247,14 +247,30 @@ def test_full_tensorrt_builds_missing_engines_into_a_cache_keyed_by_graph_versio
     again = engines.plan(doc, data, "auto", engine_cache=cache)
     assert again.source.startswith("engines found in the engine cache") and len(writer.calls) == len(entries)
     assert again.engines == plan.engines
-    # a corrupted entry is rebuilt, another TensorRT version gets its own entries
+    # a corrupted entry is rebuilt and replaced whole; what a killed build of it left (a stage, a tomb) goes
     (cache / entries[0] / "engine.plan").write_bytes(b"garbage")
+    (cache / f".{entries[0]}.dead0001.partial").mkdir()
+    (cache / f".{entries[0]}.dead0001.stale").mkdir()
+    (cache / f".{entries[0]}.dead0001.stale" / "engine.plan").write_bytes(b"old")
+    again = engines.plan(doc, data, "auto", engine_cache=cache)
+    assert len(writer.calls) == len(entries) + 1 and again.backend == "tensorrt"
+    assert engines._cached(cache / entries[0], entries[0]) is not None
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == sorted(f".{e}.lock" for e in entries)
+    # an entry that is a file (not a folder) is replaced too
+    (cache / entries[1]).rename(tmp_path / "moved")
+    (cache / entries[1]).write_bytes(b"not a folder")
+    assert engines.plan(doc, data, "auto", engine_cache=cache).backend == "tensorrt"
+    assert (cache / entries[1]).is_dir() and engines._cached(cache / entries[1], entries[1]) is not None
+    # another GPU model of the same compute capability gets its own entries (its own tuning)
+    monkeypatch.setattr(engines, "environment", lambda index=0: (object(), Environment("10.3.0.30", "FAKE L4 (2)",
+                                                                                       "8.9", "linux-x86_64")))
     engines.plan(doc, data, "auto", engine_cache=cache)
-    assert len(writer.calls) == len(entries) + 1
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2 * len(entries)
+    monkeypatch.setattr(engines, "environment", lambda index=0: (object(), l4))
     monkeypatch.setattr(engines, "environment", lambda index=0: (object(), Environment("10.3.1", "FAKE L4", "8.9",
                                                                                        "linux-x86_64")))
     engines.plan(doc, data, "auto", engine_cache=cache)
-    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2 * len(entries)
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 3 * len(entries)
 
 
 def test_a_build_that_fails_on_the_device_falls_back_or_refuses(pkg, tmp_path, monkeypatch):
@@ -435,3 +451,20 @@ def test_engine_set_fields_must_be_strings(pkg):
     (pkg.folder / "package.json").write_text(json.dumps(doc))
     with pytest.raises(PackageError, match=r"field 'engines\[0\]' is not an engine set"):
         Package.load(pkg.folder)
+
+
+def test_set_ids_stay_distinct_and_a_set_covering_nothing_is_not_chosen(exported, tmp_path):
+    """Two GPU names that slug alike get two ids (FAKE engines, a package of the fake bundle)."""
+    from trt_fake_bundle import fake_engine_set, make_bundle, make_package
+
+    fb = make_bundle(tmp_path / "fb")
+    folder = make_package(tmp_path / "fp", fb, [fake_engine_set("10.3.0.30", "8.7", "linux-aarch64",
+                                                                gpu="NVIDIA Jetson AGX Orin"),
+                                                fake_engine_set("10.3.0.30", "8.7", "linux-aarch64",
+                                                                gpu="Jetson AGX Orin")])
+    doc = json.loads((folder / "package.json").read_text())
+    ids = [s["id"] for s in doc["engines"]]
+    assert ids[0] == "trt10.3.0.30-sm8.7-jetson-agx-orin-linux-aarch64" and ids[1].startswith(ids[0] + "-")
+    assert Package.load(folder).plan.backend == "onnxruntime"  # the package is valid: ids unique, files apart
+    env = Environment("10.3.0.30", "Jetson AGX Orin", "8.7", "linux-aarch64")
+    assert engines.choose_set(doc["engines"], env, False, ["fusion"])[0] is None  # covers neither image nor text
