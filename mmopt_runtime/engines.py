@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmopt_runtime.errors import MmoptError
-from mmopt_runtime.paths import escape
+from mmopt_runtime.paths import cache_dir, escape
 from mmopt_runtime.trt.compat import Environment, decide
 
 CPU_ONLY = ("int8-dynamic", "int8-cpu")  # ONNX Runtime forms TensorRT does not import
@@ -71,7 +71,7 @@ def default_cache() -> Path:
     """``$MMOPT_ENGINE_CACHE``, else ``~/.cache/mmopt/engines`` (``$XDG_CACHE_HOME`` honoured)."""
     if os.environ.get("MMOPT_ENGINE_CACHE"):
         return Path(os.environ["MMOPT_ENGINE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmopt" / "engines"
+    return cache_dir() / "engines"
 
 
 def environment(index: int = 0) -> tuple[Any, Environment]:
@@ -191,17 +191,12 @@ def plan(manifest: dict[str, Any], data: dict[str, bytes], backend: str, device_
     missing = [c for c in able if c not in engines]
     sets = "no engine set" if not manifest.get("engines") else \
         "no engine set that runs here" if chosen is None else f"no engine for {', '.join(missing)}"
-    why: list[str] = []
+    reason = None  # why the missing components cannot run on TensorRT here
     if missing and lean:
         reason = f"the package holds {sets}, and TensorRT's lean runtime {env.tensorrt} cannot build engines"
-        if not engines:
-            return _fallback(backend, reason, refused)
-        if backend == "tensorrt":  # every TensorRT-able component was asked for
-            raise _refusal(reason, refused)
-        why.append(f"{reason}: ONNX Runtime runs {', '.join(missing)}")
     elif missing:
         cache = Path(engine_cache) if engine_cache is not None else default_cache()
-        built = []
+        built: list[str] = []
         try:
             for c in missing:
                 engines[c] = (cached_engine(manifest, data, c, env, cache, log, built), False)
@@ -210,15 +205,15 @@ def plan(manifest: dict[str, Any], data: dict[str, bytes], backend: str, device_
             reason = f"the package holds {sets}, and building engines here from its ONNX graphs failed: {what}"
             for c in missing:
                 engines.pop(c, None)
-            if not engines:
-                return _fallback(backend, reason, refused)
-            if backend == "tensorrt":
-                raise _refusal(reason, refused)
-            why.append(f"{reason}: ONNX Runtime runs {', '.join(missing)}")
         else:
             how = f"built here into {cache}" if built else f"found in the engine cache {cache}"
             source.append(f"engines for {', '.join(missing)} {how} ({sets} in the package)" if chosen is not None
                           else f"engines {how} ({sets} in the package)")
+    why: list[str] = []
+    if reason is not None:
+        if not engines or backend == "tensorrt":  # nothing left on TensorRT, or all of it was asked for
+            return _fallback(backend, reason, refused)
+        why.append(f"{reason}: ONNX Runtime runs {', '.join(missing)}")
     p = Plan("tensorrt", engines, "; ".join(source), why=why, refused=refused, warnings=warnings,
              tensorrt=env.tensorrt)
     return _cpu_only_note(p, comps)
@@ -231,18 +226,15 @@ def _cpu_only_note(p: Plan, comps: dict[str, Any]) -> Plan:
     return p
 
 
-def _refusal(why: str, refused: dict[str, list[str]]) -> NoEngine:
-    rows = "".join(f"\n  engine set {k}: " + "; ".join(v) for k, v in refused.items())
-    return NoEngine(f"--backend tensorrt: no TensorRT engine can run here: {why}.{rows}\nBuild engines on a device "
-                    "like this one (`mmopt build`, then `mmopt package ... --engines`), or run on ONNX Runtime "
-                    "(--backend auto or onnxruntime).")
-
-
 def _fallback(backend: str, why: str, refused: dict[str, list[str]] | None = None) -> Plan:
     """ONNX Runtime for everything, saying why; under ``backend="tensorrt"`` the refusal instead."""
+    refused = refused or {}
     if backend == "tensorrt":
-        raise _refusal(why, refused or {})
-    return Plan("onnxruntime", why=[why], refused=refused or {})
+        rows = "".join(f"\n  engine set {k}: " + "; ".join(v) for k, v in refused.items())
+        raise NoEngine(f"--backend tensorrt: no TensorRT engine can run here: {why}.{rows}\nBuild engines on a "
+                       "device like this one (`mmopt build`, then `mmopt package ... --engines`), or run on ONNX "
+                       "Runtime (--backend auto or onnxruntime).")
+    return Plan("onnxruntime", why=[why], refused=refused)
 
 
 # ---- engines built here, cached --------------------------------------------------------------------

@@ -128,19 +128,17 @@ def _engine_runners(plan: engines.Plan, manifest: dict[str, Any], device: int, b
             except BaseException:
                 mem.close()
                 raise
-    except Exception as e:  # noqa: BLE001  TensorRT's own errors too (nullptr, CUDA): ONNX Runtime serves
+    except BaseException as e:  # the engines already made go on every failure, an interrupt included
         for r in runners.values():
             r.close()
-        what = e if isinstance(e, MmoptError) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, Exception):
+            raise
+        what = e if isinstance(e, MmoptError) else f"{type(e).__name__}: {e}"  # TensorRT's own errors too
         if backend == "tensorrt":
             raise PackageError(f"--backend tensorrt: {plan.source}: {what}") from None
         plan.why.append(f"{plan.source} cannot be loaded here ({what}): ONNX Runtime runs every component")
         plan.backend, plan.engines, plan.source, plan.tensorrt = "onnxruntime", {}, "", None
         return {}
-    except BaseException:  # an interrupt: the engines already made go too
-        for r in runners.values():
-            r.close()
-        raise
     return runners
 
 

@@ -1,9 +1,16 @@
 """The one rule for a path a manifest names: a plain relative path that stays inside its folder. Bundles
 (``mmopt.store.confine``) and packages (``mmopt_runtime.package.confined``) both apply it, each with its own
-error; nothing is opened, so a path is refused before any file it names is touched."""
+error; nothing is opened, so a path is refused before any file it names is touched. And the one cache folder."""
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
+
+
+def cache_dir() -> Path:
+    """mmopt's folder in the user's cache, ``${XDG_CACHE_HOME:-~/.cache}/mmopt``: the engine cache, the TensorRT
+    timing cache and the Triton server's venv live under it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmopt"
 
 
 def escape(root: Path, rel: str, kind: str) -> tuple[Path, str | None]:

@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from mmopt.errors import BackendUnavailable, MmoptError
+from mmopt_runtime.paths import cache_dir
 
 ENV = "MMOPT_TRITON_VENV"
 HOW = ("Make it with `bash .ci/triton-venv.sh` (numpy<2, onnxruntime, tritonclient[http,grpc], nvidia-pytriton==0.7.0), "
@@ -60,8 +61,7 @@ class Wheel:
 def venv(path: str | os.PathLike | None = None) -> Path:
     """The server's venv: ``path``, else $MMOPT_TRITON_VENV, else ``${XDG_CACHE_HOME:-~/.cache}/mmopt/triton-venv``
     (where .ci/triton-venv.sh makes it: outside any checkout, so fresh CI clones share it)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(path or os.environ.get(ENV) or cache / "mmopt" / "triton-venv")
+    return Path(path or os.environ.get(ENV) or cache_dir() / "triton-venv")
 
 
 def find(venv_dir: str | os.PathLike | None = None) -> Wheel:

@@ -5,20 +5,18 @@ and int8 come from the graph (fp16 tensors, Q/DQ nodes) exactly as ONNX Runtime 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmopt.errors import UsageError
-
-from mmopt_runtime.engines import HARDWARE_LEVELS as HARDWARE_COMPAT  # noqa: E402  (what the runtime checks)
+from mmopt_runtime.engines import HARDWARE_LEVELS as HARDWARE_COMPAT  # noqa: F401  (what the runtime checks)
+from mmopt_runtime.paths import cache_dir
 
 
 def default_timing_cache() -> Path:
     """``~/.cache/mmopt/trt-timing.cache`` (``$XDG_CACHE_HOME`` honoured): shared by every build here."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "mmopt" / "trt-timing.cache"
+    return cache_dir() / "trt-timing.cache"
 
 
 @dataclass(frozen=True)
