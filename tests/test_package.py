@@ -432,13 +432,35 @@ def test_a_run_killed_between_the_renames_is_repaired_by_the_next(bundle, tmp_pa
 
 
 def test_concurrent_writers_of_one_package_take_turns(bundle, tmp_path):
-    """Two `mmopt package -o p` at once: the second waits for the first (the store's lock), then replaces its
-    package whole; neither fails and the result is one complete package."""
+    """Two `mmopt package -o p` at once: each waits its turn on the store's lock, then replaces the package whole;
+    neither fails and the result is one complete package. The test holds the lock while both start (as a third
+    writer would), so they are sure to meet it whatever the machine's speed, and lets go once both say they wait."""
+    import threading
+    import time
+
+    from mmopt.jobs.package import PACKAGE
+    from mmopt.store import writer_lock
+
     cmd = [sys.executable, "-m", "mmopt", "package", str(bundle), "-o", str(tmp_path / "p")]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    waiting = "waiting for another mmopt process"
+    with writer_lock(tmp_path / "p", lambda message: None, PACKAGE):
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}) for _ in range(2)]
+        logs: list[list[str]] = [[] for _ in procs]
+        readers = [threading.Thread(target=lambda p=p, log=log: log.extend(p.stdout), daemon=True)
+                   for p, log in zip(procs, logs)]
+        for r in readers:
+            r.start()
+        deadline = time.monotonic() + 240
+        while not all(any(waiting in line for line in log) for log in logs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs
+            time.sleep(0.1)
+    for p, r in zip(procs, readers):
+        p.wait(timeout=300)
+        r.join(timeout=60)
+    outs = ["".join(log) for log in logs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert any("waiting for another mmopt process" in out + err for out, err in outs), outs
+    assert all(waiting in out for out in outs), outs
     assert Package.load(tmp_path / "p").selftest_result["passed"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "p.tar.gz"]
     with tarfile.open(tmp_path / "p.tar.gz") as tar:  # the archive is the folder's, not the other writer's
